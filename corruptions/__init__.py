@@ -1,0 +1,1 @@
+"""CIFAR-10-C / ImageNet-C corruption generators (work in progress; see the corruptions issue)."""
