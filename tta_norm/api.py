@@ -1,0 +1,236 @@
+"""The public entry point: ``tta_norm.adapt(model, preset, method=...)`` -> a :class:`TTAModel`."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from tta_norm.methods import GradientMethod, get_method_class
+from tta_norm.norm.adaptive import AdaptiveNorm, adaptive_layers
+from tta_norm.norm.convert import convert_batchnorms, with_domain, without_batch
+from tta_norm.norm.spec import NormSpec, spec_fields
+from tta_norm.presets import Preset, get_preset
+
+BadBatchPolicy = Literal["raise", "skip"]
+
+
+class TTAModel(nn.Module):
+    """A model whose BatchNorm layers adapt online; every forward adapts on its batch and returns logits.
+
+    Build it with :func:`tta_norm.adapt`.  Reset policies: ``reset()`` (explicit), ``episodic=True`` (reset
+    before every batch), ``reset_every=N`` (reset after every N adapted batches, RDumb), and never (continual;
+    the default).  ``reset()`` restores parameters, statistics buffers, optimiser and method state: the
+    outputs afterwards are bit-identical to those of a freshly built wrapper.
+
+    Bad batches: a batch with NaN/Inf raises ``ValueError`` (``on_bad_batch="raise"``) or, with
+    ``on_bad_batch="skip"``, is predicted with the current state without adapting (``skipped_batches`` counts
+    them); adaptation state is never touched by it.  ``window=W`` normalises a batch smaller than W together
+    with the previous samples, up to W in all (a sliding window for batch size 1).
+
+    Counters: ``num_batches`` (batches seen), ``num_adapted`` (batches adapted on since the last reset),
+    ``skipped_batches``, ``num_resets``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: NormSpec,
+        method: GradientMethod | None = None,
+        *,
+        preset_name: str = "",
+        episodic: bool = False,
+        reset_every: int | None = None,
+        on_bad_batch: BadBatchPolicy = "raise",
+        window: int | None = None,
+    ) -> None:
+        super().__init__()
+        if on_bad_batch not in ("raise", "skip"):
+            raise ValueError(f"on_bad_batch must be 'raise' or 'skip', got {on_bad_batch!r}")
+        if reset_every is not None and reset_every < 1:
+            raise ValueError(f"reset_every must be a positive number of batches, got {reset_every}")
+        if window is not None and window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.model = model
+        self.spec = spec
+        self.preset_name = preset_name
+        self.method = method
+        self.episodic = episodic
+        self.reset_every = reset_every
+        self.on_bad_batch = on_bad_batch
+        self.window = window
+        self.num_batches = 0
+        self.num_adapted = 0
+        self.skipped_batches = 0
+        self.num_resets = 0
+        self._window_buffer: Tensor | None = None
+        self._initial_model_state = copy.deepcopy(model.state_dict())
+        self._initial_optimizer_state = copy.deepcopy(method.optimizer.state_dict()) if method else None
+
+    # -- reset ---------------------------------------------------------------------------------------------
+    def _restore(self) -> None:
+        self.model.load_state_dict(self._initial_model_state)
+        if self.method is not None:
+            self.method.optimizer.load_state_dict(copy.deepcopy(self._initial_optimizer_state))
+            self.method.optimizer.zero_grad(set_to_none=True)
+            self.method.reset_requested = False
+        self._window_buffer = None
+        self.num_adapted = 0
+        self.num_resets += 1
+
+    def reset(self) -> None:
+        """Back to the source model: parameters, statistics, optimiser and method state."""
+        self._restore()
+        if self.method is not None:
+            self.method.reset_method_state()
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    def norm_layers(self) -> list[tuple[str, AdaptiveNorm]]:
+        """The ``(name, layer)`` pairs of the model's adaptive norm layers."""
+        return list(adaptive_layers(self.model))
+
+    def _device(self) -> torch.device | None:
+        for t in self.model.parameters():
+            return t.device
+        for t in self.model.buffers():
+            return t.device
+        return None
+
+    def _validate(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"expected a torch.Tensor batch, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(
+                f"expected a floating-point batch, got dtype {x.dtype}; convert images first, "
+                "e.g. x.float() / 255 for uint8 pixels"
+            )
+        if x.dim() < 2:
+            raise ValueError(f"expected a batch of shape (N, ...), got shape {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError("got an empty batch (N = 0); nothing to predict or adapt on")
+        device = self._device()
+        return x.to(device) if device is not None and x.device != device else x
+
+    def _windowed(self, x: Tensor) -> Tensor:
+        if self.window is None or x.shape[0] >= self.window:
+            xw = x
+        else:
+            xw = x if self._window_buffer is None else torch.cat([self._window_buffer, x])[-self.window :]
+        if self.window is not None and self.window > 1:
+            self._window_buffer = xw[-(self.window - 1) :].detach()
+        return xw
+
+    # -- forward -------------------------------------------------------------------------------------------
+    def forward(self, x: Tensor, domain: int | Tensor | None = None) -> Tensor:
+        """Adapt on the batch ``x`` (float, ``(N, C, ...)``) and return its logits.
+
+        ``domain`` selects SaBN heads (an int, or ``(N,)`` per-sample indices); ``None`` applies the shared
+        affine only.  The input is moved to the model's device.
+        """
+        x = self._validate(x)
+        self.num_batches += 1
+        if not bool(torch.isfinite(x).all()):
+            if self.on_bad_batch == "raise":
+                raise ValueError(
+                    "the batch contains NaN or Inf values; nothing was adapted. Clean the input, or build the "
+                    "wrapper with on_bad_batch='skip' to predict such batches without adapting"
+                )
+            self.skipped_batches += 1
+            with torch.no_grad(), without_batch(self.model), with_domain(self.model, domain):
+                return self.model(x)
+        if self.episodic or (self.reset_every is not None and self.num_adapted >= self.reset_every):
+            self.reset()
+        n = x.shape[0]
+        if self.window is not None and isinstance(domain, Tensor):
+            raise ValueError("per-sample domain indices cannot be combined with window=W; pass an int domain")
+        xw = self._windowed(x)
+        try:
+            with with_domain(self.model, domain):
+                logits = self.method.forward_and_adapt(xw) if self.method is not None else self.model(xw)
+        except RuntimeError as err:
+            if "channel" in str(err) or "size" in str(err) or "shape" in str(err):
+                raise ValueError(
+                    f"the model could not process a batch of shape {tuple(x.shape)}: {err}. "
+                    "Check the channel count and image size the model expects."
+                ) from err
+            raise
+        self.num_adapted += 1
+        if self.method is not None and self.method.reset_requested:
+            self._restore()  # model recovery (SAR); the method keeps its own state, as in the reference
+        return logits[-n:]
+
+    def extra_repr(self) -> str:
+        method = self.method.name if self.method is not None else None
+        return f"preset={self.preset_name or self.spec!r}, method={method}, episodic={self.episodic}"
+
+
+def _resolve_spec(preset: str | NormSpec | Preset) -> tuple[NormSpec, str]:
+    if isinstance(preset, NormSpec):
+        return preset, ""
+    if isinstance(preset, Preset):
+        return preset.spec, preset.name
+    if isinstance(preset, str):
+        p = get_preset(preset)
+        return p.spec, p.name
+    raise TypeError(f"preset must be a preset name, a NormSpec or a Preset, got {type(preset).__name__}")
+
+
+def adapt(
+    model: nn.Module,
+    preset: str | NormSpec | Preset = "tbn",
+    method: str | None = None,
+    *,
+    inplace: bool = False,
+    device: torch.device | str | None = None,
+    episodic: bool = False,
+    reset_every: int | None = None,
+    on_bad_batch: BadBatchPolicy = "raise",
+    window: int | None = None,
+    **kwargs: Any,
+) -> TTAModel:
+    """Wrap ``model`` for test-time adaptation: ``tta = adapt(model, "medbn"); logits = tta(x)``.
+
+    ``preset`` is a preset name (see :func:`tta_norm.presets`), a :class:`NormSpec` or a ``Preset``;
+    ``method`` a gradient method name (``"tent"``, ``"eata"``, ``"sar"``) or ``None`` for statistics only.
+    Keyword arguments that name :class:`NormSpec` fields override the preset (``alpha=0.2``,
+    ``momentum=0.1``, ``num_domains=4``...); the others go to the method (``lr=1e-3``, ``steps=1``,
+    ``fisher_data=...``).  The given model is not modified (a deep copy is adapted) unless ``inplace=True``.
+    The adapted model is put in ``eval()`` mode (dropout off); adaptive norm layers ignore the mode.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    spec, name = _resolve_spec(preset)
+    spec_overrides = {k: v for k, v in kwargs.items() if k in spec_fields()}
+    method_kwargs = {k: v for k, v in kwargs.items() if k not in spec_fields()}
+    if spec_overrides:
+        spec = spec.replace(**spec_overrides)
+    if method_kwargs and method is None:
+        raise TypeError(
+            f"unknown keyword argument(s) {sorted(method_kwargs)}: not NormSpec fields, and no method was given"
+        )
+    method_cls = get_method_class(method) if method is not None else None
+    target = model if inplace else copy.deepcopy(model)
+    if device is not None:
+        target = target.to(device)
+    convert_batchnorms(target, spec)
+    target.eval()
+    if method_cls is None:
+        target.requires_grad_(False)
+        method_obj = None
+    else:
+        try:
+            method_obj = method_cls(target, **method_kwargs)
+        except TypeError as err:
+            raise TypeError(f"method {method!r}: {err}") from err
+    return TTAModel(
+        target,
+        spec,
+        method_obj,
+        preset_name=name,
+        episodic=episodic,
+        reset_every=reset_every,
+        on_bad_batch=on_bad_batch,
+        window=window,
+    )

@@ -1,0 +1,203 @@
+"""``AdaptiveNorm``: one module that replaces ``nn.BatchNorm1d/2d/3d`` and ``nn.SyncBatchNorm`` at test time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from tta_norm.norm.functional import batch_norm_test_stats, layer_statistics, normalize
+from tta_norm.norm.spec import NormSpec
+from tta_norm.stats.estimators import Stats
+
+_EXPECTED_DIMS: dict[type, tuple[int, ...]] = {
+    nn.BatchNorm1d: (2, 3),
+    nn.BatchNorm2d: (4,),
+    nn.BatchNorm3d: (5,),
+}
+
+
+class AdaptiveNorm(nn.Module):
+    """A BatchNorm whose statistics come from a :class:`NormSpec` (test batch, source prior, EMA, median...).
+
+    It keeps the source running statistics (buffers ``source_mean``, ``source_var``) and the source affine
+    (``weight``, ``bias``), and adds, as the spec asks, an EMA state (``ema_mean``, ``ema_var``, RoTTA's RBN),
+    a channel-wise test weight ``mix_weight`` (TTN; a parameter with ``requires_grad=False`` unless a fitting
+    routine turns it on) and SaBN heads ``domain_weight``/``domain_bias`` of shape ``(K, C)``, initialised to
+    the identity so that the layer equals the source BatchNorm until they are trained.
+
+    **Its behaviour comes from its spec, never from ``train()``/``eval()``.**  Three plain attributes steer a
+    forward pass (the wrapper in :mod:`tta_norm.api` sets them; context managers in :mod:`tta_norm.norm.convert`
+    set them for a whole model):
+
+    * ``update_state`` (default ``True``): whether an EMA state commits the batch's update;
+    * ``use_batch`` (default ``True``): ``False`` normalises with the current state without looking at the
+      batch (used to predict on a batch that must not adapt the model);
+    * ``domain`` (default ``None``): SaBN head index, an ``int`` or a ``(N,)`` tensor of per-sample indices;
+      ``None`` applies the shared affine only.
+
+    Non-finite batch statistics never enter the EMA state (the old value is kept per channel).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        spec: NormSpec | None = None,
+        *,
+        eps: float = 1e-5,
+        affine: bool = True,
+        source_mean: Tensor | None = None,
+        source_var: Tensor | None = None,
+        expected_dims: tuple[int, ...] | None = None,
+        name: str = "",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        spec = spec or NormSpec()
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.spec = spec
+        self.eps = spec.eps if spec.eps is not None else eps
+        self.expected_dims = expected_dims
+        self.name = name
+        self.update_state = True
+        self.use_batch = True
+        self.domain: int | Tensor | None = None
+        mean = source_mean if source_mean is not None else torch.zeros(num_features, **factory)
+        var = source_var if source_var is not None else torch.ones(num_features, **factory)
+        self.register_buffer("source_mean", mean.detach().clone())
+        self.register_buffer("source_var", var.detach().clone())
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features, **factory))
+            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if spec.mixing == "ema":
+            self.register_buffer("ema_mean", self.source_mean.clone())
+            self.register_buffer("ema_var", self.source_var.clone())
+        if spec.channelwise:
+            init = spec.fixed_alpha(1)
+            self.mix_weight = nn.Parameter(torch.full_like(self.source_mean, init), requires_grad=False)
+        if spec.num_domains > 1:
+            self.domain_weight = nn.Parameter(torch.ones(spec.num_domains, num_features, **factory))
+            self.domain_bias = nn.Parameter(torch.zeros(spec.num_domains, num_features, **factory))
+
+    @classmethod
+    def from_batchnorm(cls, bn: _BatchNorm, spec: NormSpec, name: str = "") -> AdaptiveNorm:
+        """Build from a (trained) BatchNorm: copies its running statistics, affine parameters and epsilon."""
+        needs_source = spec.mixing != "test" or spec.instance != "none"
+        if bn.running_mean is None and needs_source:
+            raise ValueError(
+                f"BatchNorm layer {name or bn!r} has no running statistics (track_running_stats=False), but "
+                f"the spec (mixing={spec.mixing!r}, instance={spec.instance!r}) needs source statistics; "
+                "use a test-statistics preset such as 'tbn' or 'medbn'"
+            )
+        ref = bn.weight if bn.weight is not None else bn.running_mean
+        factory = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+        layer = cls(
+            bn.num_features,
+            spec,
+            eps=bn.eps,
+            affine=bn.affine,
+            source_mean=bn.running_mean,
+            source_var=bn.running_var,
+            expected_dims=_EXPECTED_DIMS.get(type(bn)),
+            name=name,
+            **factory,
+        )
+        if bn.affine:
+            with torch.no_grad():
+                layer.weight.copy_(bn.weight)
+                layer.bias.copy_(bn.bias)
+        return layer
+
+    # -- state ---------------------------------------------------------------------------------------------
+    def source_stats(self) -> Stats:
+        return Stats(self.source_mean, self.source_var)
+
+    def ema_state(self) -> Stats | None:
+        return Stats(self.ema_mean, self.ema_var) if self.spec.mixing == "ema" else None
+
+    def reset_state(self) -> None:
+        """Return the EMA state (if any) to the source statistics."""
+        if self.spec.mixing == "ema":
+            with torch.no_grad():
+                self.ema_mean.copy_(self.source_mean)
+                self.ema_var.copy_(self.source_var)
+
+    def _commit(self, new_state: Stats) -> None:
+        with torch.no_grad():
+            for buf, value in ((self.ema_mean, new_state.mean), (self.ema_var, new_state.var)):
+                value = value.detach()
+                buf.copy_(torch.where(torch.isfinite(value), value, buf))
+
+    # -- forward -------------------------------------------------------------------------------------------
+    def _check_input(self, x: Tensor) -> None:
+        label = f"adaptive norm layer {self.name!r}" if self.name else "adaptive norm layer"
+        if x.dim() < 2 or (self.expected_dims is not None and x.dim() not in self.expected_dims):
+            want = " or ".join(f"{d}-D" for d in self.expected_dims or (2,))
+            raise ValueError(f"{label} expects a {want} input (N, C, ...), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.num_features:
+            raise ValueError(
+                f"{label} expects {self.num_features} channels (dim 1), got {x.shape[1]} "
+                f"(input shape {tuple(x.shape)})"
+            )
+        if x.shape[0] == 0:
+            raise ValueError(f"{label} got an empty batch")
+
+    def _affine(self, batch_size: int) -> tuple[Tensor | None, Tensor | None]:
+        """The composed SaBN affine ``g_k * (g * x_hat + b) + b_k`` as one ``(weight, bias)`` pair."""
+        weight, bias = self.weight, self.bias
+        if self.domain is None or self.spec.num_domains == 1:
+            return weight, bias
+        domain = self.domain
+        if isinstance(domain, Tensor):
+            if domain.shape != (batch_size,):
+                raise ValueError(f"per-sample domain indices must have shape ({batch_size},), got {tuple(domain.shape)}")
+            domain = domain.to(self.domain_weight.device, torch.long)
+        elif not 0 <= int(domain) < self.spec.num_domains:
+            raise ValueError(f"domain index {domain} out of range for {self.spec.num_domains} SaBN heads")
+        g_k, b_k = self.domain_weight[domain], self.domain_bias[domain]
+        shared_w = weight if weight is not None else torch.ones_like(b_k)
+        shared_b = bias if bias is not None else torch.zeros_like(b_k)
+        return g_k * shared_w, g_k * shared_b + b_k
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        weight, bias = self._affine(x.shape[0])
+        spec = self.spec
+        fast_tbn = (
+            self.use_batch
+            and spec.mixing == "test"
+            and spec.estimator == "mean_var"
+            and not spec.unbiased
+            and spec.instance == "none"
+            and (weight is None or weight.dim() == 1)
+        )
+        if fast_tbn:
+            return batch_norm_test_stats(x, weight, bias, self.eps)
+        stats, new_state = layer_statistics(
+            x,
+            spec,
+            self.source_stats(),
+            ema_state=self.ema_state(),
+            mix_weight=getattr(self, "mix_weight", None),
+            use_batch=self.use_batch,
+        )
+        if new_state is not None and self.update_state:
+            self._commit(new_state)
+        return normalize(x, stats, weight, bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, spec={self.spec}"
+
+
+def adaptive_layers(model: nn.Module) -> Iterator[tuple[str, AdaptiveNorm]]:
+    """The ``(name, layer)`` pairs of every :class:`AdaptiveNorm` in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdaptiveNorm):
+            yield name, module

@@ -1,0 +1,129 @@
+"""Functional core of the adaptive norm layer: statistics from a :class:`NormSpec`, and normalisation."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tta_norm.norm.spec import NormSpec
+from tta_norm.stats.estimators import (
+    Stats,
+    batch_mean_var,
+    batch_median_mad,
+    batch_median_msd,
+    count_per_channel,
+    example_stats,
+    iabn_shrink,
+    instance_mean_var,
+)
+from tta_norm.stats.mixing import Weight, ema_update, mix
+
+SINGLE_VALUE_HINT = (
+    "Batch statistics from one value per channel are undefined (batch size 1 with 1x1 spatial maps, or "
+    "BatchNorm1d with batch size 1). Use a preset with a source prior ('ema', 'alpha', 'prior'), or "
+    "pass window=W to tta_norm.adapt to normalise each sample together with the last W-1 samples."
+)
+
+
+def estimate(x: Tensor, spec: NormSpec) -> Stats:
+    """Test-batch statistics of ``x`` by the spec's estimator, shapes ``(C,)``."""
+    if spec.estimator == "mean_var":
+        return batch_mean_var(x, unbiased=spec.unbiased)
+    if spec.estimator == "median_msd":
+        return batch_median_msd(x, median=spec.median)
+    if spec.estimator == "median_mad":
+        return batch_median_mad(x, median=spec.median)
+    return batch_median_mad(x, median=spec.median, normal_consistent=True)
+
+
+def test_weight(spec: NormSpec, batch_size: int, mix_weight: Tensor | None) -> Weight:
+    """The weight on the test statistics: the channel-wise parameter (clamped to [0, 1]) or the spec's scalar."""
+    if spec.channelwise:
+        if mix_weight is None:
+            raise ValueError("a channelwise spec needs the layer's channel-wise mixing weight")
+        return mix_weight.clamp(0.0, 1.0)
+    return spec.fixed_alpha(batch_size)
+
+
+def layer_statistics(
+    x: Tensor,
+    spec: NormSpec,
+    source: Stats,
+    *,
+    ema_state: Stats | None = None,
+    mix_weight: Tensor | None = None,
+    use_batch: bool = True,
+) -> tuple[Stats, Stats | None]:
+    """The statistics an adaptive norm layer normalises ``x`` with, and its new EMA state.
+
+    Returns ``(stats, new_ema_state)``.  ``stats`` has shapes ``(C,)``, or ``(N, C)`` with an ``instance``
+    refinement.  ``new_ema_state`` is ``None`` unless ``spec.mixing == "ema"`` and the batch was used.
+    With ``use_batch=False`` the batch is not looked at: the result is the current state (the EMA state for
+    ``"ema"``, else the source statistics).  See :class:`NormSpec` for the three steps.
+    """
+    reference_state = ema_state if spec.mixing == "ema" else source
+    if reference_state is None:
+        raise ValueError("spec.mixing='ema' needs ema_state")
+    if not use_batch:
+        return reference_state, None
+
+    new_state = None
+    if spec.mixing == "source":
+        stats = source
+    else:
+        if count_per_channel(x) < 2 and spec.batch_only:
+            raise ValueError(SINGLE_VALUE_HINT)
+        batch = estimate(x, spec)
+        if spec.mixing == "test":
+            stats = batch
+        elif spec.mixing == "ema":
+            stats = new_state = ema_update(reference_state, batch, spec.momentum)
+        else:
+            stats = mix(batch, source, test_weight(spec, x.shape[0], mix_weight), spec.mixing)
+
+    if spec.instance == "iabn":
+        spatial = math.prod(x.shape[2:])
+        instance = instance_mean_var(x, unbiased=spatial > 1)
+        stats = iabn_shrink(instance, stats, spatial, k=spec.iabn_k)
+    elif spec.instance == "example":
+        stats = mix(example_stats(x), stats, spec.example_weight, "mixture")
+    return stats, new_state
+
+
+def _channel_view(t: Tensor, x: Tensor) -> Tensor:
+    """Reshape ``(C,)`` or ``(N, C)`` to broadcast against ``x`` of shape ``(N, C, *spatial)``."""
+    lead = t.shape[0] if t.dim() == 2 else 1
+    return t.reshape(lead, x.shape[1], *([1] * (x.dim() - 2)))
+
+
+def normalize(
+    x: Tensor, stats: Stats, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    """``weight * (x - mean) / sqrt(var + eps) + bias`` with per-channel or per-sample statistics/affine.
+
+    ``stats`` and the affine may have shapes ``(C,)`` or ``(N, C)``.  One fused pass over ``x``: a
+    ``F.batch_norm`` call in eval mode when everything is per-channel and no gradient to the statistics is
+    needed, else ``x * scale + shift`` (differentiable in the statistics, for TENT-style methods and attacks).
+    """
+    mean, var = stats
+    per_channel = mean.dim() == 1 and (weight is None or weight.dim() == 1) and (bias is None or bias.dim() == 1)
+    needs_stat_grad = torch.is_grad_enabled() and (mean.requires_grad or var.requires_grad)
+    if per_channel and not needs_stat_grad:
+        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return torch.addcmul(_channel_view(shift, x), x, _channel_view(scale, x))
+
+
+def batch_norm_test_stats(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """Normalise with the biased test-batch mean/variance: ``F.batch_norm(training=True)`` without buffers."""
+    if count_per_channel(x) < 2:
+        raise ValueError(SINGLE_VALUE_HINT)
+    return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)

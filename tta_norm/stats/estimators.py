@@ -1,0 +1,181 @@
+"""Per-channel statistics estimators: pure functions over an activation tensor.
+
+Every function takes an activation ``x`` of shape ``(N, C, *spatial)`` (``(N, C)`` for ``BatchNorm1d`` inputs)
+and reduces, per channel ``c``, over the batch and spatial dimensions (``batch_*``) or over the spatial
+dimensions only (``instance_*``). They never modify ``x``, keep autograd intact (the median's gradient is the
+subgradient to the selected element) and work on any device.
+
+Conventions (the literature disagrees; this module picks one and names the other):
+
+* **Variance** is *biased* (divide by the count ``n``), as ``F.batch_norm`` normalises in training mode, RoTTA's
+  RBN and MedBN do.  ``unbiased=True`` divides by ``n - 1`` (the value a momentum-1 BatchNorm buffer, NOTE's
+  instance statistics and Schneider et al.'s inner BatchNorm hold).
+* **Median** is the *lower* median for an even count (what ``torch.median`` returns and MedBN's official code
+  uses).  ``median="average"`` averages the two middle values (what ``torch.quantile(q=0.5)`` returns).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+MedianRule = Literal["lower", "average"]
+
+#: Scale that makes the median absolute deviation a consistent estimator of the standard deviation of a
+#: normal distribution: 1 / Phi^-1(3/4).
+MAD_NORMAL_CONSISTENCY = 1.4826
+
+
+class Stats(NamedTuple):
+    """Location and squared scale per channel: shapes ``(C,)`` (batch stats) or ``(N, C)`` (per instance)."""
+
+    mean: Tensor
+    var: Tensor
+
+
+def _check_activation(x: Tensor) -> None:
+    if x.dim() < 2:
+        raise ValueError(f"expected an activation of shape (N, C, *spatial), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"statistics need a floating-point tensor, got dtype {x.dtype}")
+
+
+def reduce_dims(x: Tensor) -> tuple[int, ...]:
+    """The dimensions a BatchNorm reduces over: all but the channel dimension 1."""
+    return (0, *range(2, x.dim()))
+
+
+def count_per_channel(x: Tensor) -> int:
+    """Number of values each channel's batch statistics are computed from: ``N * prod(spatial)``."""
+    return x.numel() // x.shape[1] if x.shape[1] else 0
+
+
+def _channel_rows(x: Tensor) -> Tensor:
+    """``x`` as a ``(C, N * prod(spatial))`` matrix (one copy; selection needs it anyway)."""
+    return x.transpose(0, 1).reshape(x.shape[1], -1)
+
+
+def batch_mean_var(x: Tensor, *, unbiased: bool = False) -> Stats:
+    """Per-channel mean and variance over the batch and spatial dimensions.
+
+    Biased (``/n``) by default, the variance ``F.batch_norm(training=True)`` normalises with; ``unbiased=True``
+    divides by ``n - 1`` and raises for a single value per channel.
+    """
+    _check_activation(x)
+    n = count_per_channel(x)
+    if unbiased and n < 2:
+        raise ValueError("the unbiased variance needs at least 2 values per channel; use unbiased=False")
+    var, mean = torch.var_mean(x, dim=reduce_dims(x), correction=1 if unbiased else 0)
+    return Stats(mean, var)
+
+
+def batch_median(x: Tensor, *, median: MedianRule = "lower") -> Tensor:
+    """Per-channel median over the batch and spatial dimensions, by O(n) selection (``kthvalue``).
+
+    ``median="lower"`` (default) returns the lower of the two middle values for an even count, like
+    ``torch.median``; ``median="average"`` returns their mean, like ``torch.quantile(q=0.5)``.
+    """
+    _check_activation(x)
+    rows = _channel_rows(x)
+    n = rows.shape[1]
+    if n == 0:
+        raise ValueError("cannot take the median of an empty batch")
+    k = (n + 1) // 2  # 1-based rank of the lower median
+    if median == "lower" or n % 2 == 1:
+        return rows.kthvalue(k, dim=1).values
+    if median != "average":
+        raise ValueError(f"median must be 'lower' or 'average', got {median!r}")
+    return (rows.kthvalue(k, dim=1).values + rows.kthvalue(k + 1, dim=1).values) / 2
+
+
+def batch_median_msd(x: Tensor, *, median: MedianRule = "lower") -> Stats:
+    """MedBN statistics (Park et al., CVPR 2024): the median and the mean squared deviation from it.
+
+    ``msd = mean((x - m)^2)`` over all ``N * prod(spatial)`` values of a channel, biased (``/n``) as in the
+    official code.  Computed as ``var + (mean - m)^2`` (the same quantity, exact algebra), which avoids a
+    second pass over the activation.
+    """
+    m = batch_median(x, median=median)
+    var, mean = torch.var_mean(x, dim=reduce_dims(x), correction=0)
+    return Stats(m, var + (mean - m).square())
+
+
+def batch_median_mad(
+    x: Tensor, *, median: MedianRule = "lower", normal_consistent: bool = False
+) -> Stats:
+    """Median and squared median absolute deviation ``MAD = median(|x - m|)``, per channel.
+
+    ``normal_consistent=True`` multiplies the MAD by 1.4826 so that ``MAD^2`` estimates the variance of a
+    normal distribution (DIA's robust BN); the default is the plain MAD (MedBN's ``MMNorm`` ablation).
+    """
+    m = batch_median(x, median=median)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    mad = batch_median((x - m.view(shape)).abs(), median=median)
+    if normal_consistent:
+        mad = mad * MAD_NORMAL_CONSISTENCY
+    return Stats(m, mad.square())
+
+
+def instance_mean_var(x: Tensor, *, unbiased: bool = False) -> Stats:
+    """Per-sample, per-channel mean and variance over the spatial dimensions only: shapes ``(N, C)``.
+
+    For an input without spatial dimensions (``(N, C)``) each sample's "instance" is its single value: the
+    mean is the value and the (biased) variance is 0.
+    """
+    _check_activation(x)
+    if x.dim() == 2:
+        if unbiased:
+            raise ValueError("instance statistics of (N, C) inputs have one value each; use unbiased=False")
+        return Stats(x, torch.zeros_like(x))
+    dims = tuple(range(2, x.dim()))
+    count = x[0, 0].numel()
+    if unbiased and count < 2:
+        raise ValueError("the unbiased instance variance needs at least 2 spatial positions")
+    var, mean = torch.var_mean(x, dim=dims, correction=1 if unbiased else 0)
+    return Stats(mean, var)
+
+
+def example_stats(x: Tensor) -> Stats:
+    """The current example's own statistics for inference example weighing (Summers & Dinneen, ICLR 2020).
+
+    Per sample and channel, the mean ``E[x_i]`` and biased variance ``E[x_i^2] - E[x_i]^2`` over the spatial
+    dimensions, shapes ``(N, C)``: the contribution a training batch would have given the example to its own
+    normalisation statistics.
+    """
+    return instance_mean_var(x, unbiased=False)
+
+
+def _softshrink(x: Tensor, lambd: Tensor) -> Tensor:
+    """Soft-thresholding with a tensor threshold: ``sign(x) * max(|x| - lambd, 0)``."""
+    return torch.sign(x) * torch.relu(x.abs() - lambd)
+
+
+def iabn_shrink(
+    instance: Stats, reference: Stats, spatial_count: int, *, k: float = 4.0, eps: float = 1e-5
+) -> Stats:
+    """Instance-aware BN statistics (NOTE, Gong et al., NeurIPS 2022): shrink instance stats toward a reference.
+
+    With ``L = spatial_count`` values per instance and reference ``(mu_b, var_b)``::
+
+        s_mu  = sqrt((var_b + eps) / L)
+        s_var = (var_b + eps) * sqrt(2 / (L - 1))
+        mu    = mu_b + softshrink(mu_i - mu_b, k * s_mu)
+        var   = relu(var_b + softshrink(var_i - var_b, k * s_var))
+
+    i.e. an instance statistic is used only where it deviates from the reference by more than ``k`` standard
+    errors.  ``k = 4`` is what NOTE's scripts use.  For ``L <= 1`` the correction is skipped and the reference
+    is returned (NOTE's threshold).  Instance variances are expected unbiased (NOTE's convention).
+    Returns ``(N, C)`` statistics.
+    """
+    mu_i, var_i = instance
+    mu_b, var_b = reference
+    if spatial_count <= 1:
+        return Stats(mu_b.expand_as(mu_i), var_b.expand_as(var_i))
+    scale = var_b + eps
+    s_mu = torch.sqrt(scale / spatial_count)
+    s_var = scale * (2.0 / (spatial_count - 1)) ** 0.5
+    mu = mu_b + _softshrink(mu_i - mu_b, k * s_mu)
+    var = torch.relu(var_b + _softshrink(var_i - var_b, k * s_var))
+    return Stats(mu, var)
