@@ -1,0 +1,142 @@
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from tta_norm.models import cifar_resnet, load_model, read_checkpoint
+from tta_norm.models.cifar_resnet import IMAGENET_MEAN, IMAGENET_STD
+
+
+def _n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("depth, params", [(20, 0.27e6), (32, 0.46e6), (44, 0.66e6), (56, 0.85e6)])
+def test_cifar_resnet_sizes(depth, params):
+    # parameter counts of He et al. 2016, table 6 (0.27M, 0.46M, 0.66M, 0.85M)
+    model = cifar_resnet(depth)
+    assert abs(_n_params(model) - params) / params < 0.02
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    assert cifar_resnet(depth, num_classes=100)(torch.rand(1, 3, 32, 32)).shape == (1, 100)
+
+
+def test_cifar_resnet_rejects_bad_depth():
+    with pytest.raises(ValueError, match="6n \\+ 2"):
+        cifar_resnet(21)
+
+
+def test_state_dict_names_match_release_layout():
+    keys = set(cifar_resnet(20).state_dict())
+    assert "conv1.weight" in keys and "linear.weight" in keys and "layer3.2.bn2.running_var" in keys
+    assert not any("normalize" in k or "shortcut" in k for k in keys)  # no extra persistent state
+
+
+def test_option_a_shortcut_is_subsample_and_zero_pad():
+    block = cifar_resnet(20).layer2[0]
+    x = torch.randn(2, 16, 8, 8)
+    out = block.shortcut(x)
+    assert out.shape == (2, 32, 4, 4)
+    assert torch.equal(out[:, 8:24], x[:, :, ::2, ::2])
+    assert out[:, :8].abs().sum() == 0 and out[:, 24:].abs().sum() == 0
+
+
+def test_normalization_inside_model():
+    model = cifar_resnet(20).eval()
+    x = torch.rand(3, 3, 32, 32)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    manual = torch.nn.functional.conv2d((x - mean) / std, model.conv1.weight, padding=1)
+    assert torch.allclose(model.conv1(model.normalize(x)), manual, atol=1e-6)
+
+
+def test_checkpoint_formats(tmp_path):
+    ref = cifar_resnet(20)
+    state = ref.state_dict()
+    # raw state dict, akamaster format with DataParallel prefix, our training format
+    torch.save(state, tmp_path / "raw.pt")
+    torch.save(
+        {"best_prec1": 90.0, "state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "a.th"
+    )
+    torch.save({"state_dict": state, "meta": {"acc": 0.9}}, tmp_path / "ours.pt")
+    x = torch.rand(2, 3, 32, 32)
+    expected = ref.eval()(x)
+    for name in ("raw.pt", "a.th", "ours.pt"):
+        model = load_model("resnet20", tmp_path / name)
+        assert not model.training
+        assert torch.allclose(model(x), expected, atol=1e-6)
+
+
+def test_checkpoint_missing_num_batches_tracked_is_fine(tmp_path):
+    state = {k: v for k, v in cifar_resnet(20).state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(state, tmp_path / "old.th")
+    load_model("resnet20", tmp_path / "old.th")
+
+
+def test_checkpoint_mismatch_is_clear(tmp_path):
+    torch.save(cifar_resnet(32).state_dict(), tmp_path / "r32.pt")
+    with pytest.raises(RuntimeError, match="does not match the model"):
+        load_model("resnet20", tmp_path / "r32.pt")
+    with pytest.raises(FileNotFoundError):
+        load_model("resnet20", tmp_path / "nope.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="could not read checkpoint"):
+        read_checkpoint(tmp_path / "junk.pt")
+
+
+def test_num_classes_from_checkpoint(tmp_path):
+    torch.save(cifar_resnet(20, num_classes=100).state_dict(), tmp_path / "c100.pt")
+    assert load_model("resnet20", tmp_path / "c100.pt").linear.out_features == 100
+
+
+def test_resnet56_without_checkpoint_is_clear(monkeypatch, tmp_path):
+    monkeypatch.setenv("TTA_NORM_CHECKPOINTS", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="resnet56"):
+        load_model("resnet56")
+
+
+def test_release_checkpoint_accuracy_on_mirror(resnet20_checkpoint, mirror_test_small):
+    model = load_model("resnet20")  # found through the search list
+    ds = mirror_test_small
+    x = torch.from_numpy(np.array(ds.images)).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        acc = (model(x).argmax(1).numpy() == ds.labels).mean()
+    # ~81 % on the full mirror test split (shared/data/README.md); 300 images -> wide margin
+    assert 0.70 < acc < 0.92
+
+
+def test_torchvision_model_by_name():
+    model = load_model("tv:resnet18", num_classes=10)
+    assert model(torch.rand(1, 3, 32, 32)).shape == (1, 10)
+    assert not model.training
+    with pytest.raises(ValueError, match="unknown model"):
+        load_model("definitely_not_a_model")
+
+
+def test_torchvision_pretrained_offline_warns(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = load_model("resnet18", pretrained=True)
+    assert any("RANDOM initialization" in str(w.message) for w in caught)
+    assert model(torch.rand(1, 3, 32, 32)).shape == (1, 1000)
+
+
+def test_torchvision_checkpoint_roundtrip(tmp_path):
+    model = load_model("tv:resnet18", num_classes=7)
+    torch.save(
+        model.state_dict(), tmp_path / "tv.pt"
+    )  # saved with the normalization wrapper ("model." prefix)
+    again = load_model("tv:resnet18", tmp_path / "tv.pt", num_classes=7)
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(model(x), again(x))
+
+
+def test_robustbench_missing_is_clear(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "robustbench", None)  # simulate "not installed"
+    with pytest.raises(ImportError, match="robustbench"):
+        load_model("rb:Standard")
