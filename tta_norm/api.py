@@ -28,7 +28,9 @@ class TTAModel(nn.Module):
     Bad batches: a batch with NaN/Inf raises ``ValueError`` (``on_bad_batch="raise"``) or, with
     ``on_bad_batch="skip"``, is predicted with the current state without adapting (``skipped_batches`` counts
     them); adaptation state is never touched by it.  ``window=W`` normalises a batch smaller than W together
-    with the previous samples, up to W in all (a sliding window for batch size 1).
+    with the previous samples, up to W in all (a sliding window for batch size 1, as in Marsden & Doebler's
+    benchmark); while the window holds a single sample, that sample is predicted with the current state
+    without adapting.
 
     Counters: ``num_batches`` (batches seen), ``num_adapted`` (batches adapted on since the last reset),
     ``skipped_batches``, ``num_resets``.
@@ -146,6 +148,10 @@ class TTAModel(nn.Module):
         if self.window is not None and isinstance(domain, Tensor):
             raise ValueError("per-sample domain indices cannot be combined with window=W; pass an int domain")
         xw = self._windowed(x)
+        if self.window is not None and xw.shape[0] < 2:
+            # nothing to normalise the very first sample with yet: predict with the current state
+            with torch.no_grad(), without_batch(self.model), with_domain(self.model, domain):
+                return self.model(xw)
         try:
             with with_domain(self.model, domain):
                 logits = self.method.forward_and_adapt(xw) if self.method is not None else self.model(xw)

@@ -182,7 +182,8 @@ def test_sabn_heads() -> None:
     lay.domain = torch.tensor([0, 1, 2, 1, 0])
     out = lay(X)
     for i, d in enumerate([0, 1, 2, 1, 0]):
-        torch.testing.assert_close(out[i], lay.domain_weight[d].view(3, 1, 1) * plain[i] + lay.domain_bias[d].view(3, 1, 1))
+        expected = lay.domain_weight[d].view(3, 1, 1) * plain[i] + lay.domain_bias[d].view(3, 1, 1)
+        torch.testing.assert_close(out[i], expected)
     lay.domain = 5
     with pytest.raises(ValueError, match="out of range"):
         lay(X)

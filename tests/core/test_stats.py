@@ -67,7 +67,7 @@ def test_mean_var_matches_hand_computation() -> None:
 
 
 def test_lower_and_average_median() -> None:
-    # channel 0 sorted: -1 1 2 2 2 3 5 10 -> lower 2, average 2; channel 1: 0 0 0 1 1 1 1 4 -> lower 1? (0,0,0,1 | 1,1,1,4)
+    # channel 0 sorted: -1 1 2 2 2 3 5 10 -> median 2; channel 1 sorted: 0 0 0 1 1 1 1 4 -> median 1
     assert batch_median(X).tolist() == [2.0, 1.0]
     x = torch.tensor([[1.0], [2.0], [7.0], [4.0]])  # (N=4, C=1): lower 2, average 3
     assert batch_median(x).item() == 2.0

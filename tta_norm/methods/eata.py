@@ -39,7 +39,7 @@ def compute_fishers(model: nn.Module, batches: Iterable[Tensor]) -> Fishers:
                 logits = model(x)
                 loss = F.cross_entropy(logits, logits.argmax(1))
                 grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
-            for (name, _), g in zip(named, grads):
+            for (name, _), g in zip(named, grads, strict=True):
                 if g is not None:
                     total[name] += g.detach().square()
             count += 1

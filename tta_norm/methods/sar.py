@@ -54,7 +54,7 @@ class SAR(GradientMethod):
             return [None] * len(grads)
         scale = self.rho / (torch.stack(norms).norm(2) + 1e-12)
         deltas = []
-        for p, g in zip(self.params, grads):
+        for p, g in zip(self.params, grads, strict=True):
             delta = None if g is None else g * scale
             if delta is not None:
                 p.add_(delta)
@@ -63,7 +63,7 @@ class SAR(GradientMethod):
 
     @torch.no_grad()
     def _unperturb(self, deltas: list[Tensor | None]) -> None:
-        for p, delta in zip(self.params, deltas):
+        for p, delta in zip(self.params, deltas, strict=True):
             if delta is not None:
                 p.sub_(delta)
 

@@ -157,7 +157,9 @@ class AdaptiveNorm(nn.Module):
         domain = self.domain
         if isinstance(domain, Tensor):
             if domain.shape != (batch_size,):
-                raise ValueError(f"per-sample domain indices must have shape ({batch_size},), got {tuple(domain.shape)}")
+                raise ValueError(
+                    f"per-sample domain indices must have shape ({batch_size},), got {tuple(domain.shape)}"
+                )
             domain = domain.to(self.domain_weight.device, torch.long)
         elif not 0 <= int(domain) < self.spec.num_domains:
             raise ValueError(f"domain index {domain} out of range for {self.spec.num_domains} SaBN heads")

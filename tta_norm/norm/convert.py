@@ -49,7 +49,7 @@ def _set_all(model: nn.Module, attr: str, value: object) -> Iterator[None]:
     try:
         yield
     finally:
-        for layer, old in zip(layers, saved):
+        for layer, old in zip(layers, saved, strict=True):
             setattr(layer, attr, old)
 
 

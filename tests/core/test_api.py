@@ -1,0 +1,178 @@
+"""The public wrapper: adapt(), presets(), reset(), bad input, batch size 1, determinism, real architectures."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import tta_norm
+from tests.core.nets import randomize_bn, resnet20, tiny_net
+from tta_norm.norm import AdaptiveNorm
+
+X = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+
+
+def test_presets_lists_the_documented_names() -> None:
+    assert set(tta_norm.presets()) >= {
+        "source", "tbn", "alpha", "prior", "ema", "medbn", "medbn-mad", "iabn", "iew", "ttn", "sabn"
+    }
+    for name in tta_norm.presets():
+        p = tta_norm.get_preset(name)
+        assert p.summary and p.citation and p.batch_size_one
+
+
+def test_adapt_copies_unless_inplace() -> None:
+    model = tiny_net()
+    state = copy.deepcopy(model.state_dict())
+    tta = tta_norm.adapt(model, "ema", method="tent")
+    tta(X)
+    assert all(isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) for m in (model.bn, model.bn1d))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k])
+    tta_in = tta_norm.adapt(model, "tbn", inplace=True)
+    assert tta_in.model is model and isinstance(model.bn, AdaptiveNorm)
+
+
+def test_source_preset_equals_eval_model_and_spec_overrides() -> None:
+    model = tiny_net()
+    torch.testing.assert_close(tta_norm.adapt(model, "source")(X), model(X))
+    a1 = tta_norm.adapt(model, "alpha", alpha=1.0)(X)
+    torch.testing.assert_close(a1, tta_norm.adapt(model, "tbn")(X))
+    spec = tta_norm.NormSpec(mixing="linear", alpha=0.0)
+    torch.testing.assert_close(tta_norm.adapt(model, spec)(X), model(X))
+
+
+def test_unknown_names_and_kwargs() -> None:
+    model = tiny_net()
+    with pytest.raises(KeyError, match="unknown preset 'nope'.*tbn"):
+        tta_norm.adapt(model, "nope")
+    with pytest.raises(KeyError, match="unknown method"):
+        tta_norm.adapt(model, "tbn", method="cotta-typo")
+    with pytest.raises(TypeError, match="no method was given"):
+        tta_norm.adapt(model, "tbn", lr=1e-3)
+    with pytest.raises(TypeError, match="method 'tent'"):
+        tta_norm.adapt(model, "tbn", method="tent", lrr=1e-3)
+    with pytest.raises(TypeError, match="nn.Module"):
+        tta_norm.adapt("resnet", "tbn")
+
+
+def test_bad_input_errors() -> None:
+    tta = tta_norm.adapt(tiny_net(), "tbn")
+    with pytest.raises(TypeError, match="x.float\\(\\) / 255"):
+        tta((X * 255).to(torch.uint8))
+    with pytest.raises(ValueError, match="empty batch"):
+        tta(X[:0])
+    with pytest.raises(ValueError, match="channel"):
+        tta(torch.randn(8, 4, 6, 6))
+    with pytest.raises(ValueError, match="no BatchNorm layer.*LayerNorm"):
+        tta_norm.adapt(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)), "tbn")
+
+
+@pytest.mark.parametrize("method", [None, "tent"])
+def test_nan_batch_raises_or_skips_without_touching_state(method: str | None) -> None:
+    bad = X.clone()
+    bad[2, 0, 1, 1] = float("nan")
+    tta = tta_norm.adapt(tiny_net(), "ema", method=method)
+    tta(X)
+    state = copy.deepcopy(tta.model.state_dict())
+    opt = copy.deepcopy(tta.method.optimizer.state_dict()) if method else None
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        tta(bad)
+    skip = tta_norm.adapt(tiny_net(), "ema", method=method, on_bad_batch="skip")
+    skip(X)
+    out = skip(bad)
+    bad_inf = X.clone()
+    bad_inf[0, 0, 0, 0] = float("inf")
+    skip(bad_inf)
+    assert skip.skipped_batches == 2
+    assert torch.isfinite(out[[0, 1, 3]]).all()  # the clean samples still get predictions
+    for k, v in skip.model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    for k, v in tta.model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    if method:
+        assert str(skip.method.optimizer.state_dict()["state"]) == str(opt["state"])
+
+
+def test_batch_size_one_per_preset() -> None:
+    """TinyNet ends in a BatchNorm1d: one value per channel at batch size 1."""
+    x1 = X[:1]
+    for name in tta_norm.presets():
+        tta = tta_norm.adapt(tiny_net(), name)
+        if name in ("tbn", "medbn", "medbn-mad"):
+            with pytest.raises(ValueError, match="window=W"):
+                tta(x1)
+            windowed = tta_norm.adapt(tiny_net(), name, window=4)
+            outs = [windowed(X[i : i + 1]) for i in range(6)]
+            assert all(o.shape == (1, 5) and torch.isfinite(o).all() for o in outs[1:])
+            # from the 4th sample on, each prediction equals the last row of the 4-sample window batch
+            ref = tta_norm.adapt(tiny_net(), name)(X[2:6])
+            torch.testing.assert_close(outs[5], ref[-1:])
+        else:
+            out = tta(x1)
+            assert out.shape == (1, 5) and torch.isfinite(out).all(), name
+
+
+def test_spatial_batch_one_is_defined_for_tbn() -> None:
+    model = resnet20()
+    out = tta_norm.adapt(model, "tbn")(torch.rand(1, 3, 32, 32))
+    assert torch.isfinite(out).all()
+
+
+def test_determinism_same_inputs_same_outputs() -> None:
+    outs = []
+    for _ in range(2):
+        tta = tta_norm.adapt(tiny_net(), "ema", method="sar", e_margin=10.0)
+        outs.append(torch.stack([tta(X * (i + 1)) for i in range(3)]))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_domain_argument_reaches_sabn_heads() -> None:
+    tta = tta_norm.adapt(tiny_net(), "sabn", num_domains=3)
+    base = tta(X)
+    with torch.no_grad():
+        for _, lay in tta.norm_layers():
+            lay.domain_bias[1].fill_(0.5)
+    assert torch.equal(tta(X, domain=0), base)
+    assert not torch.equal(tta(X, domain=1), base)
+    per_sample = tta(X, domain=torch.tensor([0, 1] * 4))
+    torch.testing.assert_close(per_sample[0::2], base[0::2])
+
+
+def test_cli_lists_presets(capsys: pytest.CaptureFixture[str]) -> None:
+    from tta_norm.cli import main
+
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert "medbn" in out and "tent" in out
+    assert main([]) == 0
+
+
+@pytest.mark.parametrize("preset", tta_norm.presets())
+def test_every_preset_on_cifar_resnet20(preset: str) -> None:
+    model = resnet20()
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    tta = tta_norm.adapt(model, preset)
+    assert len(tta.norm_layers()) == 19
+    out = tta(x, domain=1 if preset == "sabn" else None)
+    assert out.shape == (4, 10) and torch.isfinite(out).all()
+    if preset == "source":
+        torch.testing.assert_close(out, model(x))
+    tta.reset()
+    assert torch.equal(tta(x, domain=1 if preset == "sabn" else None), out)
+
+
+@pytest.mark.parametrize("preset", tta_norm.presets())
+def test_every_preset_on_torchvision_resnet18(preset: str) -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(torchvision.models.resnet18(num_classes=10))
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    tta = tta_norm.adapt(model, preset, method="tent" if preset in ("tbn", "medbn") else None)
+    out = tta(x)
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    if preset == "source":
+        torch.testing.assert_close(out, model(x))
