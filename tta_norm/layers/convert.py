@@ -1,0 +1,460 @@
+"""Model converters: BatchNorm -> Ghost BN, BatchNorm -> batch-group norm, BN + activation -> GN + Proxy Norm.
+
+``convert_to_ghost_bn`` and ``convert_to_batch_group_norm`` replace modules in place (like
+``torch.nn.SyncBatchNorm.convert_sync_batchnorm``) and return the model (a new object only when the model
+itself is a BatchNorm). They convert modules whose type is exactly ``nn.BatchNorm1d/2d/3d``; other
+``_BatchNorm`` subclasses (SyncBatchNorm, lazy BN, adaptive wrappers, ghost BNs already converted) are left
+alone, with a warning for the ones that are not ghost BNs already.
+
+``convert_to_gn_pn`` turns every BatchNorm whose output goes straight into an elementwise activation into
+``GroupNormProxyAct`` (GN without affine -> affine -> activation -> proxy normalization) and removes that
+activation; every other BatchNorm (e.g. ``bn2`` of a ResNet BasicBlock, which feeds the residual sum) becomes
+``nn.GroupNorm`` with affine (``unfused="gn"``) or is kept (``unfused="keep"``). Two detection methods:
+
+* ``method="fx"`` (default): the model is traced with ``torch.fx`` (normalization layers are leaves) and the
+  graph is rewritten. Supported: a BN whose single user is ``F.relu``/``torch.relu``/``Tensor.relu`` (also the
+  in-place forms), ``F.silu``, ``F.gelu``, ``F.leaky_relu``, or a call of an activation module (``nn.ReLU``,
+  ``nn.SiLU``, ``nn.GELU``, ...), wherever it is written (``nn.Sequential``, ``self.relu`` in a BasicBlock,
+  functional calls in ``forward``). The result is an ``fx.GraphModule`` with the same submodule names and
+  state-dict keys for everything that was called in ``forward``; the original model is not modified, but the
+  GraphModule shares its remaining submodules (convs, linears) with it. Models that fx cannot trace (data-
+  dependent control flow) raise an error that points to ``method="sequential"``. A BatchNorm module called at
+  several places in ``forward`` is rejected.
+* ``method="sequential"``: in place, without tracing; only a BN immediately followed by an activation module
+  inside the same ``nn.Sequential`` is fused (the activation entry becomes ``nn.Identity``). Any other BN is
+  converted by the ``unfused`` rule and listed in a warning, because an activation applied in ``forward``
+  (e.g. ``F.relu``) cannot be seen or removed without tracing.
+
+``activation_after`` restricts fusion to the named BNs (qualified names as in ``model.named_modules()``) or
+those accepted by a predicate ``(name, module) -> bool``; naming a BN that is not followed by a supported
+activation is an error. Parameter count: each fused BN (2C parameters) becomes 4C (gamma, beta, gamma~,
+beta~); an unfused BN becomes a GN with the same 2C (0 without affine). BN buffers disappear.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from collections.abc import Callable, Collection
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+
+from .batch_group_norm import BatchGroupNorm, Grouping
+from .ghost_batch_norm import GHOST_BN_FOR, Remainder, _GhostBatchNormMixin
+from .proxy_norm import GroupNormProxyAct, Moments, ProxyNorm, make_activation
+
+GroupSpec = int | Callable[[int], int]
+ActivationAfter = Collection[str] | Callable[[str, nn.Module], bool] | None
+
+ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.SiLU,
+    nn.GELU,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Softplus,
+    nn.Tanh,
+    nn.Sigmoid,
+)
+"""Elementwise activation modules the GN+PN converter fuses after a BatchNorm."""
+
+_RELU_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# generic helpers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, module)
+
+
+def _replace_in_place(
+    model: nn.Module, make: Callable[[str, nn.Module], nn.Module | None]
+) -> tuple[nn.Module, list[str]]:
+    """Replace every module for which ``make(name, module)`` returns a module; returns (model, replaced names)."""
+    root_new = make("", model)
+    if root_new is not None:
+        return root_new, [""]
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if name == "":
+            continue
+        new = make(name, module)
+        if new is not None:
+            _set_submodule(model, name, new)
+            replaced.append(name)
+    return model, replaced
+
+
+def _skip_warning(kind: str, names: list[str], types: list[str]) -> None:
+    if names:
+        listing = ", ".join(f"{n or '<root>'} ({t})" for n, t in zip(names, types, strict=True))
+        warnings.warn(
+            f"{kind}: left unchanged (not exactly nn.BatchNorm1d/2d/3d): {listing}", UserWarning, stacklevel=3
+        )
+
+
+def _resolve_groups(num_groups: GroupSpec, channels: int, name: str) -> int:
+    g = num_groups(channels) if callable(num_groups) else num_groups
+    if not isinstance(g, int) or g <= 0 or channels % g != 0:
+        raise ValueError(
+            f"layer {name or '<root>'!r}: num_groups={g!r} does not divide its {channels} channels; pass an int "
+            "dividing every BN's channel count or a callable channels -> groups"
+        )
+    return g
+
+
+def _factory(bn: _BatchNorm) -> dict[str, Any]:
+    ref = bn.weight if bn.weight is not None else bn.running_mean
+    return {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ghost BN / batch-group norm
+# ----------------------------------------------------------------------------------------------------------
+
+
+def convert_to_ghost_bn(
+    model: nn.Module,
+    ghost_batch_size: int,
+    *,
+    scale_momentum: bool = True,
+    remainder: Remainder = "merge",
+) -> nn.Module:
+    """Replace every ``nn.BatchNorm1d/2d/3d`` in ``model`` (in place) by the matching ``GhostBatchNormNd``.
+
+    Affine Parameter objects are reused, running statistics copied, train/eval mode kept (see
+    ``GhostBatchNorm2d.from_batchnorm``). Returns ``model`` (or the new module if ``model`` is a BatchNorm).
+    """
+    if isinstance(ghost_batch_size, bool) or not isinstance(ghost_batch_size, int) or ghost_batch_size <= 0:
+        raise ValueError(f"ghost_batch_size must be a positive integer, got {ghost_batch_size!r}")
+    skipped: list[str] = []
+    skipped_types: list[str] = []
+
+    def make(name: str, module: nn.Module) -> nn.Module | None:
+        ghost_cls = GHOST_BN_FOR.get(type(module))
+        if ghost_cls is not None:
+            return ghost_cls.from_batchnorm(  # type: ignore[return-value]
+                module,  # type: ignore[arg-type]
+                ghost_batch_size,
+                scale_momentum=scale_momentum,
+                remainder=remainder,
+            )
+        if isinstance(module, _BatchNorm) and not isinstance(module, _GhostBatchNormMixin):
+            skipped.append(name)
+            skipped_types.append(type(module).__name__)
+        return None
+
+    out, _ = _replace_in_place(model, make)
+    _skip_warning("convert_to_ghost_bn", skipped, skipped_types)
+    return out
+
+
+def convert_to_batch_group_norm(
+    model: nn.Module, num_groups: GroupSpec, *, grouping: Grouping = "channel"
+) -> nn.Module:
+    """Replace every ``nn.BatchNorm1d/2d/3d`` in ``model`` (in place) by ``BatchGroupNorm``.
+
+    ``num_groups`` is an int or a callable ``channels -> groups``. Affine Parameters are reused; group running
+    statistics are initialised from the channel ones (see ``BatchGroupNorm.from_batchnorm``).
+    """
+    skipped: list[str] = []
+    skipped_types: list[str] = []
+
+    def make(name: str, module: nn.Module) -> nn.Module | None:
+        if type(module) in GHOST_BN_FOR:
+            bn: _BatchNorm = module  # type: ignore[assignment]
+            g = _resolve_groups(num_groups, bn.num_features, name) if grouping == "channel" else num_groups
+            return BatchGroupNorm.from_batchnorm(bn, g, grouping=grouping)
+        if isinstance(module, _BatchNorm):
+            skipped.append(name)
+            skipped_types.append(type(module).__name__)
+        return None
+
+    out, _ = _replace_in_place(model, make)
+    _skip_warning("convert_to_batch_group_norm", skipped, skipped_types)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# BN + activation -> GN + Proxy Norm
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _NormLeafTracer(fx.Tracer):
+    """fx tracer that keeps every normalization layer (and activation module) as a single call_module node."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, _NormBase | nn.GroupNorm | nn.LayerNorm | BatchGroupNorm | ProxyNorm | GroupNormProxyAct):
+            return True
+        if isinstance(m, ACTIVATION_MODULES):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    tracer = _NormLeafTracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as err:  # fx raises TraceError, TypeError, RuntimeError... depending on the construct
+        raise RuntimeError(
+            f"torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err}). Use "
+            "method='sequential' (fuses only BN -> activation modules adjacent inside an nn.Sequential), or make "
+            "forward() traceable (no control flow that depends on tensor values)."
+        ) from err
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm.train(model.training)
+    return gm
+
+
+def _arg(node: fx.Node, index: int, key: str, default: Any) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(key, default)
+
+
+def _only_input(node: fx.Node, source: fx.Node, allowed: set[str], max_args: int) -> bool:
+    """True if ``source`` is the first argument of ``node`` and appears nowhere else in its arguments."""
+    if not node.args or node.args[0] is not source or len(node.args) > max_args:
+        return False
+    if any(a is source for a in node.args[1:]) or any(v is source for v in node.kwargs.values()):
+        return False
+    return set(node.kwargs) <= allowed
+
+
+def _activation_of(node: fx.Node, source: fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
+    """The activation module equivalent to ``node`` if it is an elementwise activation applied to ``source``."""
+    if node.op == "call_module":
+        m = modules.get(str(node.target))
+        if isinstance(m, ACTIVATION_MODULES) and _only_input(node, source, set(), 1):
+            return make_activation(m)
+        return None
+    if node.op == "call_method":
+        if node.target in ("relu", "relu_") and _only_input(node, source, set(), 1):
+            return nn.ReLU()
+        return None
+    if node.op != "call_function":
+        return None
+    target = node.target
+    if target in _RELU_FUNCTIONS and _only_input(node, source, {"inplace"}, 2):
+        return nn.ReLU()
+    if target is F.silu and _only_input(node, source, {"inplace"}, 2):
+        return nn.SiLU()
+    if target is F.gelu and _only_input(node, source, {"approximate"}, 2):
+        return nn.GELU(approximate=_arg(node, 1, "approximate", "none"))
+    if target is F.leaky_relu and _only_input(node, source, {"negative_slope", "inplace"}, 3):
+        return nn.LeakyReLU(negative_slope=_arg(node, 1, "negative_slope", 0.01))
+    return None
+
+
+def _fx_candidates(gm: fx.GraphModule) -> tuple[dict[str, tuple[fx.Node, fx.Node, nn.Module]], list[str]]:
+    """BN -> activation pairs in a traced model: ({bn name: (bn node, activation node, activation)}, all BNs)."""
+    modules = dict(gm.named_modules())
+    bn_nodes = [
+        n for n in gm.graph.nodes if n.op == "call_module" and isinstance(modules.get(str(n.target)), _BatchNorm)
+    ]
+    calls = Counter(str(n.target) for n in bn_nodes)
+    shared = sorted(t for t, c in calls.items() if c > 1)
+    if shared:
+        raise ValueError(
+            f"BatchNorm module(s) {shared} are called more than once in forward(); a shared BN cannot be "
+            "converted per call site. Give each call its own BatchNorm."
+        )
+    pairs = {}
+    for node in bn_nodes:
+        users = list(node.users)
+        if len(users) == 1:
+            act = _activation_of(users[0], node, modules)
+            if act is not None:
+                pairs[str(node.target)] = (node, users[0], act)
+    return pairs, [str(n.target) for n in bn_nodes]
+
+
+def find_bn_activations(model: nn.Module) -> dict[str, nn.Module]:
+    """BatchNorms whose output goes only into an elementwise activation, found by tracing with ``torch.fx``.
+
+    Returns ``{qualified BN name: activation module}`` (functional calls such as ``F.relu`` are reported as the
+    equivalent module, e.g. ``nn.ReLU()``). Raises ``RuntimeError`` if the model is not fx-traceable.
+    """
+    pairs, _ = _fx_candidates(_trace(model))
+    return {name: act for name, (_, _, act) in pairs.items()}
+
+
+def _select(
+    candidates: Collection[str], all_bns: dict[str, nn.Module], activation_after: ActivationAfter, method: str
+) -> set[str]:
+    if activation_after is None:
+        return set(candidates)
+    if callable(activation_after):
+        return {n for n in candidates if activation_after(n, all_bns[n])}
+    wanted = set(activation_after)
+    missing = sorted(wanted - set(candidates))
+    if missing:
+        hint = (
+            "with method='sequential' only a BN directly followed by an activation module inside an "
+            "nn.Sequential is recognised; try method='fx'"
+            if method == "sequential"
+            else "they are not BatchNorms whose output goes only into a supported elementwise activation"
+        )
+        raise ValueError(f"activation_after names {missing} that cannot be fused: {hint}")
+    return wanted
+
+
+def _gn_pn_from_bn(
+    bn: _BatchNorm,
+    act: nn.Module,
+    groups: int,
+    *,
+    norm_eps: float | None,
+    proxy_eps: float,
+    num_quantiles: int,
+    moments: Moments,
+    copy_affine: bool,
+) -> GroupNormProxyAct:
+    new = GroupNormProxyAct(
+        bn.num_features,
+        groups,
+        act,
+        norm_eps=bn.eps if norm_eps is None else norm_eps,
+        proxy_eps=proxy_eps,
+        num_quantiles=num_quantiles,
+        moments=moments,
+        **_factory(bn),
+    )
+    if copy_affine and bn.affine:
+        with torch.no_grad():
+            new.proxy.weight.copy_(bn.weight)
+            new.proxy.bias.copy_(bn.bias)
+    new.train(bn.training)
+    return new
+
+
+def _gn_from_bn(bn: _BatchNorm, groups: int, *, norm_eps: float | None, copy_affine: bool) -> nn.GroupNorm:
+    gn = nn.GroupNorm(
+        groups, bn.num_features, eps=bn.eps if norm_eps is None else norm_eps, affine=bn.affine, **_factory(bn)
+    )
+    if copy_affine and bn.affine:
+        with torch.no_grad():
+            gn.weight.copy_(bn.weight)
+            gn.bias.copy_(bn.bias)
+    gn.train(bn.training)
+    return gn
+
+
+def convert_to_gn_pn(
+    model: nn.Module,
+    num_groups: GroupSpec,
+    *,
+    method: Literal["fx", "sequential"] = "fx",
+    activation_after: ActivationAfter = None,
+    unfused: Literal["gn", "keep"] = "gn",
+    norm_eps: float | None = None,
+    proxy_eps: float = 0.03,
+    num_quantiles: int = 200,
+    moments: Moments = "quadrature",
+    copy_affine: bool = True,
+) -> nn.Module:
+    """Convert a BN + activation model to GN + Proxy Norm (Labatie et al., NeurIPS 2021); see the module doc.
+
+    Args:
+        num_groups: GN groups, an int dividing every BN's channel count or a callable ``channels -> groups``
+            (1 gives LN + PN).
+        method: "fx" (trace and rewrite; returns an ``fx.GraphModule``) or "sequential" (in place; only
+            BN -> activation module pairs inside an ``nn.Sequential``).
+        activation_after: restrict fusion to these BN names / this predicate (default: all detected pairs).
+        unfused: BNs not fused become ``nn.GroupNorm`` with affine ("gn") or stay BatchNorm ("keep").
+        norm_eps: GN epsilon (default: each BN's eps; the paper's code uses 1e-3).
+        proxy_eps, num_quantiles, moments: ``ProxyNorm`` settings (0.03, 200, "quadrature").
+        copy_affine: initialise gamma/beta of the PN (or GN) from the BN's weight/bias.
+
+    Returns the converted model (a GraphModule for "fx", ``model`` itself for "sequential").
+    """
+    if method not in ("fx", "sequential"):
+        raise ValueError(f"method must be 'fx' or 'sequential', got {method!r}")
+    if unfused not in ("gn", "keep"):
+        raise ValueError(f"unfused must be 'gn' or 'keep', got {unfused!r}")
+    pn_kwargs: dict[str, Any] = {
+        "norm_eps": norm_eps,
+        "proxy_eps": proxy_eps,
+        "num_quantiles": num_quantiles,
+        "moments": moments,
+        "copy_affine": copy_affine,
+    }
+
+    def unfused_replacement(name: str, bn: _BatchNorm) -> nn.Module | None:
+        if unfused == "keep":
+            return None
+        return _gn_from_bn(
+            bn, _resolve_groups(num_groups, bn.num_features, name), norm_eps=norm_eps, copy_affine=copy_affine
+        )
+
+    if isinstance(model, _BatchNorm):
+        out = unfused_replacement("", model)
+        return model if out is None else out
+
+    if method == "fx":
+        gm = _trace(model)
+        pairs, bn_names = _fx_candidates(gm)
+        all_bns = {n: gm.get_submodule(n) for n in bn_names}
+        chosen = _select(pairs, all_bns, activation_after, method)
+        for name in bn_names:
+            bn: _BatchNorm = all_bns[name]  # type: ignore[assignment]
+            if name in chosen:
+                bn_node, act_node, act = pairs[name]
+                groups = _resolve_groups(num_groups, bn.num_features, name)
+                _set_submodule(gm, name, _gn_pn_from_bn(bn, act, groups, **pn_kwargs))
+                act_node.replace_all_uses_with(bn_node)
+                gm.graph.erase_node(act_node)
+            else:
+                new = unfused_replacement(name, bn)
+                if new is not None:
+                    _set_submodule(gm, name, new)
+        gm.graph.lint()
+        gm.recompile()
+        return gm
+
+    # method == "sequential": in place, adjacent (BN, activation module) entries of nn.Sequential containers
+    seq_pairs: dict[str, tuple[nn.Sequential, str, str, nn.Module]] = {}
+    for parent_name, parent in model.named_modules():
+        if not isinstance(parent, nn.Sequential):
+            continue
+        children = list(parent.named_children())
+        for (n1, m1), (n2, m2) in zip(children, children[1:], strict=False):
+            if isinstance(m1, _BatchNorm) and isinstance(m2, ACTIVATION_MODULES):
+                seq_pairs[f"{parent_name}.{n1}" if parent_name else n1] = (parent, n1, n2, m2)
+    all_bns = {n: m for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
+    chosen = _select(seq_pairs, all_bns, activation_after, method)
+    for name in sorted(chosen):
+        parent, n1, n2, act = seq_pairs[name]
+        bn = all_bns[name]  # type: ignore[assignment]
+        groups = _resolve_groups(num_groups, bn.num_features, name)
+        setattr(parent, n1, _gn_pn_from_bn(bn, make_activation(act), groups, **pn_kwargs))
+        setattr(parent, n2, nn.Identity())
+    rest = [n for n in all_bns if n not in chosen]
+    for name in rest:
+        new = unfused_replacement(name, all_bns[name])  # type: ignore[arg-type]
+        if new is not None:
+            _set_submodule(model, name, new)
+    if rest:
+        what = "converted to GroupNorm with affine" if unfused == "gn" else "kept as BatchNorm"
+        warnings.warn(
+            f"convert_to_gn_pn(method='sequential'): {len(rest)} BatchNorm(s) are not directly followed by an "
+            f"activation module inside an nn.Sequential and were {what}: {rest}. If their output goes into an "
+            "activation in forward() (e.g. F.relu), use method='fx' to fuse them into GN + Proxy Norm.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return model
