@@ -203,3 +203,13 @@ def test_from_batchnorm_and_convert() -> None:
     torch.testing.assert_close(model(x), reference, atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match="does not divide"):
         convert_to_batch_group_norm(nn.Sequential(nn.BatchNorm1d(6)), 4)
+
+
+def test_mixed_precision_input_keeps_dtype() -> None:
+    layer = BatchGroupNorm(4, 2)
+    x = torch.randn(3, 4, 2, generator=_gen(15)).to(torch.bfloat16)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), BatchGroupNorm(4, 2)(x.float()), atol=3e-2, rtol=0)
+    layer.eval()
+    assert layer(x).dtype == torch.bfloat16

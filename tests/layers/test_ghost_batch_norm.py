@@ -295,3 +295,15 @@ def test_half_precision_input_keeps_dtype() -> None:
     assert out.dtype == torch.bfloat16
     ref = nn.BatchNorm1d(3)
     torch.testing.assert_close(out.float(), _per_chunk_reference(ref, x.float(), [2, 2]), atol=5e-2, rtol=0)
+
+
+def test_mixed_precision_input_with_float32_parameters() -> None:
+    """Low-precision input with float32 parameters (as under autocast): statistics in float32, output in bf16."""
+    gbn = GhostBatchNorm2d(3, 2)
+    x = torch.randn(4, 3, 2, 2, generator=_gen(15))
+    out = gbn(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    ref = nn.BatchNorm2d(3)
+    expected = _per_chunk_reference(ref, x.to(torch.bfloat16).float(), [2, 2])
+    torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=0)
+    torch.testing.assert_close(gbn.running_var, ref.running_var, atol=1e-5, rtol=0)

@@ -153,12 +153,12 @@ class BatchGroupNorm(nn.Module):
             assert self.running_mean is not None and self.running_var is not None
             mean, var = self.running_mean, self.running_var
         y = (xg - mean.reshape(1, -1, 1)) * torch.rsqrt(var.reshape(1, -1, 1) + self.eps)
-        out = y.reshape(input.shape).to(input.dtype)
+        out = y.reshape(input.shape)
         if self.weight is not None:
             out = out * channel_view(self.weight, out.dim())
         if self.bias is not None:
             out = out + channel_view(self.bias, out.dim())
-        return out
+        return out.to(input.dtype)
 
     @classmethod
     def from_batchnorm(

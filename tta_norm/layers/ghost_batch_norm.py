@@ -73,7 +73,7 @@ def _normalize_chunks(x: Tensor, chunk: int, eps: float) -> tuple[Tensor, Tensor
     var, mean = torch.var_mean(xs.to(stats_dtype(x)), dim=dims, correction=0)
     shape = (n // chunk, 1, c) + (1,) * (xs.dim() - 3)
     y = (xs - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + eps)
-    return y.reshape(x.shape).to(x.dtype), mean, var
+    return y.reshape(x.shape), mean, var
 
 
 class _GhostBatchNormMixin:
@@ -170,7 +170,7 @@ class _GhostBatchNormMixin:
             out = out * channel_view(self.weight, out.dim())
         if self.bias is not None:
             out = out + channel_view(self.bias, out.dim())
-        return out
+        return out.to(input.dtype)  # like BatchNorm: output in the input's dtype (e.g. fp16 under autocast)
 
     @classmethod
     def from_batchnorm(
