@@ -28,7 +28,10 @@ activation; every other BatchNorm (e.g. ``bn2`` of a ResNet BasicBlock, which fe
 ``activation_after`` restricts fusion to the named BNs (qualified names as in ``model.named_modules()``) or
 those accepted by a predicate ``(name, module) -> bool``; naming a BN that is not followed by a supported
 activation is an error. Parameter count: each fused BN (2C parameters) becomes 4C (gamma, beta, gamma~,
-beta~); an unfused BN becomes a GN with the same 2C (0 without affine). BN buffers disappear.
+beta~); an unfused BN becomes a GN with the same 2C (0 without affine). BN buffers disappear. State-dict keys:
+a fused ``bn1.weight``/``bn1.bias`` becomes ``bn1.proxy.weight``/``bn1.proxy.bias`` (plus
+``bn1.proxy.proxy_weight``/``proxy_bias``); an unfused BN keeps ``weight``/``bias``. The affine values are
+copied from the BN (``copy_affine=True``); running statistics are not used by GN/PN.
 """
 
 from __future__ import annotations
