@@ -9,6 +9,19 @@ import pytest
 from tta_norm.data.paths import default_data_dirs, model_search_dirs
 
 
+@pytest.fixture(scope="session")
+def _session_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tta-norm-cache")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(_session_cache, monkeypatch):
+    """Decoded arrays, regenerated data and checkpoints written by tests go to a temporary cache."""
+    monkeypatch.setenv("TTA_NORM_CACHE", str(_session_cache))
+    monkeypatch.delenv("TTA_NORM_CHECKPOINTS", raising=False)
+    monkeypatch.delenv("TTA_NORM_DATA", raising=False)
+
+
 def _mirror_root() -> Path | None:
     for d in default_data_dirs():
         cand = d / "cifar10-jpeg"
