@@ -246,3 +246,21 @@ def test_property_mixing_bounds(vals: list[float], vars_: list[float], a: float)
     assert (mx.var >= lin.var - 1e-9).all()  # the cross term is non-negative
     torch.testing.assert_close(mix_linear(t, s, 1.0).mean, t.mean)
     torch.testing.assert_close(mix_mixture(t, s, 0.0).var, s.var)
+
+
+@pytest.mark.parametrize("shape", [(7, 1), (4, 1, 3, 3), (5, 3, 2, 2)])
+def test_median_never_modifies_its_input(shape: tuple[int, ...]) -> None:
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(4))
+    before = x.clone()
+    batch_median(x)
+    batch_median(x, median="average")
+    batch_median_mad(x)
+    assert torch.equal(x, before)
+
+
+def test_ill_conditioned_moments_fall_back_to_exact_two_pass() -> None:
+    x = (torch.randn(8, 2, 5, 5, generator=torch.Generator().manual_seed(5)) * 1e-3 + 1e3).float()
+    ref = x.double().transpose(0, 1).reshape(2, -1)
+    mean, var = batch_mean_var(x)
+    torch.testing.assert_close(var.double(), ref.var(1, unbiased=False), rtol=1e-3, atol=0)
+    torch.testing.assert_close(mean.double(), ref.mean(1))

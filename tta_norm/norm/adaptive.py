@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from tta_norm.norm.functional import batch_norm_test_stats, layer_statistics, normalize
+from tta_norm.norm.functional import layer_statistics, normalize
 from tta_norm.norm.spec import NormSpec
 from tta_norm.stats.estimators import Stats
 
@@ -171,20 +171,9 @@ class AdaptiveNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         weight, bias = self._affine(x.shape[0])
-        spec = self.spec
-        fast_tbn = (
-            self.use_batch
-            and spec.mixing == "test"
-            and spec.estimator == "mean_var"
-            and not spec.unbiased
-            and spec.instance == "none"
-            and (weight is None or weight.dim() == 1)
-        )
-        if fast_tbn:
-            return batch_norm_test_stats(x, weight, bias, self.eps)
         stats, new_state = layer_statistics(
             x,
-            spec,
+            self.spec,
             self.source_stats(),
             ema_state=self.ema_state(),
             mix_weight=getattr(self, "mix_weight", None),

@@ -120,10 +120,3 @@ def normalize(
     if bias is not None:
         shift = shift + bias
     return torch.addcmul(_channel_view(shift, x), x, _channel_view(scale, x))
-
-
-def batch_norm_test_stats(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
-    """Normalise with the biased test-batch mean/variance: ``F.batch_norm(training=True)`` without buffers."""
-    if count_per_channel(x) < 2:
-        raise ValueError(SINGLE_VALUE_HINT)
-    return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
