@@ -1,0 +1,156 @@
+"""Blur corruptions: defocus, glass, motion, zoom, gaussian (Hendrycks & Dietterich, ICLR 2019)."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from . import _ops
+from ._common import finish_unit
+
+# --------------------------------------------------------------------------------------------------------
+# defocus_blur
+# --------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+def disk_kernel(radius: float, alias_blur: float) -> np.ndarray:
+    """The original ``disk()``: a normalized float32 disk on ``arange(-8, 9)`` (or ``arange(-r, r+1)`` for
+    ``r > 8``), anti-aliased by ``cv2.GaussianBlur`` with a 3x3 (or 5x5) window and ``sigmaX=alias_blur``."""
+    import cv2
+
+    if radius <= 8:
+        coords = np.arange(-8, 8 + 1)
+        ksize = (3, 3)
+    else:
+        coords = np.arange(-radius, radius + 1)
+        ksize = (5, 5)
+    xx, yy = np.meshgrid(coords, coords)
+    aliased = np.array((xx**2 + yy**2) <= radius**2, dtype=np.float32)
+    aliased /= np.sum(aliased)
+    return cv2.GaussianBlur(aliased, ksize=ksize, sigmaX=alias_blur)
+
+
+def correlate_reflect101(xf: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """``cv2.filter2D(channel, -1, kernel)`` (correlation, centred anchor, BORDER_REFLECT_101) for every
+    channel of float64 ``(N, H, W, C)`` images. Exact-zero taps are skipped; the rest accumulate in float64."""
+    kh, kw = kernel.shape
+    cy, cx = kh // 2, kw // 2
+    taps = np.argwhere(kernel != 0)
+    ry = int(np.abs(taps[:, 0] - cy).max())
+    rx = int(np.abs(taps[:, 1] - cx).max())
+    _, h, w, _ = xf.shape
+    xp = np.pad(xf, ((0, 0), (ry, ry), (rx, rx), (0, 0)), mode="reflect")
+    acc = np.zeros_like(xf)
+    for i, j in taps:
+        oy = i - cy + ry
+        ox = j - cx + rx
+        acc += float(kernel[i, j]) * xp[:, oy : oy + h, ox : ox + w, :]
+    return acc
+
+
+def defocus_blur(x: np.ndarray, c: tuple, rng: np.random.Generator) -> np.ndarray:
+    """Correlation of ``x / 255`` with the anti-aliased disk of radius ``c[0]`` (alias sigma ``c[1]``)."""
+    return finish_unit(correlate_reflect101(x / 255.0, disk_kernel(*c)))
+
+
+def defocus_min_size(c: tuple) -> int:
+    """Smallest image side for which the disk kernel's reflect-101 border is defined once."""
+    k = disk_kernel(*c)
+    taps = np.argwhere(k != 0)
+    return int(np.abs(taps - np.array(k.shape) // 2).max()) + 1
+
+
+# --------------------------------------------------------------------------------------------------------
+# glass_blur
+# --------------------------------------------------------------------------------------------------------
+
+
+def glass_shuffle(y: np.ndarray, dx: np.ndarray, dy: np.ndarray, delta: int) -> np.ndarray:
+    """One pass of the original's pixel "swap" loop on uint8 images ``(N, H, W, C)``.
+
+    The original walks ``h`` from ``H - delta`` down to ``delta + 1`` and, inside, ``w`` the same way over
+    ``W``, and executes ``x[h, w], x[h', w'] = x[h', w'], x[h, w]`` with ``(h', w') = (h + dy, w + dx)``.
+    On NumPy views this copies ``x[h', w']`` into ``x[h, w]`` and does nothing else. ``dx``/``dy`` are the
+    offsets for the visited pixels, ``(N, H - 2*delta, W - 2*delta)`` in ascending ``(h, w)`` order.
+
+    Every pixel is written once; it receives the value its source holds at that moment, which is the
+    source's new value if the source was visited earlier (later rows, or the same row further right) and
+    its old value otherwise. For ``delta = 1`` the offsets are in {-1, 0}, sources are never visited
+    earlier, and the pass is a single gather. Larger ``delta`` (ImageNet) resolves the chains of earlier
+    visits by pointer doubling.
+    """
+    n, h, w, c = y.shape
+    rows = np.arange(delta + 1, h - delta + 1)
+    cols = np.arange(delta + 1, w - delta + 1)
+    if rows.size == 0 or cols.size == 0:
+        return y.copy()
+    src_r = rows[None, :, None] + dy
+    src_c = cols[None, None, :] + dx
+    flat = y.reshape(n, h * w, c)
+    # source of each pixel's value; pixels outside the visited region keep their own value
+    src = np.broadcast_to(np.arange(h * w), (n, h * w)).copy()
+    region = (rows[:, None] * w + cols[None, :]).ravel()
+    src_flat = (src_r * w + src_c).reshape(n, -1)
+    src[:, region] = src_flat
+    if delta > 1:
+        in_region = (src_r >= delta + 1) & (src_r <= h - delta) & (src_c >= delta + 1) & (src_c <= w - delta)
+        earlier = in_region & (
+            (src_r > rows[None, :, None]) | ((src_r == rows[None, :, None]) & (src_c > cols[None, None, :]))
+        )
+        nxt = np.broadcast_to(np.arange(h * w), (n, h * w)).copy()
+        nxt[:, region] = np.where(earlier.reshape(n, -1), src_flat, region[None, :])
+        while True:
+            jumped = np.take_along_axis(nxt, nxt, axis=1)
+            if np.array_equal(jumped, nxt):
+                break
+            nxt = jumped
+        src = np.take_along_axis(src, nxt, axis=1)
+    out = np.take_along_axis(flat, src[..., None], axis=1)
+    return out.reshape(n, h, w, c)
+
+
+def glass_blur(x: np.ndarray, c: tuple, rng: np.random.Generator) -> np.ndarray:
+    """Gaussian (sigma ``c[0]``) -> uint8 -> ``c[2]`` shuffle passes with offsets in ``[-c[1], c[1])`` ->
+    Gaussian again. At CIFAR severity 1 (sigma 0.05) the Gaussian's radius is 0: no blur at all."""
+    sigma, delta, iterations = c
+    n, h, w, _ = x.shape
+    y = (_ops.gaussian_filter(x / 255.0, sigma) * 255).astype(np.uint8)
+    shape = (n, h - 2 * delta, w - 2 * delta)
+    for _ in range(iterations):
+        d = rng.integers(-delta, delta, size=shape + (2,))
+        y = glass_shuffle(y, d[..., 0], d[..., 1], delta)
+    return finish_unit(_ops.gaussian_filter(y / 255.0, sigma))
+
+
+# --------------------------------------------------------------------------------------------------------
+# motion_blur, zoom_blur, gaussian_blur
+# --------------------------------------------------------------------------------------------------------
+
+
+def motion_blur(x: np.ndarray, c: tuple, rng: np.random.Generator) -> np.ndarray:
+    """ImageMagick motion blur (radius ``c[0]``, sigma ``c[1]``) at an angle ~ U(-45, 45) per image."""
+    angles = rng.uniform(-45, 45, size=x.shape[0])
+    return _ops.motion_blur(x, c[0], c[1], angles)
+
+
+def zoom_blur(x: np.ndarray, factors: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``(x + sum_z clipped_zoom(x, z)) / (len(factors) + 1)`` in float32, like the original.
+
+    The sum over zoom factors is one sparse linear operator (shared by the whole batch), evaluated in
+    float64 and rounded to float32 once; the original rounds after every zoom and every addition, so a
+    handful of pixels in 10^5 can differ by one grey level.
+    """
+    n, h, w, c = x.shape
+    op = _ops.zoom_sum_operator(h, w, tuple(float(z) for z in factors))
+    x32 = (x / 255.0).astype(np.float32)
+    cols = x32.transpose(1, 2, 0, 3).reshape(h * w, n * c).astype(np.float64)
+    zsum = (op @ cols).reshape(h, w, n, c).transpose(2, 0, 1, 3).astype(np.float32)
+    y = (x32 + zsum) / (len(factors) + 1)
+    return finish_unit(y)
+
+
+def gaussian_blur(x: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:
+    """skimage ``gaussian(x / 255, sigma=c, channel_axis=-1)`` (mode 'nearest', truncate 4)."""
+    return finish_unit(_ops.gaussian_filter(x / 255.0, c))
