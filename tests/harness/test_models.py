@@ -100,7 +100,7 @@ def test_resnet56_without_checkpoint_is_clear(monkeypatch, tmp_path):
 def test_release_checkpoint_accuracy_on_mirror(resnet20_checkpoint, mirror_test_small):
     model = load_model("resnet20")  # found through the search list
     ds = mirror_test_small
-    x = torch.from_numpy(np.array(ds.images)).permute(0, 3, 1, 2).float() / 255
+    x = torch.from_numpy(np.array(ds.images)).permute(0, 3, 1, 2).contiguous().float() / 255
     with torch.no_grad():
         acc = (model(x).argmax(1).numpy() == ds.labels).mean()
     # ~81 % on the full mirror test split (shared/data/README.md); 300 images -> wide margin

@@ -246,7 +246,7 @@ def test_loader_yields_plan_order(prefetch, setting):
     n_batches = 0
     for batch in loader:
         n = batch.x.shape[0]
-        assert batch.x.dtype == torch.float32 and batch.x.shape == (n, 3, 8, 8)
+        assert batch.x.dtype == torch.float32 and batch.x.shape == (n, 3, 8, 8) and batch.x.is_contiguous()
         assert 0.0 <= batch.x.min() and batch.x.max() <= 1.0
         for j in range(n):
             key = plan.domains[plan.domain[pos + j]]

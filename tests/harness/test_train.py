@@ -1,0 +1,137 @@
+from __future__ import annotations
+
+import argparse
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import tta_norm.train as train_mod
+from tta_norm import train_cli
+from tta_norm.models import load_model
+from tta_norm.train import (
+    TrainConfig,
+    augment_batch,
+    evaluate_accuracy,
+    lr_at,
+    prepare_source_model,
+    read_checkpoint_meta,
+    to_float_nchw,
+    train_source_model,
+)
+
+from .test_data import _write_png_tree
+
+
+def test_augment_batch_is_crop_of_padded_image_or_its_mirror():
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 8, 8, 3), dtype=torch.uint8)
+    out = augment_batch(images, gen, pad=2)
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    padded = torch.nn.functional.pad(images, (0, 0, 2, 2, 2, 2))
+    flips = 0
+    for i in range(len(images)):
+        windows = [padded[i, y : y + 8, x : x + 8] for y in range(5) for x in range(5)]
+        plain = any(torch.equal(out[i], w) for w in windows)
+        mirrored = any(torch.equal(out[i], w.flip(1)) for w in windows)
+        assert plain or mirrored
+        flips += mirrored and not plain
+    assert 10 < flips < 54  # about half are flipped
+    again = augment_batch(images, torch.Generator().manual_seed(0), pad=2)
+    assert torch.equal(out, again)  # deterministic given the generator
+
+
+def test_augment_offsets_cover_full_range():
+    gen = torch.Generator().manual_seed(1)
+    images = torch.zeros(2000, 4, 4, 1, dtype=torch.uint8)
+    images[:, 0, 0, 0] = 255  # marker at the top-left pixel
+    out = augment_batch(images, gen, pad=4)
+    # the marker moves to row (4 - oy): every offset 0..8 appears, rows >= 4 mean it was cropped away
+    rows = set()
+    for img in out[:, :, :, 0]:
+        nz = torch.nonzero(img)
+        if len(nz):
+            rows.add(int(nz[0, 0]))
+    assert rows == {0, 1, 2, 3}
+
+
+def test_to_float_nchw_is_contiguous():
+    x = to_float_nchw(torch.full((2, 4, 4, 3), 255, dtype=torch.uint8))
+    assert x.shape == (2, 3, 4, 4) and x.is_contiguous() and float(x.max()) == 1.0
+
+
+def test_lr_schedule():
+    assert lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
+    assert lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, 1.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(100, 100, 10, 1.0) == pytest.approx(0.0)
+    assert lr_at(3, 10, 0, 0.2) == pytest.approx(0.1 * (1 + math.cos(math.pi * 0.3)))
+
+
+@pytest.fixture
+def tiny_source(tmp_path):
+    data = tmp_path / "data"
+    _write_png_tree(data / "toy" / "train", ["a", "b"], 12, size=(32, 32))
+    _write_png_tree(data / "toy" / "test", ["a", "b"], 4, size=(32, 32), seed=3)
+    return data
+
+
+def test_train_tiny_scratch_is_deterministic_and_loadable(tiny_source, tmp_path):
+    cfg = TrainConfig(init="scratch", epochs=2, batch_size=8, amp=False)
+    a = train_source_model(cfg, data_dir=tiny_source, source="toy", out=tmp_path / "a.pt", progress=False)
+    b = train_source_model(cfg, data_dir=tiny_source, source="toy", out=tmp_path / "b.pt", progress=False)
+    sa, sb = (torch.load(p, weights_only=True)["state_dict"] for p in (a.path, b.path))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a.epochs_done == 2 and len(a.history) == 2 and 0.0 <= a.test_accuracy <= 1.0
+    meta = read_checkpoint_meta(a.path)
+    assert meta["num_classes"] == 2 and meta["config"]["epochs"] == 2 and meta["test_accuracy"] == a.test_accuracy
+    model = load_model("resnet20", a.path)
+    assert model.linear.out_features == 2
+
+
+def test_prepare_source_model_trains_once(tiny_source, monkeypatch):
+    cfg = TrainConfig(init="scratch", epochs=1, batch_size=8, amp=False)
+    path = prepare_source_model("resnet20", data_dir=tiny_source, source="toy", config=cfg, progress=False)
+    assert path.is_file() and "resnet20-toy-" in path.name
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("must not retrain a cached checkpoint")
+
+    monkeypatch.setattr(train_mod, "train_source_model", no_training)
+    assert prepare_source_model("resnet20", data_dir=tiny_source, source="toy", config=cfg) == path
+    other = TrainConfig(init="scratch", epochs=2, batch_size=8, amp=False)
+    with pytest.raises(AssertionError, match="retrain"):  # a different config is a different checkpoint
+        prepare_source_model("resnet20", data_dir=tiny_source, source="toy", config=other)
+
+
+def test_missing_source_is_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cifar10-jpeg"):
+        prepare_source_model("resnet20", data_dir=tmp_path)
+
+
+def test_cli(tiny_source, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    train_cli.add_arguments(parser)
+    out = tmp_path / "cli.pt"
+    args = parser.parse_args(["--data-dir", str(tiny_source), "--source", "toy", "--init", "scratch", "--epochs",
+                              "1", "--batch-size", "8", "--no-amp", "--out", str(out), "--quiet"])  # fmt: skip
+    assert train_cli.run(args) == 0 and out.is_file()
+    assert "test accuracy" in capsys.readouterr().out
+    assert train_cli.run(args) == 0
+    assert "cached checkpoint" in capsys.readouterr().out
+    bad = parser.parse_args(["--data-dir", str(tmp_path / "nowhere")])
+    assert train_cli.run(bad) == 2
+
+
+@pytest.mark.slow
+def test_small_budget_finetune_on_mirror(mirror_root, resnet20_checkpoint, tmp_path):
+    """A few hundred steps of the real recipe on mirror images: the fine-tuned model stays a good classifier."""
+    cfg = TrainConfig(epochs=1, max_train_samples=1024, batch_size=128, lr=0.01)
+    result = train_source_model(cfg, data_dir=mirror_root, out=tmp_path / "r20.pt", evaluate=False, progress=False)
+    model = load_model("resnet20", result.path)
+    test = train_mod.load_split(mirror_root, "test", progress=False)
+    acc = evaluate_accuracy(model, test.images[::20], test.labels[::20])
+    assert acc > 0.7
+    assert np.isfinite(result.history[0]["train_loss"])

@@ -1,0 +1,89 @@
+"""``tta-norm train``: fine-tune (or train) a source model on a source ImageFolder and cache the checkpoint.
+
+Example (this team's machines; finds ``../shared/data/cifar10-jpeg`` and ``../shared/models`` by default)::
+
+    tta-norm train --model resnet20            # released ResNet-20 fine-tuned on cifar10-jpeg/train
+    tta-norm train --model resnet20 --epochs 1 --max-train-samples 5000 --out /tmp/r20-smoke.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="resnet20", help="model name as for load_model (default resnet20)")
+    parser.add_argument("--init", default="release",
+                        help="'release' (released checkpoint), 'scratch', or a checkpoint path")  # fmt: skip
+    parser.add_argument("--data-dir", default=None,
+                        help="data directory (or the source dataset itself); default: $TTA_NORM_DATA or the "
+                             "built-in search list")  # fmt: skip
+    parser.add_argument("--source", default="cifar10-jpeg", help="source dataset folder name (train/ and test/)")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 12)")
+    parser.add_argument("--batch-size", type=int, default=None, help="batch size (default 128)")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.05)")
+    parser.add_argument("--weight-decay", type=float, default=None, help="weight decay (default 5e-4)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    parser.add_argument("--no-amp", action="store_true", help="train in float32 instead of bfloat16 autocast")
+    parser.add_argument("--max-train-samples", type=int, default=None, help="train on a random subset")
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop training after this wall time")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--out", default=None,
+                        help="checkpoint path (default: the cache, ~/.cache/tta_norm/checkpoints or "
+                             "$TTA_NORM_CHECKPOINTS, keyed by model/config/source)")  # fmt: skip
+    parser.add_argument("--force", action="store_true", help="retrain even if the cached checkpoint exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from tta_norm.train import (
+        TARGET_ACCURACY,
+        TrainConfig,
+        default_checkpoint_path,
+        find_source_root,
+        read_checkpoint_meta,
+        train_source_model,
+    )
+
+    overrides = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "seed": args.seed,
+        "max_train_samples": args.max_train_samples,
+        "max_minutes": args.max_minutes,
+    }
+    config = dataclasses.replace(
+        TrainConfig(model=args.model, init=args.init, amp=not args.no_amp),
+        **{k: v for k, v in overrides.items() if v is not None},
+    )
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        root = find_source_root(args.data_dir, args.source)
+    except FileNotFoundError as err:
+        print(f"tta-norm train: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else default_checkpoint_path(config, root)
+    if out.is_file() and not args.force:
+        meta = read_checkpoint_meta(out)
+        acc = meta.get("test_accuracy")
+        print(f"cached checkpoint {out}" + (f" (test accuracy {acc:.4f})" if acc is not None else ""))
+        print("use --force to retrain")
+        return 0
+    print(f"training {config.model} (init {config.init}) on {root / 'train'} -> {out}")
+    result = train_source_model(config, data_dir=root, source=args.source, out=out, device=device,
+                                progress=not args.quiet)  # fmt: skip
+    print(f"checkpoint: {result.path}")
+    print(f"epochs: {result.epochs_done:.2f}  train time: {result.train_time_s / 60:.1f} min  "
+          f"wall time (incl. data + eval): {result.wall_time_s / 60:.1f} min")  # fmt: skip
+    if result.test_accuracy is not None:
+        flag = "" if result.test_accuracy >= TARGET_ACCURACY else f"  (below the {TARGET_ACCURACY:.0%} target)"
+        print(f"test accuracy on {root / 'test'}: {result.test_accuracy:.4f}{flag}")
+    return 0
