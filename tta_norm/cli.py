@@ -15,6 +15,8 @@ from collections.abc import Sequence
 # name -> (module path, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "presets": ("tta_norm.presets_cli", "list the adaptation presets and gradient methods"),
+    "bench": ("tta_norm.bench.cli", "run a benchmark grid (presets x methods x streams x batch sizes x seeds)"),
+    "train": ("tta_norm.train_cli", "fine-tune or train a source model on a source ImageFolder"),
 }
 
 

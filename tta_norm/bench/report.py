@@ -1,0 +1,226 @@
+"""Markdown report and PNG plots from benchmark records (rows = method, columns = corruption, errors in %)."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tta_norm.bench.config import BenchConfig
+from tta_norm.bench.store import atomic_write
+
+GroupKey = tuple[str, str, Any, int, Any]  # setting, order, delta, batch size, severity
+
+
+def _group_key(cell: dict[str, Any]) -> GroupKey:
+    return (cell["setting"], cell["order"], cell["delta"], cell["batch_size"], cell["severity"])
+
+
+def _group_title(key: GroupKey) -> str:
+    setting, order, delta, bs, sev = key
+    order_txt = order if delta is None else f"{order}(delta={delta})"
+    return f"{setting}, {order_txt}, batch {bs}, severity {sev}"
+
+
+def domain_errors(metrics: dict[str, Any], setting: str) -> dict[str, float]:
+    """Per-corruption error (fraction).  For ``gradual`` the severity-5 visits ("mean error at 5")."""
+    out = {}
+    for name, error in metrics.get("per_domain", {}).items():
+        if name == "clean":
+            continue
+        corruption, _, sev = name.partition("@")
+        if setting == "gradual" and sev != "5":
+            continue
+        out[corruption] = error
+    return out
+
+
+def _fmt(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    mean = 100 * statistics.fmean(values)
+    if len(values) > 1:
+        return f"{mean:.1f}±{100 * statistics.stdev(values):.1f}"
+    return f"{mean:.1f}"
+
+
+def _method_order(records: list[dict[str, Any]], cfg: BenchConfig | None) -> list[str]:
+    if cfg is not None:
+        return [e.label for e in cfg.method_entries()]
+    return list(dict.fromkeys(r["cell"]["method"]["name"] for r in records))
+
+
+def tables(records: list[dict[str, Any]], cfg: BenchConfig | None = None) -> str:
+    """One Markdown table per (setting, order, batch size, severity) group, mean (± std over seeds)."""
+    ok = [r for r in records if r["status"] == "ok"]
+    methods = _method_order(records, cfg)
+    groups: dict[GroupKey, list[dict[str, Any]]] = defaultdict(list)
+    for r in ok:
+        groups[_group_key(r["cell"])].append(r)
+    parts = []
+    for key in sorted(groups, key=lambda k: tuple(str(x) for x in k)):
+        rows = groups[key]
+        setting = key[0]
+        columns = list(dict.fromkeys(c for r in rows for c in domain_errors(r["metrics"], setting)))
+        header = "| method | " + " | ".join(columns) + " | mean | all samples | ECE |"
+        lines = [f"### {_group_title(key)}", "", header, "|" + "---|" * (len(columns) + 4)]
+        for m in methods:
+            mine = [r for r in rows if r["cell"]["method"]["name"] == m]
+            if not mine:
+                continue
+            per = [domain_errors(r["metrics"], setting) for r in mine]
+            cells = [_fmt([p[c] for p in per if c in p]) for c in columns]
+            means = [statistics.fmean(p.values()) for p in per if p]
+            overall = [r["metrics"]["error"] for r in mine]
+            ece = [r["metrics"]["ece"] for r in mine]
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | **{_fmt(means)}** | {_fmt(overall)} | {_fmt(ece)} |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def batch_size_table(records: list[dict[str, Any]], cfg: BenchConfig | None = None) -> str:
+    """Mean corruption error vs batch size, one table per (setting, order, severity)."""
+    ok = [r for r in records if r["status"] == "ok"]
+    sizes = sorted({r["cell"]["batch_size"] for r in ok})
+    if len(sizes) < 2:
+        return ""
+    methods = _method_order(records, cfg)
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in ok:
+        c = r["cell"]
+        groups[(c["setting"], c["order"], c["delta"], c["severity"])].append(r)
+    parts = []
+    for key, rows in groups.items():
+        lines = [f"### mean error vs batch size: {key[0]}, {key[1]}" + (f"(delta={key[2]})" if key[2] else "")
+                 + f", severity {key[3]}", "", "| method | " + " | ".join(f"b{b}" for b in sizes) + " |",
+                 "|" + "---|" * (len(sizes) + 1)]  # fmt: skip
+        for m in methods:
+            vals = []
+            for b in sizes:
+                mine = [r for r in rows if r["cell"]["method"]["name"] == m and r["cell"]["batch_size"] == b]
+                per = [domain_errors(r["metrics"], key[0]) for r in mine]
+                vals.append(_fmt([statistics.fmean(p.values()) for p in per if p]))
+            lines.append(f"| {m} | " + " | ".join(vals) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def make_plots(out: Path, records: list[dict[str, Any]], cfg: BenchConfig | None = None) -> list[Path]:
+    """PNG plots: error vs batch size per method, per-corruption bars, online error curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in records if r["status"] == "ok"]
+    methods = _method_order(records, cfg)
+    written = []
+    plot_dir = out / "plots"
+    plot_dir.mkdir(exist_ok=True)
+
+    sizes = sorted({r["cell"]["batch_size"] for r in ok})
+    if len(sizes) > 1:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for m in methods:
+            xs, ys = [], []
+            for b in sizes:
+                per = [domain_errors(r["metrics"], r["cell"]["setting"]) for r in ok
+                       if r["cell"]["method"]["name"] == m and r["cell"]["batch_size"] == b]  # fmt: skip
+                if per:
+                    xs.append(b)
+                    ys.append(100 * statistics.fmean(statistics.fmean(p.values()) for p in per if p))
+            if xs:
+                ax.plot(xs, ys, marker="o", label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("test batch size")
+        ax.set_ylabel("mean corruption error (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = plot_dir / "error_vs_batch_size.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+
+    groups: dict[GroupKey, list[dict[str, Any]]] = defaultdict(list)
+    for r in ok:
+        groups[_group_key(r["cell"])].append(r)
+    for i, (key, rows) in enumerate(sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0]))):
+        columns = list(dict.fromkeys(c for r in rows for c in domain_errors(r["metrics"], key[0])))
+        present = [m for m in methods if any(r["cell"]["method"]["name"] == m for r in rows)]
+        fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(columns) + 2), 4))
+        width = 0.8 / max(1, len(present))
+        for j, m in enumerate(present):
+            per = [domain_errors(r["metrics"], key[0]) for r in rows if r["cell"]["method"]["name"] == m]
+            vals = [100 * statistics.fmean([p[c] for p in per if c in p] or [float("nan")]) for c in columns]
+            ax.bar([k + j * width for k in range(len(columns))], vals, width, label=m)
+        ax.set_xticks([k + 0.4 - width / 2 for k in range(len(columns))])
+        ax.set_xticklabels(columns, rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("error (%)")
+        ax.set_title(_group_title(key), fontsize=8)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = plot_dir / f"per_corruption_{i}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for m in present:
+            first = min((r for r in rows if r["cell"]["method"]["name"] == m), key=lambda r: r["cell"]["seed"])
+            curve = first["metrics"].get("online_error") or {}
+            if curve.get("samples"):
+                ax.plot(curve["samples"], [100 * e for e in curve["error"]], label=m)
+        ax.set_xlabel("samples seen")
+        ax.set_ylabel("cumulative error (%)")
+        ax.set_title(_group_title(key), fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = plot_dir / f"online_error_{i}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_report(
+    out: Path, records: list[dict[str, Any]], cfg: BenchConfig | None = None, *, plots: bool = True
+) -> Path:
+    """Write ``report.md`` (and ``plots/*.png``) into ``out``; returns the report path."""
+    failed = [r for r in records if r["status"] != "ok"]
+    ok = [r for r in records if r["status"] == "ok"]
+    lines = [f"# tta-norm bench: {cfg.name if cfg else out.name}", ""]
+    if ok:
+        lines += [f"Data: {ok[0]['data']}", "", f"Model: {cfg.model if cfg else '?'}"
+                  + (f" (checkpoint {cfg.checkpoint})" if cfg and cfg.checkpoint else ""), "",
+                  "Errors in %, mean ± std over seeds; 'mean' = mean over corruptions, 'all samples' = error over "
+                  "the whole stream; ECE with 15 equal-width bins.", ""]  # fmt: skip
+    lines.append(tables(records, cfg))
+    sweep = batch_size_table(records, cfg)
+    if sweep:
+        lines += ["", sweep]
+    lat = []
+    for r in ok:
+        latency = r["metrics"].get("latency") or {}
+        if latency.get("median") is not None:
+            c, m = r["cell"], r["metrics"]
+            lat.append(f"| {c['method']['name']} | {c['setting']} | {c['batch_size']} | "
+                       f"{1e3 * latency['median']:.1f} | {1e3 * latency['p95']:.1f} | "
+                       f"{m.get('samples_per_second', 0):.0f} | {m.get('steps_skipped', 0)} |")  # fmt: skip
+    if lat:
+        head = "| method | setting | batch | median ms | p95 ms | samples/s | skipped |"
+        lines += ["", "### latency per batch", "", head, "|---|---|---|---|---|---|---|"]
+        lines += lat
+    if failed:
+        lines += ["", "### failed cells", ""]
+        lines += [f"- {r['cell']['method']['name']} {r['cell']['setting']} batch {r['cell']['batch_size']}: "
+                  f"{r.get('error')}" for r in failed]  # fmt: skip
+    if plots and ok:
+        written = make_plots(out, records, cfg)
+        lines += ["", "### plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in written]
+    path = out / "report.md"
+    atomic_write(path, "\n".join(lines) + "\n")
+    return path
