@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -172,6 +174,21 @@ class TTAModel(nn.Module):
         return f"preset={self.preset_name or self.spec!r}, method={method}, episodic={self.episodic}"
 
 
+def load_adapted_state(model: nn.Module, state: Mapping[str, Any] | str | os.PathLike) -> None:
+    """Load the state dict of an adapted model (strict: the same architecture and spec-dependent tensors)."""
+    if not isinstance(state, Mapping):
+        state = torch.load(state, map_location="cpu", weights_only=True)
+        if isinstance(state, Mapping) and "state_dict" in state:
+            state = state["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(
+            f"init_state does not fit the adapted model ({err}); it must come from a model adapted with the "
+            "same architecture and preset (e.g. saved by ttn-fit for the 'ttn' preset)"
+        ) from err
+
+
 def _resolve_spec(preset: str | NormSpec | Preset) -> tuple[NormSpec, str]:
     if isinstance(preset, NormSpec):
         return preset, ""
@@ -194,6 +211,7 @@ def adapt(
     reset_every: int | None = None,
     on_bad_batch: BadBatchPolicy = "raise",
     window: int | None = None,
+    init_state: Mapping[str, Any] | str | os.PathLike | None = None,
     **kwargs: Any,
 ) -> TTAModel:
     """Wrap ``model`` for test-time adaptation: ``tta = adapt(model, "medbn"); logits = tta(x)``.
@@ -204,6 +222,8 @@ def adapt(
     ``momentum=0.1``, ``num_domains=4``...); the others go to the method (``lr=1e-3``, ``steps=1``,
     ``fisher_data=...``).  The given model is not modified (a deep copy is adapted) unless ``inplace=True``.
     The adapted model is put in ``eval()`` mode (dropout off); adaptive norm layers ignore the mode.
+    ``init_state`` (a state dict of an adapted model, or a file saved with ``torch.save``) is loaded after the
+    conversion and becomes the state ``reset()`` returns to: learned TTN weights, trained SaBN heads.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -221,6 +241,8 @@ def adapt(
     if device is not None:
         target = target.to(device)
     convert_batchnorms(target, spec)
+    if init_state is not None:
+        load_adapted_state(target, init_state)
     target.eval()
     if method_cls is None:
         target.requires_grad_(False)

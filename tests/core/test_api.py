@@ -176,3 +176,22 @@ def test_every_preset_on_torchvision_resnet18(preset: str) -> None:
     assert out.shape == (2, 10) and torch.isfinite(out).all()
     if preset == "source":
         torch.testing.assert_close(out, model(x))
+
+
+def test_init_state_is_loaded_and_is_what_reset_returns_to(tmp_path) -> None:
+    model = tiny_net()
+    fitted = tta_norm.adapt(model, "ttn")
+    with torch.no_grad():
+        for _, lay in fitted.norm_layers():
+            lay.mix_weight.fill_(0.8)
+    path = tmp_path / "ttn.pt"
+    torch.save(fitted.model.state_dict(), path)
+    for state in (path, fitted.model.state_dict()):
+        tta = tta_norm.adapt(model, "ttn", init_state=state)
+        assert all(float(lay.mix_weight[0]) == pytest.approx(0.8) for _, lay in tta.norm_layers())
+        first = tta(X)
+        tta.reset()
+        assert torch.equal(tta(X), first)
+    torch.testing.assert_close(first, tta_norm.adapt(model, "ttn", alpha=0.8)(X))
+    with pytest.raises(ValueError, match="init_state does not fit"):
+        tta_norm.adapt(model, "tbn", init_state=path)
