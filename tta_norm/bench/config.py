@@ -27,6 +27,7 @@ import yaml
 from tta_norm.data.benchmark import CORRUPTIONS, EXTRA_CORRUPTIONS
 from tta_norm.methods import methods as method_names
 from tta_norm.norm.spec import spec_fields
+from tta_norm.presets import get_preset
 from tta_norm.presets import presets as preset_names
 from tta_norm.streams.plan import ORDERS, StreamSpec
 
@@ -217,9 +218,14 @@ def parse_method(item: Any) -> MethodEntry:
         )
     if entry.method is not None and entry.method not in method_names():
         raise ConfigError(f"unknown method {entry.method!r}; methods: {', '.join(method_names())}")
-    extra = [k for k, _ in entry.kwargs if k not in spec_fields()]
+    extra = [k for k, _ in entry.kwargs if k not in spec_fields() and k != "init_state"]
     if extra and entry.method is None:
         raise ConfigError(f"method entry {entry.label}: {extra} are not preset fields and no method is given")
+    spec_kwargs = {k: v for k, v in entry.kwargs if k in spec_fields()}
+    try:
+        get_preset(entry.preset).spec.replace(**spec_kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"method entry {entry.label}: {err}") from err
     return entry
 
 
