@@ -112,7 +112,8 @@ def test_end_to_end_on_real_images_with_resume_and_determinism(tmp_path: Path) -
 
     # determinism: a second output directory gets the same numbers
     cfg_b = load_config("quick", overrides + [f"output={tmp_path / 'b'}", "plots=false"])
-    records_b = [json.loads(line) for line in (run_benchmark(cfg_b, progress=False) / "results.jsonl").read_text().splitlines()]
+    out_b = run_benchmark(cfg_b, progress=False)
+    records_b = [json.loads(line) for line in (out_b / "results.jsonl").read_text().splitlines()]
     for ra, rb in zip(records, records_b, strict=True):
         assert ra["metrics"]["per_domain"] == rb["metrics"]["per_domain"]
 
