@@ -19,18 +19,25 @@ def contrast(x: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:
     return finish_unit((xf - means) * c + means)
 
 
+def _planar(x: np.ndarray) -> np.ndarray:
+    """uint8 ``(N, H, W, 3)`` -> float64 ``(3, N, H, W)`` on [0, 1]."""
+    return np.ascontiguousarray(x.transpose(3, 0, 1, 2)) / 255.0
+
+
+def _interleaved(rgb: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(finish_unit(rgb).transpose(1, 2, 3, 0))
+
+
 def brightness(x: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:
     """HSV value ``V <- clip(V + c, 0, 1)`` (skimage colour conversions)."""
-    hsv = _ops.rgb2hsv(x / 255.0)
-    hsv[..., 2] = np.clip(hsv[..., 2] + c, 0, 1)
-    return finish_unit(_ops.hsv2rgb(hsv))
+    h, s, v = _ops.rgb2hsv(_planar(x))
+    return _interleaved(_ops.hsv2rgb(h, s, np.clip(v + c, 0, 1)))
 
 
 def saturate(x: np.ndarray, c: tuple, rng: np.random.Generator) -> np.ndarray:
     """HSV saturation ``S <- clip(S * c[0] + c[1], 0, 1)``; severities 1-2 desaturate, 3-5 oversaturate."""
-    hsv = _ops.rgb2hsv(x / 255.0)
-    hsv[..., 1] = np.clip(hsv[..., 1] * c[0] + c[1], 0, 1)
-    return finish_unit(_ops.hsv2rgb(hsv))
+    h, s, v = _ops.rgb2hsv(_planar(x))
+    return _interleaved(_ops.hsv2rgb(h, np.clip(s * c[0] + c[1], 0, 1), v))
 
 
 def elastic_transform(x: np.ndarray, c: tuple, rng: np.random.Generator) -> np.ndarray:

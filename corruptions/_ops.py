@@ -14,7 +14,7 @@ affordable:
 * :func:`pil_box_resize` - Pillow ``Image.resize(..., BOX)`` with Pillow's fixed-point two-pass resampler
   (bit-exact with Pillow).
 * :func:`plasma_fractal` - the diamond-square plasma of ``fog``.
-* :func:`rgb2hsv` / :func:`hsv2rgb` - the scikit-image formulas, operation for operation.
+* :func:`rgb2hsv` / :func:`hsv2rgb` - the scikit-image formulas, operation for operation (planar).
 * :func:`map_coordinates_reflect` - ``scipy.ndimage.map_coordinates(order=1, mode='reflect')`` for HWC
   images with an integer channel coordinate.
 
@@ -63,6 +63,12 @@ def _spline1_weights(coord: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     return start.astype(np.int64), w0, w1
 
 
+def zoom_shape(n: int, factor: float) -> tuple[int, int]:
+    """``clipped_zoom``'s crop length ``ceil(n / factor)`` and SciPy's zoomed length ``round(crop * factor)``."""
+    ch = int(np.ceil(n / factor))
+    return ch, int(round(ch * factor))
+
+
 @functools.lru_cache(maxsize=256)
 def zoom_axis(n: int, factor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One axis of ``clipped_zoom(img, factor)`` for an axis of length ``n``.
@@ -72,9 +78,8 @@ def zoom_axis(n: int, factor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray
     input ``j * (ch - 1) / (out - 1)``) and keeps ``n`` pixels from ``(out - n) // 2``. Returns, for each of
     the ``n`` kept outputs, the two source indices into the full axis and their weights.
     """
-    ch = int(np.ceil(n / factor))
+    ch, out = zoom_shape(n, factor)
     top = (n - ch) // 2
-    out = int(round(ch * factor))
     if out < n:
         raise ValueError(f"zoom factor {factor} shrinks an axis of length {n}; clipped_zoom needs factor >= 1")
     trim = (out - n) // 2
@@ -173,29 +178,43 @@ def motion_blur(x: np.ndarray, radius: float, sigma: float, angles_deg: np.ndarr
     Output pixel = ``floor(round(sum_i k[i] * 257 * src[y + dy_i, x + dx_i]) / 257)``: ImageMagick reads the
     8-bit PNG into Q16 (x 257), accumulates in double, rounds to a quantum, and its 8-bit PNG writer
     truncates. Out-of-image samples use the nearest edge pixel (ImageMagick's default virtual pixels).
+
+    Images are processed sorted by angle in small groups, so that at every tap the images sharing an
+    offset are contiguous and each run is one shifted slice.
     """
-    n, h, w, c = x.shape
+    n = x.shape[0]
     k = motion_kernel(float(radius), float(sigma))
-    width = k.size
-    dx, dy = motion_offsets(width, angles_deg)
+    order = np.argsort(np.asarray(angles_deg, dtype=np.float64), kind="stable")
+    dx, dy = motion_offsets(k.size, np.asarray(angles_deg, dtype=np.float64)[order])
+    xs = x[order]
+    out = np.empty_like(x)
+    sub = 32  # keeps the float64 accumulators in cache
+    for s0 in range(0, n, sub):
+        out[order[s0 : s0 + sub]] = _motion_sorted(xs[s0 : s0 + sub], k, dx[s0 : s0 + sub], dy[s0 : s0 + sub])
+    return out
+
+
+def _motion_sorted(x: np.ndarray, k: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    n, h, w, c = x.shape
     pad = int(max(np.abs(dx).max(initial=0), np.abs(dy).max(initial=0)))
     xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge").astype(np.float64)
     xp *= 257.0
-    acc = np.zeros((n, h, w, c), dtype=np.float64)
-    # Group the images by their offset at each tap: every group is a plain shifted slice.
-    for i in range(width):
-        key = (dy[:, i] + pad) * (2 * pad + 1) + (dx[:, i] + pad)
-        for kv in np.unique(key):
-            sel = np.nonzero(key == kv)[0]
-            oy, ox = divmod(int(kv), 2 * pad + 1)
-            src = xp[sel, oy : oy + h, ox : ox + w, :]
-            if sel.size == n:
-                acc += k[i] * src
-            else:
-                acc[sel] += k[i] * src
-    q = np.floor(np.clip(acc, 0.0, 65535.0) + 0.5)
-    q = np.minimum(q, 65535.0)
-    return np.floor(q / 257.0).astype(np.uint8)
+    acc = np.zeros((n, h, w, c))
+    tmp = np.empty((n, h, w, c))
+    for i in range(k.size):
+        key = dy[:, i] * (4 * pad + 3) + dx[:, i]
+        bounds = np.concatenate([[0], np.flatnonzero(np.diff(key)) + 1, [n]])
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            oy = int(dy[a, i]) + pad
+            ox = int(dx[a, i]) + pad
+            t = tmp[a:b]
+            np.multiply(xp[a:b, oy : oy + h, ox : ox + w], k[i], out=t)
+            acc[a:b] += t
+    np.clip(acc, 0.0, 65535.0, out=acc)
+    acc += 0.5
+    np.floor(acc, out=acc)  # ClampToQuantum
+    acc /= 257.0  # exact for multiples of 257 (a reciprocal multiply is not)
+    return np.floor(acc).astype(np.uint8)  # 8-bit PNG writer
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -232,12 +251,31 @@ def pil_box_coefficients(in_size: int, out_size: int) -> np.ndarray:
     return mat
 
 
-def _pil_pass(x: np.ndarray, coeffs: np.ndarray, axis: int) -> np.ndarray:
-    # Integer arithmetic carried exactly in float64 (all partial sums are integers < 2**53).
-    moved = np.moveaxis(x, axis, -1).astype(np.float64)
-    acc = moved @ coeffs.T + float(1 << (_PIL_PRECISION_BITS - 1))
-    out = np.clip(np.floor(acc / float(1 << _PIL_PRECISION_BITS)), 0, 255).astype(np.uint8)
-    return np.moveaxis(out, -1, axis)
+@functools.lru_cache(maxsize=128)
+def _pil_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The non-zero fixed-point coefficients as ``(out_size, taps)`` index and int32 weight arrays."""
+    mat = pil_box_coefficients(in_size, out_size)
+    taps = max(1, int((mat != 0).sum(axis=1).max()))
+    idx = np.zeros((out_size, taps), dtype=np.intp)
+    wts = np.zeros((out_size, taps), dtype=np.int32)
+    for o in range(out_size):
+        nz = np.flatnonzero(mat[o])
+        idx[o, : nz.size] = nz
+        wts[o, : nz.size] = mat[o, nz]
+    return idx, wts
+
+
+def _pil_pass(x: np.ndarray, in_size: int, out_size: int, axis: int) -> np.ndarray:
+    # Pillow's integer arithmetic: 2**21 + sum(k * v) fits in int32 because the k sum to about 2**22.
+    idx, wts = _pil_taps(in_size, out_size)
+    shape = [1] * x.ndim
+    shape[axis] = out_size
+    acc = np.full(x.shape[:axis] + (out_size,) + x.shape[axis + 1 :], 1 << (_PIL_PRECISION_BITS - 1), np.int32)
+    for t in range(idx.shape[1]):
+        acc += np.take(x, idx[:, t], axis=axis).astype(np.int32) * wts[:, t].reshape(shape)
+    acc >>= _PIL_PRECISION_BITS
+    np.clip(acc, 0, 255, out=acc)
+    return acc.astype(np.uint8)
 
 
 def pil_box_resize(x: np.ndarray, out_w: int, out_h: int) -> np.ndarray:
@@ -247,9 +285,9 @@ def pil_box_resize(x: np.ndarray, out_w: int, out_h: int) -> np.ndarray:
         return x.copy()
     out = x
     if out_w != w:
-        out = _pil_pass(out, pil_box_coefficients(w, out_w), axis=2)
+        out = _pil_pass(out, w, out_w, axis=2)
     if out_h != h:
-        out = _pil_pass(out, pil_box_coefficients(h, out_h), axis=1)
+        out = _pil_pass(out, h, out_h, axis=1)
     return out
 
 
@@ -302,53 +340,44 @@ def plasma_fractal(n: int, mapsize: int, wibbledecay: float, rng: np.random.Gene
 # --------------------------------------------------------------------------------------------------------
 
 
-def rgb2hsv(arr: np.ndarray) -> np.ndarray:
-    """``skimage.color.rgb2hsv`` on float64 ``(..., 3)``; ties resolve like skimage (blue > green > red)."""
-    r = arr[..., 0]
-    g = arr[..., 1]
-    b = arr[..., 2]
-    out_v = arr.max(-1)
-    delta = np.ptp(arr, axis=-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out_s = delta / out_v
-        h = np.where(
-            b == out_v,
-            4.0 + (r - g) / delta,
-            np.where(g == out_v, 2.0 + (b - r) / delta, (g - b) / delta),
-        )
+def rgb2hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``skimage.color.rgb2hsv`` on planar float64 ``(3, ...)`` data, returning ``(h, s, v)``.
+
+    Same operations per element as scikit-image (``s = delta / v``, hue offsets 0/2/4 plus a difference over
+    ``delta``, ``(h / 6) % 1``, zero where ``delta == 0``); ties resolve like skimage (blue > green > red).
+    """
+    r, g, b = rgb
+    v = np.maximum(np.maximum(r, g), b)
+    delta = v - np.minimum(np.minimum(r, g), b)
     zero = delta == 0.0
-    out_s[zero] = 0.0
-    out_h = (h / 6.0) % 1.0
-    out_h[zero] = 0.0
-    out = np.stack([out_h, out_s, out_v], axis=-1)
-    out[np.isnan(out)] = 0
-    return out
+    bmax = b == v
+    gmax = (g == v) & ~bmax
+    h = np.where(bmax, r - g, np.where(gmax, b - r, g - b))
+    base = np.where(bmax, 4.0, np.where(gmax, 2.0, 0.0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        s = delta / v
+        h /= delta
+    s[zero] = 0.0
+    h += base
+    h /= 6.0
+    np.remainder(h, 1.0, out=h)
+    h[zero] = 0.0
+    return h, s, v
 
 
-def hsv2rgb(arr: np.ndarray) -> np.ndarray:
-    """``skimage.color.hsv2rgb`` on float64 ``(..., 3)``."""
-    h = arr[..., 0]
-    s = arr[..., 1]
-    v = arr[..., 2]
-    hi = np.floor(h * 6)
-    f = h * 6 - hi
+def hsv2rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``skimage.color.hsv2rgb`` of planar float64 ``h, s, v``; returns planar ``(3, ...)`` RGB."""
+    h6 = h * 6
+    hi = np.floor(h6)
+    f = h6 - hi
     p = v * (1 - s)
     q = v * (1 - f * s)
     t = v * (1 - (1 - f) * s)
     sector = hi.astype(np.uint8) % 6
-    # (r, g, b) per sector: (v,t,p) (q,v,p) (p,v,t) (p,q,v) (t,p,v) (v,p,q)
-    table = np.stack(
-        [
-            np.stack((v, t, p), axis=-1),
-            np.stack((q, v, p), axis=-1),
-            np.stack((p, v, t), axis=-1),
-            np.stack((p, q, v), axis=-1),
-            np.stack((t, p, v), axis=-1),
-            np.stack((v, p, q), axis=-1),
-        ]
-    )
-    idx = np.broadcast_to(sector[None, ..., None], (1,) + table.shape[1:])
-    return np.take_along_axis(table, idx.astype(np.intp), axis=0)[0]
+    r = np.choose(sector, (v, q, p, p, t, v))
+    g = np.choose(sector, (t, v, v, q, p, p))
+    b = np.choose(sector, (p, p, t, v, v, q))
+    return np.stack([r, g, b])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -358,38 +387,47 @@ def hsv2rgb(arr: np.ndarray) -> np.ndarray:
 
 def _reflect_index(i: np.ndarray, n: int) -> np.ndarray:
     """Half-sample symmetric extension (``d c b a | a b c d | d c b a``) of integer indices."""
+    lo = int(i.min(initial=0))
+    hi = int(i.max(initial=0))
     if n == 1:
         return np.zeros_like(i)
+    if hi - lo <= 8 * n + 64:  # small range: a lookup table is much faster than mod/where
+        rng = np.arange(lo, hi + 1)
+        period = 2 * n
+        m = np.mod(rng, period)
+        lut = np.where(m >= n, period - 1 - m, m)
+        return lut[i - lo]
     period = 2 * n
-    i = np.mod(i, period)
-    return np.where(i >= n, period - 1 - i, i)
+    m = np.mod(i, period)
+    return np.where(m >= n, period - 1 - m, m)
 
 
 def map_coordinates_reflect(img: np.ndarray, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
     """``map_coordinates(img[n], (yy[n], xx[n], c), order=1, mode='reflect')`` for each image of a batch.
 
     ``img`` is ``(N, H, W, C)`` (float32 in the original), ``yy``/``xx`` are float64 ``(N, H, W)`` sample
-    coordinates. Linear interpolation in double with SciPy's weights and term order, cast to ``img``'s dtype.
+    coordinates. Linear interpolation in double with SciPy's weights and term order (corners in row-major
+    order, each term ``(v * wy) * wx``), cast to ``img``'s dtype.
     """
     n, h, w, c = img.shape
-    y0, wy0, wy1 = _spline1_weights(yy)
-    x0, wx0, wx1 = _spline1_weights(xx)
+    y0, wy0, wy1 = _spline1_weights(yy.ravel())
+    x0, wx0, wx1 = _spline1_weights(xx.ravel())
     ya = _reflect_index(y0, h)
     yb = _reflect_index(y0 + 1, h)
     xa = _reflect_index(x0, w)
     xb = _reflect_index(x0 + 1, w)
-    flat = img.reshape(n, h * w, c)
-    base = np.arange(n)[:, None, None]
-
-    def tap(yi: np.ndarray, xi: np.ndarray) -> np.ndarray:
-        return flat[base, yi * w + xi].astype(np.float64)
-
-    a0 = wy0[..., None]
-    a1 = wy1[..., None]
-    b0 = wx0[..., None]
-    b1 = wx1[..., None]
-    out = (tap(ya, xa) * a0) * b0
-    out += (tap(ya, xb) * a0) * b1
-    out += (tap(yb, xa) * a1) * b0
-    out += (tap(yb, xb) * a1) * b1
-    return out.astype(img.dtype)
+    base = np.repeat(np.arange(n, dtype=np.intp) * (h * w), h * w)
+    planar = np.ascontiguousarray(img.reshape(n * h * w, c).T).astype(np.float64)  # (C, N*H*W)
+    ra = base + ya * w
+    rb = base + yb * w
+    out = np.empty((c, n * h * w))
+    tmp = np.empty((c, n * h * w))
+    for k, (r, a, xi, b) in enumerate(((ra, wy0, xa, wx0), (ra, wy0, xb, wx1), (rb, wy1, xa, wx0), (rb, wy1, xb, wx1))):
+        np.take(planar, r + xi, axis=1, out=tmp)
+        tmp *= a
+        tmp *= b
+        if k == 0:
+            out[...] = tmp
+        else:
+            out += tmp
+    return np.ascontiguousarray(out.T).reshape(n, h, w, c).astype(img.dtype)
