@@ -206,6 +206,10 @@ def test_property_estimators_match_numpy(a: np.ndarray) -> None:
     np.testing.assert_allclose(mean.numpy(), rows.mean(1), rtol=1e-4, atol=1e-2)
     np.testing.assert_allclose(var.numpy(), rows.var(1), rtol=1e-3, atol=1e-1)
     assert (var >= 0).all()
+    # the differentiable per-instance-moments path (taken when a gradient is needed) agrees
+    g_mean, g_var = batch_mean_var(x.clone().requires_grad_(True))
+    np.testing.assert_allclose(g_mean.detach().numpy(), rows.mean(1), rtol=1e-4, atol=1e-2)
+    np.testing.assert_allclose(g_var.detach().numpy(), rows.var(1), rtol=1e-3, atol=1e-1)
     lower = np.sort(rows, axis=1)[:, (rows.shape[1] - 1) // 2]
     np.testing.assert_array_equal(batch_median(x).numpy(), lower.astype(np.float32))
     np.testing.assert_allclose(batch_median(x, median="average").numpy(), np.median(rows, axis=1), rtol=1e-6, atol=1e-3)
@@ -262,7 +266,19 @@ def test_ill_conditioned_moments_fall_back_to_exact_two_pass() -> None:
     x = (torch.randn(8, 2, 5, 5, generator=torch.Generator().manual_seed(5)) * 0.05 + 100).float()
     ref = x.double().transpose(0, 1).reshape(2, -1)
     naive = (x.square().mean((0, 2, 3)) - x.mean((0, 2, 3)).square()).double()
-    mean, var = batch_mean_var(x)
+    mean, var = (t.detach() for t in batch_mean_var(x.requires_grad_(True)))  # the per-instance-moments path
     torch.testing.assert_close(var.double(), ref.var(1, unbiased=False), rtol=1e-4, atol=0)
     assert ((naive - ref.var(1, unbiased=False)).abs() > 1e-2 * ref.var(1, unbiased=False)).any()
     torch.testing.assert_close(mean.double(), ref.mean(1))
+
+
+def test_fused_small_path_and_moments_path_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tta_norm.stats.estimators as est
+
+    x = torch.randn(6, 4, 7, 7, generator=torch.Generator().manual_seed(8)) * 3 + 2
+    fused = batch_mean_var(x)
+    monkeypatch.setattr(est, "SMALL_INPUT", 0)
+    moments = batch_mean_var(x)
+    torch.testing.assert_close(fused.mean, moments.mean)
+    torch.testing.assert_close(fused.var, moments.var)
+    torch.testing.assert_close(batch_mean_var(x, unbiased=True).var, x.transpose(0, 1).reshape(4, -1).var(1))
