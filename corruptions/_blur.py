@@ -34,7 +34,7 @@ def disk_kernel(radius: float, alias_blur: float) -> np.ndarray:
 
 def correlate_reflect101(xf: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     """``cv2.filter2D(channel, -1, kernel)`` (correlation, centred anchor, BORDER_REFLECT_101) for every
-    channel of float64 ``(N, H, W, C)`` images. Exact-zero taps are skipped; the rest accumulate in float64."""
+    channel of float64 ``(N, H, W, C)`` images. Exact-zero taps are skipped; the rest add up in float64."""
     kh, kw = kernel.shape
     cy, cx = kh // 2, kw // 2
     taps = np.argwhere(kernel != 0)

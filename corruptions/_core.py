@@ -12,27 +12,8 @@ from typing import Any
 import numpy as np
 
 from . import _blur, _digital, _noise, _weather
-from ._params import NOMINAL_SIZE, PRESETS, param, zoom_factors
-
-CORRUPTIONS: tuple[str, ...] = (
-    "gaussian_noise",
-    "shot_noise",
-    "impulse_noise",
-    "defocus_blur",
-    "glass_blur",
-    "motion_blur",
-    "zoom_blur",
-    "snow",
-    "frost",
-    "fog",
-    "brightness",
-    "contrast",
-    "elastic_transform",
-    "pixelate",
-    "jpeg_compression",
-)
-EXTRA_CORRUPTIONS: tuple[str, ...] = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
-ALL_CORRUPTIONS: tuple[str, ...] = CORRUPTIONS + EXTRA_CORRUPTIONS
+from ._names import ALL_CORRUPTIONS, PRESETS
+from ._params import NOMINAL_SIZE, param, zoom_factors
 
 # Smallest image side accepted by every corruption (kernels, affine control points, crops).
 MIN_SIZE = 8
@@ -132,7 +113,9 @@ def check_size(name: str, severity: int, preset: str, h: int, w: int) -> None:
     if name == "defocus_blur":
         need = _blur.defocus_min_size(p)
         if min(h, w) < need:
-            raise ValueError(f"defocus_blur severity {severity} ({preset}): needs images of at least {need} px")
+            raise ValueError(
+                f"defocus_blur severity {severity} ({preset}): needs images of at least {need} px"
+            )
     elif name == "glass_blur":
         need = 2 * p[1] + 1
         if min(h, w) < need:

@@ -64,7 +64,7 @@ def _spline1_weights(coord: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 
 def zoom_shape(n: int, factor: float) -> tuple[int, int]:
-    """``clipped_zoom``'s crop length ``ceil(n / factor)`` and SciPy's zoomed length ``round(crop * factor)``."""
+    """``clipped_zoom``'s crop ``ceil(n / factor)`` and SciPy's zoomed length ``round(crop * factor)``."""
     ch = int(np.ceil(n / factor))
     return ch, int(round(ch * factor))
 
@@ -81,7 +81,9 @@ def zoom_axis(n: int, factor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray
     ch, out = zoom_shape(n, factor)
     top = (n - ch) // 2
     if out < n:
-        raise ValueError(f"zoom factor {factor} shrinks an axis of length {n}; clipped_zoom needs factor >= 1")
+        raise ValueError(
+            f"zoom factor {factor} shrinks an axis of length {n}; clipped_zoom needs factor >= 1"
+        )
     trim = (out - n) // 2
     if out > 1:
         ratio = np.float64(ch - 1) / np.float64(out - 1)
@@ -246,7 +248,11 @@ def pil_box_coefficients(in_size: int, out_size: int) -> np.ndarray:
             ww += v
         for x, v in enumerate(ws):
             k = v / ww if ww != 0.0 else v
-            fixed = int(-0.5 + k * (1 << _PIL_PRECISION_BITS)) if k < 0 else int(0.5 + k * (1 << _PIL_PRECISION_BITS))
+            fixed = (
+                int(-0.5 + k * (1 << _PIL_PRECISION_BITS))
+                if k < 0
+                else int(0.5 + k * (1 << _PIL_PRECISION_BITS))
+            )
             mat[xx, xmin + x] = fixed
     return mat
 
@@ -270,7 +276,9 @@ def _pil_pass(x: np.ndarray, in_size: int, out_size: int, axis: int) -> np.ndarr
     idx, wts = _pil_taps(in_size, out_size)
     shape = [1] * x.ndim
     shape[axis] = out_size
-    acc = np.full(x.shape[:axis] + (out_size,) + x.shape[axis + 1 :], 1 << (_PIL_PRECISION_BITS - 1), np.int32)
+    acc = np.full(
+        x.shape[:axis] + (out_size,) + x.shape[axis + 1 :], 1 << (_PIL_PRECISION_BITS - 1), np.int32
+    )
     for t in range(idx.shape[1]):
         acc += np.take(x, idx[:, t], axis=axis).astype(np.int32) * wts[:, t].reshape(shape)
     acc >>= _PIL_PRECISION_BITS
@@ -422,7 +430,9 @@ def map_coordinates_reflect(img: np.ndarray, yy: np.ndarray, xx: np.ndarray) -> 
     rb = base + yb * w
     out = np.empty((c, n * h * w))
     tmp = np.empty((c, n * h * w))
-    for k, (r, a, xi, b) in enumerate(((ra, wy0, xa, wx0), (ra, wy0, xb, wx1), (rb, wy1, xa, wx0), (rb, wy1, xb, wx1))):
+    for k, (r, a, xi, b) in enumerate(
+        ((ra, wy0, xa, wx0), (ra, wy0, xb, wx1), (rb, wy1, xa, wx0), (rb, wy1, xb, wx1))
+    ):
         np.take(planar, r + xi, axis=1, out=tmp)
         tmp *= a
         tmp *= b

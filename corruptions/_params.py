@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 
-PRESETS = ("cifar", "imagenet")
-
 # Nominal image side of each preset (the original hard-codes it in several places).
 NOMINAL_SIZE = {"cifar": 32, "imagenet": 224}
 

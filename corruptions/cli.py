@@ -19,14 +19,17 @@ import sys
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``corrupt`` subcommand's arguments on ``parser``."""
-    parser.add_argument("source", help="CIFAR python batches directory (or its parent) or an ImageFolder tree")
+    parser.add_argument(
+        "source", help="CIFAR python batches directory (or its parent) or an ImageFolder tree"
+    )
     parser.add_argument("out", help="output directory")
     parser.add_argument(
         "--layout",
         choices=("auto", "cifar", "imagenet"),
         default="auto",
-        help="output layout: 'cifar' (<name>.npy + labels.npy) or 'imagenet' (<name>/<severity>/<class>/*.jpg); "
-        "auto: cifar for CIFAR batches and 32x32 image folders, imagenet otherwise",
+        help="output layout: 'cifar' (<name>.npy + labels.npy) or 'imagenet' "
+        "(<name>/<severity>/<class>/*.jpg); auto: cifar for CIFAR batches and 32x32 image folders, "
+        "imagenet otherwise",
     )
     parser.add_argument(
         "--preset",
@@ -39,12 +42,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="common",
         help="'common' (the 15 benchmark corruptions, default), 'extra' (4), 'all' (19) or a comma list",
     )
-    parser.add_argument("--severities", default="1,2,3,4,5", help="comma list of severities (default 1,2,3,4,5)")
+    parser.add_argument(
+        "--severities", default="1,2,3,4,5", help="comma list of severities (default 1,2,3,4,5)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--workers", type=int, default=None, help="worker threads (default: available CPUs)")
-    parser.add_argument("--split", choices=("test", "train"), default="test", help="CIFAR batches split (default test)")
+    parser.add_argument(
+        "--split", choices=("test", "train"), default="test", help="CIFAR batches split (default test)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="cifar layout: recompute existing files")
-    parser.add_argument("--resize", type=int, default=256, help="imagenet layout: shorter side (0: keep size)")
+    parser.add_argument(
+        "--resize", type=int, default=256, help="imagenet layout: shorter side (0: keep size)"
+    )
     parser.add_argument("--crop", type=int, default=224, help="imagenet layout: centre crop (0: no crop)")
     parser.add_argument("--quality", type=int, default=85, help="imagenet layout: JPEG quality (default 85)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -138,7 +147,9 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry point: ``python -m corruptions.cli SOURCE OUT ...``."""
     parser = argparse.ArgumentParser(
-        prog="python -m corruptions.cli", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m corruptions.cli",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
     return run(parser.parse_args(argv))

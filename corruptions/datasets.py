@@ -33,8 +33,6 @@ from pathlib import Path
 import numpy as np
 
 from ._core import (
-    ALL_CORRUPTIONS,
-    CORRUPTIONS,
     block_size,
     check_name,
     check_preset,
@@ -44,6 +42,7 @@ from ._core import (
     check_workers,
     run_corruption,
 )
+from ._names import ALL_CORRUPTIONS, CORRUPTIONS
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -275,7 +274,12 @@ def write_cifar_c(
     ``manifest.json`` also pins ``seed``, ``preset`` and ``N``: resuming with different ones is refused
     unless ``overwrite=True``. Returns ``{name: severities present}``.
     """
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+    if (
+        not isinstance(images, np.ndarray)
+        or images.dtype != np.uint8
+        or images.ndim != 4
+        or images.shape[-1] != 3
+    ):
         raise ValueError("images must be a uint8 numpy array of shape (N, H, W, 3)")
     labels = np.asarray(labels)
     n = images.shape[0]
@@ -313,7 +317,11 @@ def write_cifar_c(
         _save_npy(lab_path, labels_u8)
     todo = []
     for name in names:
-        have = set(manifest["files"].get(name, [])) if (out / f"{name}.npy").exists() and not overwrite else set()
+        have = (
+            set(manifest["files"].get(name, []))
+            if (out / f"{name}.npy").exists() and not overwrite
+            else set()
+        )
         missing = [s for s in sev if s not in have]
         if missing:
             todo.append((name, sorted(have), missing))
@@ -390,14 +398,20 @@ def write_imagenet_c(
     written = 0
 
     def save(img: np.ndarray, path: Path) -> None:
-        _atomic_write(path, lambda tmp: Image.fromarray(img).save(tmp, format="JPEG", quality=quality, optimize=True))
+        _atomic_write(
+            path, lambda tmp: Image.fromarray(img).save(tmp, format="JPEG", quality=quality, optimize=True)
+        )
 
     with _progress(n * len(jobs), "corrupt", progress) as bar:
         for i0 in range(0, n, step):
             rel = targets[i0 : i0 + step]
-            pending = [(name, s) for name, s in jobs if not all((out / name / str(s) / r).exists() for r in rel)]
+            pending = [
+                (name, s) for name, s in jobs if not all((out / name / str(s) / r).exists() for r in rel)
+            ]
             if pending:
-                batch = np.stack([read_image(index.root / f, resize, crop) for f in index.files[i0 : i0 + step]])
+                batch = np.stack(
+                    [read_image(index.root / f, resize, crop) for f in index.files[i0 : i0 + step]]
+                )
                 if batch.shape[1:3] != (h, w):
                     raise ValueError("images have different sizes after resize/crop; set crop")
             for name, s in jobs:

@@ -120,7 +120,9 @@ def glass_blur(img: np.ndarray, c: tuple, offsets: list[tuple[np.ndarray, np.nda
 def magick_motion_blur(img: np.ndarray, radius: float, sigma: float, angle: float) -> np.ndarray:
     """ImageMagick MotionBlurImage by its definition, pixel by pixel (slow; for small images)."""
     width = int(2 * math.ceil(radius) + 1)
-    kern = [math.exp(-(i * i) / (2.0 * sigma * sigma)) / (math.sqrt(2 * math.pi) * sigma) for i in range(width)]
+    kern = [
+        math.exp(-(i * i) / (2.0 * sigma * sigma)) / (math.sqrt(2 * math.pi) * sigma) for i in range(width)
+    ]
     total = sum(kern)
     kern = [k / total for k in kern]
     rad = math.pi * angle / 180.0
@@ -173,3 +175,72 @@ def elastic(img: np.ndarray, c: tuple, shift: np.ndarray, fx: np.ndarray, fy: np
     )
     out = ndi.map_coordinates(im, coords, order=1, mode="reflect").reshape(shape)
     return to_u8(np.clip(out, 0, 1) * 255)
+
+
+def snow(img: np.ndarray, c: tuple, layer_draw: np.ndarray, angle: float) -> np.ndarray:
+    """Snow given the raw N(loc, scale) layer ``(H, W)`` and the motion-blur angle."""
+    h, w = img.shape[:2]
+    x = np.array(img, dtype=np.float32) / 255.0
+    layer = clipped_zoom(layer_draw[..., None], c[2])
+    layer[layer < c[3]] = 0
+    layer_img = Image.fromarray((np.clip(layer[..., 0], 0, 1) * 255).astype(np.uint8))
+    blurred = magick_motion_blur(np.asarray(layer_img)[..., None], c[4], c[5], angle) / 255.0
+    gray = cv2.cvtColor(x, cv2.COLOR_RGB2GRAY).reshape(h, w, 1)
+    x = c[6] * x + (1 - c[6]) * np.maximum(x, gray * 1.5 + 0.5)
+    return to_u8(np.clip(x + blurred + np.rot90(blurred, k=2), 0, 1) * 255)
+
+
+def spatter(img: np.ndarray, c: tuple, layer_draw: np.ndarray) -> np.ndarray:
+    """Spatter given the raw N(loc, scale) liquid layer ``(H, W)``."""
+    x = np.array(img, dtype=np.float32) / 255.0
+    liquid = skimage.filters.gaussian(layer_draw, sigma=c[2])
+    liquid[liquid < c[3]] = 0
+    if c[5] == 0:
+        lu8 = (liquid * 255).astype(np.uint8)
+        d = 255 - cv2.Canny(lu8, 50, 150)
+        d = cv2.distanceTransform(d, cv2.DIST_L2, 5)
+        d = cv2.threshold(d, 20, 20, cv2.THRESH_TRUNC)[1]
+        d = cv2.equalizeHist(cv2.blur(d, (3, 3)).astype(np.uint8))
+        d = cv2.filter2D(d, cv2.CV_8U, np.array([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]]))
+        d = cv2.blur(d, (3, 3)).astype(np.float32)
+        m = cv2.cvtColor(lu8 * d, cv2.COLOR_GRAY2BGRA)
+        m /= np.max(m, axis=(0, 1))
+        m *= c[4]
+        ones = np.ones_like(m[..., :1])
+        color = np.concatenate((175 / 255.0 * ones, 238 / 255.0 * ones, 238 / 255.0 * ones), axis=2)
+        color = cv2.cvtColor(color, cv2.COLOR_BGR2BGRA)
+        x = cv2.cvtColor(x, cv2.COLOR_BGR2BGRA)
+        return to_u8(cv2.cvtColor(np.clip(x + m * color, 0, 1), cv2.COLOR_BGRA2BGR) * 255)
+    m = np.where(liquid > c[3], 1, 0)
+    m = skimage.filters.gaussian(m.astype(np.float32), sigma=c[4])
+    m[m < 0.8] = 0
+    ones = np.ones_like(x[..., :1])
+    color = np.concatenate((63 / 255.0 * ones, 42 / 255.0 * ones, 20 / 255.0 * ones), axis=2)
+    color *= m[..., None]
+    x *= 1 - m[..., None]
+    return to_u8(np.clip(x + color, 0, 1) * 255)
+
+
+def plasma(mapsize: int, decay: float, draws: list[np.ndarray]) -> np.ndarray:
+    """Diamond-square on one map; ``draws`` are the U(-wibble, wibble) arrays in the order they are used."""
+    m = np.empty((mapsize, mapsize))
+    m[0, 0] = 0.0
+    step = mapsize
+    wib = 100.0
+    it = iter(draws)
+    while step >= 2:
+        half = step // 2
+        corners = m[0:mapsize:step, 0:mapsize:step]
+        sq = corners + np.roll(corners, -1, axis=0)
+        sq = sq + np.roll(sq, -1, axis=1)
+        m[half::step, half::step] = sq / 4 + wib * next(it)
+        dr = m[half::step, half::step]
+        ul = m[0:mapsize:step, 0:mapsize:step]
+        left = (dr + np.roll(dr, 1, axis=0)) + (ul + np.roll(ul, -1, axis=1))
+        m[0:mapsize:step, half::step] = left / 4 + wib * next(it)
+        top = (dr + np.roll(dr, 1, axis=1)) + (ul + np.roll(ul, -1, axis=0))
+        m[half::step, 0:mapsize:step] = top / 4 + wib * next(it)
+        step //= 2
+        wib /= decay
+    m -= m.min()
+    return m / m.max()
