@@ -1,0 +1,211 @@
+"""Source readers, the CIFAR-10-C and ImageNet-C writers (layout, resumability, atomic files) and the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import corruptions.datasets as ds
+from corruptions import cli, corrupt, load_cifar_batches, load_image_folder, write_cifar_c, write_imagenet_c
+
+
+def _write_cifar10(root: Path, n: int = 7, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+    labels = list(rng.integers(0, 10, n))
+    with open(d / "test_batch", "wb") as f:
+        pickle.dump({b"data": data, b"labels": labels, b"batch_label": b"testing batch 1 of 1"}, f)
+    for i in range(1, 6):
+        with open(d / f"data_batch_{i}", "wb") as f:
+            pickle.dump({b"data": data[:2], b"labels": labels[:2]}, f)
+    return data.reshape(n, 3, 32, 32).transpose(0, 2, 3, 1), np.array(labels)
+
+
+def _write_folder(root: Path, size=(32, 32), per_class: int = 3, ext: str = ".png") -> np.ndarray:
+    rng = np.random.default_rng(1)
+    images = []
+    for cls in ("dog", "cat"):  # written out of order: readers must sort
+        (root / cls).mkdir(parents=True)
+        for i in range(per_class):
+            img = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+            Image.fromarray(img).save(root / cls / f"{per_class - i:03d}{ext}")
+    (root / "notes.txt").write_text("not an image")
+    for cls in ("cat", "dog"):
+        for i in range(per_class, 0, -1):
+            images.append(np.asarray(Image.open(root / cls / f"{i:03d}{ext}").convert("RGB")))
+    return np.stack(images)
+
+
+def test_load_cifar10_batches(tmp_path):
+    x, y = _write_cifar10(tmp_path)
+    for root in (tmp_path, tmp_path / "cifar-10-batches-py"):
+        xi, yi = load_cifar_batches(root)
+        assert xi.dtype == np.uint8 and xi.shape == (7, 32, 32, 3)
+        assert np.array_equal(xi, x) and np.array_equal(yi, y)
+    xt, yt = load_cifar_batches(tmp_path, train=True)
+    assert xt.shape == (10, 32, 32, 3) and len(yt) == 10
+
+
+def test_load_cifar100_batches(tmp_path):
+    d = tmp_path / "cifar-100-python"
+    d.mkdir()
+    data = np.arange(2 * 3072, dtype=np.int64).astype(np.uint8).reshape(2, 3072)
+    with open(d / "test", "wb") as f:
+        pickle.dump({b"data": data, b"fine_labels": [99, 3], b"coarse_labels": [1, 2]}, f)
+    (d / "meta").write_bytes(pickle.dumps({}))
+    x, y = load_cifar_batches(tmp_path)
+    assert list(y) == [99, 3] and x[0, 0, 1, 0] == data[0, 1]
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no CIFAR python batches"):
+        load_cifar_batches(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no images"):
+        load_image_folder(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_image_folder(tmp_path / "missing")
+
+
+def test_load_image_folder_order(tmp_path):
+    expected = _write_folder(tmp_path)
+    x, y, classes = load_image_folder(tmp_path)
+    assert classes == ("cat", "dog")
+    assert list(y) == [0, 0, 0, 1, 1, 1]
+    assert np.array_equal(x, expected[[2, 1, 0, 5, 4, 3]])
+
+
+def test_write_cifar_c_layout_and_resume(tmp_path, monkeypatch):
+    x, y = _write_cifar10(tmp_path / "src", n=5)
+    out = tmp_path / "c10c"
+    names = ["gaussian_noise", "glass_blur"]
+    res = write_cifar_c(x, y, out, names, seed=7, progress=False, workers=1)
+    assert res == {n: [1, 2, 3, 4, 5] for n in names}
+    labels = np.load(out / "labels.npy")
+    assert labels.dtype == np.uint8 and np.array_equal(labels, np.tile(y, 5))
+    for name in names:
+        arr = np.load(out / f"{name}.npy")
+        assert arr.dtype == np.uint8 and arr.shape == (25, 32, 32, 3)
+        for s in range(1, 6):
+            assert np.array_equal(arr[(s - 1) * 5 : s * 5], corrupt(x, name, s, seed=7))
+        assert oct(os.stat(out / f"{name}.npy").st_mode & 0o777) != oct(0o600)
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    # finished files are skipped
+    monkeypatch.setattr(ds, "run_corruption", lambda *a, **k: pytest.fail("recomputed a finished file"))
+    write_cifar_c(x, y, out, names, seed=7, progress=False)
+    # a different seed in the same directory is refused
+    with pytest.raises(ValueError, match="written with"):
+        write_cifar_c(x, y, out, names, seed=8, progress=False)
+
+
+def test_write_cifar_c_partial_severities(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    y = np.array([1, 2, 3, 4])
+    out = tmp_path / "c"
+    write_cifar_c(x, y, out, ["contrast"], severities=[5], progress=False)
+    arr = np.load(out / "contrast.npy")
+    assert arr[:16].max() == 0 and np.array_equal(arr[16:], corrupt(x, "contrast", 5))
+    assert json.loads((out / "manifest.json").read_text())["files"]["contrast"] == [5]
+    write_cifar_c(x, y, out, ["contrast"], severities=[1, 5], progress=False)
+    arr = np.load(out / "contrast.npy")
+    assert np.array_equal(arr[:4], corrupt(x, "contrast", 1)) and np.array_equal(
+        arr[16:], corrupt(x, "contrast", 5)
+    )
+
+
+def test_write_cifar_c_bad_input(tmp_path):
+    x = np.zeros((2, 32, 32, 3), np.uint8)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        write_cifar_c(x, [1], tmp_path, ["contrast"], progress=False)
+    with pytest.raises(ValueError, match="0..255"):
+        write_cifar_c(x, [1, 300], tmp_path, ["contrast"], progress=False)
+    with pytest.raises(ValueError, match="unknown corruption"):
+        write_cifar_c(x, [1, 2], tmp_path, ["fuzz"], progress=False)
+    with pytest.raises(ValueError, match="severity"):
+        write_cifar_c(x, [1, 2], tmp_path, ["contrast"], severities=[6], progress=False)
+    with pytest.raises(ValueError, match="uint8"):
+        write_cifar_c(x.astype(float), [1, 2], tmp_path, ["contrast"], progress=False)
+
+
+def test_write_imagenet_c_tree_and_resume(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    _write_folder(src, size=(40, 50), per_class=4, ext=".png")
+    out = tmp_path / "inc"
+    kw = dict(seed=3, preset="imagenet", resize=36, crop=32, progress=False, workers=1, chunk=5)
+    n = write_imagenet_c(src, out, ["gaussian_noise", "pixelate"], [1, 5], **kw)
+    assert n == 2 * 2 * 8
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.jpg"))
+    assert files[0] == "gaussian_noise/1/cat/001.jpg" and len(files) == 32
+    # the bytes are the ones of corrupt() on the resized+cropped images, saved as JPEG q85
+    index = ds.index_image_folder(src)
+    clean = np.stack([ds.read_image(src / f, 36, 32) for f in index.files])
+    expected = corrupt(clean, "pixelate", 5, seed=3, preset="imagenet")
+    got = np.asarray(Image.open(out / "pixelate" / "5" / "cat" / "001.jpg"))
+    buf = out / "check.jpg"
+    Image.fromarray(expected[0]).save(buf, format="JPEG", quality=85, optimize=True)
+    assert np.array_equal(got, np.asarray(Image.open(buf)))
+    buf.unlink()
+    # resuming writes only the missing file, with the same bytes as a fresh run
+    victim = out / "gaussian_noise" / "5" / "dog" / "002.jpg"
+    before = victim.read_bytes()
+    victim.unlink()
+    assert write_imagenet_c(src, out, ["gaussian_noise", "pixelate"], [1, 5], **kw) == 1
+    assert victim.read_bytes() == before
+
+
+def test_cli_cifar_layout_from_folder(tmp_path, capsys):
+    src = tmp_path / "src"
+    _write_folder(src)
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(
+        [str(src), str(tmp_path / "out"), "--corruptions", "contrast,fog", "--severities", "2,4",
+         "--seed", "5", "--workers", "1", "--no-progress"]
+    )  # fmt: skip
+    assert cli.run(args) == 0
+    arr = np.load(tmp_path / "out" / "fog.npy")
+    x, _, _ = load_image_folder(src)
+    assert np.array_equal(arr[6:12], corrupt(x, "fog", 2, seed=5))
+    assert arr[:6].max() == 0  # severity 1 not requested
+
+
+def test_cli_cifar_batches_and_errors(tmp_path, capsys):
+    _write_cifar10(tmp_path / "src")
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    ok = parser.parse_args(
+        [str(tmp_path / "src"), str(tmp_path / "o"), "--corruptions", "pixelate", "--no-progress"]
+    )
+    assert cli.run(ok) == 0
+    assert np.load(tmp_path / "o" / "pixelate.npy").shape == (35, 32, 32, 3)
+    bad = parser.parse_args([str(tmp_path / "src"), str(tmp_path / "o2"), "--corruptions", "nope"])
+    assert cli.run(bad) == 2
+    assert "unknown corruption 'nope'" in capsys.readouterr().err
+    bad_sev = parser.parse_args([str(tmp_path / "src"), str(tmp_path / "o2"), "--severities", "0,9"])
+    assert cli.run(bad_sev) == 2
+    imnet = parser.parse_args([str(tmp_path / "src"), str(tmp_path / "o3"), "--layout", "imagenet"])
+    assert cli.run(imnet) == 2
+    assert "ImageFolder" in capsys.readouterr().err
+
+
+def test_cli_imagenet_layout_auto(tmp_path):
+    src = tmp_path / "src"
+    _write_folder(src, size=(60, 48), per_class=2, ext=".jpg")
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(
+        [str(src), str(tmp_path / "out"), "--corruptions", "brightness", "--severities", "3",
+         "--resize", "40", "--crop", "32", "--no-progress"]
+    )  # fmt: skip
+    assert cli.run(args) == 0
+    files = sorted((tmp_path / "out" / "brightness" / "3").rglob("*.jpg"))
+    assert len(files) == 4 and Image.open(files[0]).size == (32, 32)
