@@ -1,0 +1,410 @@
+"""Malicious test samples against test-time adaptation: the distribution-invading attack (DIA).
+
+Threat model (Wu et al., "Uncovering Adversarial Risks of Test-Time Adaptation", ICML 2023; the same scheme
+as MedBN's evaluation, Park et al., CVPR 2024):
+
+* A test batch of ``B`` samples; the attacker controls the **last** ``m`` of them (the malicious samples) and
+  knows everything else: the benign samples and their labels, the model, the adaptation method and its
+  current state (white box).  The benign samples are never modified.
+* The malicious samples are optimised by signed-gradient PGD (Madry et al., ICLR 2018): step ``1/255``,
+  ``100`` steps, initialised at flat grey ``127.5/255`` (or uniformly at random in the budget, or at the
+  attacker's own clean images).  The budget is an L-infinity ball of radius ``eps`` around the attacker's own
+  clean images, intersected with ``[0, 1]``; ``eps=1`` is unbounded (the papers' setting).
+* The gradient flows through the **adapted forward on the whole batch**: every adaptive norm layer computes its
+  statistics from the poisoned batch (benign + malicious samples), the median of ``medbn`` by its subgradient.
+  That forward is exactly the prediction the victim returns (TENT-style methods return the logits of the
+  forward used for their update, computed before the step).  All attacker forwards run under
+  :func:`tta_norm.norm.keep_state` and differentiate w.r.t. the malicious pixels only: the victim's state
+  (parameters, EMA statistics, optimiser) is never touched and the model is never copied per step.
+* Optionally (``victim_predicts="updated"``) the victim predicts the batch again *after* its adaptation step;
+  the attacker then differentiates through that step, see :func:`unrolled_logits`.
+* Objectives: ``"targeted"`` (the benign sample at ``target_index`` (0) to label ``(y + 1) mod C``: minimise
+  its cross-entropy), ``"indiscriminate"`` (maximise the sum over benign samples of ``clamp(CE, 0, 5)``),
+  ``"stealthy"`` (targeted plus ``stealth_weight`` times the mean cross-entropy of the other benign samples
+  against their no-attack predictions, which keeps them unchanged).
+* Modes (:func:`attack_batch`): ``"instant"``, the deployed model adapts on the clean batch and carries that
+  state on (the poison affects one batch); ``"cumulative"``, the poisoned victim state carries on.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call
+
+from tta_norm.api import TTAModel
+from tta_norm.methods import Tent
+from tta_norm.methods.base import softmax_entropy
+from tta_norm.norm.convert import keep_state
+
+Objective = Literal["targeted", "indiscriminate", "stealthy"]
+Init = Literal["grey", "random", "clean"]
+Mode = Literal["instant", "cumulative"]
+VictimPredicts = Literal["adapting", "updated"]
+OBJECTIVES: tuple[str, ...] = ("targeted", "indiscriminate", "stealthy")
+INITS: tuple[str, ...] = ("grey", "random", "clean")
+MODES: tuple[str, ...] = ("instant", "cumulative")
+GREY = 127.5 / 255
+
+
+@dataclass(frozen=True)
+class MaliciousAttack:
+    """Settings of the DIA attack (defaults: MedBN's/DIA's CIFAR setting; see the module docstring).
+
+    ``num_malicious`` (a count) or ``fraction`` (of the batch, rounded to the nearest count) sets ``m``.
+    ``eps`` is the L-infinity radius on the ``[0, 1]`` scale around the attacker's clean images (``1``:
+    unbounded).  ``clamp_ce`` is the cap of the indiscriminate per-sample loss.  ``keep_best`` returns the
+    iterate with the best attacker loss (the loss is the victim's own output, so it is exact) instead of the
+    last one.
+    """
+
+    objective: Objective = "targeted"
+    num_malicious: int | None = None
+    fraction: float | None = None
+    eps: float = 1.0
+    step_size: float = 1 / 255
+    steps: int = 100
+    init: Init = "grey"
+    target_index: int = 0
+    stealth_weight: float = 1.0
+    clamp_ce: float = 5.0
+    keep_best: bool = True
+    victim_predicts: VictimPredicts = "adapting"
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; choose one of {OBJECTIVES}")
+        if self.init not in INITS:
+            raise ValueError(f"unknown init {self.init!r}; choose one of {INITS}")
+        if self.victim_predicts not in ("adapting", "updated"):
+            raise ValueError(f"victim_predicts must be 'adapting' or 'updated', got {self.victim_predicts!r}")
+        if (self.num_malicious is None) == (self.fraction is None):
+            raise ValueError("give exactly one of num_malicious (a count) or fraction (of the batch)")
+        if self.num_malicious is not None and self.num_malicious < 0:
+            raise ValueError(f"num_malicious must be >= 0, got {self.num_malicious}")
+        if self.fraction is not None and not 0.0 <= self.fraction < 1.0:
+            raise ValueError(f"fraction must be in [0, 1), got {self.fraction}")
+        if not 0.0 <= self.eps <= 1.0:
+            raise ValueError(f"eps must be in [0, 1] (pixels on the [0, 1] scale), got {self.eps}")
+        if self.steps < 0 or self.step_size < 0:
+            raise ValueError(f"steps and step_size must be >= 0, got {self.steps}, {self.step_size}")
+        if self.target_index < 0:
+            raise ValueError(f"target_index must be >= 0, got {self.target_index}")
+        if self.stealth_weight < 0 or self.clamp_ce <= 0:
+            raise ValueError("stealth_weight must be >= 0 and clamp_ce > 0")
+
+    def count(self, batch_size: int) -> int:
+        """The number ``m`` of malicious samples in a batch of ``batch_size``; at least one benign sample remains."""
+        m = self.num_malicious if self.num_malicious is not None else int(math.floor(self.fraction * batch_size + 0.5))
+        benign = batch_size - m
+        if benign < 1 or (self.objective != "indiscriminate" and self.target_index >= benign):
+            raise ValueError(
+                f"{m} malicious samples in a batch of {batch_size} leave {benign} benign samples; the attack needs "
+                f"at least one (and target_index {self.target_index} must be a benign index)"
+            )
+        return m
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class AttackOutcome:
+    """One attacked batch.  Benign = the first ``B - m`` samples; errors are fractions over them.
+
+    ``clean_logits``: what the deployed model predicted for the clean batch (no attack); ``attacked_logits``:
+    what the victim predicted for the poisoned batch.  ``target_success`` (targeted/stealthy objectives):
+    the victim predicts the target label for the target sample.  ``changed``: fraction of the benign samples
+    (target excluded for targeted objectives) whose prediction differs from the no-attack prediction.
+    """
+
+    x_malicious: Tensor
+    clean_logits: Tensor
+    attacked_logits: Tensor
+    num_malicious: int
+    benign_error_clean: float
+    benign_error_attacked: float
+    changed: float
+    target_label: int | None
+    target_success: bool | None
+    target_clean_hit: bool | None
+    final_loss: float
+    linf: float
+
+    def metrics(self) -> dict[str, Any]:
+        """JSON-friendly per-batch numbers (no tensors)."""
+        return {
+            "num_malicious": self.num_malicious,
+            "benign_error_clean": self.benign_error_clean,
+            "benign_error_attacked": self.benign_error_attacked,
+            "changed": self.changed,
+            "target_label": self.target_label,
+            "target_success": self.target_success,
+            "target_clean_hit": self.target_clean_hit,
+            "final_loss": self.final_loss,
+            "linf": self.linf,
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------
+def _check_batch(tta: TTAModel, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    if not isinstance(tta, TTAModel):
+        raise TypeError(f"the victim must be a TTAModel built by tta_norm.adapt, got {type(tta).__name__}")
+    if tta.window is not None:
+        raise ValueError("the malicious-sample attack assumes window=None (the batch is the normalisation set)")
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2:
+        raise TypeError("x must be a floating-point batch (N, C, ...) with pixels in [0, 1]")
+    if not isinstance(y, Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point():
+        raise ValueError(f"y must be integer labels of shape ({x.shape[0]},), got {getattr(y, 'shape', y)}")
+    if x.numel() and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
+        raise ValueError("pixels must be in [0, 1] (the attack budget and clipping are on that scale)")
+    device = tta._device()
+    return x.to(device), y.to(device)
+
+
+def project_linf(x_adv: Tensor, x_ref: Tensor, eps: float) -> Tensor:
+    """Project onto ``{x : |x - x_ref|_inf <= eps} intersected with [0, 1]`` (elementwise)."""
+    return torch.minimum(torch.maximum(x_adv, x_ref - eps), x_ref + eps).clamp(0.0, 1.0)
+
+
+def init_malicious(x_own: Tensor, attack: MaliciousAttack, generator: torch.Generator | None = None) -> Tensor:
+    """The PGD starting point of the malicious samples (``x_own``: the attacker's clean images), in the budget.
+
+    Random init draws ``U(-eps, eps)`` on the CPU generator (device-independent) before projection.
+    """
+    if attack.init == "clean":
+        start = x_own.clone()
+    elif attack.init == "grey":
+        start = torch.full_like(x_own, GREY)
+    else:
+        noise = torch.rand(x_own.shape, generator=generator, dtype=x_own.dtype) * 2 - 1
+        start = x_own + attack.eps * noise.to(x_own.device)
+    return project_linf(start, x_own, attack.eps)
+
+
+def attack_loss(
+    logits: Tensor, y: Tensor, num_benign: int, attack: MaliciousAttack, keep_labels: Tensor | None = None
+) -> Tensor:
+    """The attacker's objective, to be **minimised** (indiscriminate: the negative clamped CE sum).
+
+    ``logits``: the whole batch's; ``y``: the benign labels (length ``num_benign``); ``keep_labels``: the
+    no-attack predictions of the benign samples (stealthy objective).
+    """
+    benign = logits[:num_benign]
+    if attack.objective == "indiscriminate":
+        ce = F.cross_entropy(benign, y[:num_benign], reduction="none")
+        return -ce.clamp(0.0, attack.clamp_ce).sum()
+    t = attack.target_index
+    target = (y[t : t + 1] + 1) % logits.shape[1]
+    loss = F.cross_entropy(benign[t : t + 1], target)
+    if attack.objective == "stealthy" and num_benign > 1 and attack.stealth_weight > 0:
+        if keep_labels is None:
+            raise ValueError("the stealthy objective needs the benign samples' no-attack predictions")
+        others = torch.ones(num_benign, dtype=torch.bool, device=logits.device)
+        others[t] = False
+        loss = loss + attack.stealth_weight * F.cross_entropy(benign[others], keep_labels[others])
+    return loss
+
+
+def unrolled_logits(tta: TTAModel, x: Tensor) -> Tensor:
+    """Logits of ``x`` after one differentiable TENT step on ``x`` (for ``victim_predicts="updated"``).
+
+    The entropy gradient w.r.t. the norm affine parameters is taken with ``create_graph=True`` and the
+    optimiser's update is written out functionally, from its current state, with
+    :func:`torch.func.functional_call`: SGD (momentum, dampening, weight decay, Nesterov) exactly; Adam exactly
+    too (bias-corrected moments, L2 weight decay), except that ``sqrt(v)`` is taken of ``max(v, 1e-30)`` to keep
+    the derivative finite.  At Adam's first step the update is ``lr * g / (|g| + eps)``, about ``lr * sign(g)``,
+    whose derivative w.r.t. ``g`` is nearly zero: the attack then effectively differentiates the post-step
+    forward with the update held fixed.  Other methods (EATA, SAR) are not unrolled: their updates have
+    sample selection and SAM steps; the attacker then uses the adapting forward (DIA's surrogate).
+    """
+    method = tta.method
+    if not isinstance(method, Tent):
+        return tta.model(x)
+    names = [n for n, _ in method.named_params]
+    params = [p for _, p in method.named_params]
+    logits = tta.model(x)
+    loss = softmax_entropy(logits).mean(0)
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    opt = method.optimizer
+    group = opt.param_groups[0]
+    new: dict[str, Tensor] = {}
+    for name, p, g in zip(names, params, grads, strict=True):
+        state = opt.state.get(p, {})
+        lr, wd = group["lr"], group.get("weight_decay", 0.0)
+        if wd:
+            g = g + wd * p
+        if isinstance(opt, torch.optim.Adam):
+            b1, b2 = group["betas"]
+            step = float(state["step"]) + 1 if "step" in state else 1.0
+            m = b1 * state["exp_avg"] + (1 - b1) * g if "exp_avg" in state else (1 - b1) * g
+            v = b2 * state["exp_avg_sq"] + (1 - b2) * g * g if "exp_avg_sq" in state else (1 - b2) * g * g
+            m_hat = m / (1 - b1**step)
+            v_hat = v / (1 - b2**step)
+            new[name] = p - lr * m_hat / (v_hat.clamp_min(1e-30).sqrt() + group["eps"])
+        elif isinstance(opt, torch.optim.SGD):
+            mom, damp = group.get("momentum", 0.0), group.get("dampening", 0.0)
+            d = g
+            if mom:
+                buf = state.get("momentum_buffer")
+                d = g if buf is None else mom * buf + (1 - damp) * g
+                if group.get("nesterov", False):
+                    d = g + mom * d
+            new[name] = p - lr * d
+        else:
+            raise TypeError(f"cannot unroll optimizer {type(opt).__name__}; use victim_predicts='adapting'")
+    return functional_call(tta.model, new, (x,), strict=False)
+
+
+def _attacker_logits(tta: TTAModel, x: Tensor, attack: MaliciousAttack) -> Tensor:
+    if attack.victim_predicts == "updated" and tta.method is not None:
+        return unrolled_logits(tta, x)
+    return tta.model(x)
+
+
+def _victim_predict(victim: TTAModel, x: Tensor, attack: MaliciousAttack) -> Tensor:
+    """The victim adapts on ``x`` and predicts it (the adapting forward, or again after the update)."""
+    logits = victim(x)
+    if attack.victim_predicts == "updated" and victim.method is not None:
+        with torch.no_grad(), keep_state(victim.model):
+            logits = victim.model(x)
+    return logits.detach()
+
+
+def craft_malicious(
+    tta: TTAModel,
+    x: Tensor,
+    y: Tensor,
+    attack: MaliciousAttack,
+    *,
+    generator: torch.Generator | None = None,
+    keep_labels: Tensor | None = None,
+    progress: bool = False,
+) -> tuple[Tensor, float]:
+    """PGD on the last ``m`` samples of ``x`` against ``tta`` in its **current** state; returns (x_mal, loss).
+
+    The state of ``tta`` is not changed (attacker forwards under ``keep_state``, gradients w.r.t. the malicious
+    pixels only, no optimiser step).  The victim must be about to use this state: :func:`attack_batch` handles
+    episodic/``reset_every`` resets.  ``y`` are the true labels (the attacker knows the benign labels).
+    """
+    x, y = _check_batch(tta, x, y)
+    m = attack.count(x.shape[0])
+    nb = x.shape[0] - m
+    x_own = x[nb:]
+    x_mal = init_malicious(x_own, attack, generator)
+    if m == 0:
+        return x_mal, float("nan")
+    benign = x[:nb].detach()
+    best, best_loss = x_mal.clone(), math.inf
+    sign = -1.0  # every objective is minimised
+    from tqdm.auto import tqdm
+
+    with keep_state(tta.model), torch.enable_grad(), torch.inference_mode(False):
+        for _ in tqdm(range(attack.steps), desc="DIA", leave=False, disable=not progress):
+            x_mal.requires_grad_(True)
+            logits = _attacker_logits(tta, torch.cat([benign, x_mal]), attack)
+            loss = attack_loss(logits, y, nb, attack, keep_labels)
+            (grad,) = torch.autograd.grad(loss, [x_mal])
+            value = float(loss.detach())
+            x_mal = x_mal.detach()
+            if attack.keep_best and value < best_loss:
+                best, best_loss = x_mal.clone(), value
+            grad = torch.nan_to_num(grad)
+            x_mal = project_linf(x_mal + sign * attack.step_size * grad.sign(), x_own, attack.eps)
+        unrolled = attack.victim_predicts == "updated" and tta.method is not None
+        with torch.enable_grad() if unrolled else torch.no_grad():
+            logits = _attacker_logits(tta, torch.cat([benign, x_mal]), attack)
+            value = float(attack_loss(logits, y, nb, attack, keep_labels).detach())
+        if value < best_loss or not attack.keep_best:
+            best, best_loss = x_mal.clone(), value
+    return best.detach(), best_loss
+
+
+def _will_reset(tta: TTAModel) -> bool:
+    return tta.episodic or (tta.reset_every is not None and tta.num_adapted >= tta.reset_every)
+
+
+_METHOD_SKIP = {"model", "named_params", "params", "optimizer"}
+
+
+def copy_state(dst: TTAModel, src: TTAModel) -> None:
+    """Make ``dst`` carry the adaptation state of ``src`` (a deep copy of it): parameters, buffers, optimiser
+    state, method state (EATA's moving average, SAR's loss EMA...) and the wrapper's counters."""
+    dst.model.load_state_dict(src.model.state_dict())
+    if dst.method is not None and src.method is not None:
+        dst.method.optimizer.load_state_dict(copy.deepcopy(src.method.optimizer.state_dict()))
+        for key, value in vars(src.method).items():
+            if key not in _METHOD_SKIP:
+                setattr(dst.method, key, copy.deepcopy(value))
+    for key in ("num_batches", "num_adapted", "skipped_batches", "num_resets"):
+        setattr(dst, key, getattr(src, key))
+    dst._window_buffer = None
+
+
+def attack_batch(
+    tta: TTAModel,
+    x: Tensor,
+    y: Tensor,
+    attack: MaliciousAttack,
+    *,
+    mode: Mode = "instant",
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> AttackOutcome:
+    """Attack one batch of the deployed model ``tta`` and advance its state as the threat model says.
+
+    ``x`` (pixels in ``[0, 1]``) and ``y``: the batch and its true labels; the last ``m`` samples are the
+    attacker's.  Steps: (1) a victim copy of ``tta`` is taken (once per batch); (2) ``tta`` adapts on the
+    clean batch (the no-attack reference); (3) the malicious samples are crafted against the victim's state;
+    (4) the victim adapts on the poisoned batch and predicts it.  ``mode="instant"``: ``tta`` keeps the state
+    of step 2; ``"cumulative"``: ``tta`` takes the victim's poisoned state (parameters, statistics, optimiser,
+    method state, counters).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    x, y = _check_batch(tta, x, y)
+    m = attack.count(x.shape[0])
+    nb = x.shape[0] - m
+    victim = copy.deepcopy(tta)
+    grad_ctx = torch.enable_grad() if tta.method is not None else torch.no_grad()
+    with grad_ctx:
+        clean_logits = tta(x).detach()
+    keep_labels = clean_logits[:nb].argmax(1)
+    if _will_reset(victim):
+        victim.reset()
+        victim.num_adapted = 0
+    x_mal, loss = craft_malicious(victim, x, y, attack, generator=generator, keep_labels=keep_labels, progress=progress)
+    x_poison = torch.cat([x[:nb], x_mal])
+    with torch.enable_grad() if victim.method is not None else torch.no_grad():
+        attacked_logits = _victim_predict(victim, x_poison, attack)
+    if mode == "cumulative":
+        copy_state(tta, victim)
+    pred_clean, pred_att = clean_logits[:nb].argmax(1), attacked_logits[:nb].argmax(1)
+    yb = y[:nb]
+    targeted = attack.objective != "indiscriminate"
+    t = attack.target_index
+    others = torch.ones(nb, dtype=torch.bool, device=y.device)
+    if targeted:
+        others[t] = False
+    target_label = int((y[t] + 1) % clean_logits.shape[1]) if targeted else None
+    changed = float((pred_clean[others] != pred_att[others]).float().mean()) if bool(others.any()) else 0.0
+    return AttackOutcome(
+        x_malicious=x_mal,
+        clean_logits=clean_logits,
+        attacked_logits=attacked_logits,
+        num_malicious=m,
+        benign_error_clean=float((pred_clean != yb).float().mean()),
+        benign_error_attacked=float((pred_att != yb).float().mean()),
+        changed=changed,
+        target_label=target_label,
+        target_success=bool(pred_att[t] == target_label) if targeted else None,
+        target_clean_hit=bool(pred_clean[t] == target_label) if targeted else None,
+        final_loss=loss,
+        linf=float((x_mal - x[nb:]).abs().max()) if m else 0.0,
+    )
