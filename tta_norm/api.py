@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from collections.abc import Mapping
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 
 from tta_norm.methods import GradientMethod, get_method_class
 from tta_norm.norm.adaptive import AdaptiveNorm, adaptive_layers
-from tta_norm.norm.convert import convert_batchnorms, with_domain, without_batch
+from tta_norm.norm.convert import convert_batchnorms, layer_attribute
 from tta_norm.norm.spec import NormSpec, spec_fields
 from tta_norm.presets import Preset, get_preset
 
@@ -70,6 +71,7 @@ class TTAModel(nn.Module):
         self.skipped_batches = 0
         self.num_resets = 0
         self._window_buffer: Tensor | None = None
+        self._layers = [layer for _, layer in adaptive_layers(model)]
         self._initial_model_state = copy.deepcopy(model.state_dict())
         self._initial_optimizer_state = copy.deepcopy(method.optimizer.state_dict()) if method else None
 
@@ -101,6 +103,11 @@ class TTAModel(nn.Module):
         for t in self.model.buffers():
             return t.device
         return None
+
+    def _domain(self, domain: int | Tensor | None) -> contextlib.AbstractContextManager[None]:
+        if domain is None:
+            return contextlib.nullcontext()
+        return layer_attribute(self._layers, "domain", domain)
 
     def _validate(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):
@@ -142,7 +149,7 @@ class TTAModel(nn.Module):
                     "wrapper with on_bad_batch='skip' to predict such batches without adapting"
                 )
             self.skipped_batches += 1
-            with torch.no_grad(), without_batch(self.model), with_domain(self.model, domain):
+            with torch.no_grad(), layer_attribute(self._layers, "use_batch", False), self._domain(domain):
                 return self.model(x)
         if self.episodic or (self.reset_every is not None and self.num_adapted >= self.reset_every):
             self.reset()
@@ -152,10 +159,10 @@ class TTAModel(nn.Module):
         xw = self._windowed(x)
         if self.window is not None and xw.shape[0] < 2:
             # nothing to normalise the very first sample with yet: predict with the current state
-            with torch.no_grad(), without_batch(self.model), with_domain(self.model, domain):
+            with torch.no_grad(), layer_attribute(self._layers, "use_batch", False), self._domain(domain):
                 return self.model(xw)
         try:
-            with with_domain(self.model, domain):
+            with self._domain(domain):
                 logits = self.method.forward_and_adapt(xw) if self.method is not None else self.model(xw)
         except RuntimeError as err:
             if "channel" in str(err) or "size" in str(err) or "shape" in str(err):

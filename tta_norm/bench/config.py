@@ -230,9 +230,13 @@ def parse_method(item: Any) -> MethodEntry:
 
 
 def shipped_configs() -> dict[str, Path]:
-    """The configs shipped in ``tta_norm/configs`` by name."""
+    """The bench configs shipped in ``tta_norm/configs`` by name (``attack_*`` files belong to ``tta-norm attack``)."""
     root = resources.files("tta_norm") / "configs"
-    return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith((".yaml", ".yml"))}
+    return {
+        Path(p.name).stem: Path(str(p))
+        for p in root.iterdir()
+        if p.name.endswith((".yaml", ".yml")) and not p.name.startswith("attack")
+    }
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -66,9 +66,10 @@ class AdaptiveNorm(nn.Module):
         self.name = name
         self.update_state = True
         self.use_batch = True
-        self._plain_tbn = (
-            spec.mixing == "test" and spec.estimator == "mean_var" and not spec.unbiased and spec.instance == "none"
-        )
+        plain = spec.instance == "none"
+        self._plain_tbn = plain and spec.mixing == "test" and spec.estimator == "mean_var" and not spec.unbiased
+        self._plain_source = plain and spec.mixing == "source"
+        self._plain_stateless = plain and spec.mixing != "ema"  # without the batch: the source statistics
         self.domain: int | Tensor | None = None
         mean = source_mean if source_mean is not None else torch.zeros(num_features, **factory)
         var = source_var if source_var is not None else torch.ones(num_features, **factory)
@@ -175,11 +176,15 @@ class AdaptiveNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         weight, bias = self._affine(x.shape[0])
-        if self._plain_tbn and self.use_batch and x.numel() <= SMALL_INPUT and (weight is None or weight.dim() == 1):
-            # one fused call; cheaper than separate statistics + normalisation for small inputs
-            if count_per_channel(x) < 2:
-                raise ValueError(SINGLE_VALUE_HINT)
-            return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+        if weight is None or weight.dim() == 1:  # per-channel affine: one fused ATen call where it is exact
+            if self._plain_source or (self._plain_stateless and not self.use_batch):
+                return F.batch_norm(x, self.source_mean, self.source_var, weight, bias, False, 0.0, self.eps)
+            if self._plain_tbn and self.use_batch and (x.numel() <= SMALL_INPUT or _needs_grad(x, weight)):
+                # fused statistics + normalisation (and its fused backward): faster for small inputs and
+                # whenever autograd is recording; large no-grad inputs take the faster split path below
+                if count_per_channel(x) < 2:
+                    raise ValueError(SINGLE_VALUE_HINT)
+                return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
         stats, new_state = layer_statistics(
             x,
             self.spec,
@@ -194,6 +199,10 @@ class AdaptiveNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, spec={self.spec}"
+
+
+def _needs_grad(x: Tensor, weight: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
 
 
 def adaptive_layers(model: nn.Module) -> Iterator[tuple[str, AdaptiveNorm]]:

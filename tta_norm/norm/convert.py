@@ -40,9 +40,13 @@ def convert_batchnorms(model: nn.Module, spec: NormSpec) -> list[str]:
     return [name for name, _ in found]
 
 
+def _set_all(model: nn.Module, attr: str, value: object) -> contextlib.AbstractContextManager[None]:
+    return layer_attribute([layer for _, layer in adaptive_layers(model)], attr, value)
+
+
 @contextlib.contextmanager
-def _set_all(model: nn.Module, attr: str, value: object) -> Iterator[None]:
-    layers = [layer for _, layer in adaptive_layers(model)]
+def layer_attribute(layers: list[AdaptiveNorm], attr: str, value: object) -> Iterator[None]:
+    """Within the block, set ``attr`` to ``value`` on the given adaptive layers; restore it afterwards."""
     saved = [getattr(layer, attr) for layer in layers]
     for layer in layers:
         setattr(layer, attr, value)
