@@ -1,0 +1,110 @@
+"""The attack grid: config validation, batches, runner on a tiny model and fake benchmark, resume, report, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from tta_norm.attacks import bench as ab
+from tta_norm.attacks import cli
+from tta_norm.bench.config import ConfigError
+from tta_norm.data.readers import ArrayDataset
+
+from .nets import pool_bn_net
+
+
+def test_parse_number_and_validation():
+    assert ab.parse_number("8/255", "x") == pytest.approx(8 / 255)
+    assert ab.parse_number(1, "x") == 1.0
+    with pytest.raises(ConfigError):
+        ab.parse_number("eight", "x")
+    cfg = ab.AttackConfig.from_mapping({"budgets": [1, "8/255"], "fractions": 0.1, "methods": ["tbn", "medbn+tent"]})
+    assert cfg.budgets == [1.0, pytest.approx(8 / 255)] and cfg.fractions == [0.1]
+    assert len(cfg.cells()) == 2 * 2 * 2  # methods x objectives x budgets
+    for bad in ({"objectives": ["sneaky"]}, {"modes": ["forever"]}, {"budgets": [0]}, {"fractions": [1.0]},
+                {"fractoins": [0.1]}, {"methods": ["nope"]}, {"batch_sizes": [1]}, {"steps": -1}):  # fmt: skip
+        with pytest.raises(ConfigError):
+            ab.AttackConfig.from_mapping(bad)
+
+
+def test_shipped_configs_load():
+    shipped = ab.shipped_attack_configs()
+    assert {"attack_quick", "attack_medbn"} <= set(shipped)
+    for name in shipped:
+        cfg = ab.load_attack_config(name)
+        assert cfg.cells()
+    cfg = ab.load_attack_config("medbn", ["fractions=[0.05]"])
+    assert cfg.fractions == [0.05] and cfg.batch_sizes == [200]
+
+
+def test_batch_indices_seeded_and_disjoint():
+    a = ab.batch_indices(50, 10, 3, seed=1)
+    b = ab.batch_indices(50, 10, 3, seed=1)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert len(np.unique(np.concatenate(a))) == 30
+    with pytest.raises(ValueError):
+        ab.batch_indices(20, 10, 3, seed=0)
+
+
+def _fake_bench(n: int = 24, seed: int = 0) -> SimpleNamespace:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, 4, 4, 3), dtype=np.uint8)
+    labels = rng.integers(0, 4, size=n)
+    data = ArrayDataset(images, labels, source="fake")
+    return SimpleNamespace(domains={("gaussian_noise", 5): data}, describe=lambda: "fake: 1 domain")
+
+
+def _tiny_cfg(tmp_path, **extra):
+    data = {"methods": ["source", "tbn"], "fractions": [0.25], "batch_sizes": [8], "n_batches": 2, "steps": 3,
+            "step_size": 0.05, "output": str(tmp_path / "run"), "device": "cpu", **extra}  # fmt: skip
+    return ab.AttackConfig.from_mapping(data)
+
+
+@pytest.fixture
+def patched(monkeypatch):
+    import tta_norm.bench.runner as runner
+    import tta_norm.data.benchmark as benchmark
+
+    monkeypatch.setattr(runner, "load_source_model", lambda cfg, device: pool_bn_net())
+    monkeypatch.setattr(benchmark, "load_corruption_benchmark", lambda *a, **k: _fake_bench())
+
+
+def test_grid_runs_resumes_and_reports(tmp_path, patched):
+    cfg = _tiny_cfg(tmp_path, modes=["instant", "cumulative"])
+    out = ab.run_attack_grid(cfg, progress=False)
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(records) == len(cfg.cells()) == 2 * 2 * 2
+    assert all(r["status"] == "ok" for r in records)
+    for r in records:
+        m = r["metrics"]
+        assert m["batches"] == 2 and m["num_malicious"] == 2
+        if r["cell"]["method"]["preset"] == "source":
+            assert m["benign_error_attacked"] == m["benign_error_clean"] and m["changed"] == 0
+            if r["cell"]["objective"] == "targeted":
+                assert m["attack_success"] == m["target_clean_hit"]
+        if r["cell"]["mode"] == "instant":
+            assert m["no_attack_error"] == m["benign_error_clean"]
+    csv_text = (out / "results.csv").read_text()
+    assert csv_text.splitlines()[0].startswith("key,status,method") and len(csv_text.splitlines()) == 9
+    report = (out / "report.md").read_text()
+    assert "targeted attack success rate" in report and "| tbn |" in report
+    assert (out / "plots").is_dir() and list((out / "plots").glob("*.png"))
+    # resume: nothing re-runs (a stored record keeps its timing)
+    before = (out / "results.jsonl").read_text()
+    ab.run_attack_grid(cfg, resume=True, progress=False)
+    assert (out / "results.jsonl").read_text() == before
+
+
+def test_cli_dry_run_and_bad_config(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    assert cli.run(parser.parse_args(["attack_quick", "--dry-run"])) == 0
+    assert "cells" in capsys.readouterr().out
+    assert cli.run(parser.parse_args(["attack_quick", "--dry-run", "-s", "objectives=[sneaky]"])) == 2
+    assert cli.run(parser.parse_args(["no_such_config", "--dry-run"])) == 2
+    assert cli.run(parser.parse_args(["--list-configs"])) == 0
+    assert "attack_medbn" in capsys.readouterr().out
