@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from tta_norm.data import (
-    CHUNK,
     CLEAN,
     DataFormatError,
     load_clean_test_set,
@@ -99,17 +98,15 @@ def test_regeneration_cached_seeded_and_reported(tmp_path, fake_corruptions, jpe
     assert "regenerated" in bench.describe()
     clean = bench.domains[CLEAN]
     assert len(clean) == 12 and np.array_equal(bench.domains[("fog", 3)].labels, clean.labels)
-    assert len(fake_corruptions) == 4  # one chunk per (corruption, severity)
-    # corrupt() saw the clean images and a seed that depends on (seed, corruption, severity, chunk) only
-    seeds = {(c, s): seed for c, s, seed, _ in fake_corruptions}
-    assert len(set(seeds.values())) == 4
-    expected = _fake_corrupt([])(np.asarray(clean.images), "fog", 3, seeds[("fog", 3)])
+    # one corrupt() call per domain, over the whole clean set, with the benchmark seed
+    assert sorted(fake_corruptions) == [("fog", 3, 7, 12), ("fog", 5, 7, 12), ("snow", 3, 7, 12), ("snow", 5, 7, 12)]
+    expected = _fake_corrupt([])(np.asarray(clean.images), "fog", 3, 7)
     assert np.array_equal(bench.domains[("fog", 3)].images, expected)
-    # second call: served from the consolidated cache, identical, nothing regenerated
-    again = load_corruption_benchmark("cifar10", ["fog", "snow"], (3, 5), seed=7, **kw)
+    # second call: served from the cache (memory-mapped), identical, nothing regenerated; n_examples trims
+    again = load_corruption_benchmark("cifar10", ["fog", "snow"], (3, 5), seed=7, n_examples=5, **kw)
     assert len(fake_corruptions) == 4
-    assert isinstance(again.domains[("snow", 5)].images, np.memmap)
-    assert np.array_equal(again.domains[("snow", 5)].images, bench.domains[("snow", 5)].images)
+    assert isinstance(again.domains[("snow", 5)].images, np.memmap) and len(again.domains[("snow", 5)]) == 5
+    assert np.array_equal(again.domains[("snow", 5)].images, bench.domains[("snow", 5)].images[:5])
     # another seed -> other images
     other = load_corruption_benchmark("cifar10", ["fog"], (3,), seed=8, **kw)
     assert not np.array_equal(other.domains[("fog", 3)].images, bench.domains[("fog", 3)].images)
@@ -117,18 +114,14 @@ def test_regeneration_cached_seeded_and_reported(tmp_path, fake_corruptions, jpe
         load_corruption_benchmark("cifar10", ["not_a_corruption"], **kw)
 
 
-def test_regeneration_is_independent_of_requested_size(tmp_path, fake_corruptions):
+def test_regeneration_repairs_truncated_cache(tmp_path, fake_corruptions):
     rng = np.random.default_rng(0)
-    n = 2 * CHUNK + 10
-    clean = ArrayDataset(rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8), rng.integers(0, 10, n))
-    part = regenerate_domain(clean, "fog", 2, tmp_path / "a", seed=1, n=CHUNK + 5)
-    assert len(part) == CHUNK + 5 and len(fake_corruptions) == 2  # chunks 0 and 1 only
-    full = regenerate_domain(clean, "fog", 2, tmp_path / "a", seed=1)
-    assert len(fake_corruptions) == 3  # only the last chunk was missing
-    assert np.array_equal(full.images[: CHUNK + 5], part.images)
-    assert (tmp_path / "a" / "fog-s2.npy").is_file() and not list((tmp_path / "a").glob("*.chunk*"))
-    fresh = regenerate_domain(clean, "fog", 2, tmp_path / "b", seed=1)
-    assert np.array_equal(fresh.images, full.images)
+    clean = ArrayDataset(rng.integers(0, 256, (20, 4, 4, 3), dtype=np.uint8), rng.integers(0, 10, 20))
+    first = np.array(regenerate_domain(clean, "fog", 2, tmp_path, seed=1).images)  # copy: the file is cut below
+    path = tmp_path / "fog-s2.npy"
+    path.write_bytes(path.read_bytes()[:-7])
+    again = regenerate_domain(clean, "fog", 2, tmp_path, seed=1)
+    assert len(fake_corruptions) == 2 and np.array_equal(first, again.images)
 
 
 def test_regeneration_rejects_bad_generator_output(tmp_path, monkeypatch, jpeg_like_tree, fake_corruptions):
@@ -152,18 +145,42 @@ def test_download_is_opt_in_and_fails_clearly_offline(tmp_path, monkeypatch):
         load_corruption_benchmark("cifar10", ["fog"], data_dir=tmp_path, source="release", download=True)
 
 
-def test_release_writer_of_corruptions_agrees_with_reader(tmp_path):
-    """Once ``corruptions`` ships a release-layout writer, our reader must read back exactly what it wrote."""
+def _real_corruptions():
     corruptions = pytest.importorskip("corruptions")
-    writer = getattr(corruptions, "write_release", None) or getattr(corruptions, "write_cifar_c", None)
-    if writer is None or not callable(getattr(corruptions, "corrupt", None)):
-        pytest.skip("corruptions does not provide corrupt() and a release-layout writer yet")
+    if not callable(getattr(corruptions, "write_cifar_c", None)) or not callable(getattr(corruptions, "corrupt", None)):
+        pytest.skip("corruptions does not provide corrupt() and write_cifar_c() yet")
+    return corruptions
+
+
+def test_release_writer_of_corruptions_agrees_with_reader(tmp_path):
+    """Files written by ``corruptions.write_cifar_c`` read back exactly; regeneration with the same seed gives the
+    same rows; severities the writer has not filled in (manifest.json) are refused."""
+    corruptions = _real_corruptions()
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, 6)
-    out = writer(images, labels, tmp_path / "CIFAR-10-C", corruptions=["fog"], severities=(1, 2, 3, 4, 5))
-    root = tmp_path / "CIFAR-10-C" if out is None else out
-    bench = load_corruption_benchmark("cifar10", ["fog"], (1, 2, 3, 4, 5), data_dir=root.parent, source="release")
-    for s in range(1, 6):
-        ds = bench.domains[("fog", s)]
+    root = tmp_path / "data" / "CIFAR-10-C"
+    corruptions.write_cifar_c(images, labels, root, corruptions=["fog", "gaussian_noise"], severities=(2, 5), seed=3,
+                              progress=False)  # fmt: skip
+    bench = load_corruption_benchmark("cifar10", ["fog", "gaussian_noise"], (2, 5), data_dir=root.parent,
+                                      source="release", progress=False)  # fmt: skip
+    clean = ArrayDataset(images, labels)
+    for (name, sev), ds in bench.domains.items():
+        assert bench.provenance[(name, sev)] == "release"
         assert ds.images.shape == images.shape and ds.labels.tolist() == labels.tolist()
+        assert np.array_equal(ds.images, corruptions.corrupt(images, name, severity=sev, seed=3))
+        regen = regenerate_domain(clean, name, sev, tmp_path / "regen", seed=3)
+        assert np.array_equal(regen.images, ds.images)
+    with pytest.raises(DataFormatError, match="manifest"):
+        load_corruption_benchmark("cifar10", ["fog"], (3,), data_dir=root.parent, source="release")
+
+
+def test_regeneration_with_real_corruptions_on_mirror_images(tmp_path, mirror_test_small):
+    """A few hundred real mirror images through the real generator: cached, reported, label-preserving."""
+    corruptions = _real_corruptions()
+    clean = mirror_test_small
+    ds = regenerate_domain(clean, "gaussian_noise", 5, tmp_path, seed=0)
+    assert ds.images.shape == clean.images.shape and np.array_equal(ds.labels, clean.labels)
+    diff = ds.images.astype(np.int16) - np.asarray(clean.images, dtype=np.int16)
+    assert 15 < np.abs(diff).mean() < 40  # sigma = 0.10 * 255 ~ 25.5, clipped
+    assert np.array_equal(ds.images, corruptions.corrupt(np.asarray(clean.images), "gaussian_noise", 5, seed=0))

@@ -1,7 +1,6 @@
 """Data for the evaluation harness: locations, readers, corruption benchmarks (uint8 NHWC + int64 labels)."""
 
 from tta_norm.data.benchmark import (
-    CHUNK,
     CLEAN,
     CORRUPTIONS,
     EXTRA_CORRUPTIONS,
@@ -41,7 +40,6 @@ from tta_norm.data.readers import (
 )
 
 __all__ = [
-    "CHUNK",
     "CLEAN",
     "CORRUPTIONS",
     "EXTRA_CORRUPTIONS",

@@ -7,11 +7,11 @@ Where the images come from (recorded per domain in :attr:`CorruptionBenchmark.pr
   ``ImageNet-C/`` folder tree. Every requested file is validated before any data is read.
 - ``regenerated``: no release on disk, so the domain is built from the clean test set with the project's
   ``corruptions`` package (``corrupt(images, name, severity, seed, preset)``) and cached under
-  ``<cache>/data/regenerated/<dataset>-<clean fingerprint>/<preset>-seed<seed>-<generator hash>/``.
-  Generation runs in chunks of :data:`CHUNK` images with a seed derived from (seed, corruption, severity,
-  chunk), so the result does not depend on how many images were asked for; a fully generated domain is
-  consolidated into one memory-mapped ``<corruption>-s<severity>.npy``. Regenerated data follows the release's
-  distribution, not its pixels (the original generator was unseeded: REFERENCE part 3, section 1.1).
+  ``<cache>/data/regenerated/<dataset>-<clean fingerprint>/<preset>-seed<seed>-<generator hash>/`` as one
+  memory-mapped ``<corruption>-s<severity>.npy`` per domain. Each domain is one ``corrupt`` call over the whole
+  clean set with ``seed``, i.e. the same rows ``corruptions.write_cifar_c`` writes with that seed (``n_examples``
+  only trims what is returned, so quick runs and full runs share the cache). Regenerated data follows the
+  release's distribution, not its pixels (the original generator was unseeded: REFERENCE part 3, 1.1).
 - ``clean``: the clean test set itself (key ``("clean", 0)``), used for clean-interleaved streams. For
   CIFAR-10 this is torchvision's ``cifar-10-batches-py`` test split if present, otherwise the JPEG mirror's
   ``cifar10-jpeg/test`` (this team's machines).
@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +59,6 @@ CORRUPTIONS = (
 )  # fmt: skip
 EXTRA_CORRUPTIONS = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 
-CHUNK = 1000
 DATASETS = ("cifar10", "cifar100", "imagenet")
 RELEASE_DIRS = {
     "cifar10": ("CIFAR-10-C", "cifar10-c", "cifar10_c"),
@@ -148,12 +146,6 @@ def _generator_hash() -> str:
     return h.hexdigest()[:10]
 
 
-def chunk_seed(seed: int, corruption: str, severity: int, chunk: int) -> int:
-    """Seed for one generated chunk: a function of (seed, corruption, severity, chunk index) only."""
-    ss = np.random.SeedSequence([int(seed), zlib.crc32(corruption.encode()), int(severity), int(chunk)])
-    return int(ss.generate_state(1)[0])
-
-
 def _fingerprint(data: ArrayDataset) -> str:
     h = hashlib.sha1(np.ascontiguousarray(data.images).data)
     h.update(np.ascontiguousarray(data.labels).data)
@@ -170,59 +162,34 @@ def regenerate_domain(
     preset: str = "cifar",
     n: int | None = None,
     corrupt=None,
-    progress=None,
 ) -> ArrayDataset:
-    """Images of ``corruption`` at ``severity`` for the first ``n`` (default all) clean images, from the cache
-    in ``directory`` or generated (and cached) now. ``progress``: an optional tqdm bar updated per image."""
+    """``corruption`` at ``severity`` applied to the whole clean set (one ``corrupt`` call with ``seed``), cached
+    as ``directory/<corruption>-s<severity>.npy`` and memory-mapped; the first ``n`` rows are returned.
+
+    The rows equal those :func:`corruptions.write_cifar_c` writes for the same images, seed and preset, so a
+    regenerated domain and a release written by the ``corruptions`` command are interchangeable."""
     n_all = len(clean)
-    n = n_all if n is None else min(n, n_all)
-    final = directory / f"{corruption}-s{severity}.npy"
-    if final.is_file():
+    path = directory / f"{corruption}-s{severity}.npy"
+    shape = (n_all,) + tuple(clean.images.shape[1:])
+    if path.is_file():
         try:
-            shape, _, _ = npy_header(final)
-            if shape[0] == n_all:
-                arr = np.load(final, mmap_mode="r")
-                return ArrayDataset(arr[:n], clean.labels[:n], clean.classes, "regenerated", {"file": str(final)})
+            if npy_header(path)[0] == shape:
+                arr = np.load(path, mmap_mode="r")
+                return ArrayDataset(arr, clean.labels, clean.classes, "regenerated", {"file": str(path)}).head(n)
         except DataFormatError:
-            pass  # truncated cache entry: regenerate
+            pass  # truncated cache entry: regenerate it
     corrupt = corrupt or _get_corrupt()
+    src = np.ascontiguousarray(clean.images)
+    arr = np.asarray(corrupt(src, corruption, severity=int(severity), seed=int(seed), preset=preset))
+    if arr.dtype != np.uint8 or arr.shape != src.shape:
+        raise RuntimeError(
+            f"corruptions.corrupt({corruption!r}, severity={severity}) returned {arr.dtype} {arr.shape}, "
+            f"expected uint8 {src.shape}"
+        )
     directory.mkdir(parents=True, exist_ok=True)
-    n_chunks_all = -(-n_all // CHUNK)
-    parts = []
-    for i in range(-(-n // CHUNK)):
-        path = directory / f"{corruption}-s{severity}.chunk{i:04d}.npy"
-        lo, hi = i * CHUNK, min((i + 1) * CHUNK, n_all)
-        arr = None
-        if path.is_file():
-            try:
-                arr = np.load(path)
-                if arr.shape != (hi - lo,) + clean.images.shape[1:]:
-                    arr = None
-            except (ValueError, OSError):
-                arr = None
-        if arr is None:
-            src = np.ascontiguousarray(clean.images[lo:hi])
-            arr = corrupt(src, corruption, severity=severity, seed=chunk_seed(seed, corruption, severity, i),
-                          preset=preset)  # fmt: skip
-            arr = np.asarray(arr)
-            if arr.dtype != np.uint8 or arr.shape != src.shape:
-                raise RuntimeError(
-                    f"corruptions.corrupt({corruption!r}, severity={severity}) returned {arr.dtype} {arr.shape}, "
-                    f"expected uint8 {src.shape}"
-                )
-            _atomic_save(path, arr)
-            if progress is not None:
-                progress.update(hi - lo)
-        parts.append(arr)
-    chunk_files = [directory / f"{corruption}-s{severity}.chunk{i:04d}.npy" for i in range(n_chunks_all)]
-    if n == n_all and all(p.is_file() for p in chunk_files):
-        _atomic_save(final, np.concatenate(parts))
-        for p in chunk_files:
-            p.unlink()
-        arr = np.load(final, mmap_mode="r")
-        return ArrayDataset(arr, clean.labels, clean.classes, "regenerated", {"file": str(final)})
-    images = np.concatenate(parts)[:n]
-    return ArrayDataset(images, clean.labels[:n], clean.classes, "regenerated", {"dir": str(directory)})
+    _atomic_save(path, arr)
+    arr = np.load(path, mmap_mode="r")
+    return ArrayDataset(arr, clean.labels, clean.classes, "regenerated", {"file": str(path)}).head(n)
 
 
 # ------------------------------------------------------------------------------------------------ the benchmark
@@ -293,7 +260,7 @@ def load_corruption_benchmark(
                 provenance[(c, s)] = "release"
         notes.append(f"release {release}")
     elif release is not None:
-        check_cifar_c(release, corruptions)  # every file validated before reading any
+        check_cifar_c(release, corruptions, severities)  # every file validated before reading any
         for c in corruptions:
             for s, ds in read_cifar_c(release, c, severities).items():
                 domains[(c, s)] = ds.head(n_examples)
@@ -311,17 +278,19 @@ def load_corruption_benchmark(
         directory = directory / f"{dataset}-{_fingerprint(clean)}" / f"{preset}-seed{seed}-{_generator_hash()}"
         directory.mkdir(parents=True, exist_ok=True)
         _write_meta(directory, dataset, clean, seed, preset)
-        n = len(clean) if n_examples is None else min(n_examples, len(clean))
         from tqdm.auto import tqdm
 
         todo = [(c, s) for c in corruptions for s in severities]
-        with tqdm(total=_missing_images(directory, todo, n, len(clean)), unit="img", disable=not progress,
+        missing = [k for k in todo if not (directory / f"{k[0]}-s{k[1]}.npy").is_file()]
+        with tqdm(total=len(missing) * len(clean), unit="img", disable=not progress or not missing,
                   desc=f"regenerating {dataset}-C (cached in {directory})") as bar:  # fmt: skip
             for c, s in todo:
                 domains[(c, s)] = regenerate_domain(
-                    clean, c, s, directory, seed=seed, preset=preset, n=n, corrupt=corrupt, progress=bar
+                    clean, c, s, directory, seed=seed, preset=preset, n=n_examples, corrupt=corrupt
                 )
                 provenance[(c, s)] = "regenerated"
+                if (c, s) in missing:
+                    bar.update(len(clean))
         notes.append(f"regenerated from {clean.source} with seed {seed}, preset {preset!r}, cache {directory}")
     if include_clean:
         clean = clean or load_clean_test_set(dataset, data_dir)
@@ -343,23 +312,12 @@ def _known_corruptions() -> set[str] | None:
     return names or None
 
 
-def _missing_images(directory: Path, todo, n: int, n_all: int) -> int:
-    total = 0
-    for c, s in todo:
-        if (directory / f"{c}-s{s}.npy").is_file():
-            continue
-        for i in range(-(-n // CHUNK)):
-            if not (directory / f"{c}-s{s}.chunk{i:04d}.npy").is_file():
-                total += min((i + 1) * CHUNK, n_all) - i * CHUNK
-    return total
-
-
 def _write_meta(directory: Path, dataset: str, clean: ArrayDataset, seed: int, preset: str) -> None:
     meta = directory / "meta.json"
     if not meta.is_file():
         tmp = directory / f".meta.{os.getpid()}.tmp"
         tmp.write_text(json.dumps({"dataset": dataset, "clean_source": clean.source, "n": len(clean),
-                                   "seed": seed, "preset": preset, "chunk": CHUNK}, indent=1))  # fmt: skip
+                                   "seed": seed, "preset": preset}, indent=1))  # fmt: skip
         os.replace(tmp, meta)
 
 

@@ -367,11 +367,15 @@ def npy_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype, int]
     return tuple(int(s) for s in shape), dtype, offset
 
 
-def check_cifar_c(root: str | os.PathLike, corruptions: Sequence[str]) -> int:
+def check_cifar_c(
+    root: str | os.PathLike, corruptions: Sequence[str], severities: Sequence[int] | None = None
+) -> int:
     """Validate a CIFAR-C release directory for ``corruptions`` without reading the data.
 
     Returns ``n``, the number of images per severity. Raises ``FileNotFoundError`` (naming every missing file)
-    or :class:`DataFormatError` (truncated file, wrong dtype/shape, label count mismatch)."""
+    or :class:`DataFormatError` (truncated file, wrong dtype/shape, label count mismatch). A ``manifest.json``
+    as written by ``corruptions.write_cifar_c`` (``{"files": {name: [severities present]}}``; absent rows are
+    zeros) is honoured: asking for a severity a file does not hold is an error."""
     root = Path(root)
     missing = [c for c in ["labels", *corruptions] if not (root / f"{c}.npy").is_file()]
     if missing:
@@ -393,6 +397,19 @@ def check_cifar_c(root: str | os.PathLike, corruptions: Sequence[str]) -> int:
             )
     if total % CIFAR_C_SEVERITIES:
         raise DataFormatError(f"{root}: {total} rows is not 5 severity blocks of equal size")
+    manifest = root / "manifest.json"
+    if manifest.is_file():
+        try:
+            present = json.loads(manifest.read_text()).get("files", {})
+        except (ValueError, AttributeError) as err:
+            raise DataFormatError(f"{manifest} is not valid JSON ({err})") from err
+        wanted = set(int(x) for x in (severities or range(1, CIFAR_C_SEVERITIES + 1)))
+        for c in corruptions:
+            if c in present and not wanted <= set(present[c]):
+                raise DataFormatError(
+                    f"{root / (c + '.npy')} holds severities {sorted(present[c])} only (manifest.json); "
+                    f"requested {sorted(wanted)}"
+                )
     return total // CIFAR_C_SEVERITIES
 
 
@@ -401,10 +418,10 @@ def read_cifar_c(
 ) -> dict[int, ArrayDataset]:
     """Severity blocks of ``<root>/<corruption>.npy`` (memory-mapped) with the matching labels (int64)."""
     root = Path(root)
-    n = check_cifar_c(root, [corruption])
     for s in severities:
         if not 1 <= int(s) <= CIFAR_C_SEVERITIES:
             raise ValueError(f"severity must be in 1..5, got {s}")
+    n = check_cifar_c(root, [corruption], severities)
     images = np.load(root / f"{corruption}.npy", mmap_mode="r")
     labels = np.load(root / "labels.npy").astype(np.int64)
     out = {}
