@@ -7,7 +7,7 @@ import functools
 import numpy as np
 
 from . import _ops
-from ._common import finish_unit
+from ._common import finish_unit, require_cv2
 
 # --------------------------------------------------------------------------------------------------------
 # defocus_blur
@@ -18,7 +18,7 @@ from ._common import finish_unit
 def disk_kernel(radius: float, alias_blur: float) -> np.ndarray:
     """The original ``disk()``: a normalized float32 disk on ``arange(-8, 9)`` (or ``arange(-r, r+1)`` for
     ``r > 8``), anti-aliased by ``cv2.GaussianBlur`` with a 3x3 (or 5x5) window and ``sigmaX=alias_blur``."""
-    import cv2
+    cv2 = require_cv2()
 
     if radius <= 8:
         coords = np.arange(-8, 8 + 1)
@@ -59,7 +59,7 @@ def defocus_blur(x: np.ndarray, c: tuple, rng: np.random.Generator) -> np.ndarra
     Small kernels (all CIFAR severities) use batched shifted sums in float64; large ImageNet disks call
     ``cv2.filter2D`` per image and channel, exactly as the original does.
     """
-    import cv2
+    cv2 = require_cv2()
 
     kernel = disk_kernel(*c)
     xf = x / 255.0

@@ -29,3 +29,15 @@ def wrap_to_uint8(y: np.ndarray) -> np.ndarray:
     and keeps the low byte. The original relies on it in ``spatter`` (``(layer * 255).astype(np.uint8)``).
     """
     return (np.trunc(y).astype(np.int64) & 255).astype(np.uint8)
+
+
+def require_cv2():
+    """The ``cv2`` module, or an ``ImportError`` that says how to install it."""
+    try:
+        import cv2
+    except ImportError as err:
+        raise ImportError(
+            "this corruption needs OpenCV: `pip install opencv-python` "
+            "(or `pip install tta-norm[corruptions]`)"
+        ) from err
+    return cv2

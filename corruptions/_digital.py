@@ -9,7 +9,7 @@ import io
 import numpy as np
 
 from . import _ops
-from ._common import finish_unit
+from ._common import finish_unit, require_cv2
 
 
 def contrast(x: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:
@@ -44,7 +44,7 @@ def elastic_transform(x: np.ndarray, c: tuple, rng: np.random.Generator) -> np.n
     """Random affine warp of three control points (``cv2.warpAffine``, bilinear, reflect-101), then a
     smoothed random displacement field (sigma ``c[1]``, amplitude ``c[0]``) sampled bilinearly with
     reflection (``map_coordinates(order=1, mode='reflect')``). float32 pipeline, as the original."""
-    import cv2
+    cv2 = require_cv2()
 
     alpha, sigma, jitter = c
     n, h, w, _ = x.shape
@@ -89,7 +89,7 @@ def pil_jpeg(img: np.ndarray, quality: int) -> np.ndarray:
 
 
 def _cv2_jpeg(img: np.ndarray, quality: int) -> np.ndarray:
-    import cv2
+    cv2 = require_cv2()
 
     ok, buf = cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
     if not ok:  # pragma: no cover - OpenCV failure

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._common import require_cv2
+
 FROST_FILES = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg", "frost6.jpg")
 N_USED = 5  # the original draws randint(5): frost6.jpg is never used
 
@@ -42,7 +44,7 @@ def frost_textures(scale: float | None) -> tuple[np.ndarray, ...]:
     ``cv2.imread`` (BGR), optionally ``cv2.resize(fx=fy=scale)`` with the default INTER_LINEAR (CIFAR uses
     0.2), then flipped to RGB (the original flips the crop; flipping first is the same).
     """
-    import cv2
+    cv2 = require_cv2()
 
     d = frost_dir()
     out = []

@@ -6,14 +6,14 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from . import _ops
-from ._common import finish_255, finish_unit, wrap_to_uint8
+from ._common import finish_255, finish_unit, require_cv2, wrap_to_uint8
 from ._frost import frost_textures
 from ._params import FOG_MAPSIZE, FROST_SCALE
 
 
 def _rgb2gray_f32(x32: np.ndarray) -> np.ndarray:
     """``cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)`` of float32 ``(N, H, W, 3)`` images -> ``(N, H, W, 1)``."""
-    import cv2
+    cv2 = require_cv2()
 
     n, h, w, _ = x32.shape
     gray = cv2.cvtColor(np.ascontiguousarray(x32).reshape(n * h, w, 3), cv2.COLOR_RGB2GRAY)
@@ -84,7 +84,7 @@ def fog(x: np.ndarray, c: tuple, rng: np.random.Generator, preset: str) -> np.nd
 
 def _water_distance(liquid_u8: np.ndarray) -> np.ndarray:
     """The per-image OpenCV chain of the water mode (Canny, distance transform, ..., emboss, blur)."""
-    import cv2
+    cv2 = require_cv2()
 
     dist = 255 - cv2.Canny(liquid_u8, 50, 150)
     dist = cv2.distanceTransform(dist, cv2.DIST_L2, 5)

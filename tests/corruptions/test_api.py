@@ -174,3 +174,17 @@ def test_cli_module_imports_light():
     code = "import sys; import corruptions.cli; assert 'numpy' not in sys.modules, sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
     assert hasattr(corruptions, "write_cifar_c") and hasattr(corruptions, "write_imagenet_c")
+
+
+def test_missing_opencv_is_explained(monkeypatch, images):
+    monkeypatch.setitem(sys.modules, "cv2", None)  # makes `import cv2` raise ImportError
+    for name in ("defocus_blur", "elastic_transform", "spatter", "snow"):
+        with pytest.raises(ImportError, match="pip install opencv-python"):
+            corrupt(images[:1], name, 1)
+    assert corrupt(images[:1], "gaussian_noise", 1).shape == (1, 32, 32, 3)
+
+
+def test_empty_batch(images):
+    empty = images[:0]
+    out = corrupt(empty, "glass_blur", 3)
+    assert out.shape == (0, 32, 32, 3) and out.dtype == np.uint8
