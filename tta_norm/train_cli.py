@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", default="cifar10-jpeg", help="source dataset folder name (train/ and test/)")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 12)")
     parser.add_argument("--batch-size", type=int, default=None, help="batch size (default 128)")
-    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.05)")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.03)")
     parser.add_argument("--weight-decay", type=float, default=None, help="weight decay (default 5e-4)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     parser.add_argument("--no-amp", action="store_true", help="train in float32 instead of bfloat16 autocast")

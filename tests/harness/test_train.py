@@ -73,13 +73,13 @@ def test_lr_schedule():
 @pytest.fixture
 def tiny_source(tmp_path):
     data = tmp_path / "data"
-    _write_png_tree(data / "toy" / "train", ["a", "b"], 12, size=(32, 32))
+    _write_png_tree(data / "toy" / "train", ["a", "b"], 8, size=(32, 32))
     _write_png_tree(data / "toy" / "test", ["a", "b"], 4, size=(32, 32), seed=3)
     return data
 
 
 def test_train_tiny_scratch_is_deterministic_and_loadable(tiny_source, tmp_path):
-    cfg = TrainConfig(init="scratch", epochs=2, batch_size=8, amp=False)
+    cfg = TrainConfig(init="scratch", epochs=2, batch_size=8, amp=False)  # 2 steps per epoch
     a = train_source_model(cfg, data_dir=tiny_source, source="toy", out=tmp_path / "a.pt", progress=False)
     b = train_source_model(cfg, data_dir=tiny_source, source="toy", out=tmp_path / "b.pt", progress=False)
     sa, sb = (torch.load(p, weights_only=True)["state_dict"] for p in (a.path, b.path))
