@@ -103,29 +103,34 @@ def glass_shuffle(y: np.ndarray, dx: np.ndarray, dy: np.ndarray, delta: int) -> 
     cols = np.arange(delta + 1, w - delta + 1)
     if rows.size == 0 or cols.size == 0:
         return y.copy()
-    src_r = rows[None, :, None] + dy
-    src_c = cols[None, None, :] + dx
-    flat = y.reshape(n, h * w, c)
-    # source of each pixel's value; pixels outside the visited region keep their own value
-    src = np.broadcast_to(np.arange(h * w), (n, h * w)).copy()
+    y = np.ascontiguousarray(y)
+    pixels = y.view(np.dtype((np.void, c * y.itemsize))).reshape(n * h * w)  # one item per pixel
     region = (rows[:, None] * w + cols[None, :]).ravel()
-    src_flat = (src_r * w + src_c).reshape(n, -1)
-    src[:, region] = src_flat
+    src = (region[None, :] + (dy * w + dx).reshape(n, -1)).astype(np.intp)  # source within each image
     if delta > 1:
+        src_r = rows[None, :, None] + dy
+        src_c = cols[None, None, :] + dx
         in_region = (src_r >= delta + 1) & (src_r <= h - delta) & (src_c >= delta + 1) & (src_c <= w - delta)
         earlier = in_region & (
             (src_r > rows[None, :, None]) | ((src_r == rows[None, :, None]) & (src_c > cols[None, None, :]))
         )
-        nxt = np.broadcast_to(np.arange(h * w), (n, h * w)).copy()
-        nxt[:, region] = np.where(earlier.reshape(n, -1), src_flat, region[None, :])
+        ident = np.broadcast_to(np.arange(h * w), (n, h * w))
+        nxt = ident.copy()  # pixel whose *new* value a pixel takes (itself: it reads an old value)
+        nxt[:, region] = np.where(earlier.reshape(n, -1), src, region[None, :])
         while True:
             jumped = np.take_along_axis(nxt, nxt, axis=1)
             if np.array_equal(jumped, nxt):
                 break
             nxt = jumped
-        src = np.take_along_axis(src, nxt, axis=1)
-    out = np.take_along_axis(flat, src[..., None], axis=1)
-    return out.reshape(n, h, w, c)
+        srcmap = ident.copy()
+        srcmap[:, region] = src
+        src = np.take_along_axis(srcmap, nxt[:, region], axis=1)
+    src += (np.arange(n, dtype=np.intp) * (h * w))[:, None]
+    out = y.copy()
+    out[:, delta + 1 : h - delta + 1, delta + 1 : w - delta + 1] = (
+        pixels[src.ravel()].view(y.dtype).reshape(n, rows.size, cols.size, c)
+    )
+    return out
 
 
 def glass_blur(x: np.ndarray, c: tuple, rng: np.random.Generator) -> np.ndarray:
