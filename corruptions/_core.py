@@ -263,8 +263,10 @@ def corrupt(
     severity:
         1..5.
     seed:
-        Non-negative int. All randomness comes from NumPy generators derived from it (per block of images);
-        the same call gives the same bytes, and no global random state is read or changed.
+        Non-negative int. All randomness comes from NumPy ``Generator`` streams derived from
+        ``(seed, name, severity, preset, block)`` where blocks are consecutive runs of images (256 at 32x32,
+        see :func:`block_size`): the same call gives the same bytes whatever ``workers`` is, and no global
+        random state (``np.random``, ``random``, torch) is read or changed.
     preset:
         ``"cifar"`` (CIFAR-10-C parameters, ``make_cifar_c.py``) or ``"imagenet"`` (ImageNet-C parameters,
         ``make_imagenet_c.py``). Parameters are in pixels; images of other sizes are processed with the same
