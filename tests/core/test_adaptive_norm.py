@@ -307,3 +307,23 @@ def test_spec_validation() -> None:
     with pytest.raises(TypeError, match="unknown NormSpec field"):
         NormSpec().replace(alpah=0.1)
     assert get_preset("prior").spec.replace(alpha=0.3).pseudo_count is None
+
+
+def test_ema_in_place_path_equals_functional_path() -> None:
+    """Without autograd the EMA layer updates its buffers in place; with autograd it goes through the
+    differentiable functional path. Both give the same outputs and states."""
+    a, b = layer("ema"), layer("ema")
+    for seed in range(3):
+        x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(seed)) * (seed + 1)
+        with torch.no_grad():
+            out_a = a(x)
+        out_b = b(x.clone().requires_grad_(True))
+        torch.testing.assert_close(out_a, out_b.detach())
+        torch.testing.assert_close(a.ema_mean, b.ema_mean)
+        torch.testing.assert_close(a.ema_var, b.ema_var)
+    bad = X.clone()
+    bad[:, 2] = float("inf")
+    before = a.ema_mean.clone(), a.ema_var.clone()
+    with torch.no_grad():
+        a(bad)
+    assert torch.isfinite(a.ema_mean).all() and a.ema_mean[2] == before[0][2] and a.ema_var[2] == before[1][2]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from tta_norm.norm.functional import SINGLE_VALUE_HINT, layer_statistics, normalize
+from tta_norm.norm.functional import SINGLE_VALUE_HINT, estimate, layer_statistics, normalize
 from tta_norm.norm.spec import NormSpec
 from tta_norm.stats.estimators import SMALL_INPUT, Stats, count_per_channel
 
@@ -42,6 +42,8 @@ class AdaptiveNorm(nn.Module):
     Non-finite batch statistics never enter the EMA state (the old value is kept per channel).
     """
 
+    is_norm_layer = True  # counted as a norm layer by tta_norm.training.param_groups
+
     def __init__(
         self,
         num_features: int,
@@ -70,6 +72,7 @@ class AdaptiveNorm(nn.Module):
         self._plain_tbn = plain and spec.mixing == "test" and spec.estimator == "mean_var" and not spec.unbiased
         self._plain_source = plain and spec.mixing == "source"
         self._plain_stateless = plain and spec.mixing != "ema"  # without the batch: the source statistics
+        self._plain_ema = plain and spec.mixing == "ema"
         self.domain: int | Tensor | None = None
         mean = source_mean if source_mean is not None else torch.zeros(num_features, **factory)
         var = source_var if source_var is not None else torch.ones(num_features, **factory)
@@ -135,10 +138,18 @@ class AdaptiveNorm(nn.Module):
                 self.ema_var.copy_(self.source_var)
 
     def _commit(self, new_state: Stats) -> None:
+        """Store a new EMA state; channels whose new mean or variance is not finite keep their old values."""
         with torch.no_grad():
-            for buf, value in ((self.ema_mean, new_state.mean), (self.ema_var, new_state.var)):
-                value = value.detach()
-                buf.copy_(torch.where(torch.isfinite(value), value, buf))
+            mean, var = new_state.mean.detach(), new_state.var.detach()
+            ok = torch.isfinite(mean + var)
+            self.ema_mean.copy_(torch.where(ok, mean, self.ema_mean))
+            self.ema_var.copy_(torch.where(ok, var, self.ema_var))
+
+    def _ema_step_(self, batch: Stats) -> None:
+        """In-place EMA update toward the batch statistics (equal to :func:`ema_update` + :meth:`_commit`)."""
+        ok = torch.isfinite(batch.mean + batch.var)
+        self.ema_mean.lerp_(torch.where(ok, batch.mean, self.ema_mean), self.spec.momentum)
+        self.ema_var.lerp_(torch.where(ok, batch.var, self.ema_var), self.spec.momentum)
 
     # -- forward -------------------------------------------------------------------------------------------
     def _check_input(self, x: Tensor) -> None:
@@ -179,6 +190,10 @@ class AdaptiveNorm(nn.Module):
         if weight is None or weight.dim() == 1:  # per-channel affine: one fused ATen call where it is exact
             if self._plain_source or (self._plain_stateless and not self.use_batch):
                 return F.batch_norm(x, self.source_mean, self.source_var, weight, bias, False, 0.0, self.eps)
+            if self._plain_ema and self.use_batch and self.update_state and not _needs_grad(x, weight):
+                # no autograd: update the state in place and normalise with the buffers (fewer small ops)
+                self._ema_step_(estimate(x, self.spec))
+                return F.batch_norm(x, self.ema_mean, self.ema_var, weight, bias, False, 0.0, self.eps)
             if self._plain_tbn and self.use_batch and (x.numel() <= SMALL_INPUT or _needs_grad(x, weight)):
                 # fused statistics + normalisation (and its fused backward): faster for small inputs and
                 # whenever autograd is recording; large no-grad inputs take the faster split path below
