@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-amp", action="store_true", help="train in float32 instead of bfloat16 autocast")
     parser.add_argument("--max-train-samples", type=int, default=None, help="train on a random subset")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop training after this wall time")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: chosen each epoch by timing 1 vs torch's default)")  # fmt: skip
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--out", default=None,
                         help="checkpoint path (default: the cache, ~/.cache/tta_norm/checkpoints or "
@@ -59,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "max_train_samples": args.max_train_samples,
         "max_minutes": args.max_minutes,
+        "threads": args.threads,
     }
     config = dataclasses.replace(
         TrainConfig(model=args.model, init=args.init, amp=not args.no_amp),

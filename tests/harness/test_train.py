@@ -79,7 +79,8 @@ def tiny_source(tmp_path):
 
 
 def test_train_tiny_scratch_is_deterministic_and_loadable(tiny_source, tmp_path):
-    cfg = TrainConfig(init="scratch", epochs=2, batch_size=8, amp=False)  # 2 steps per epoch
+    threads_before = torch.get_num_threads()
+    cfg = TrainConfig(init="scratch", epochs=2, batch_size=8, amp=False, threads=1)  # 2 steps per epoch
     a = train_source_model(cfg, data_dir=tiny_source, source="toy", out=tmp_path / "a.pt", progress=False)
     b = train_source_model(cfg, data_dir=tiny_source, source="toy", out=tmp_path / "b.pt", progress=False)
     sa, sb = (torch.load(p, weights_only=True)["state_dict"] for p in (a.path, b.path))
@@ -89,6 +90,7 @@ def test_train_tiny_scratch_is_deterministic_and_loadable(tiny_source, tmp_path)
     assert meta["num_classes"] == 2 and meta["config"]["epochs"] == 2 and meta["test_accuracy"] == a.test_accuracy
     model = load_model("resnet20", a.path)
     assert model.linear.out_features == 2
+    assert torch.get_num_threads() == threads_before  # restored after training
 
 
 def test_prepare_source_model_trains_once(tiny_source, monkeypatch):
@@ -135,3 +137,25 @@ def test_small_budget_finetune_on_mirror(mirror_root, resnet20_checkpoint, tmp_p
     acc = evaluate_accuracy(model, test.images[::20], test.labels[::20])
     assert acc > 0.7
     assert np.isfinite(result.history[0]["train_loss"])
+
+
+def test_thread_chooser_picks_the_faster_count():
+    import time as _time
+
+    default = torch.get_num_threads()
+    if default < 2:
+        pytest.skip("needs torch with >= 2 threads")
+    chooser = train_mod._ThreadChooser(None, torch.device("cpu"))
+    try:
+        for slow_count in (1, default):
+            chooser.new_epoch()
+            for _ in range(2 * chooser.PROBE):
+                chooser.before_step()
+                if torch.get_num_threads() == slow_count:
+                    _time.sleep(0.02)
+                chooser.after_step()
+            assert torch.get_num_threads() == (default if slow_count == 1 else 1)
+    finally:
+        chooser.restore()
+    assert torch.get_num_threads() == default
+    assert not train_mod._ThreadChooser(None, torch.device("cuda")).auto
