@@ -1,0 +1,33 @@
+"""Post-training and test-time helpers built on :func:`tta_norm.adapt` (issue 5).
+
+* :mod:`tta_norm.adaptation.ttn`: TTN post-training of the channel-wise test weights (Lim et al., ICLR 2023).
+* :mod:`tta_norm.adaptation.sabn`: SaBN heads training and test-time routing (Gong et al., WACV 2022).
+* :mod:`tta_norm.adaptation.iew`: the inference-example-weighing sweep (Summers & Dinneen, ICLR 2020).
+* :mod:`tta_norm.adaptation.augment`: the shift-simulating augmentations they share.
+* :mod:`tta_norm.adaptation.cli`: the ``ttn-fit`` and ``sabn-train`` subcommands.
+
+Names are imported lazily, so that the command-line modules stay light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "SHIFT_OPS": "augment",
+    "ShiftAugment": "augment",
+    "TTNConfig": "ttn",
+    "TTNPrior": "ttn",
+    "TTNResult": "ttn",
+    "fit_ttn": "ttn",
+    "shift_sensitivity_prior": "ttn",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"tta_norm.adaptation.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'tta_norm.adaptation' has no attribute {name!r}")

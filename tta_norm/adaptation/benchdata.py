@@ -1,0 +1,135 @@
+"""Random-subset corruption benchmarks and a grid runner over them, for CPU-budget measurements.
+
+``tta_norm.data.load_corruption_benchmark(n_examples=n)`` keeps the *first* n test images, which for the
+class-sorted JPEG mirror are one class.  :func:`subset_corruption_benchmark` instead draws a seeded random
+subset of the clean test set and regenerates the corruptions for those images only (with the harness's
+``regenerate_domain``, cached in its own directory).  :func:`run_grid` runs the cells of a
+:class:`~tta_norm.bench.BenchConfig` over such a benchmark with the harness's ``run_cell`` and writes the
+harness's ``results.jsonl``/``results.csv``/``report.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tta_norm.adaptation._data import seeded_subset
+
+
+def subset_corruption_benchmark(
+    n_per_domain: int,
+    corruptions: Sequence[str] | None = None,
+    severities: Sequence[int] = (5,),
+    *,
+    subset_seed: int = 0,
+    data_seed: int = 0,
+    include_clean: bool = False,
+    data_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+):
+    """A CIFAR-10-C benchmark on ``n_per_domain`` random clean test images (the same images in every domain)."""
+    from tqdm.auto import tqdm
+
+    from tta_norm.data import CLEAN, CORRUPTIONS, CorruptionBenchmark, load_clean_test_set, regenerate_domain
+    from tta_norm.data.paths import data_cache_dir
+
+    corruptions = list(corruptions or CORRUPTIONS)
+    clean_all = load_clean_test_set("cifar10", data_dir)
+    idx = np.sort(seeded_subset(len(clean_all), n_per_domain, subset_seed))
+    clean = clean_all.subset(idx)
+    h = hashlib.sha1(np.ascontiguousarray(clean.images).data)
+    try:
+        from tta_norm.data.benchmark import _generator_hash
+
+        gen_hash = _generator_hash()
+    except Exception:  # pragma: no cover - the generator package is optional
+        gen_hash = "unknown"
+    root = Path(cache_dir) if cache_dir is not None else data_cache_dir() / "regenerated-subsets"
+    directory = root / f"cifar10-{h.hexdigest()[:12]}-n{len(idx)}" / f"cifar-seed{data_seed}-{gen_hash}"
+    domains, provenance = {}, {}
+    todo = [(c, s) for c in corruptions for s in severities]
+    with tqdm(total=len(todo), desc="corruption subset", unit="domain", disable=not progress) as bar:
+        for c, s in todo:
+            domains[(c, s)] = regenerate_domain(clean, c, s, directory, seed=data_seed)
+            provenance[(c, s)] = "regenerated"
+            bar.update(1)
+    if include_clean:
+        domains[CLEAN] = clean
+        provenance[CLEAN] = "clean"
+    note = (
+        f"regenerated from a random subset of {len(idx)} images of {clean_all.source} "
+        f"(subset seed {subset_seed}, corruption seed {data_seed}, cache {directory})"
+    )
+    return CorruptionBenchmark("cifar10", domains, provenance, clean_all.source, [note])
+
+
+def run_grid(
+    cfg: Any,
+    bench: Any,
+    model: torch.nn.Module,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Run every cell of ``cfg`` (a ``BenchConfig``) over ``bench`` with the harness's ``run_cell``; store the
+    records and write the harness report in ``cfg.output``.  Returns the output directory."""
+    import json
+
+    from tqdm.auto import tqdm
+
+    from tta_norm.bench import run_cell, write_report
+    from tta_norm.bench.runner import cell_plan, environment, resolve_device
+    from tta_norm.bench.store import ResultStore, atomic_write
+
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "config.json", json.dumps(cfg.to_dict(), indent=1))
+    store = ResultStore(out, resume)
+    cells = cfg.cells()
+    todo = [c for c in cells if not store.done(c.key())]
+    device = resolve_device(cfg.device)
+    model = model.to(device)
+    total = sum(len(cell_plan(c, bench, cfg)) for c in todo)
+    with tqdm(total=total, unit="img", desc="grid", disable=not progress, smoothing=0.05) as bar:
+        for cell in todo:
+            bar.set_postfix_str(f"{cell.entry.label} {cell.setting} b{cell.batch_size}")
+            start = time.perf_counter()
+            record: dict[str, Any] = {"key": cell.key(), "cell": cell.describe(), "env": environment(),
+                                      "data": bench.describe()}  # fmt: skip
+            try:
+                record["metrics"] = run_cell(cell, model, bench, cfg, device, progress=bar.update)
+                record["status"] = "ok"
+            except (ValueError, RuntimeError) as err:
+                record["status"] = "failed"
+                record["error"] = f"{type(err).__name__}: {err}"
+                record["traceback"] = traceback.format_exc(limit=3)
+            record["seconds"] = time.perf_counter() - start
+            store.add(record)
+    write_report(out, list(store.records.values()), cfg, plots=cfg.plots)
+    return out
+
+
+def error_table(out: str | os.PathLike, metric: str = "error") -> dict[tuple[str, int], float]:
+    """``{(method label, batch size): error %}`` from a grid's ``results.jsonl`` (status ok only)."""
+    import json
+
+    table = {}
+    for line in (Path(out) / "results.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("status") != "ok":
+            continue
+        m = rec["metrics"]
+        value = m.get(metric)
+        if value is None:
+            continue
+        table[(rec["cell"]["method"]["name"], rec["cell"]["batch_size"])] = float(value)
+    return table
