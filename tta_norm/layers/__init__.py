@@ -7,9 +7,13 @@
 * Proxy Normalization: ``ProxyNorm``, ``GroupNormProxyAct`` and the BN + activation -> GN + PN converter
   ``convert_to_gn_pn`` / ``find_bn_activations`` (Labatie et al., NeurIPS 2021).
 
+* Per-branch BN for adversarial training: ``AuxBatchNorm2d``, ``SaAuxBatchNorm2d`` (sandwich BN), the converter
+  ``convert_to_aux_bn`` and branch routing ``set_branch`` / ``use_branch`` (Gong et al., WACV 2022).
+
 The optimizer parameter-group helper for weight decay on gamma/beta lives in ``tta_norm.training``.
 """
 
+from .aux_batch_norm import AuxBatchNorm2d, SaAuxBatchNorm2d, convert_to_aux_bn, set_branch, use_branch
 from .batch_group_norm import BatchGroupNorm
 from .convert import (
     ACTIVATION_MODULES,
@@ -23,12 +27,15 @@ from .proxy_norm import GroupNormProxyAct, ProxyNorm, normal_quantiles, relu_gau
 
 __all__ = [
     "ACTIVATION_MODULES",
+    "AuxBatchNorm2d",
     "BatchGroupNorm",
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
     "GhostBatchNorm3d",
     "GroupNormProxyAct",
     "ProxyNorm",
+    "SaAuxBatchNorm2d",
+    "convert_to_aux_bn",
     "convert_to_batch_group_norm",
     "convert_to_ghost_bn",
     "convert_to_gn_pn",
@@ -36,4 +43,6 @@ __all__ = [
     "ghost_chunk_sizes",
     "normal_quantiles",
     "relu_gaussian_moments",
+    "set_branch",
+    "use_branch",
 ]
