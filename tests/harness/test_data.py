@@ -40,12 +40,14 @@ def test_default_search_finds_mirror_from_any_cwd(mirror_root, monkeypatch, tmp_
     """A fresh clone beside shared/ finds shared/data/cifar10-jpeg without flags, whatever the cwd."""
     monkeypatch.delenv("TTA_NORM_DATA", raising=False)
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "test" / "some_class").mkdir(parents=True)  # ./data is a container, not a dataset
     found = find_dataset_dir(["cifar10-jpeg"], is_image_folder_split)
     assert found is not None and found.resolve() == mirror_root.resolve()
     # --data-dir may point at the dataset itself or at its parent
     assert find_dataset_dir(["cifar10-jpeg"], is_image_folder_split, mirror_root) == mirror_root
     assert find_dataset_dir(["cifar10-jpeg"], is_image_folder_split, mirror_root.parent) == mirror_root
-    assert find_dataset_dir(["cifar10-jpeg"], is_image_folder_split, tmp_path) is None
+    assert find_dataset_dir(["cifar10-jpeg"], is_image_folder_split, tmp_path / "nothing") is None
+    assert find_dataset_dir(["cifar10-jpeg"], is_image_folder_split, tmp_path / "data") == tmp_path / "data"
 
 
 # ------------------------------------------------------------------------------------------------- ImageFolder

@@ -10,8 +10,9 @@ Search order for datasets (first hit wins):
    ``<repo>/../shared/data`` (``<repo>`` = the checkout this package was imported from, so a fresh clone
    beside ``shared/`` finds ``shared/data/cifar10-jpeg`` without flags), and ``<cache>/data``.
 
-A search directory may be the dataset directory itself (e.g. ``--data-dir ../shared/data/cifar10-jpeg``) or
-contain it under its conventional name (``cifar10-jpeg``, ``cifar-10-batches-py``, ``CIFAR-10-C``, ...).
+A search directory contains datasets under their conventional names (``cifar10-jpeg``, ``cifar-10-batches-py``,
+``cifar-100-python``, ``CIFAR-10-C``, ``CIFAR-100-C``, ``ImageNet-C``); an explicitly given directory may also be
+the dataset itself (e.g. ``--data-dir ../shared/data/cifar10-jpeg``).
 
 Caches (decoded image arrays, regenerated benchmarks, trained checkpoints) live outside the repository under
 ``TTA_NORM_CACHE`` (default ``~/.cache/tta_norm``): ``<cache>/data`` and ``<cache>/checkpoints`` (the latter
@@ -114,12 +115,15 @@ def find_dataset_dir(
     is_dataset: Callable[[Path], bool],
     data_dir: PathLike | None = None,
 ) -> Path | None:
-    """First directory in the search list that is a dataset (``is_dataset(path)``) either itself or under
-    one of its conventional ``names``. Returns ``None`` if nothing matches."""
+    """First directory in the search list that is a dataset (``is_dataset(path)``) under one of its
+    conventional ``names``, or itself when the directory was given explicitly (``data_dir`` or
+    ``$TTA_NORM_DATA``; default directories such as ``./data`` are only containers). ``None`` if nothing
+    matches."""
+    explicit = data_dir is not None or bool(os.environ.get(ENV_DATA))
     for base in data_search_dirs(data_dir):
         if not base.is_dir():
             continue
-        if is_dataset(base):
+        if explicit and is_dataset(base):
             return base
         for name in names:
             cand = base / name
