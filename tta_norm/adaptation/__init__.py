@@ -22,6 +22,11 @@ _EXPORTS = {
     "TTNResult": "ttn",
     "fit_ttn": "ttn",
     "shift_sensitivity_prior": "ttn",
+    "SaBNConfig": "sabn",
+    "SaBNResult": "sabn",
+    "SaBNRouter": "sabn",
+    "StatsBank": "sabn",
+    "train_sabn": "sabn",
 }
 
 __all__ = sorted(_EXPORTS)

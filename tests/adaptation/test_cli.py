@@ -1,0 +1,88 @@
+"""The ttn-fit / sabn-train command-line front ends on a tiny ImageFolder (released ResNet-20 weights)."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+
+import tta_norm
+from tta_norm.adaptation import cli
+
+
+@pytest.fixture()
+def tiny_folder(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setenv("TTA_NORM_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    root = tmp_path / "tiny-source"
+    for split in ("train", "test"):
+        for c in range(10):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+@pytest.fixture()
+def resnet20():
+    from tta_norm.models import load_model
+
+    try:
+        return load_model("resnet20")
+    except (FileNotFoundError, RuntimeError) as err:  # pragma: no cover - depends on the machine
+        pytest.skip(f"resnet20 weights unavailable: {err}")
+
+
+def parse(add, argv):
+    p = argparse.ArgumentParser()
+    add(p)
+    return p.parse_args(argv)
+
+
+def test_ttn_fit_cli_saves_a_loadable_state(tiny_folder, resnet20, tmp_path, capsys):
+    out = tmp_path / "ttn.pt"
+    args = parse(cli.ttn_fit_add_arguments, [
+        "--data-dir", str(tiny_folder), "--source", "tiny-source", "--n-images", "12", "--prior-batches", "2",
+        "--epochs", "1", "--batch-size", "6", "--fit-batch-sizes", "3,6", "--device", "cpu", "--out", str(out),
+        "--quiet",
+    ])  # fmt: skip
+    assert cli.ttn_fit_run(args) == 0
+    assert "init_state" in capsys.readouterr().out
+    tta = tta_norm.adapt(resnet20, "ttn", init_state=out)
+    payload = torch.load(out, weights_only=True)
+    for name, layer in tta.norm_layers():
+        assert torch.equal(layer.mix_weight, payload["ttn"]["alpha"][name])
+    assert payload["meta"]["n_images"] == 12
+
+
+def test_ttn_fit_cli_reports_missing_data(tmp_path, capsys):
+    args = parse(cli.ttn_fit_add_arguments, ["--data-dir", str(tmp_path), "--source", "nope", "--out", "x.pt"])
+    assert cli.ttn_fit_run(args) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_sabn_train_cli_saves_state_and_bank(tiny_folder, resnet20, tmp_path):
+    from tta_norm.adaptation.sabn import SaBNRouter
+
+    out = tmp_path / "sabn.pt"
+    args = parse(cli.sabn_train_add_arguments, [
+        "--data-dir", str(tiny_folder), "--source", "tiny-source", "--n-images", "12", "--domains", "clean,noise",
+        "--epochs", "1", "--batch-size", "6", "--device", "cpu", "--out", str(out), "--quiet",
+    ])  # fmt: skip
+    assert cli.sabn_train_run(args) == 0
+    router = SaBNRouter.from_file(resnet20, out, "stats")
+    assert router.bank.names == ["clean", "noise"] and router.capacity == 2
+    x = torch.rand(4, 3, 32, 32)
+    router(x)
+    assert router.routes[0] in (0, 1)
+
+
+def test_sabn_train_cli_rejects_bad_domains(capsys):
+    args = parse(cli.sabn_train_add_arguments, ["--domains", "clean,jpeg", "--out", "x.pt"])
+    assert cli.sabn_train_run(args) == 2
+    assert "bad SaBN domains" in capsys.readouterr().err
