@@ -27,6 +27,8 @@ _EXPORTS = {
     "SaBNRouter": "sabn",
     "StatsBank": "sabn",
     "train_sabn": "sabn",
+    "IEWSweep": "iew",
+    "sweep_example_weight": "iew",
 }
 
 __all__ = sorted(_EXPORTS)
