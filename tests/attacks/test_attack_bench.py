@@ -99,6 +99,13 @@ def test_grid_runs_resumes_and_reports(tmp_path, patched):
     assert (out / "results.jsonl").read_text() == before
 
 
+def test_batch_size_table(tmp_path, patched):
+    cfg = _tiny_cfg(tmp_path, batch_sizes=[4, 8], objectives=["indiscriminate"], methods=["tbn"], n_batches=1)
+    out = ab.run_attack_grid(cfg, progress=False)
+    report = (out / "report.md").read_text()
+    assert "vs batch size" in report and "| tbn | " in report and "b4 | b8" in report
+
+
 def test_cli_dry_run_and_bad_config(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)

@@ -426,6 +426,43 @@ def attack_tables(records: list[dict[str, Any]], cfg: AttackConfig | None = None
     return "\n\n".join(parts)
 
 
+def batch_size_tables(records: list[dict[str, Any]], cfg: AttackConfig | None = None) -> str:
+    """The main metric vs batch size (rows = method), one table per (objective, budget, mode, fraction)."""
+    ok = [r for r in records if r["status"] == "ok"]
+    if len({r["cell"]["batch_size"] for r in ok}) < 2:
+        return ""
+    methods = [e.label for e in cfg.method_entries()] if cfg else list(
+        dict.fromkeys(r["cell"]["method"]["name"] for r in ok))  # fmt: skip
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in ok:
+        c = r["cell"]
+        groups[(c["objective"], c["eps"], c["mode"], c["fraction"])].append(r)
+    parts = []
+    for (objective, eps, mode, frac), rows in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        sizes = sorted({r["cell"]["batch_size"] for r in rows})
+        if len(sizes) < 2:
+            continue
+        key, label = _main_metric(objective)
+        lines = [
+            f"### {label} vs batch size: {objective}, eps {eps:.4g}, {mode}, {frac:.0%} malicious",
+            "",
+            "| method | " + " | ".join(f"b{b}" for b in sizes) + " |",
+            "|" + "---|" * (len(sizes) + 1),
+        ]
+        for m in methods:
+            vals = [
+                _pct(
+                    _seed_mean(
+                        [r for r in rows if r["cell"]["method"]["name"] == m and r["cell"]["batch_size"] == b], key
+                    )
+                )
+                for b in sizes
+            ]
+            lines.append(f"| {m} | " + " | ".join(vals) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
 def make_attack_plots(out: Path, records: list[dict[str, Any]]) -> list[Path]:
     """PNG: the main metric vs malicious fraction, one line per method, one plot per table."""
     import matplotlib
@@ -485,6 +522,9 @@ def write_attack_report(
     if ok:
         lines += [f"Data: {ok[0]['data']}", ""]
     lines.append(attack_tables(records, cfg))
+    sweep = batch_size_tables(records, cfg)
+    if sweep:
+        lines += ["", sweep]
     if failed:
         lines += ["", "### failed cells", ""]
         lines += [f"- {r['cell']['method']['name']} {r['cell']['objective']} f={r['cell']['fraction']}: "
