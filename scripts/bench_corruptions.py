@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -81,24 +82,36 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{'corruption':<18} "
         + " ".join(f"{'s' + str(s):>8}" for s in range(1, 6))
-        + f" {'img/s':>8} {'s/50k':>7}"
+        + f" {'img/s':>8} {'s/50k':>7} {'cpu s/50k':>9}"
     )
     for name in names:
-        times = []
+        times, cpu = [], 0.0
         for s in range(1, 6):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             corrupt(x, name, s, seed=1, preset=args.preset, workers=args.workers)
             times.append(time.perf_counter() - t0)
+            cpu += time.process_time() - c0
         rate = [len(x) / t for t in times]
         overall = 5 * len(x) / sum(times)
         sec_full = 5 * args.total_images / overall
-        rows[name] = {"per_severity": rate, "images_per_s": overall, "seconds_full": sec_full}
-        print(f"{name:<18} " + " ".join(f"{r:8.0f}" for r in rate) + f" {overall:8.0f} {sec_full:7.1f}")
+        cpu_full = cpu * args.total_images / len(x)
+        rows[name] = {
+            "per_severity": rate,
+            "images_per_s": overall,
+            "seconds_full": sec_full,
+            "cpu_seconds_full": cpu_full,
+        }
+        print(
+            f"{name:<18} "
+            + " ".join(f"{r:8.0f}" for r in rate)
+            + f" {overall:8.0f} {sec_full:7.1f} {cpu_full:9.1f}"
+        )
     total = sum(r["seconds_full"] for r in rows.values())
+    cpu_total = sum(r["cpu_seconds_full"] for r in rows.values())
     n_full = 5 * args.total_images * len(rows)
     print(
         f"# extrapolated: {n_full:,} images in {total:.1f} s ({n_full / total:,.0f} img/s)"
-        f" + {setup:.1f} s set-up"
+        f" + {setup:.1f} s set-up; {cpu_total:.1f} CPU-s; load average {os.getloadavg()[0]:.1f}"
     )
 
     if len(rows) == 19 and args.total_images == 10_000:
@@ -106,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# vs the original generator's ~19 min (1140 s) single-core run: {1140 / total:.0f}x")
     result = {"source": desc, "preset": args.preset, "workers": args.workers, "rows": rows, "setup_s": setup}
     result["total_s"] = total
+    result["cpu_total_s"] = cpu_total
     if args.glass_ref_images > 0 and "glass_blur" in rows:
         k = args.glass_ref_images
         rs = np.random.RandomState(0)
