@@ -5,12 +5,13 @@ Each helper reproduces one library operation of the original pipeline (Hendrycks
 affordable:
 
 * :func:`gaussian_filter` - ``skimage.filters.gaussian`` (SciPy ``gaussian_filter``, batched: bit-exact).
-* :func:`zoom_matrix` / :func:`zoom_axis` - ``scipy.ndimage.zoom(order=1)`` as used by ``clipped_zoom``
-  (corner-aligned linear interpolation with SciPy's weight formula: bit-exact for the float64 path).
+* :func:`zoom_axis` / :func:`clipped_zoom_2d` - ``scipy.ndimage.zoom(order=1)`` as used by ``clipped_zoom``
+  (corner-aligned linear interpolation with SciPy's weights and term order: bit-exact);
+  :func:`zoom_sum_operator` - the sum over zoom factors of ``zoom_blur`` as one sparse operator.
 * :func:`motion_blur` - ImageMagick ``MotionBlurImage`` plus its 8-bit PNG round trip, implemented
   directly: one-sided Gaussian kernel of width ``2*ceil(radius)+1``, offsets ``ceil(i*cos - 0.5)``,
-  ``ceil(i*sin - 0.5)``, edge virtual pixels, Q16 accumulation (validated bit-exactly against
-  ImageMagick 6.9.11 Q16).
+  ``ceil(i*sin - 0.5)``, edge virtual pixels, Q16 accumulation rounded to a quantum and truncated by the
+  8-bit writer (validated bit-exactly against ImageMagick 6.9.11 Q16).
 * :func:`pil_box_resize` - Pillow ``Image.resize(..., BOX)`` with Pillow's fixed-point two-pass resampler
   (bit-exact with Pillow).
 * :func:`plasma_fractal` - the diamond-square plasma of ``fog``.
