@@ -17,6 +17,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "presets": ("tta_norm.presets_cli", "list the adaptation presets and gradient methods"),
     "bench": ("tta_norm.bench.cli", "run a benchmark grid (presets x methods x streams x batch sizes x seeds)"),
     "train": ("tta_norm.train_cli", "fine-tune or train a source model on a source ImageFolder"),
+    "corrupt": ("corruptions.cli", "write CIFAR-10-C / ImageNet-C style corrupted datasets"),
+    "attack": ("tta_norm.attacks.cli", "run a malicious-sample attack grid against test-time adaptation"),
+    "ttn-fit": ("tta_norm.adaptation.cli_ttn_fit", "fit TTN's channel-wise mixing weights on source data"),
+    "sabn-train": ("tta_norm.adaptation.cli_sabn_train", "train SaBN per-domain affine heads on source data"),
 }
 
 

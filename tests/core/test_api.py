@@ -195,3 +195,18 @@ def test_init_state_is_loaded_and_is_what_reset_returns_to(tmp_path) -> None:
     torch.testing.assert_close(first, tta_norm.adapt(model, "ttn", alpha=0.8)(X))
     with pytest.raises(ValueError, match="init_state does not fit"):
         tta_norm.adapt(model, "tbn", init_state=path)
+
+
+def test_cli_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    from tta_norm.cli import SUBCOMMANDS, main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for name in SUBCOMMANDS:
+        assert name in out
+    for name in SUBCOMMANDS:  # every subcommand has its own --help
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        assert capsys.readouterr().out.startswith("usage: tta-norm " + name)
