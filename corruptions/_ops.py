@@ -394,21 +394,17 @@ def hsv2rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _reflect_index(i: np.ndarray, n: int) -> np.ndarray:
-    """Half-sample symmetric extension (``d c b a | a b c d | d c b a``) of integer indices."""
-    lo = int(i.min(initial=0))
-    hi = int(i.max(initial=0))
+def _reflect_pair(i: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Half-sample symmetric extension (``d c b a | a b c d | d c b a``) of ``i`` and ``i + 1``."""
     if n == 1:
-        return np.zeros_like(i)
-    if hi - lo <= 8 * n + 64:  # small range: a lookup table is much faster than mod/where
-        rng = np.arange(lo, hi + 1)
-        period = 2 * n
-        m = np.mod(rng, period)
-        lut = np.where(m >= n, period - 1 - m, m)
-        return lut[i - lo]
+        return np.zeros_like(i), np.zeros_like(i)
+    lo = int(i.min(initial=0))
+    span = np.arange(lo, int(i.max(initial=0)) + 2)
     period = 2 * n
-    m = np.mod(i, period)
-    return np.where(m >= n, period - 1 - m, m)
+    m = np.mod(span, period)
+    lut = np.where(m >= n, period - 1 - m, m)
+    k = i - lo
+    return lut[k], lut[k + 1]
 
 
 def map_coordinates_reflect(img: np.ndarray, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
@@ -421,24 +417,22 @@ def map_coordinates_reflect(img: np.ndarray, yy: np.ndarray, xx: np.ndarray) -> 
     n, h, w, c = img.shape
     y0, wy0, wy1 = _spline1_weights(yy.ravel())
     x0, wx0, wx1 = _spline1_weights(xx.ravel())
-    ya = _reflect_index(y0, h)
-    yb = _reflect_index(y0 + 1, h)
-    xa = _reflect_index(x0, w)
-    xb = _reflect_index(x0 + 1, w)
+    ya, yb = _reflect_pair(y0, h)
+    xa, xb = _reflect_pair(x0, w)
     base = np.repeat(np.arange(n, dtype=np.intp) * (h * w), h * w)
-    planar = np.ascontiguousarray(img.reshape(n * h * w, c).T).astype(np.float64)  # (C, N*H*W)
+    planar = np.ascontiguousarray(img.reshape(n * h * w, c).T)  # (C, N*H*W), input dtype
     ra = base + ya * w
     rb = base + yb * w
     out = np.empty((c, n * h * w))
     tmp = np.empty((c, n * h * w))
-    for k, (r, a, xi, b) in enumerate(
-        ((ra, wy0, xa, wx0), (ra, wy0, xb, wx1), (rb, wy1, xa, wx0), (rb, wy1, xb, wx1))
-    ):
-        np.take(planar, r + xi, axis=1, out=tmp)
-        tmp *= a
+    vals = np.empty((c, n * h * w), dtype=img.dtype)
+    corners = ((ra, wy0, xa, wx0), (ra, wy0, xb, wx1), (rb, wy1, xa, wx0), (rb, wy1, xb, wx1))
+    for k, (r, a, xi, b) in enumerate(corners):
+        np.take(planar, r + xi, axis=1, out=vals)
+        np.multiply(vals, a, out=tmp)  # exact widening of the float32 value, then (v * wy) in double
         tmp *= b
         if k == 0:
             out[...] = tmp
         else:
             out += tmp
-    return np.ascontiguousarray(out.T).reshape(n, h, w, c).astype(img.dtype)
+    return out.T.astype(img.dtype, order="C").reshape(n, h, w, c)
