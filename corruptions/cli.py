@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry point: ``python -m corruptions.cli SOURCE OUT ...``."""
     parser = argparse.ArgumentParser(
-        prog="python -m corruptions.cli",
+        prog="python -m corruptions",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
