@@ -209,3 +209,11 @@ def test_cli_imagenet_layout_auto(tmp_path):
     assert cli.run(args) == 0
     files = sorted((tmp_path / "out" / "brightness" / "3").rglob("*.jpg"))
     assert len(files) == 4 and Image.open(files[0]).size == (32, 32)
+
+
+def test_python_m_corruptions_help():
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "corruptions", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "--severities" in res.stdout
