@@ -109,7 +109,7 @@ def test_projection_by_hand():
 def test_pgd_respects_budget_and_range(init):
     x, y = batch(10, seed=3)
     eps = 8 / 255
-    attack = MaliciousAttack(num_malicious=3, eps=eps, steps=15, step_size=2 / 255, init=init)
+    attack = MaliciousAttack(num_malicious=3, eps=eps, steps=8, step_size=2 / 255, init=init)
     g = torch.Generator().manual_seed(0)
     start = init_malicious(x[7:], attack, g)
     assert (start - x[7:]).abs().max() <= eps + 1e-6
@@ -159,10 +159,11 @@ def test_malicious_samples_move_tbn_predictions():
 
 def test_malicious_samples_cannot_move_source_predictions():
     hits = 0
-    for s in range(8):
+    for s in range(4):
         x, _ = batch(12, seed=s)
         y = _own_labels("source", x)
-        out = attack_batch(tta_norm.adapt(pool_bn_net(), "source"), x, y, MaliciousAttack(num_malicious=3, **FAST))
+        attack = MaliciousAttack(num_malicious=3, steps=20, step_size=0.05)
+        out = attack_batch(tta_norm.adapt(pool_bn_net(), "source"), x, y, attack)
         assert out.target_success is False and out.changed == 0.0
         assert torch.equal(out.clean_logits[:9], out.attacked_logits[:9])  # the statistics never see them
         hits += int(out.target_success)
