@@ -110,7 +110,7 @@ def sabn_train_add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated: clean and shift ops (default clean,color,blur,noise)")  # fmt: skip
     parser.add_argument("--preset", default=None, help="statistics preset during training and test (default sabn)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs over the images (default 2)")
-    parser.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 0.01)")
+    parser.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-3)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per step (default 64)")
     parser.add_argument("--train", choices=["heads", "affine", "all"], default=None,
                         help="what is trained: heads only, heads + shared affine (default), or everything")  # fmt: skip
