@@ -34,9 +34,12 @@ def subset_corruption_benchmark(
     include_clean: bool = False,
     data_dir: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
+    corrupt: Any = None,
     progress: bool = True,
 ):
-    """A CIFAR-10-C benchmark on ``n_per_domain`` random clean test images (the same images in every domain)."""
+    """A CIFAR-10-C benchmark on ``n_per_domain`` random clean test images (the same images in every domain).
+
+    ``corrupt`` replaces the generator ``corruptions.corrupt`` (tests)."""
     from tqdm.auto import tqdm
 
     from tta_norm.data import CLEAN, CORRUPTIONS, CorruptionBenchmark, load_clean_test_set, regenerate_domain
@@ -59,7 +62,7 @@ def subset_corruption_benchmark(
     todo = [(c, s) for c in corruptions for s in severities]
     with tqdm(total=len(todo), desc="corruption subset", unit="domain", disable=not progress) as bar:
         for c, s in todo:
-            domains[(c, s)] = regenerate_domain(clean, c, s, directory, seed=data_seed)
+            domains[(c, s)] = regenerate_domain(clean, c, s, directory, seed=data_seed, corrupt=corrupt)
             provenance[(c, s)] = "regenerated"
             bar.update(1)
     if include_clean:
