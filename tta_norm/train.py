@@ -59,6 +59,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     warmup_epochs: float = 0.5
     label_smoothing: float = 0.0
+    ema_decay: float | None = None
     pad: int = 4
     amp: bool = True
     seed: int = 0
@@ -148,6 +149,27 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
         return peak * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
     return 0.5 * peak * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+class _WeightEMA:
+    """Exponential moving average of all float parameters and buffers (BatchNorm statistics included):
+    ``avg <- decay * avg + (1 - decay) * current`` after every optimizer step (Polyak averaging)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = float(decay)
+        self.avg = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        current = model.state_dict()
+        keys = list(self.avg)
+        torch._foreach_lerp_([self.avg[k] for k in keys], [current[k].detach() for k in keys], 1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        state = model.state_dict()
+        for k, v in self.avg.items():
+            state[k].copy_(v)
 
 
 class _ThreadChooser:
@@ -289,6 +311,7 @@ def train_source_model(
     step = 0
     stopped_early = False
     bar = tqdm(total=total, desc=f"train {config.model}", unit="step", disable=not progress)
+    ema = _WeightEMA(model, config.ema_decay) if config.ema_decay else None
     threads = _ThreadChooser(config.threads, device)
     for epoch in range(config.epochs):
         perm = torch.randperm(n, generator=gen).to(device)
@@ -308,6 +331,8 @@ def train_source_model(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if ema is not None:
+                ema.update(model)
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
             step += 1
@@ -335,6 +360,11 @@ def train_source_model(
     threads.restore()
     train_time = time.perf_counter() - t_train
     model.eval()
+    acc_raw = None
+    if ema is not None:
+        if test is not None:
+            acc_raw = evaluate_accuracy(model, test.images, test.labels, device=device)
+        ema.copy_to(model)  # the saved model is the weight average
     acc = evaluate_accuracy(model, test.images, test.labels, device=device) if test is not None else None
     wall = time.perf_counter() - t_start
     meta = {
@@ -345,6 +375,7 @@ def train_source_model(
         "classes": list(train.classes or ()),
         "train_samples": n,
         "test_accuracy": acc,
+        "test_accuracy_last_iterate": acc_raw if ema is not None else acc,
         "epochs_done": step / steps_per_epoch,
         "train_time_s": round(train_time, 1),
         "wall_time_s": round(wall, 1),

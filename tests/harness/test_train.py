@@ -159,3 +159,28 @@ def test_thread_chooser_picks_the_faster_count():
         chooser.restore()
     assert torch.get_num_threads() == default
     assert not train_mod._ThreadChooser(None, torch.device("cuda")).auto
+
+
+def test_weight_ema_update_and_copy():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    ema = train_mod._WeightEMA(model, 0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        model[1].running_mean.fill_(2.0)
+    ema.update(model)
+    ema.copy_to(model)
+    state = model.state_dict()
+    for name in ("0.weight", "0.bias", "1.weight"):
+        assert torch.allclose(state[name], start[name] + 0.1)  # 0.9 * old + 0.1 * (old + 1)
+    assert torch.allclose(state["1.running_mean"], torch.full((2,), 0.2))
+    assert state["1.num_batches_tracked"] == start["1.num_batches_tracked"]  # integer buffers are not averaged
+
+
+def test_train_with_ema_records_both_accuracies(tiny_source, tmp_path):
+    cfg = TrainConfig(init="scratch", epochs=1, batch_size=8, amp=False, threads=1, ema_decay=0.5,
+                      label_smoothing=0.1)  # fmt: skip
+    result = train_source_model(cfg, data_dir=tiny_source, source="toy", out=tmp_path / "e.pt", progress=False)
+    meta = read_checkpoint_meta(result.path)
+    assert meta["test_accuracy"] == result.test_accuracy and "test_accuracy_last_iterate" in meta
