@@ -6,7 +6,8 @@
 2. Known domains: ``--n-test`` random clean test images turned into the 4 training-time domains (one fixed
    magnitude per domain), streamed ``continual`` (domain blocks) and ``mixed`` (all pooled): routing by
    oracle / nearest statistics / lowest entropy / open set, against source, tbn, ema and the shared affine only.
-   Routing accuracy = fraction of samples whose routed head is their true domain.
+   The open-set threshold is calibrated per batch size on 1000 held-out train images (95% quantile of the
+   distances of known-domain batches to their own entry).  Routing accuracy = fraction of samples whose routed head is their true domain.
 3. Unknown domains: the 15 CIFAR-10-C corruptions (severity 5) on ``--n-per-corruption`` random test images,
    ``continual``: open-set routing (new heads), nearest known head, entropy; purity = per corruption, the share
    of its batches routed to its most frequent head.
@@ -34,7 +35,7 @@ import torch
 import tta_norm
 from tta_norm.adaptation._data import load_source_split, seeded_subset
 from tta_norm.adaptation.benchdata import subset_corruption_benchmark
-from tta_norm.adaptation.sabn import SaBNRouter, synthetic_domains, train_sabn
+from tta_norm.adaptation.sabn import SaBNRouter, calibrate_threshold, synthetic_domains, train_sabn
 from tta_norm.data import CORRUPTIONS, load_clean_test_set
 from tta_norm.models import load_model
 from tta_norm.streams import StreamLoader, StreamSpec, build_stream, domain_schedule
@@ -59,7 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 Predictor = tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], Callable[[], None], object]
 
 
-def make_predictors(model, payload, names: list[str], which: list[str], max_new: int) -> dict[str, Predictor]:
+def make_predictors(
+    model, payload, names: list[str], which: list[str], max_new: int, threshold: float | None = None
+) -> dict[str, Predictor]:
     """name -> (predict(x, true_domain_ids), reset(), router or None)."""
     out: dict[str, Predictor] = {}
     for preset in ("source", "tbn", "ema"):
@@ -76,7 +79,8 @@ def make_predictors(model, payload, names: list[str], which: list[str], max_new:
     for mode in ("stats", "entropy", "open_set"):
         name = f"sabn-{mode}"
         if name in which:
-            router = SaBNRouter.from_state(model, payload, mode, max_new_domains=max_new if mode == "open_set" else 0)
+            extra = {"max_new_domains": max_new, "threshold": threshold} if mode == "open_set" else {}
+            router = SaBNRouter.from_state(model, payload, mode, **extra)
             out[name] = (lambda x, d, r=router: r(x), router.reset, router)
     return out
 
@@ -147,7 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     names = list(payload["meta"]["domains"])
     report: dict[str, dict] = {"domains": names, "train_history": payload["meta"].get("history")}
-    md = ["# SaBN routing", "", f"Heads: {names} (trained on {payload['meta'].get('n_images')} train images).", ""]
+    held_x, _ = load_source_split("train", 1000, seed=args.seed, offset=args.train_images, progress=False)
+    probe = SaBNRouter.from_state(model, payload, "stats")
+    thresholds = {bs: calibrate_threshold(probe.tta.model, probe.bank, held_x, batch_size=bs, seed=args.seed)
+                  for bs in args.batch_sizes}  # fmt: skip
+    report["open_set_thresholds"] = thresholds
+    md = ["# SaBN routing", "", f"Heads: {names} (trained on {payload['meta'].get('n_images')} train images).",
+          f"Open-set thresholds per batch size: { {b: round(t, 3) for b, t in thresholds.items()} }.", ""]
 
     # known domains
     clean = load_clean_test_set("cifar10")
@@ -159,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         for bs in args.batch_sizes:
             plan = build_stream({k: v.labels for k, v in data.items()}, domain_schedule(names, [1], setting),
                                 StreamSpec(setting=setting, batch_size=bs), seed=args.seed)  # fmt: skip
-            preds = make_predictors(model, payload, names, known, max_new=4)
+            preds = make_predictors(model, payload, names, known, max_new=4, threshold=thresholds[bs])
             res = run_stream(plan, data, preds, bs, progress)
             report[f"known/{setting}/b{bs}"] = res
             md += [table(res, f"Known domains ({', '.join(names)}), {setting}, batch {bs}, "
@@ -173,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     bs = max(args.batch_sizes)
     plan = build_stream(bench.labels(), domain_schedule(args.corruptions, [5], "continual"),
                         StreamSpec(setting="continual", batch_size=bs), seed=args.seed)  # fmt: skip
-    preds = make_predictors(model, payload, names, unknown, max_new=len(args.corruptions))
+    preds = make_predictors(model, payload, names, unknown, max_new=len(args.corruptions), threshold=thresholds[bs])
     res = run_stream(plan, bench.domains, preds, bs, progress, domains_are_heads=False)
     report[f"cifar10c/continual/b{bs}"] = res
     md += [table(res, f"CIFAR-10-C severity 5 ({len(args.corruptions)} corruptions, {args.n_per_corruption} random "

@@ -186,3 +186,24 @@ def test_shift_augment_domains_are_deterministic():
         b = aug.apply(x, op, torch.Generator().manual_seed(1))
         assert torch.equal(a, b) and a.shape == x.shape and not torch.equal(a, x)
         assert a.min() >= 0 and a.max() <= 1
+
+
+def test_calibrated_threshold_is_a_quantile_of_own_domain_distances():
+    from tta_norm.adaptation.sabn import calibrate_threshold, collect_bank
+
+    net = tiny_net(0)
+    x, _ = tiny_data(64, seed=7)
+    model = tta_norm.adapt(net, "sabn", num_domains=2).model
+    bank = collect_bank(model, x, ["clean", "noise"], batches=2, batch_size=16)
+    t_hi = calibrate_threshold(model, bank, x, batch_size=8, batches=4, quantile=1.0)
+    t_lo = calibrate_threshold(model, bank, x, batch_size=8, batches=4, quantile=0.0)
+    assert 0.0 <= t_lo <= t_hi
+    # well above the calibrated maximum, batches of a known domain do not spawn; far below, the first one does
+    tta = tta_norm.adapt(net, "sabn", num_domains=3)
+    router = SaBNRouter(tta, bank, "open_set", num_known=2, threshold=2 * t_hi)
+    for i in range(4):
+        router(x[i * 8 : i * 8 + 8])
+    assert router.active == 2
+    eager = SaBNRouter(tta, bank, "open_set", num_known=2, threshold=0.0)
+    eager(x[:8])
+    assert eager.active == 3 and eager.routes == [2]

@@ -30,8 +30,10 @@ state commit.  Test batches are probed the same way.
   (initialised to the identity, i.e. equal to the shared affine), its bank entry is the batch's statistics,
   and while batches keep routing to it its bank entry follows them (EMA, ``bank_momentum``) and the head is
   adapted online by entropy minimisation (SGD on that head only, ``head_lr``).  Capacity for new heads is
-  reserved when the model is built (``max_new_domains``).  Default threshold: half the smallest distance
-  between two stored domains.
+  reserved when the model is built (``max_new_domains``).  The threshold should come from
+  :func:`calibrate_threshold` (a quantile of the distances of held-out source batches of each known domain to
+  their own entry, at the test batch size); without one, half the smallest distance between two stored domains
+  is used, which spawns eagerly.
 
 Probe statistics of very small batches are noisy (at batch size 1 they are one image's spatial statistics,
 whose variance is lower than a domain's pooled variance), so stats routing is more reliable at larger batches.
@@ -233,6 +235,33 @@ def collect_bank(
             var.setdefault(layer, []).append(v.cpu())
     return StatsBank({k: torch.stack(v) for k, v in mean.items()}, {k: torch.stack(v) for k, v in var.items()},
                      list(domains))  # fmt: skip
+
+
+def calibrate_threshold(
+    model: nn.Module,
+    bank: StatsBank,
+    images: ImageArray,
+    *,
+    batch_size: int,
+    batches: int = 8,
+    quantile: float = 0.95,
+    seed: int = 0,
+    augment: ShiftAugment | None = None,
+    device: torch.device | str | None = None,
+) -> float:
+    """Open-set threshold: the ``quantile`` of ``D(batch, own domain)`` over ``batches`` held-out batches of
+    ``batch_size`` images per known domain (``bank.names`` must be the domains' names)."""
+    device = resolve_device(device, model)
+    images = as_image_tensor(images)
+    augment = augment or ShiftAugment()
+    gen = torch.Generator().manual_seed(seed + 11)
+    own = []
+    for k, dom in enumerate(bank.names):
+        for _ in range(batches):
+            idx = torch.randperm(len(images), generator=gen)[:batch_size]
+            x = augment.apply(to_model_input(images[idx], device), dom, gen)
+            own.append(float(bank.distances(probe_statistics(model, x))[k]))
+    return float(torch.tensor(own).quantile(quantile))
 
 
 # -------------------------------------------------------------------------------------------------- training
@@ -601,6 +630,7 @@ __all__ = [
     "SaBNResult",
     "SaBNRouter",
     "StatsBank",
+    "calibrate_threshold",
     "collect_bank",
     "expand_heads",
     "export_head",
