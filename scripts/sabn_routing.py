@@ -7,7 +7,8 @@
    magnitude per domain), streamed ``continual`` (domain blocks) and ``mixed`` (all pooled): routing by
    oracle / nearest statistics / lowest entropy / open set, against source, tbn, ema and the shared affine only.
    The open-set threshold is calibrated per batch size on 1000 held-out train images (95% quantile of the
-   distances of known-domain batches to their own entry).  Routing accuracy = fraction of samples whose routed head is their true domain.
+   distances of known-domain batches to their own entry).  Routing accuracy = fraction of samples whose routed
+   head is their true domain.
 3. Unknown domains: the 15 CIFAR-10-C corruptions (severity 5) on ``--n-per-corruption`` random test images,
    ``continual``: open-set routing (new heads), nearest known head, entropy; purity = per corruption, the share
    of its batches routed to its most frequent head.
