@@ -121,20 +121,28 @@ def main(argv: list[str] | None = None) -> int:
     result["total_s"] = total
     result["cpu_total_s"] = cpu_total
     if args.glass_ref_images > 0 and "glass_blur" in rows:
+        # back to back under the same conditions: the per-pixel loop, then ours on the same images
         k = args.glass_ref_images
         rs = np.random.RandomState(0)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for s in range(1, 6):
             for img in x[:k]:
                 glass_loop_reference(img, s, rs)
-        loop_rate = 5 * k / (time.perf_counter() - t0)
-        ours = rows["glass_blur"]["images_per_s"]
-        print(
-            f"# glass blur: per-pixel loop {loop_rate:.1f} img/s vs {ours:.0f} img/s"
-            f" -> {ours / loop_rate:.0f}x"
+        loop_wall, loop_cpu = (time.perf_counter() - t0) / (5 * k), (time.process_time() - c0) / (5 * k)
+        t0, c0 = time.perf_counter(), time.process_time()
+        for s in range(1, 6):
+            corrupt(x, "glass_blur", s, seed=2, preset=args.preset, workers=args.workers)
+        ours_wall, ours_cpu = (
+            (time.perf_counter() - t0) / (5 * len(x)),
+            (time.process_time() - c0) / (5 * len(x)),
         )
-        result["glass_loop_images_per_s"] = loop_rate
-        result["glass_speedup"] = ours / loop_rate
+        print(
+            f"# glass blur: per-pixel loop {1 / loop_wall:.1f} img/s vs {1 / ours_wall:.0f} img/s"
+            f" -> {loop_wall / ours_wall:.0f}x wall, {loop_cpu / ours_cpu:.0f}x per CPU-second"
+        )
+        result["glass_loop_images_per_s"] = 1 / loop_wall
+        result["glass_speedup"] = loop_wall / ours_wall
+        result["glass_speedup_cpu"] = loop_cpu / ours_cpu
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return 0
