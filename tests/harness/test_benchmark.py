@@ -184,3 +184,18 @@ def test_regeneration_with_real_corruptions_on_mirror_images(tmp_path, mirror_te
     diff = ds.images.astype(np.int16) - np.asarray(clean.images, dtype=np.int16)
     assert 15 < np.abs(diff).mean() < 40  # sigma = 0.10 * 255 ~ 25.5, clipped
     assert np.array_equal(ds.images, corruptions.corrupt(np.asarray(clean.images), "gaussian_noise", 5, seed=0))
+
+
+def test_mirror_clean_test_set_prefix_is_class_mixed() -> None:
+    """n_examples takes a prefix: for the class-sorted mirror the clean set is permuted once (seed 0)."""
+    from tta_norm.data.benchmark import load_clean_test_set
+    from tta_norm.data.paths import find_dataset_dir
+
+    if find_dataset_dir(["cifar10-jpeg"], lambda p: (p / "test").is_dir()) is None:
+        import pytest
+
+        pytest.skip("needs ../shared/data/cifar10-jpeg")
+    a = load_clean_test_set("cifar10")
+    b = load_clean_test_set("cifar10")
+    assert (a.labels == b.labels).all()
+    assert len(set(a.labels[:200].tolist())) == 10

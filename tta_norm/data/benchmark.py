@@ -105,7 +105,7 @@ def load_clean_test_set(dataset: str = "cifar10", data_dir: str | os.PathLike | 
             return read_cifar10_python(root, "test")
         root = find_dataset_dir(["cifar10-jpeg"], is_image_folder_split, data_dir)
         if root is not None and (root / "test").is_dir():
-            return read_image_folder(root / "test")
+            return _interleave_classes(read_image_folder(root / "test"))
     elif dataset == "cifar100":
         root = find_dataset_dir(["cifar-100-python"], is_cifar100_python, data_dir)
         if root is not None:
@@ -113,6 +113,16 @@ def load_clean_test_set(dataset: str = "cifar10", data_dir: str | os.PathLike | 
     else:
         raise ValueError(f"no clean test set reader for {dataset!r}")
     raise FileNotFoundError(f"no clean {dataset} test set found; {describe_search(data_dir)}")
+
+
+def _interleave_classes(data: ArrayDataset) -> ArrayDataset:
+    """A fixed (seed 0) permutation of an ImageFolder test set, whose files come sorted by class.
+
+    CIFAR's own test split is in random class order, so its first n images (``n_examples``) are a fair
+    sample; a class-sorted folder's first n images would all be one class.  The permutation makes any prefix of
+    the mirror a seeded random, roughly class-balanced sample, the same for every domain and run."""
+    order = np.random.default_rng(0).permutation(len(data))
+    return data.subset(order)
 
 
 # ------------------------------------------------------------------------------------------------- regeneration
