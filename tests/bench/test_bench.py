@@ -101,9 +101,12 @@ def test_end_to_end_on_real_images_with_resume_and_determinism(tmp_path: Path) -
     assert len({m["stream_fingerprint"] for m in by_method.values()}) == 1
     report = (out / "report.md").read_text()
     assert "| tbn+tent |" in report and "brightness" in report
+    assert "### latency per batch" in report
     assert (out / "plots" / "per_corruption_0.png").stat().st_size > 1000
     csv_lines = (out / "results.csv").read_text().splitlines()
     assert len(csv_lines) == 5 and "err:brightness@5" in csv_lines[0]
+    head, first = csv_lines[0].split(","), csv_lines[1].split(",")
+    assert float(first[head.index("latency_median_ms")]) > 0
 
     # resume: nothing is recomputed
     before = (out / "results.jsonl").read_text()

@@ -205,10 +205,10 @@ def write_report(
     lat = []
     for r in ok:
         latency = r["metrics"].get("latency") or {}
-        if latency.get("median") is not None:
+        if latency.get("median_ms") is not None:
             c, m = r["cell"], r["metrics"]
             lat.append(f"| {c['method']['name']} | {c['setting']} | {c['batch_size']} | "
-                       f"{1e3 * latency['median']:.1f} | {1e3 * latency['p95']:.1f} | "
+                       f"{latency['median_ms']:.1f} | {latency['p95_ms']:.1f} | "
                        f"{m.get('samples_per_second', 0):.0f} | {m.get('steps_skipped', 0)} |")  # fmt: skip
     if lat:
         head = "| method | setting | batch | median ms | p95 ms | samples/s | skipped |"

@@ -65,8 +65,8 @@ def records_to_csv(records: list[dict[str, Any]]) -> str:
             [r["key"], r["status"], c["method"]["name"], c["method"]["preset"], c["method"]["method"] or "",
              c["setting"], c["order"], "" if c["delta"] is None else c["delta"], c["batch_size"], c["severity"],
              c["seed"], pct(m.get("error")), pct(m.get("mean_domain_error")), pct(m.get("ece")),
-             "" if lat.get("median") is None else round(1e3 * lat["median"], 3),
-             "" if lat.get("p95") is None else round(1e3 * lat["p95"], 3),
+             "" if lat.get("median_ms") is None else round(lat["median_ms"], 3),
+             "" if lat.get("p95_ms") is None else round(lat["p95_ms"], 3),
              m.get("steps_skipped", ""), round(r.get("seconds", 0.0), 2)]
             + [pct(per[d]) if d in per else "" for d in domains]
         )  # fmt: skip
