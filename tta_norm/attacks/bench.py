@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import difflib
 import hashlib
 import io
 import itertools
@@ -26,10 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tta_norm.attacks.malicious import INITS, MODES, OBJECTIVES
-from tta_norm.bench.config import ConfigError, MethodEntry, parse_method, parse_override
+from tta_norm.bench.config import ConfigError, MethodEntry, parse_method, read_config_data, reject_unknown_keys
 from tta_norm.bench.store import ResultStore, atomic_write
 
 
@@ -80,14 +77,7 @@ class AttackConfig:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str = "config") -> AttackConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = [k for k in data if k not in known]
-        if unknown:
-            hints = []
-            for k in unknown:
-                close = difflib.get_close_matches(k, sorted(known), n=1)
-                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ConfigError(f"{source}: unknown key(s) {', '.join(hints)}; valid keys: {', '.join(sorted(known))}")
+        reject_unknown_keys(cls, data, source)
         cfg = cls(**dict(data))
         cfg.validate()
         return cfg
@@ -201,28 +191,9 @@ def shipped_attack_configs() -> dict[str, Path]:
 
 def load_attack_config(path_or_name: str | None, overrides: Sequence[str] = ()) -> AttackConfig:
     """A config from a YAML file or a shipped ``attack_*`` config name (with or without the prefix)."""
-    data: dict[str, Any] = {}
-    source = "defaults"
-    if path_or_name:
-        shipped = shipped_attack_configs()
-        path = Path(path_or_name)
-        if not path.exists():
-            for name in (path_or_name, f"attack_{path_or_name}"):
-                if name in shipped:
-                    path = shipped[name]
-                    break
-        if not path.exists():
-            raise ConfigError(
-                f"config {path_or_name!r} is neither a file nor a shipped attack config ({', '.join(sorted(shipped))})"
-            )
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, Mapping):
-            raise ConfigError(f"{path}: a config must be a YAML mapping")
-        data.update(loaded)
-        source = str(path)
-    for text in overrides:
-        key, value = parse_override(text)
-        data[key] = value
+    data, source = read_config_data(
+        path_or_name, overrides, shipped_attack_configs(), kind="attack config", names=[f"attack_{path_or_name}"]
+    )
     return AttackConfig.from_mapping(data, source)
 
 

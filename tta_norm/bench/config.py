@@ -86,14 +86,7 @@ class BenchConfig:
     # ---- construction ----------------------------------------------------------------------------------
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str = "config") -> BenchConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = [k for k in data if k not in known]
-        if unknown:
-            hints = []
-            for k in unknown:
-                close = difflib.get_close_matches(k, sorted(known), n=1)
-                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ConfigError(f"{source}: unknown key(s) {', '.join(hints)}; valid keys: {', '.join(sorted(known))}")
+        reject_unknown_keys(cls, data, source)
         cfg = cls(**dict(data))
         cfg.validate()
         return cfg
@@ -247,18 +240,41 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(value)
 
 
-def load_config(path_or_name: str | None, overrides: Sequence[str] = ()) -> BenchConfig:
-    """A config from a YAML file path or a shipped config name, with ``key=value`` overrides applied."""
+def reject_unknown_keys(cls: type, data: Mapping[str, Any], source: str) -> None:
+    """Raise :class:`ConfigError` naming every key of ``data`` that is not a field of the dataclass ``cls``,
+    with the closest valid key as a hint."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in known]
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, sorted(known), n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(hints)}; valid keys: {', '.join(sorted(known))}")
+
+
+def read_config_data(
+    path_or_name: str | None,
+    overrides: Sequence[str],
+    shipped: Mapping[str, Path],
+    *,
+    kind: str = "config",
+    names: Sequence[str] = (),
+) -> tuple[dict[str, Any], str]:
+    """The raw mapping of a YAML file or shipped config (also tried under the alternative ``names``) with
+    ``key=value`` overrides applied, and a label of where it came from."""
     data: dict[str, Any] = {}
     source = "defaults"
     if path_or_name:
-        shipped = shipped_configs()
         path = Path(path_or_name)
-        if not path.exists() and path_or_name in shipped:
-            path = shipped[path_or_name]
+        if not path.exists():
+            for name in (path_or_name, *names):
+                if name in shipped:
+                    path = shipped[name]
+                    break
         if not path.exists():
             raise ConfigError(
-                f"config {path_or_name!r} is neither a file nor a shipped config ({', '.join(sorted(shipped))})"
+                f"config {path_or_name!r} is neither a file nor a shipped {kind} ({', '.join(sorted(shipped))})"
             )
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, Mapping):
@@ -268,4 +284,10 @@ def load_config(path_or_name: str | None, overrides: Sequence[str] = ()) -> Benc
     for text in overrides:
         key, value = parse_override(text)
         data[key] = value
+    return data, source
+
+
+def load_config(path_or_name: str | None, overrides: Sequence[str] = ()) -> BenchConfig:
+    """A config from a YAML file path or a shipped config name, with ``key=value`` overrides applied."""
+    data, source = read_config_data(path_or_name, overrides, shipped_configs())
     return BenchConfig.from_mapping(data, source)
