@@ -61,6 +61,26 @@ def test_tbn_equals_functional_batch_norm_training() -> None:
     torch.testing.assert_close(out, ref_norm(X, r.mean(1), r.var(1, unbiased=False), bn))
 
 
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("shape", [(1, 3, 4, 4), (1, 3, 6), (1, 3, 2, 3, 2), (7, 3, 5, 5)])
+def test_tbn_every_fast_path_equals_batch_norm_training(shape: tuple[int, ...], grad: bool) -> None:
+    """Batch 1 (group-norm kernel), batches with autograd (fused training kernel) and without (fused moments)."""
+    cls = {3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[len(shape)]
+    bn = make_bn(cls=cls)
+    norm = layer("tbn", bn)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(4)) * 2 + 1
+    with torch.set_grad_enabled(grad):
+        out = norm(x.requires_grad_(grad))
+    ref = F.batch_norm(x.detach(), None, None, bn.weight, bn.bias, training=True)
+    torch.testing.assert_close(out.detach(), ref)
+    if grad:
+        out.square().sum().backward()
+        x2 = x.detach().requires_grad_(True)
+        F.batch_norm(x2, None, None, bn.weight, bn.bias, training=True).square().sum().backward()
+        torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
+        assert norm.weight.grad is not None
+
+
 def test_alpha_limits_and_value() -> None:
     bn = make_bn()
     torch.testing.assert_close(layer("alpha", bn, alpha=1.0)(X), layer("tbn", bn)(X))

@@ -15,6 +15,7 @@ from tta_norm.stats import (
     MAD_NORMAL_CONSISTENCY,
     Stats,
     alpha_from_prior,
+    batch_from_instance,
     batch_mean_var,
     batch_median,
     batch_median_mad,
@@ -272,13 +273,20 @@ def test_ill_conditioned_moments_fall_back_to_exact_two_pass() -> None:
     torch.testing.assert_close(mean.double(), ref.mean(1))
 
 
-def test_fused_small_path_and_moments_path_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fused_moments_path_and_sums_path_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     import tta_norm.stats.estimators as est
 
     x = torch.randn(6, 4, 7, 7, generator=torch.Generator().manual_seed(8)) * 3 + 2
+    x[2, 1] = 5.0  # a constant instance: variance exactly 0 on the fused path (inf inverse std -> 0)
+    ref = x.double().transpose(0, 1).reshape(4, -1)
     fused = batch_mean_var(x)
-    monkeypatch.setattr(est, "SMALL_INPUT", 0)
-    moments = batch_mean_var(x)
-    torch.testing.assert_close(fused.mean, moments.mean)
-    torch.testing.assert_close(fused.var, moments.var)
+    inst = est._instance_moments(x)
+    assert inst.var[2, 1].item() == 0.0
+    monkeypatch.setattr(est, "FUSED_MOMENTS_MAX", 0)
+    sums = batch_mean_var(x)
+    for stats in (fused, sums):  # float32 results against float64 references: float32 tolerances
+        torch.testing.assert_close(stats.mean, ref.mean(1).float())
+        torch.testing.assert_close(stats.var, ref.var(1, unbiased=False).float())
     torch.testing.assert_close(batch_mean_var(x, unbiased=True).var, x.transpose(0, 1).reshape(4, -1).var(1))
+    one = batch_from_instance(est._instance_moments(x[:1]))
+    torch.testing.assert_close(one.var, x[0].reshape(4, -1).var(1, unbiased=False))

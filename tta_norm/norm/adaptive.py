@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from tta_norm.norm.functional import SINGLE_VALUE_HINT, estimate, layer_statistics, normalize
+from tta_norm.norm.functional import SINGLE_VALUE_HINT, batch_norm_eval, estimate, layer_statistics, normalize
 from tta_norm.norm.spec import NormSpec
-from tta_norm.stats.estimators import SMALL_INPUT, Stats, count_per_channel
+from tta_norm.stats.estimators import Stats, count_per_channel
 
 _EXPECTED_DIMS: dict[type, tuple[int, ...]] = {
     nn.BatchNorm1d: (2, 3),
@@ -73,6 +73,9 @@ class AdaptiveNorm(nn.Module):
         self._plain_source = plain and spec.mixing == "source"
         self._plain_stateless = plain and spec.mixing != "ema"  # without the batch: the source statistics
         self._plain_ema = plain and spec.mixing == "ema"
+        self._heads = spec.num_domains > 1
+        # input ranks accepted without a closer look (the checks run in _check_input otherwise)
+        self._dims = expected_dims if expected_dims is not None else tuple(range(2, 9))
         self.domain: int | Tensor | None = None
         mean = source_mean if source_mean is not None else torch.zeros(num_features, **factory)
         var = source_var if source_var is not None else torch.ones(num_features, **factory)
@@ -185,21 +188,15 @@ class AdaptiveNorm(nn.Module):
         return g_k * shared_w, g_k * shared_b + b_k
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check_input(x)
-        weight, bias = self._affine(x.shape[0])
-        if weight is None or weight.dim() == 1:  # per-channel affine: one fused ATen call where it is exact
-            if self._plain_source or (self._plain_stateless and not self.use_batch):
-                return F.batch_norm(x, self.source_mean, self.source_var, weight, bias, False, 0.0, self.eps)
-            if self._plain_ema and self.use_batch and self.update_state and not _needs_grad(x, weight):
-                # no autograd: update the state in place and normalise with the buffers (fewer small ops)
-                self._ema_step_(estimate(x, self.spec))
-                return F.batch_norm(x, self.ema_mean, self.ema_var, weight, bias, False, 0.0, self.eps)
-            if self._plain_tbn and self.use_batch and (x.numel() <= SMALL_INPUT or _needs_grad(x, weight)):
-                # fused statistics + normalisation (and its fused backward): faster for small inputs and
-                # whenever autograd is recording; large no-grad inputs take the faster split path below
-                if count_per_channel(x) < 2:
-                    raise ValueError(SINGLE_VALUE_HINT)
-                return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+        if x.dim() not in self._dims or x.shape[1] != self.num_features or x.shape[0] == 0:
+            self._check_input(x)
+        weight, bias = self.weight, self.bias
+        if self._heads and self.domain is not None:
+            weight, bias = self._affine(x.shape[0])
+        if weight is None or weight.dim() == 1:  # per-channel affine: fused ATen calls where they are exact
+            out = self._fast_forward(x, weight, bias)
+            if out is not None:
+                return out
         stats, new_state = layer_statistics(
             x,
             self.spec,
@@ -211,6 +208,31 @@ class AdaptiveNorm(nn.Module):
         if new_state is not None and self.update_state:
             self._commit(new_state)
         return normalize(x, stats, weight, bias, self.eps)
+
+    def _fast_forward(self, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor | None:
+        """The common plain presets in as few kernel calls as possible (per-layer op overhead dominates small
+        batches on CPU); ``None`` when the general path must run.  Each branch equals the general path."""
+        if self._plain_source or (self._plain_stateless and not self.use_batch):
+            return batch_norm_eval(x, self.source_mean, self.source_var, weight, bias, self.eps)
+        if not self.use_batch:
+            return None
+        if self._plain_tbn:
+            if count_per_channel(x) < 2:
+                raise ValueError(SINGLE_VALUE_HINT)
+            if x.shape[0] == 1 and x.dim() > 2:
+                # one sample: its batch statistics are its instance statistics, i.e. group norm with one
+                # channel per group (one fused kernel, and a fused backward)
+                return F.group_norm(x, x.shape[1], weight, bias, self.eps)
+            if x.device.type != "cpu" or _needs_grad(x, weight):
+                # fused statistics + normalisation (and its fused backward); on CPU without autograd the split
+                # path (fused moments, then an eval-mode batch norm) is faster
+                return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+            return None
+        if self._plain_ema and self.update_state and not _needs_grad(x, weight):
+            # no autograd: update the state in place and normalise with the buffers (fewer small ops)
+            self._ema_step_(estimate(x, self.spec))
+            return batch_norm_eval(x, self.ema_mean, self.ema_var, weight, bias, self.eps)
+        return None
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, spec={self.spec}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from tta_norm.norm.spec import NormSpec
@@ -99,20 +98,37 @@ def _channel_view(t: Tensor, x: Tensor) -> Tensor:
     return t.reshape(lead, x.shape[1], *([1] * (x.dim() - 2)))
 
 
+def batch_norm_eval(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    """``F.batch_norm(x, mean, var, weight, bias, training=False, eps=eps)`` without its Python wrapper (a few
+    microseconds per call, which add up over the layers of a small-batch forward)."""
+    return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
+
+
 def normalize(
     x: Tensor, stats: Stats, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> Tensor:
     """``weight * (x - mean) / sqrt(var + eps) + bias`` with per-channel or per-sample statistics/affine.
 
     ``stats`` and the affine may have shapes ``(C,)`` or ``(N, C)``.  One fused pass over ``x``: a
-    ``F.batch_norm`` call in eval mode when everything is per-channel and no gradient to the statistics is
-    needed, else ``x * scale + shift`` (differentiable in the statistics, for TENT-style methods and attacks).
+    ``F.batch_norm`` call in eval mode when the affine is per-channel and no gradient to the statistics is
+    needed (``(N, C)`` statistics treat each sample's channel as a channel of one ``(1, N*C, ...)`` batch),
+    else ``x * scale + shift`` (differentiable in the statistics, for TENT-style methods and attacks).
     """
     mean, var = stats
-    per_channel = mean.dim() == 1 and (weight is None or weight.dim() == 1) and (bias is None or bias.dim() == 1)
+    affine_per_channel = (weight is None or weight.dim() == 1) and (bias is None or bias.dim() == 1)
     needs_stat_grad = torch.is_grad_enabled() and (mean.requires_grad or var.requires_grad)
-    if per_channel and not needs_stat_grad:
-        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+    if affine_per_channel and not needs_stat_grad:
+        if mean.dim() == 1:
+            return batch_norm_eval(x, mean, var, weight, bias, eps)
+        if x.dim() > 2 and x.is_contiguous():
+            # per-sample statistics: each (sample, channel) plane is a "channel" of a (1, N*C, L) batch norm
+            n, c = mean.shape
+            w = weight.repeat(n) if weight is not None and n > 1 else weight
+            b = bias.repeat(n) if bias is not None and n > 1 else bias
+            out = batch_norm_eval(x.view(1, n * c, -1), mean.reshape(-1), var.reshape(-1), w, b, eps)
+            return out.view(x.shape)
     scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight

@@ -3,6 +3,7 @@
 from tta_norm.stats.estimators import (
     MAD_NORMAL_CONSISTENCY,
     Stats,
+    batch_from_instance,
     batch_mean_var,
     batch_median,
     batch_median_mad,
@@ -28,6 +29,7 @@ __all__ = [
     "MAD_NORMAL_CONSISTENCY",
     "Stats",
     "alpha_from_prior",
+    "batch_from_instance",
     "batch_mean_var",
     "batch_median",
     "batch_median_mad",

@@ -16,14 +16,16 @@ Conventions (the literature disagrees; this module picks one and names the other
 Speed (CPU): moments come from per-instance sums and sums of squares over the contiguous spatial axis, which
 is an order of magnitude faster than ``torch.var_mean`` over non-contiguous dims; when an instance's mean is
 large against its spread (``mean^2 > 1e4 var``, where that formula loses digits in float32) the exact
-two-pass ``torch.var_mean`` is used instead.  Small inputs (and GPU inputs) that need no gradient use
-ATen's fused, exact batch-statistics kernel (``batch_norm_update_stats``), one call instead of several.
+two-pass ``torch.var_mean`` is used instead.  Inputs that need no gradient use one fused, exact ATen
+kernel instead of several small ops: the group-norm moments kernel per instance on CPU (up to
+``FUSED_MOMENTS_MAX`` elements), ``batch_norm_update_stats`` on GPUs.
 Medians use NumPy's introselect (``np.partition``, O(n)), which
 is ~15x faster than ``torch.kthvalue`` on CPU; other devices use ``torch.kthvalue``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -68,10 +70,35 @@ def _channel_rows(x: Tensor) -> Tensor:
 
 _ILL_CONDITIONED = 1e4  # mean^2 / var above which E[x^2] - E[x]^2 loses too many float32 digits
 
+#: Up to this many elements a CPU input that needs no gradient gets its instance moments from one fused ATen
+#: reduction (the group-norm moments kernel); above it, per-instance sums are faster.
+FUSED_MOMENTS_MAX = 393_216
+
+
+def _needs_grad(x: Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+def _fused_moments_ok(x: Tensor) -> bool:
+    """Whether :func:`_instance_moments` may use the fused, exact but non-differentiable ATen kernel."""
+    if _needs_grad(x):
+        return False
+    if x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.float64) and x.numel() <= FUSED_MOMENTS_MAX
+    return True
+
 
 def _instance_moments(x: Tensor) -> Stats:
     """Biased per-(sample, channel) mean and variance over the spatial dims of a ``(N, C, *spatial)`` input."""
-    xv = x.reshape(x.shape[0], x.shape[1], -1)
+    n, c = x.shape[0], x.shape[1]
+    if _fused_moments_ok(x):
+        # group norm with one channel per group reduces exactly over each instance's spatial values; with
+        # eps = 0 its inverse standard deviation gives the variance back (inf -> 0 for constant instances).
+        # Its mean and inverse std come out as (N, groups) = (N, C).
+        xc = x if x.is_contiguous() else x.contiguous()
+        _, mean, rstd = torch.native_group_norm(xc, None, None, n, c, x.numel() // max(n * c, 1), c, 0.0)
+        return Stats(mean, rstd.pow(-2))
+    xv = x.reshape(n, c, -1)
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
         length = xv.shape[2]
         mean = xv.sum(2) / length
@@ -80,6 +107,15 @@ def _instance_moments(x: Tensor) -> Stats:
             return Stats(mean, var)
     var, mean = torch.var_mean(xv, dim=2, correction=0)
     return Stats(mean, var)
+
+
+def batch_from_instance(instance: Stats) -> Stats:
+    """Per-channel batch mean and biased variance from biased per-instance moments ``(N, C)`` of equal-size
+    instances, by the law of total variance: ``var = mean_i(var_i) + var_i(mean_i)``."""
+    if instance.mean.shape[0] == 1:
+        return Stats(instance.mean[0], instance.var[0])
+    spread, mean = torch.var_mean(instance.mean, 0, correction=0)
+    return Stats(mean, instance.var.mean(0) + spread)
 
 
 def batch_mean_var(x: Tensor, *, unbiased: bool = False) -> Stats:
@@ -96,27 +132,13 @@ def batch_mean_var(x: Tensor, *, unbiased: bool = False) -> Stats:
     if x.dim() == 2:
         var, mean = torch.var_mean(x, dim=0, correction=1 if unbiased else 0)
         return Stats(mean, var)
-    if _use_fused_stats(x):
+    if x.device.type != "cpu" and not _needs_grad(x):  # one fused ATen kernel on accelerators
         mean, var = torch.ops.aten.batch_norm_update_stats(x, None, None, 1.0)
     else:
-        inst = _instance_moments(x)
-        mean = inst.mean.mean(0)
-        var = (inst.var + (inst.mean - mean).square()).mean(0)
+        mean, var = batch_from_instance(_instance_moments(x))
     if unbiased:
         var = var * (n / (n - 1))
     return Stats(mean, var)
-
-
-#: Below this many elements the fused ATen statistics kernel beats per-instance sums on CPU (op overhead).
-SMALL_INPUT = 24_576
-
-
-def _use_fused_stats(x: Tensor) -> bool:
-    """Whether the fused, exact (but not differentiable) ATen batch-statistics kernel can serve ``x``:
-    no gradient is needed, and ``x`` is on a GPU or small enough that per-op overhead dominates on CPU."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        return False
-    return x.device.type != "cpu" or x.numel() <= SMALL_INPUT
 
 
 class _SelectKth(torch.autograd.Function):
@@ -216,7 +238,7 @@ def instance_mean_var(x: Tensor, *, unbiased: bool = False) -> Stats:
         if unbiased:
             raise ValueError("instance statistics of (N, C) inputs have one value each; use unbiased=False")
         return Stats(x, torch.zeros_like(x))
-    count = x[0, 0].numel()
+    count = math.prod(x.shape[2:])
     if unbiased and count < 2:
         raise ValueError("the unbiased instance variance needs at least 2 spatial positions")
     mean, var = _instance_moments(x)
@@ -231,11 +253,6 @@ def example_stats(x: Tensor) -> Stats:
     normalisation statistics.
     """
     return instance_mean_var(x, unbiased=False)
-
-
-def _softshrink(x: Tensor, lambd: Tensor) -> Tensor:
-    """Soft-thresholding with a tensor threshold: ``sign(x) * max(|x| - lambd, 0)``."""
-    return torch.sign(x) * torch.relu(x.abs() - lambd)
 
 
 def iabn_shrink(
@@ -260,8 +277,9 @@ def iabn_shrink(
     if spatial_count <= 1:
         return Stats(mu_b.expand_as(mu_i), var_b.expand_as(var_i))
     scale = var_b + eps
-    s_mu = torch.sqrt(scale / spatial_count)
-    s_var = scale * (2.0 / (spatial_count - 1)) ** 0.5
-    mu = mu_b + _softshrink(mu_i - mu_b, k * s_mu)
-    var = torch.relu(var_b + _softshrink(var_i - var_b, k * s_var))
+    t_mu = scale.sqrt() * (k / spatial_count**0.5)  # k * s_mu
+    t_var = scale * (k * (2.0 / (spatial_count - 1)) ** 0.5)  # k * s_var
+    # ref + softshrink(inst - ref, t) == inst - clamp(inst - ref, -t, t): one op fewer per statistic
+    mu = mu_i - torch.clamp(mu_i - mu_b, -t_mu, t_mu)
+    var = torch.relu(var_i - torch.clamp(var_i - var_b, -t_var, t_var))
     return Stats(mu, var)
