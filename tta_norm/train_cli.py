@@ -19,10 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="data directory (or the source dataset itself); default: $TTA_NORM_DATA or the "
                              "built-in search list")  # fmt: skip
     parser.add_argument("--source", default="cifar10-jpeg", help="source dataset folder name (train/ and test/)")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 12)")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 16)")
     parser.add_argument("--batch-size", type=int, default=None, help="batch size (default 128)")
-    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.03)")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.05)")
     parser.add_argument("--weight-decay", type=float, default=None, help="weight decay (default 5e-4)")
+    parser.add_argument("--ema-decay", type=float, default=None,
+                        help="weight-EMA decay per step (default 0.9995; 0 = save the last iterate)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     parser.add_argument("--no-amp", action="store_true", help="train in float32 instead of bfloat16 autocast")
     parser.add_argument("--max-train-samples", type=int, default=None, help="train on a random subset")
@@ -35,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "$TTA_NORM_CHECKPOINTS, keyed by model/config/source)")  # fmt: skip
     parser.add_argument("--force", action="store_true", help="retrain even if the cached checkpoint exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--sabn-domains", default=None,
+                        help="train SaBN heads instead (Gong et al.): shared affine + one head per listed source "
+                             "domain, e.g. clean,color,blur,noise, starting from --init; same as `tta-norm "
+                             "sabn-train` (uses --max-train-samples images, default 4000; needs --out)")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,12 +59,15 @@ def run(args: argparse.Namespace) -> int:
         train_source_model,
     )
 
+    if args.sabn_domains:
+        return _run_sabn(args)
     overrides = {
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "lr": args.lr,
         "weight_decay": args.weight_decay,
         "seed": args.seed,
+        "ema_decay": args.ema_decay,
         "max_train_samples": args.max_train_samples,
         "max_minutes": args.max_minutes,
         "threads": args.threads,
@@ -67,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         TrainConfig(model=args.model, init=args.init, amp=not args.no_amp),
         **{k: v for k, v in overrides.items() if v is not None},
     )
+    if config.ema_decay == 0:
+        config = dataclasses.replace(config, ema_decay=None)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         root = find_source_root(args.data_dir, args.source)
@@ -90,3 +101,22 @@ def run(args: argparse.Namespace) -> int:
         flag = "" if result.test_accuracy >= TARGET_ACCURACY else f"  (below the {TARGET_ACCURACY:.0%} target)"
         print(f"test accuracy on {root / 'test'}: {result.test_accuracy:.4f}{flag}")
     return 0
+
+
+def _run_sabn(args: argparse.Namespace) -> int:
+    """``tta-norm train --sabn-domains ...``: delegate to ``tta-norm sabn-train`` with the matching options."""
+    import sys
+
+    from tta_norm.adaptation.cli import sabn_train_run
+
+    if args.init == "scratch" or not args.out:
+        print("tta-norm train: --sabn-domains trains heads on a trained model: give --init release or a "
+              "checkpoint path, and --out", file=sys.stderr)  # fmt: skip
+        return 2
+    sabn_args = argparse.Namespace(
+        model=args.model, checkpoint=None if args.init == "release" else args.init, data_dir=args.data_dir,
+        source=args.source, n_images=args.max_train_samples or 4000, seed=args.seed or 0, device=args.device,
+        out=args.out, quiet=args.quiet, domains=args.sabn_domains, preset=None, epochs=args.epochs, lr=args.lr,
+        batch_size=args.batch_size, train=None,
+    )  # fmt: skip
+    return sabn_train_run(sabn_args)

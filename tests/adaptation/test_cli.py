@@ -86,3 +86,19 @@ def test_sabn_train_cli_rejects_bad_domains(capsys):
     args = parse(cli.sabn_train_add_arguments, ["--domains", "clean,jpeg", "--out", "x.pt"])
     assert cli.sabn_train_run(args) == 2
     assert "bad SaBN domains" in capsys.readouterr().err
+
+
+def test_train_command_trains_sabn_heads(tiny_folder, resnet20, tmp_path):
+    from tta_norm import train_cli
+    from tta_norm.adaptation.sabn import SaBNRouter
+
+    out = tmp_path / "sabn-via-train.pt"
+    args = parse(train_cli.add_arguments, [
+        "--data-dir", str(tiny_folder), "--source", "tiny-source", "--max-train-samples", "12",
+        "--sabn-domains", "clean,blur", "--epochs", "1", "--batch-size", "6", "--device", "cpu", "--out", str(out),
+        "--quiet",
+    ])  # fmt: skip
+    assert train_cli.run(args) == 0
+    assert SaBNRouter.from_file(resnet20, out, "stats").bank.names == ["clean", "blur"]
+    no_out = parse(train_cli.add_arguments, ["--sabn-domains", "clean,blur"])
+    assert train_cli.run(no_out) == 2
