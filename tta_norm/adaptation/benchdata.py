@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -90,7 +88,7 @@ def run_grid(
     from tqdm.auto import tqdm
 
     from tta_norm.bench import run_cell, write_report
-    from tta_norm.bench.runner import cell_plan, environment, resolve_device
+    from tta_norm.bench.runner import cell_plan, cell_record, resolve_device
     from tta_norm.bench.store import ResultStore, atomic_write
 
     out = Path(cfg.output)
@@ -105,18 +103,10 @@ def run_grid(
     with tqdm(total=total, unit="img", desc="grid", disable=not progress, smoothing=0.05) as bar:
         for cell in todo:
             bar.set_postfix_str(f"{cell.entry.label} {cell.setting} b{cell.batch_size}")
-            start = time.perf_counter()
-            record: dict[str, Any] = {"key": cell.key(), "cell": cell.describe(), "env": environment(),
-                                      "data": bench.describe()}  # fmt: skip
-            try:
-                record["metrics"] = run_cell(cell, model, bench, cfg, device, progress=bar.update)
-                record["status"] = "ok"
-            except (ValueError, RuntimeError) as err:
-                record["status"] = "failed"
-                record["error"] = f"{type(err).__name__}: {err}"
-                record["traceback"] = traceback.format_exc(limit=3)
-            record["seconds"] = time.perf_counter() - start
-            store.add(record)
+            store.add(cell_record(
+                cell.key(), cell.describe(), bench.describe(),
+                lambda: run_cell(cell, model, bench, cfg, device, progress=bar.update),  # noqa: B023
+            ))  # fmt: skip
     write_report(out, list(store.records.values()), cfg, plots=cfg.plots)
     return out
 

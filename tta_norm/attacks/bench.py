@@ -17,8 +17,6 @@ import io
 import itertools
 import json
 import statistics
-import time
-import traceback
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -301,7 +299,7 @@ def run_attack_grid(cfg: AttackConfig, *, resume: bool = False, progress: bool =
     import torch
     from tqdm.auto import tqdm
 
-    from tta_norm.bench.runner import environment, load_source_model, resolve_device
+    from tta_norm.bench.runner import cell_record, load_source_model, resolve_device
     from tta_norm.data.benchmark import load_corruption_benchmark
 
     out = Path(cfg.output)
@@ -326,20 +324,13 @@ def run_attack_grid(cfg: AttackConfig, *, resume: bool = False, progress: bool =
             for cell in todo:
                 bar.set_postfix_str(f"{cell.entry.label} {cell.objective} eps={cell.eps:.3g} f={cell.fraction} "
                                     f"b{cell.batch_size} {cell.mode}")  # fmt: skip
-                start = time.perf_counter()
-                record: dict[str, Any] = {"key": cell.key(cfg), "cell": cell.describe(), "env": environment(),
-                                          "data": bench.describe()}  # fmt: skip
-                try:
-                    with torch.no_grad():
-                        record["metrics"] = run_attack_cell(cell, model, bench, cfg, device, bar)
-                    record["status"] = "ok"
-                except (ValueError, RuntimeError) as err:
-                    record["status"] = "failed"
-                    record["error"] = f"{type(err).__name__}: {err}"
-                    record["traceback"] = traceback.format_exc(limit=3)
-                    if progress:
-                        tqdm.write(f"[tta-norm attack] cell {cell.entry.label} failed: {record['error']}")
-                record["seconds"] = time.perf_counter() - start
+                with torch.no_grad():
+                    record = cell_record(
+                        cell.key(cfg), cell.describe(), bench.describe(),
+                        lambda: run_attack_cell(cell, model, bench, cfg, device, bar),  # noqa: B023
+                    )  # fmt: skip
+                if progress and record["status"] == "failed":
+                    tqdm.write(f"[tta-norm attack] cell {cell.entry.label} failed: {record['error']}")
                 store.add(record)
     write_attack_report(out, list(store.records.values()), cfg, plots=cfg.plots)
     return out

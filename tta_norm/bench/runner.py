@@ -114,6 +114,25 @@ def environment() -> dict[str, Any]:
     }
 
 
+def cell_record(
+    key: str, cell: dict[str, Any], data: dict[str, Any] | str, work: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
+    """Run one cell's ``work()`` (its metrics) and wrap the outcome in a result record: ``key``, ``cell``,
+    ``env``, ``data``, ``status`` ("ok", or "failed" with ``error`` and ``traceback`` for a ``ValueError`` /
+    ``RuntimeError``, so one bad cell does not stop a grid) and ``seconds``."""
+    start = time.perf_counter()
+    record: dict[str, Any] = {"key": key, "cell": cell, "env": environment(), "data": data}
+    try:
+        record["metrics"] = work()
+        record["status"] = "ok"
+    except (ValueError, RuntimeError) as err:
+        record["status"] = "failed"
+        record["error"] = f"{type(err).__name__}: {err}"
+        record["traceback"] = traceback.format_exc(limit=3)
+    record["seconds"] = time.perf_counter() - start
+    return record
+
+
 def run_benchmark(cfg: BenchConfig, *, resume: bool = False, progress: bool = True) -> Path:
     """Run every cell of ``cfg`` (skipping stored ones with ``resume``), write results and the report."""
     out = Path(cfg.output)
@@ -137,19 +156,12 @@ def run_benchmark(cfg: BenchConfig, *, resume: bool = False, progress: bool = Tr
         with tqdm(total=total, unit="img", desc="bench", disable=not progress, smoothing=0.05) as bar:
             for cell in todo:
                 bar.set_postfix_str(f"{cell.entry.label} {cell.setting} b{cell.batch_size} s{cell.seed}")
-                start = time.perf_counter()
-                record: dict[str, Any] = {"key": cell.key(), "cell": cell.describe(), "env": environment(),
-                                          "data": bench.describe()}  # fmt: skip
-                try:
-                    record["metrics"] = run_cell(cell, model, bench, cfg, device, progress=bar.update)
-                    record["status"] = "ok"
-                except (ValueError, RuntimeError) as err:
-                    record["status"] = "failed"
-                    record["error"] = f"{type(err).__name__}: {err}"
-                    record["traceback"] = traceback.format_exc(limit=3)
-                    if progress:
-                        tqdm.write(f"[tta-norm bench] cell {cell.entry.label} failed: {record['error']}")
-                record["seconds"] = time.perf_counter() - start
+                record = cell_record(
+                    cell.key(), cell.describe(), bench.describe(),
+                    lambda: run_cell(cell, model, bench, cfg, device, progress=bar.update),  # noqa: B023
+                )  # fmt: skip
+                if progress and record["status"] == "failed":
+                    tqdm.write(f"[tta-norm bench] cell {cell.entry.label} failed: {record['error']}")
                 store.add(record)
     from tta_norm.bench.report import write_report
 
