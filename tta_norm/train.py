@@ -3,8 +3,9 @@
 On this team's machines the source domain is the JPEG-75 CIFAR-10 mirror ``cifar10-jpeg/train``; the released
 ResNet-20 scores ~81 % on ``cifar10-jpeg/test`` because of the JPEG shift (``../shared/data/README.md``), so the
 harness fine-tunes it first. Recipe (defaults of :class:`TrainConfig`): start from the released checkpoint,
-12 epochs of SGD with Nesterov momentum 0.9, peak lr 0.03, weight decay 5e-4 (not on BN/bias), batch 128,
-half an epoch of linear warm-up then cosine decay to 0, standard CIFAR augmentation (random 32x32 crop of the
+12 epochs of SGD with Nesterov momentum 0.9, peak lr 0.05, weight decay 5e-4 (not on BN/bias), batch 128,
+half an epoch of linear warm-up then cosine decay to 0, an exponential moving average of the weights (decay
+0.9995 per step; the saved model), standard CIFAR augmentation (random 32x32 crop of the
 4-pixel zero-padded image + horizontal flip, vectorized on whole batches), bfloat16 autocast where the device
 supports it. The training JPEGs are decoded once into a cached uint8 array
 (:func:`tta_norm.data.read_image_folder`); the loop does no per-sample Python work.
@@ -54,12 +55,13 @@ class TrainConfig:
     init: str = "release"
     epochs: int = 12
     batch_size: int = 128
-    lr: float = 0.03
+    lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: float = 0.5
     label_smoothing: float = 0.0
-    ema_decay: float | None = None
+    ema_decay: float | None = 0.9995
+    cutout: int = 0
     pad: int = 4
     amp: bool = True
     seed: int = 0
@@ -111,6 +113,27 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator, pad: int = 4
         images = padded[torch.arange(n, device=dev)[:, None, None], rows, cols]
     flip = (torch.rand(n, generator=generator) < 0.5).to(dev)
     return torch.where(flip[:, None, None, None], images.flip(2), images)
+
+
+CUTOUT_FILL = (124, 116, 104)  # ImageNet mean in uint8: zero after the model's input normalization
+
+
+def cutout_batch(
+    images: torch.Tensor, generator: torch.Generator, size: int, fill: tuple[int, ...] = CUTOUT_FILL
+) -> torch.Tensor:
+    """Cutout (DeVries & Taylor 2017) on a uint8 NHWC batch: per sample a ``size`` x ``size`` square centred
+    at a uniformly drawn pixel (clipped at the borders, so it may be partly outside) is set to ``fill``."""
+    n, h, w, c = images.shape
+    dev = images.device
+    cy = torch.randint(0, h, (n,), generator=generator).to(dev)
+    cx = torch.randint(0, w, (n,), generator=generator).to(dev)
+    ys = torch.arange(h, device=dev)[None, :]
+    xs = torch.arange(w, device=dev)[None, :]
+    in_y = (ys >= (cy - size // 2)[:, None]) & (ys < (cy - size // 2 + size)[:, None])  # n, h
+    in_x = (xs >= (cx - size // 2)[:, None]) & (xs < (cx - size // 2 + size)[:, None])  # n, w
+    mask = (in_y[:, :, None] & in_x[:, None, :])[..., None]  # n, h, w, 1
+    value = torch.tensor(fill[:c], dtype=images.dtype, device=dev).view(1, 1, 1, c)
+    return torch.where(mask, value, images)
 
 
 @torch.no_grad()
@@ -321,7 +344,10 @@ def train_source_model(
         for i in range(0, n, config.batch_size):
             threads.before_step()
             idx = perm[i : i + config.batch_size]
-            x = to_float_nchw(augment_batch(images[idx], gen, config.pad))
+            xb = augment_batch(images[idx], gen, config.pad)
+            if config.cutout > 0:
+                xb = cutout_batch(xb, gen, config.cutout)
+            x = to_float_nchw(xb)
             y = labels[idx]
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, warmup, config.lr)

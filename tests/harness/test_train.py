@@ -13,6 +13,7 @@ from tta_norm.models import load_model
 from tta_norm.train import (
     TrainConfig,
     augment_batch,
+    cutout_batch,
     evaluate_accuracy,
     lr_at,
     prepare_source_model,
@@ -184,3 +185,17 @@ def test_train_with_ema_records_both_accuracies(tiny_source, tmp_path):
     result = train_source_model(cfg, data_dir=tiny_source, source="toy", out=tmp_path / "e.pt", progress=False)
     meta = read_checkpoint_meta(result.path)
     assert meta["test_accuracy"] == result.test_accuracy and "test_accuracy_last_iterate" in meta
+
+
+def test_cutout_masks_a_clipped_square():
+    gen = torch.Generator().manual_seed(0)
+    images = torch.full((500, 32, 32, 3), 7, dtype=torch.uint8)
+    out = cutout_batch(images, gen, 16, fill=(1, 2, 3))
+    masked = (out[..., 0] == 1)
+    assert torch.equal(out[masked], torch.tensor([1, 2, 3], dtype=torch.uint8).expand(int(masked.sum()), 3))
+    assert ((out[..., 0] == 7) | masked).all()
+    area = masked.sum((1, 2))
+    assert area.max() == 256 and area.min() >= 64  # a 16x16 square, at worst a quarter inside the image
+    for i in range(20):  # each mask is one axis-aligned rectangle
+        rows, cols = masked[i].any(1).nonzero().flatten(), masked[i].any(0).nonzero().flatten()
+        assert area[i] == len(rows) * len(cols) == (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
