@@ -5,6 +5,12 @@ Source split: ``cifar10-jpeg/train`` (a seeded subset); test: a seeded subset of
 :mod:`tta_norm.attacks.adv_train` (PGD-7, 8/255, step 2/255, random start).  Results as JSON lines.
 
     python scripts/adv_train_cifar.py --train 2048 --test 500 --epochs 1 --out runs/adv_train.jsonl
+    python scripts/adv_train_cifar.py --train 10000 --epochs 2 --lr 0.05 --test 1000 \
+        --autoattack 200 --save-dir runs/adv_models      # + AutoAttack (pyautoattack) on the adversarial branch
+
+``--autoattack N`` runs AutoAttack (``--aa-attacks``, default APGD-CE + APGD-T; ``standard`` for the full suite)
+on the first N test images through the adversarial branch (BN: the one branch) of each trained model, in
+``eval()`` mode with the branch fixed: a static model, so AutoAttack's sub-batching changes nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="runs/adv_train.jsonl")
+    parser.add_argument("--save-dir", default=None, help="save each trained model's state_dict here")
+    parser.add_argument("--autoattack", type=int, default=0, help="AutoAttack on this many test images (0 = off)")
+    parser.add_argument("--aa-attacks", default="apgd-ce,apgd-t", help="pyautoattack attacks, or 'standard'")
     args = parser.parse_args()
 
     from pathlib import Path
@@ -39,6 +48,12 @@ def main() -> int:
     from tta_norm.data.readers import is_image_folder_split, read_image_folder
     from tta_norm.models import load_model
 
+    if args.autoattack > 0:
+        try:
+            import pyautoattack  # noqa: F401  (fail before hours of training, not after)
+        except ImportError as err:
+            msg = "--autoattack needs the optional package pyautoattack: pip install -e .[autoattack]"
+            raise SystemExit(msg) from err
     root = find_dataset_dir(["cifar10-jpeg"], is_image_folder_split)
     if root is None:
         raise SystemExit("cifar10-jpeg (train/ and test/) not found")
@@ -62,8 +77,14 @@ def main() -> int:
             start = time.perf_counter()
             model, history = adversarial_finetune(model, train.images[tr], train.labels[tr], cfg, device=args.device)
             minutes = (time.perf_counter() - start) / 60
+            if args.save_dir:
+                Path(args.save_dir).mkdir(parents=True, exist_ok=True)
+                torch.save({"kind": kind, "config": config_dict(cfg), "state_dict": model.state_dict()},
+                           Path(args.save_dir) / f"resnet20-{kind}.pt")  # fmt: skip
             for branch in (None,) if kind == "bn" else (0, 1):
                 res = evaluate_robustness(model, test.images[te], test.labels[te], branch=branch, pgd_steps=steps)
+                if args.autoattack > 0 and branch in (None, 1):
+                    res.update(_autoattack(model, branch, test.images[te], test.labels[te], args))
                 rows.append({**res, "train_minutes": round(minutes, 1), "final_loss": history[-1]["loss"],
                              "config": config_dict(cfg), "train_images": args.train})  # fmt: skip
         with out.open("a") as f:
@@ -72,6 +93,25 @@ def main() -> int:
                 print(json.dumps(r))
                 f.write(json.dumps(r) + "\n")
     return 0
+
+
+def _autoattack(model, branch, images, labels, args) -> dict:
+    """AutoAttack accuracy of ``model`` with every AuxBN layer fixed to ``branch``, on the first N images."""
+    from tta_norm.attacks.lp import run_autoattack
+    from tta_norm.layers.aux_batch_norm import branch_layers, set_branch
+
+    n = args.autoattack
+    x = torch.from_numpy(np.asarray(images[:n])).permute(0, 3, 1, 2).float().div(255).to(args.device)
+    y = torch.from_numpy(np.asarray(labels[:n])).long().to(args.device)
+    if branch is not None and branch_layers(model):
+        set_branch(model, branch)
+    model.eval()
+    kwargs = {"version": "standard"} if args.aa_attacks == "standard" else {
+        "version": "custom", "attacks": args.aa_attacks.split(",")}  # fmt: skip
+    start = time.perf_counter()
+    _, y_adv = run_autoattack(model, x, y, eps=8 / 255, batch_size=n, seed=args.seed, **kwargs)
+    return {"autoattack": args.aa_attacks, "autoattack_n": n, "autoattack_acc": float((y_adv == y).float().mean()),
+            "autoattack_minutes": round((time.perf_counter() - start) / 60, 1)}  # fmt: skip
 
 
 if __name__ == "__main__":
