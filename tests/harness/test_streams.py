@@ -307,3 +307,28 @@ def test_loader_propagates_worker_errors(monkeypatch):
     monkeypatch.setattr(loader, "_gather", boom)
     with pytest.raises(OSError, match="disk went away"):
         list(loader)
+
+
+def test_loader_thread_does_no_torch_compute(monkeypatch):
+    """The prefetch thread only gathers uint8 rows; the float conversion (a parallel torch kernel, which would
+    start a second OpenMP team next to the model's) runs on the consumer's thread."""
+    import threading
+
+    import tta_norm.streams.loader as loader_mod
+
+    keys = domain_schedule(CORR[:1])
+    data = _fake_domains(keys)
+    plan = build_stream({k: d.labels for k, d in data.items()}, keys, StreamSpec(batch_size=8))
+    threads = []
+    convert = loader_mod._to_float_nchw
+
+    def spy(x):
+        threads.append(threading.current_thread())
+        return convert(x)
+
+    monkeypatch.setattr(loader_mod, "_to_float_nchw", spy)
+    batches = list(StreamLoader(plan, data, prefetch=2))
+    assert threads and all(t is threading.main_thread() for t in threads)
+    assert len(threads) == len(batches)
+    x = batches[0].x
+    assert x.dtype == torch.float32 and x.is_contiguous() and 0.0 <= float(x.min()) <= float(x.max()) <= 1.0
