@@ -49,9 +49,7 @@ class TrainConfig:
     ``init``: ``"release"`` (the model's released checkpoint, see :func:`tta_norm.models.load_model`),
     ``"scratch"`` (random initialization) or a checkpoint path. ``max_train_samples`` trains on a random subset
     (small-budget runs); ``max_minutes`` stops early (the schedule is not stretched; a warning is issued).
-    ``threads``: CPU intra-op threads; ``None`` = chosen per epoch by timing (see :class:`_ThreadChooser`).
-    ``bn_recalibration``: after training, re-estimate the BatchNorm statistics of the saved model on that many
-    un-augmented training images (:func:`recalibrate_batch_norm`; 0 = keep the averaged running statistics)."""
+    ``threads``: CPU intra-op threads; ``None`` = chosen per epoch by timing (see :class:`_ThreadChooser`)."""
 
     model: str = "resnet20"
     init: str = "release"
@@ -64,7 +62,6 @@ class TrainConfig:
     label_smoothing: float = 0.0
     ema_decay: float | None = 0.9995
     cutout: int = 0
-    bn_recalibration: int = 0
     pad: int = 4
     amp: bool = True
     seed: int = 0
@@ -159,43 +156,6 @@ def evaluate_accuracy(
         correct += int((pred == labels[i : i + batch_size]).sum())
     model.train(was_training)
     return correct / len(labels)
-
-
-@torch.no_grad()
-def recalibrate_batch_norm(
-    model: nn.Module,
-    images: np.ndarray | torch.Tensor,
-    *,
-    device: torch.device | str | None = None,
-    batch_size: int = 500,
-) -> int:
-    """Re-estimate every BatchNorm's running statistics as the exact average over ``images`` (uint8 NHWC).
-
-    A weight average (EMA/SWA) mixes weights from along the trajectory, but its BatchNorm buffers are an
-    average of statistics of *other* weights; recomputing them for the averaged weights is the SWA recipe
-    (Izmailov et al., UAI 2018, "bn_update"). Each layer's buffers are reset and updated with PyTorch's
-    cumulative average (``momentum=None``): mean = average of the batch means, variance = average of the
-    unbiased batch variances. The images are not augmented (test-time inputs are not padded crops). Returns
-    the number of BatchNorm layers updated; the model's mode and momenta are restored."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not norms:
-        return 0
-    was_training = model.training
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    try:
-        for i in range(0, len(images), batch_size):
-            batch = images[i : i + batch_size]
-            batch = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.asarray(batch))
-            model(to_float_nchw(batch.to(device)))
-    finally:
-        for m, mom in zip(norms, momenta, strict=True):
-            m.momentum = mom
-        model.train(was_training)
-    return len(norms)
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -426,16 +386,11 @@ def train_source_model(
     threads.restore()
     train_time = time.perf_counter() - t_train
     model.eval()
-    acc_raw = acc_avg = None
+    acc_raw = None
     if ema is not None:
         if test is not None:
             acc_raw = evaluate_accuracy(model, test.images, test.labels, device=device)
         ema.copy_to(model)  # the saved model is the weight average
-    if config.bn_recalibration > 0:
-        if test is not None:
-            acc_avg = evaluate_accuracy(model, test.images, test.labels, device=device)
-        pick = torch.randperm(n, generator=gen)[: config.bn_recalibration].to(images.device)
-        recalibrate_batch_norm(model, images[pick], device=device)
     acc = evaluate_accuracy(model, test.images, test.labels, device=device) if test is not None else None
     wall = time.perf_counter() - t_start
     meta = {
@@ -447,7 +402,6 @@ def train_source_model(
         "train_samples": n,
         "test_accuracy": acc,
         "test_accuracy_last_iterate": acc_raw if ema is not None else acc,
-        "test_accuracy_before_bn_recalibration": acc_avg,
         "epochs_done": step / steps_per_epoch,
         "train_time_s": round(train_time, 1),
         "wall_time_s": round(wall, 1),

@@ -199,29 +199,3 @@ def test_cutout_masks_a_clipped_square():
     for i in range(20):  # each mask is one axis-aligned rectangle
         rows, cols = masked[i].any(1).nonzero().flatten(), masked[i].any(0).nonzero().flatten()
         assert area[i] == len(rows) * len(cols) == (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
-
-
-def test_recalibrate_batch_norm_is_the_exact_average_of_batch_statistics():
-    torch.manual_seed(0)
-    conv = torch.nn.Conv2d(3, 4, 3, bias=False)
-    bn = torch.nn.BatchNorm2d(4, momentum=0.3)
-    model = torch.nn.Sequential(conv, bn).eval()
-    bn.running_mean.fill_(5.0)
-    images = torch.randint(0, 256, (12, 6, 6, 3), dtype=torch.uint8)
-    assert train_mod.recalibrate_batch_norm(model, images.numpy(), batch_size=4) == 1
-    with torch.no_grad():
-        feats = [conv(to_float_nchw(images[i : i + 4])).double() for i in range(0, 12, 4)]
-    means = torch.stack([f.mean((0, 2, 3)) for f in feats])
-    variances = torch.stack([f.var((0, 2, 3), unbiased=True) for f in feats])
-    assert torch.allclose(bn.running_mean.double(), means.mean(0), atol=1e-5)
-    assert torch.allclose(bn.running_var.double(), variances.mean(0), atol=1e-4)
-    assert not model.training and bn.momentum == 0.3  # mode and momentum restored
-    assert train_mod.recalibrate_batch_norm(torch.nn.Linear(2, 2), images) == 0  # nothing to recalibrate
-
-
-def test_train_with_bn_recalibration_records_the_accuracy_before(tiny_source, tmp_path):
-    cfg = TrainConfig(init="scratch", epochs=1, batch_size=8, amp=False, threads=1, bn_recalibration=8)
-    result = train_source_model(cfg, data_dir=tiny_source, source="toy", out=tmp_path / "r.pt", progress=False)
-    meta = read_checkpoint_meta(result.path)
-    assert meta["test_accuracy"] == result.test_accuracy
-    assert meta["test_accuracy_before_bn_recalibration"] is not None
