@@ -36,6 +36,8 @@ def main() -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="runs/adv_train.jsonl")
     parser.add_argument("--save-dir", default=None, help="save each trained model's state_dict here")
+    parser.add_argument("--reuse", action="store_true",
+                        help="evaluate the models already in --save-dir (same configuration) instead of retraining")
     parser.add_argument("--autoattack", type=int, default=0, help="AutoAttack on this many test images (0 = off)")
     parser.add_argument("--aa-attacks", default="apgd-ce,apgd-t", help="pyautoattack attacks, or 'standard'")
     args = parser.parse_args()
@@ -46,6 +48,7 @@ def main() -> int:
     from tta_norm.data import load_clean_test_set
     from tta_norm.data.paths import find_dataset_dir
     from tta_norm.data.readers import is_image_folder_split, read_image_folder
+    from tta_norm.layers import convert_to_aux_bn
     from tta_norm.models import load_model
 
     if args.autoattack > 0:
@@ -74,13 +77,25 @@ def main() -> int:
         else:
             cfg = AdvTrainConfig(kind=kind, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                  seed=args.seed)  # fmt: skip
-            start = time.perf_counter()
-            model, history = adversarial_finetune(model, train.images[tr], train.labels[tr], cfg, device=args.device)
-            minutes = (time.perf_counter() - start) / 60
-            if args.save_dir:
-                Path(args.save_dir).mkdir(parents=True, exist_ok=True)
-                torch.save({"kind": kind, "config": config_dict(cfg), "state_dict": model.state_dict()},
-                           Path(args.save_dir) / f"resnet20-{kind}.pt")  # fmt: skip
+            saved = Path(args.save_dir) / f"resnet20-{kind}.pt" if args.save_dir else None
+            if saved is not None and saved.is_file() and args.reuse:
+                ckpt = torch.load(saved, weights_only=True)
+                if ckpt["config"] != config_dict(cfg):
+                    raise SystemExit(f"{saved} was trained with another configuration; remove it or drop --reuse")
+                if kind != "bn":
+                    convert_to_aux_bn(model, kind)
+                model.load_state_dict(ckpt["state_dict"])
+                model.eval()
+                minutes, history = ckpt["train_minutes"], ckpt["history"]
+            else:
+                start = time.perf_counter()
+                model, history = adversarial_finetune(model, train.images[tr], train.labels[tr], cfg,
+                                                      device=args.device)  # fmt: skip
+                minutes = (time.perf_counter() - start) / 60
+                if saved is not None:
+                    saved.parent.mkdir(parents=True, exist_ok=True)
+                    torch.save({"kind": kind, "config": config_dict(cfg), "state_dict": model.state_dict(),
+                                "train_minutes": minutes, "history": history}, saved)  # fmt: skip
             for branch in (None,) if kind == "bn" else (0, 1):
                 res = evaluate_robustness(model, test.images[te], test.labels[te], branch=branch, pgd_steps=steps)
                 if args.autoattack > 0 and branch in (None, 1):
@@ -101,7 +116,7 @@ def _autoattack(model, branch, images, labels, args) -> dict:
     from tta_norm.layers.aux_batch_norm import branch_layers, set_branch
 
     n = args.autoattack
-    x = torch.from_numpy(np.asarray(images[:n])).permute(0, 3, 1, 2).float().div(255).to(args.device)
+    x = torch.from_numpy(np.asarray(images[:n])).permute(0, 3, 1, 2).contiguous().float().div(255).to(args.device)
     y = torch.from_numpy(np.asarray(labels[:n])).long().to(args.device)
     if branch is not None and branch_layers(model):
         set_branch(model, branch)

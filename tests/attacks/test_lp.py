@@ -91,6 +91,7 @@ def test_autoattack_glue_with_a_fake_package(monkeypatch):
 
         def run_standard_evaluation(self, x, y, /, *, batch_size=250, state_path=None):
             calls["batch_size"] = batch_size
+            x.view(x.shape[0], -1)  # pyautoattack 0.2 views inputs and their gradients: fails if not contiguous
             return x + 0, self.model(x).argmax(1)
 
     monkeypatch.setitem(sys.modules, "pyautoattack", SimpleNamespace(AutoAttack=FakeAutoAttack))
@@ -99,6 +100,8 @@ def test_autoattack_glue_with_a_fake_package(monkeypatch):
     x_adv, y_adv = run_autoattack(model, x, y, eps=8 / 255, batch_size=2)
     assert calls["batch_size"] == 2 and calls["init"]["norm"] == "Linf" and calls["init"]["device"] == "cpu"
     assert torch.equal(x_adv, x) and y_adv.shape == (4,)
+    x_cl = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # channels-last strides, as from HWC images
+    assert torch.equal(run_autoattack(model, x_cl, y, batch_size=2)[0], x)
     with pytest.raises(TypeError, match="static"):
         run_autoattack(tta_norm.adapt(model, "tbn"), x, y)
     monkeypatch.setitem(sys.modules, "pyautoattack", None)

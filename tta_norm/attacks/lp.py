@@ -198,7 +198,8 @@ def run_autoattack(
     if attacks is not None:
         kwargs["attacks"] = attacks
     adversary = AutoAttack(model, **kwargs)
-    result = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
+    # contiguous: pyautoattack 0.2 calls .view() on input gradients, which fails for e.g. channels-last inputs
+    result = adversary.run_standard_evaluation(x.contiguous(), y, batch_size=batch_size)
     if not isinstance(result, tuple):  # pragma: no cover - older builds returned the tensor alone
         return result, model(result).argmax(1)
     return result[0], result[1]
