@@ -5,7 +5,7 @@ Source split: ``cifar10-jpeg/train`` (a seeded subset); test: a seeded subset of
 :mod:`tta_norm.attacks.adv_train` (PGD-7, 8/255, step 2/255, random start).  Results as JSON lines.
 
     python scripts/adv_train_cifar.py --train 2048 --test 500 --epochs 1 --out runs/adv_train.jsonl
-    python scripts/adv_train_cifar.py --train 10000 --epochs 2 --lr 0.05 --test 1000 \
+    python scripts/adv_train_cifar.py --train 8000 --epochs 2 --lr 0.05 --test 1000 \
         --autoattack 200 --save-dir runs/adv_models      # + AutoAttack (pyautoattack) on the adversarial branch
 
 ``--autoattack N`` runs AutoAttack (``--aa-attacks``, default APGD-CE + APGD-T; ``standard`` for the full suite)
@@ -114,9 +114,10 @@ def _autoattack(model, branch, images, labels, args) -> dict:
     """AutoAttack accuracy of ``model`` with every AuxBN layer fixed to ``branch``, on the first N images."""
     from tta_norm.attacks.lp import run_autoattack
     from tta_norm.layers.aux_batch_norm import branch_layers, set_branch
+    from tta_norm.train import to_float_nchw
 
     n = args.autoattack
-    x = torch.from_numpy(np.asarray(images[:n])).permute(0, 3, 1, 2).contiguous().float().div(255).to(args.device)
+    x = to_float_nchw(torch.from_numpy(np.asarray(images[:n]))).to(args.device)
     y = torch.from_numpy(np.asarray(labels[:n])).long().to(args.device)
     if branch is not None and branch_layers(model):
         set_branch(model, branch)
