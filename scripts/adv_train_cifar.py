@@ -113,8 +113,8 @@ def main() -> int:
 def _autoattack(model, branch, images, labels, args) -> dict:
     """AutoAttack accuracy of ``model`` with every AuxBN layer fixed to ``branch``, on the first N images."""
     from tta_norm.attacks.lp import run_autoattack
+    from tta_norm.data import to_float_nchw
     from tta_norm.layers.aux_batch_norm import branch_layers, set_branch
-    from tta_norm.train import to_float_nchw
 
     n = args.autoattack
     x = to_float_nchw(torch.from_numpy(np.asarray(images[:n]))).to(args.device)

@@ -35,7 +35,7 @@ def main() -> int:
 
     import tta_norm
     from tta_norm.attacks.lp import deployed_forward, frozen_snapshot, pgd_attack, run_autoattack, threat_model
-    from tta_norm.data import load_corruption_benchmark
+    from tta_norm.data import load_corruption_benchmark, to_float_nchw
     from tta_norm.models import load_model
 
     device = torch.device(args.device)
@@ -43,7 +43,7 @@ def main() -> int:
     bench = load_corruption_benchmark("cifar10", [args.corruption], [args.severity], progress=False)
     data = bench.domains[(args.corruption, args.severity)]
     idx = np.random.default_rng(args.seed).permutation(len(data.labels))[: args.n]
-    x = torch.from_numpy(data.images[idx]).permute(0, 3, 1, 2).float().div(255).to(device)
+    x = to_float_nchw(torch.from_numpy(data.images[idx]).to(device))
     y = torch.from_numpy(data.labels[idx]).to(device)
     aa_kwargs = {"version": "standard"} if args.attacks == "standard" else {
         "version": "custom", "attacks": args.attacks.split(",")}  # fmt: skip

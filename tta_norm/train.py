@@ -37,6 +37,7 @@ from torch import nn
 
 from tta_norm.data.paths import checkpoint_dir, describe_search, find_dataset_dir
 from tta_norm.data.readers import ArrayDataset, is_image_folder_split, read_image_folder
+from tta_norm.data.tensors import to_float_nchw  # noqa: F401  (re-exported: tta_norm.train.to_float_nchw)
 
 DEFAULT_SOURCE = "cifar10-jpeg"
 TARGET_ACCURACY = 0.89  # issue 4: ResNet-20 on the mirror's test split
@@ -88,12 +89,6 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------------------------- tensor helpers
-
-
-def to_float_nchw(images: torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC -> contiguous float32 NCHW in [0, 1] (on the tensor's device). Contiguous matters: a plain
-    ``permute`` keeps channels-last strides, and CPU convolutions of small CIFAR networks are then ~10x slower."""
-    return images.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
 
 
 def augment_batch(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:

@@ -320,13 +320,13 @@ def test_loader_thread_does_no_torch_compute(monkeypatch):
     data = _fake_domains(keys)
     plan = build_stream({k: d.labels for k, d in data.items()}, keys, StreamSpec(batch_size=8))
     threads = []
-    convert = loader_mod._to_float_nchw
+    convert = loader_mod.to_float_nchw
 
     def spy(x):
         threads.append(threading.current_thread())
         return convert(x)
 
-    monkeypatch.setattr(loader_mod, "_to_float_nchw", spy)
+    monkeypatch.setattr(loader_mod, "to_float_nchw", spy)
     batches = list(StreamLoader(plan, data, prefetch=2))
     assert threads and all(t is threading.main_thread() for t in threads)
     assert len(threads) == len(batches)

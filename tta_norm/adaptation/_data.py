@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tta_norm.data.tensors import to_float_nchw
+
 ImageArray = np.ndarray | Tensor
 
 
@@ -24,8 +26,7 @@ def as_image_tensor(images: ImageArray) -> Tensor:
 def to_model_input(batch: Tensor, device: torch.device) -> Tensor:
     """A uint8 NHWC batch -> contiguous float32 NCHW in [0, 1] on ``device``; float batches are only moved."""
     if batch.dtype == torch.uint8:
-        batch = batch.to(device).permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
-        return batch.div_(255.0)
+        return to_float_nchw(batch.to(device))
     return batch.to(device, torch.float32)
 
 

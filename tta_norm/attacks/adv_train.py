@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tta_norm.attacks.lp import pgd_attack
+from tta_norm.data.tensors import to_float_nchw
 from tta_norm.layers.aux_batch_norm import branch_layers, convert_to_aux_bn, use_branch
 
 KINDS = ("bn", "aux", "saaux")
@@ -58,6 +59,8 @@ def _branch(model: nn.Module, branch: int | None):
 
 def _to_float(images: np.ndarray | Tensor, device: torch.device) -> Tensor:
     t = torch.as_tensor(images).to(device)
+    if t.dtype == torch.uint8 and t.shape[-1] == 3:
+        return to_float_nchw(t)
     if t.dtype == torch.uint8:
         t = t.float().div(255)
     return t.permute(0, 3, 1, 2).contiguous() if t.shape[-1] == 3 else t

@@ -256,6 +256,7 @@ def run_attack_cell(cell: AttackCell, model: Any, bench: Any, cfg: AttackConfig,
 
     import tta_norm
     from tta_norm.attacks.malicious import MaliciousAttack, attack_batch
+    from tta_norm.data.tensors import to_float_nchw
 
     attack = MaliciousAttack(
         objective=cell.objective, fraction=cell.fraction, eps=cell.eps, step_size=cfg.step_size, steps=cfg.steps,
@@ -269,7 +270,7 @@ def run_attack_cell(cell: AttackCell, model: Any, bench: Any, cfg: AttackConfig,
         tta = tta_norm.adapt(model, entry.preset, entry.method, device=device, **dict(entry.kwargs))
         baseline = copy.deepcopy(tta) if cell.mode == "cumulative" else None
         for i, idx in enumerate(batch_indices(len(data), cell.batch_size, cfg.n_batches, cfg.data_seed)):
-            x = torch.from_numpy(data.images[idx]).to(device).permute(0, 3, 1, 2).float().div(255)
+            x = to_float_nchw(torch.from_numpy(data.images[idx]).to(device))
             y = torch.from_numpy(data.labels[idx]).to(device)
             out = attack_batch(tta, x, y, attack, mode=cell.mode, generator=generator)
             row = {"domain": f"{corruption}@{severity}", "batch": i, **out.metrics()}

@@ -38,8 +38,10 @@ from tta_norm.data.readers import (
     read_image_folder,
     read_imagenet_c,
 )
+from tta_norm.data.tensors import to_float_nchw
 
 __all__ = [
+    "to_float_nchw",
     "CLEAN",
     "CORRUPTIONS",
     "EXTRA_CORRUPTIONS",

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from tta_norm.data.tensors import to_float_nchw
 from tta_norm.streams.plan import DomainKey, StreamPlan, domain_name
 
 
@@ -41,12 +42,6 @@ class Batch(NamedTuple):
 
 
 _DONE = object()
-
-
-def _to_float_nchw(x: torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC -> contiguous float32 NCHW in [0, 1]. A plain ``permute`` would leave channels-last strides,
-    which send CPU convolutions down a path that is ~10x slower for small CIFAR networks."""
-    return x.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
 
 
 class StreamLoader:
@@ -120,7 +115,7 @@ class StreamLoader:
         (xt, yt, dt), (start, _stop, seg) = item, self.batches[b]
         if self.device.type != "cpu":
             xt, yt = xt.to(self.device, non_blocking=True), yt.to(self.device, non_blocking=True)
-        xt = _to_float_nchw(xt)  # on the consumer's thread: see the module docstring
+        xt = to_float_nchw(xt)  # on the consumer's thread: see the module docstring
         first_of_segment = b == 0 or self.batches[b - 1][2] != seg
         return Batch(xt, yt, dt, b, seg, first_of_segment and seg in self._resets, start)
 
