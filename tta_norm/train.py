@@ -64,6 +64,7 @@ class TrainConfig:
     ema_decay: float | None = 0.9995
     cutout: int = 0
     pad: int = 4
+    pad_mode: str = "zeros"
     amp: bool = True
     seed: int = 0
     max_train_samples: int | None = None
@@ -75,6 +76,8 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d.pop("max_minutes")
         d.pop("threads")
+        if d["pad_mode"] == "zeros":  # added later: default left out so existing cache keys stay valid
+            d.pop("pad_mode")
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -91,23 +94,42 @@ class TrainResult:
 # ----------------------------------------------------------------------------------------------- tensor helpers
 
 
-def augment_batch(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop of the zero-padded image + random horizontal flip, for a whole uint8 NHWC batch at once.
+def augment_batch(
+    images: torch.Tensor, generator: torch.Generator, pad: int = 4, pad_mode: str = "zeros"
+) -> torch.Tensor:
+    """Random crop of the padded image + random horizontal flip, for a whole uint8 NHWC batch at once.
 
     Each sample gets an offset uniform in {0..2*pad}^2 of the (H + 2 pad) x (W + 2 pad) padded image and a
-    flip with probability 1/2 (torchvision ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip`` semantics,
-    zero fill). ``generator`` lives on the CPU; the result is on ``images.device``."""
+    flip with probability 1/2 (torchvision ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip`` semantics).
+    ``pad_mode``: ``"zeros"`` (torchvision's default fill 0) or ``"reflect"`` (mirror without repeating the edge
+    pixel, torchvision's ``padding_mode="reflect"``; needs ``pad < H, W``). ``generator`` lives on the CPU; the
+    result is on ``images.device``."""
+    if pad_mode not in ("zeros", "reflect"):
+        raise ValueError(f"pad_mode must be 'zeros' or 'reflect', got {pad_mode!r}")
     n, h, w, _ = images.shape
     dev = images.device
     if pad > 0:
-        padded = F.pad(images, (0, 0, pad, pad, pad, pad))
         oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
         ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
-        rows = (oy[:, None] + torch.arange(h, device=dev))[:, :, None]  # n, h, 1
-        cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, :]  # n, 1, w
-        images = padded[torch.arange(n, device=dev)[:, None, None], rows, cols]
+        if pad_mode == "zeros":
+            source = F.pad(images, (0, 0, pad, pad, pad, pad))
+            rows = oy[:, None] + torch.arange(h, device=dev)  # n, h (in padded coordinates)
+            cols = ox[:, None] + torch.arange(w, device=dev)
+        else:
+            if pad >= min(h, w):
+                raise ValueError(f"reflect padding needs pad < image size, got pad={pad} for {h}x{w}")
+            source = images
+            rows = _reflect_index(oy[:, None] - pad + torch.arange(h, device=dev), h)
+            cols = _reflect_index(ox[:, None] - pad + torch.arange(w, device=dev), w)
+        images = source[torch.arange(n, device=dev)[:, None, None], rows[:, :, None], cols[:, None, :]]
     flip = (torch.rand(n, generator=generator) < 0.5).to(dev)
     return torch.where(flip[:, None, None, None], images.flip(2), images)
+
+
+def _reflect_index(i: torch.Tensor, size: int) -> torch.Tensor:
+    """Map coordinates in [-size+1, 2 size-2] into [0, size) by mirroring at the edges (edge not repeated)."""
+    i = i.abs()
+    return torch.where(i > size - 1, 2 * (size - 1) - i, i)
 
 
 CUTOUT_FILL = (124, 116, 104)  # ImageNet mean in uint8: zero after the model's input normalization
@@ -339,7 +361,7 @@ def train_source_model(
         for i in range(0, n, config.batch_size):
             threads.before_step()
             idx = perm[i : i + config.batch_size]
-            xb = augment_batch(images[idx], gen, config.pad)
+            xb = augment_batch(images[idx], gen, config.pad, config.pad_mode)
             if config.cutout > 0:
                 xb = cutout_batch(xb, gen, config.cutout)
             x = to_float_nchw(xb)

@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ema-decay", type=float, default=None,
                         help="weight-EMA decay per step (default 0.9995; 0 = save the last iterate)")  # fmt: skip
     parser.add_argument("--cutout", type=int, default=None, help="Cutout square size in pixels (default 0 = off)")
+    parser.add_argument("--pad-mode", choices=("zeros", "reflect"), default=None,
+                        help="padding of the random-crop augmentation (default zeros)")  # fmt: skip
     parser.add_argument("--label-smoothing", type=float, default=None, help="cross-entropy label smoothing (default 0)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     parser.add_argument("--no-amp", action="store_true", help="train in float32 instead of bfloat16 autocast")
@@ -71,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "ema_decay": args.ema_decay,
         "cutout": args.cutout,
+        "pad_mode": args.pad_mode,
         "label_smoothing": args.label_smoothing,
         "max_train_samples": args.max_train_samples,
         "max_minutes": args.max_minutes,

@@ -43,6 +43,22 @@ def test_augment_batch_is_crop_of_padded_image_or_its_mirror():
     assert torch.equal(out, again)  # deterministic given the generator
 
 
+def test_augment_batch_reflect_is_crop_of_reflect_padded_image():
+    gen = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (48, 6, 7, 3), dtype=torch.uint8)
+    out = augment_batch(images, gen, pad=3, pad_mode="reflect")
+    # reference: torch's reflect padding (NCHW float), then every crop window and its mirror
+    ref = torch.nn.functional.pad(images.permute(0, 3, 1, 2).float(), (3, 3, 3, 3), mode="reflect")
+    ref = ref.permute(0, 2, 3, 1).to(torch.uint8)
+    for i in range(len(images)):
+        windows = [ref[i, y : y + 6, x : x + 7] for y in range(7) for x in range(7)]
+        assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(1)) for w in windows)
+    with pytest.raises(ValueError, match="pad_mode"):
+        augment_batch(images, gen, pad=3, pad_mode="edge")
+    with pytest.raises(ValueError, match="pad < image size"):
+        augment_batch(images, gen, pad=6, pad_mode="reflect")
+
+
 def test_augment_offsets_cover_full_range():
     gen = torch.Generator().manual_seed(1)
     images = torch.zeros(2000, 4, 4, 1, dtype=torch.uint8)

@@ -315,7 +315,7 @@ def read_image_folder(
     target.mkdir(parents=True, exist_ok=True)
     _atomic_save(img_file, images)
     _atomic_save(lab_file, labels)
-    tmp = meta_file.with_suffix(".tmp")
+    tmp = meta_file.with_name(f".{meta_file.name}.{os.getpid()}.tmp")  # unique: concurrent runs share the cache
     tmp.write_text(json.dumps({"root": str(root), "n": len(files), "classes": list(classes), "size": size}))
     os.replace(tmp, meta_file)
     return ArrayDataset(np.load(img_file, mmap_mode="r"), labels, classes, source, {"cache": str(target)})
