@@ -1,0 +1,209 @@
+// Fused CPU kernel of the adaptive norm layer (tta_norm.norm.AdaptiveNorm) for float32, no-autograd inputs.
+//
+// One call per layer does what the ATen path does in 5-10 small kernels: per channel, estimate the test
+// statistics, mix them with the reference (source or EMA) statistics, optionally commit the EMA state, and
+// normalise with the affine.  Same formulas and conventions as tta_norm.stats (see its docstrings):
+//
+//   estimator 0  mean / variance (two passes; biased, or unbiased with `unbiased`)
+//             1  median / mean squared deviation from it (MedBN)
+//             2  median / MAD^2                3  median / (1.4826 MAD)^2
+//   median       lower median (rank (n-1)/2), or with `average_median` the mean of the two middle values
+//   rule      0  test only      1  linear (alpha on test)      2  mixture (+ alpha (1-alpha) (mu_t - mu_s)^2)
+//             3  EMA (linear with alpha = momentum, state = ref_mean/ref_var; written back when `commit`,
+//                per channel only where the new mean and variance are finite)
+//
+// Medians are exact order statistics found by a sampled bracket: a strided sample of the channel gives
+// bounds [lo, hi] that contain the wanted rank with overwhelming probability; one branch-free pass counts
+// the values below lo and compacts those inside [lo, hi]; std::nth_element finishes on that small set.  If
+// the bracket misses (or overflows), the channel falls back to nth_element on all of its values: the result
+// is always exact.  Channels run in parallel (OpenMP, `nthreads`).
+//
+// Built on first use by tta_norm/kernels/__init__.py (plain C ABI, loaded with ctypes; no torch headers).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+struct Channel {
+  const float* x;  // start of the tensor
+  int64_t n, c, l, ch;
+  const float* row(int64_t i) const { return x + (i * c + ch) * l; }
+  int64_t count() const { return n * l; }
+};
+
+double channel_mean(const Channel& v) {
+  double s = 0.0;
+  for (int64_t i = 0; i < v.n; ++i) {
+    const float* p = v.row(i);
+    float acc = 0.f;
+    for (int64_t j = 0; j < v.l; ++j) acc += p[j];
+    s += acc;
+  }
+  return s / static_cast<double>(v.count());
+}
+
+// sum over the channel of (f(x) - center)^2, f = identity
+double channel_sq_dev(const Channel& v, double center) {
+  const float m = static_cast<float>(center);
+  double s = 0.0;
+  for (int64_t i = 0; i < v.n; ++i) {
+    const float* p = v.row(i);
+    float acc = 0.f;
+    for (int64_t j = 0; j < v.l; ++j) {
+      const float d = p[j] - m;
+      acc += d * d;
+    }
+    s += acc;
+  }
+  return s;
+}
+
+// the r-th smallest (0-based) of the values f(x) of the channel, and with `want_next` also the (r+1)-th
+template <class F>
+void select_rank(const Channel& v, int64_t r, bool want_next, F f, float* out_r, float* out_next) {
+  const int64_t cnt = v.count();
+  std::vector<float> all;
+  auto full = [&]() {
+    all.resize(cnt);
+    int64_t k = 0;
+    for (int64_t i = 0; i < v.n; ++i) {
+      const float* p = v.row(i);
+      for (int64_t j = 0; j < v.l; ++j) all[k++] = f(p[j]);
+    }
+    for (float a : all) {
+      if (std::isnan(a)) {  // torch.median returns NaN for a channel with a NaN
+        *out_r = *out_next = std::numeric_limits<float>::quiet_NaN();
+        return;
+      }
+    }
+    std::nth_element(all.begin(), all.begin() + r, all.end());
+    *out_r = all[r];
+    if (want_next) *out_next = *std::min_element(all.begin() + r + 1, all.end());
+  };
+  if (cnt <= 4096) {
+    full();
+    return;
+  }
+  // 1. strided sample -> bracket [lo, hi] around the wanted rank(s)
+  const int64_t k = std::min<int64_t>(cnt, std::max<int64_t>(1024, static_cast<int64_t>(8.0 * std::sqrt(double(cnt)))));
+  std::vector<float> sample(k);
+  for (int64_t s = 0; s < k; ++s) {
+    const int64_t idx = (2 * s + 1) * cnt / (2 * k);
+    sample[s] = f(v.row(idx / v.l)[idx % v.l]);
+  }
+  const double q = static_cast<double>(r) / static_cast<double>(cnt - 1) * static_cast<double>(k - 1);
+  const double margin = 2.5 * std::sqrt(static_cast<double>(k)) + 2.0;  // ~5 binomial standard deviations
+  const int64_t lo_rank = std::max<int64_t>(0, static_cast<int64_t>(std::floor(q - margin)));
+  const int64_t hi_rank = std::min<int64_t>(k - 1, static_cast<int64_t>(std::ceil(q + margin)) + 1);
+  std::nth_element(sample.begin(), sample.begin() + lo_rank, sample.end());
+  const float lo = lo_rank == 0 ? -std::numeric_limits<float>::infinity() : sample[lo_rank];
+  std::nth_element(sample.begin() + lo_rank, sample.begin() + hi_rank, sample.end());
+  const float hi = hi_rank == k - 1 ? std::numeric_limits<float>::infinity() : sample[hi_rank];
+  // 2. one branch-free pass: count below lo, compact [lo, hi], count above hi
+  const double frac = static_cast<double>(hi_rank - lo_rank + 1) / static_cast<double>(k);
+  const int64_t cap = std::min<int64_t>(cnt, static_cast<int64_t>(2.0 * frac * cnt) + 2 * v.l + 64);
+  std::vector<float> mid(cap + 1);
+  int64_t below = 0, inside = 0, above = 0;
+  bool overflow = false;
+  for (int64_t i = 0; i < v.n && !overflow; ++i) {
+    if (cap - inside < v.l) {
+      overflow = true;
+      break;
+    }
+    const float* p = v.row(i);
+    for (int64_t j = 0; j < v.l; ++j) {
+      const float a = f(p[j]);
+      below += a < lo;
+      above += a > hi;
+      mid[inside] = a;
+      inside += (a >= lo) & (a <= hi);
+    }
+  }
+  if (!overflow && below + inside + above != cnt) {  // NaN values are in none of the three
+    *out_r = *out_next = std::numeric_limits<float>::quiet_NaN();
+    return;
+  }
+  const int64_t last = r + (want_next ? 1 : 0);
+  if (overflow || below > r || last >= below + inside) {
+    full();  // the bracket missed: exact fallback
+    return;
+  }
+  const int64_t rr = r - below;
+  std::nth_element(mid.begin(), mid.begin() + rr, mid.begin() + inside);
+  *out_r = mid[rr];
+  if (want_next) *out_next = *std::min_element(mid.begin() + rr + 1, mid.begin() + inside);
+}
+
+template <class F>
+float channel_median(const Channel& v, bool average, F f) {
+  const int64_t cnt = v.count();
+  const int64_t r = (cnt - 1) / 2;
+  const bool want_next = average && cnt % 2 == 0;
+  float a = 0.f, b = 0.f;
+  select_rank(v, r, want_next, f, &a, &b);
+  return want_next ? 0.5f * (a + b) : a;
+}
+
+}  // namespace
+
+extern "C" int tta_fused_norm(const float* x, float* out, int64_t n, int64_t c, int64_t l, int estimator,
+                              int unbiased, int average_median, int rule, const float* alpha_c, double alpha,
+                              float* ref_mean, float* ref_var, int commit, const float* weight, const float* bias,
+                              double eps, float* stats_out, int nthreads) {
+  if (n <= 0 || c <= 0 || l <= 0 || estimator < 0 || estimator > 3 || rule < 0 || rule > 3) return 1;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (nthreads > 1 && c > 1)
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const Channel v{x, n, c, l, ch};
+    const double cnt = static_cast<double>(v.count());
+    double loc, sq;
+    if (estimator == 0) {
+      loc = channel_mean(v);
+      sq = channel_sq_dev(v, loc) / (unbiased ? cnt - 1.0 : cnt);
+    } else {
+      const float med = channel_median(v, average_median != 0, [](float a) { return a; });
+      loc = med;
+      if (estimator == 1) {
+        sq = channel_sq_dev(v, med) / cnt;
+      } else {
+        double mad = channel_median(v, average_median != 0, [med](float a) { return std::fabs(a - med); });
+        if (estimator == 3) mad = static_cast<float>(mad * 1.4826f);
+        sq = mad * mad;
+      }
+    }
+    double mu = loc, var = sq;
+    if (rule != 0) {
+      const double a = alpha_c ? std::clamp(static_cast<double>(alpha_c[ch]), 0.0, 1.0) : alpha;
+      const double ms = ref_mean[ch], vs = ref_var[ch];
+      mu = ms + a * (loc - ms);
+      var = vs + a * (sq - vs);
+      if (rule == 2) var += (mu - ms) * (loc - mu);  // alpha (1 - alpha) (mu_t - mu_s)^2
+      if (rule == 3 && commit) {
+        if (std::isfinite(mu + var)) {
+          ref_mean[ch] = static_cast<float>(mu);
+          ref_var[ch] = static_cast<float>(var);
+        } else {  // a non-finite batch statistic never enters the state; normalise with the kept state
+          mu = ms;
+          var = vs;
+        }
+      }
+    }
+    if (stats_out) {
+      stats_out[ch] = static_cast<float>(mu);
+      stats_out[c + ch] = static_cast<float>(var);
+    }
+    const double inv = 1.0 / std::sqrt(static_cast<double>(static_cast<float>(var)) + eps);
+    const double w = weight ? static_cast<double>(weight[ch]) : 1.0;
+    const float scale = static_cast<float>(w * inv);
+    const float shift = static_cast<float>((bias ? static_cast<double>(bias[ch]) : 0.0) - mu * w * inv);
+    for (int64_t i = 0; i < n; ++i) {
+      const float* p = v.row(i);
+      float* o = out + (i * c + ch) * l;
+      for (int64_t j = 0; j < l; ++j) o[j] = p[j] * scale + shift;
+    }
+  }
+  return 0;
+}
