@@ -142,6 +142,11 @@ SPECS = {
     "medbn-mad-normal": NormSpec(estimator="median_mad_normal"),
     "median-ema": NormSpec(estimator="median_mad", mixing="ema"),
     "median-linear": NormSpec(estimator="median_msd", mixing="linear", alpha=0.5),
+    "iabn": NormSpec(mixing="source", instance="iabn"),
+    "iabn-k1": NormSpec(mixing="source", instance="iabn", iabn_k=1.0),
+    "tbn-iabn": NormSpec(instance="iabn"),
+    "iew": NormSpec(mixing="source", instance="example", example_weight=1.0 / 8),
+    "ema-example": NormSpec(mixing="ema", instance="example", example_weight=0.25),
 }
 
 
@@ -164,7 +169,8 @@ def _layer(spec: NormSpec, c: int, affine: bool = True) -> AdaptiveNorm:
 @pytest.mark.parametrize("affine", [True, False])
 def test_layer_fused_equals_aten_path(name, affine, aten_only):
     spec = SPECS[name]
-    batches = [_data((6, 5, 7, 7), "normal", s) for s in range(3)] + [_data((1, 5, 3, 3), "relu", 9)]
+    batches = [_data((6, 5, 7, 7), "normal", s) for s in range(3)]
+    batches += [_data((1, 5, 3, 3), "relu", 9), _data((6, 5), "normal", 4), _data((3, 5, 11), "int", 5)]
     fused, aten = _layer(spec, 5, affine), _layer(spec, 5, affine)
     with torch.no_grad():
         fused_out = [fused(x) for x in batches]

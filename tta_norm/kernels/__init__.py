@@ -32,7 +32,8 @@ ENV_KERNELS = "TTA_NORM_KERNELS"
 
 #: codes of ``cpu_norm.cpp`` (``estimator`` and ``rule`` arguments)
 ESTIMATOR_CODES = {"mean_var": 0, "median_msd": 1, "median_mad": 2, "median_mad_normal": 3}
-RULE_CODES = {"test": 0, "linear": 1, "mixture": 2, "ema": 3}
+RULE_CODES = {"test": 0, "linear": 1, "mixture": 2, "ema": 3, "source": 4}
+INSTANCE_CODES = {"none": 0, "iabn": 1, "example": 2}
 
 _SOURCE = Path(__file__).with_name("cpu_norm.cpp")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fassociative-math", "-fno-signed-zeros",
@@ -114,7 +115,7 @@ def _load() -> ctypes.CDLL | None:
                 lib = ctypes.CDLL(str(path))
                 fn = lib.tta_fused_norm
                 p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
-                fn.argtypes = [p, p, i64, i64, i64, i32, i32, i32, i32, p, f64, p, p, i32, p, p, f64, p, i32]
+                fn.argtypes = [p, p, i64, i64, i64, i32, i32, i32, i32, p, f64, p, p, i32, p, p, f64, p, i32, f64, i32]
                 fn.restype = i32
                 _lib = lib
                 _status = f"compiled kernel {path}"
@@ -150,6 +151,8 @@ def fused_norm(
     unbiased: bool = False,
     average_median: bool = False,
     stats_out: Tensor | None = None,
+    instance: int = 0,
+    instance_param: float = 0.0,
 ) -> Tensor | None:
     """Estimate, mix, (commit) and normalise in one kernel call; ``None`` when the kernel cannot take the input.
 
@@ -157,7 +160,8 @@ def fused_norm(
     :data:`RULE_CODES`.  ``alpha``: weight on the test statistics (a ``(C,)`` tensor for channel-wise mixing,
     clamped to [0, 1]; the momentum for ``"ema"``).  ``ref_mean``/``ref_var``: source statistics or the EMA
     state, updated in place for ``"ema"`` with ``commit`` (non-finite channels keep their value).
-    ``stats_out`` (``(2, C)``) receives the mixed mean and variance.  Does no autograd: callers check that no
+    ``stats_out`` (``(2, C)``) receives the mixed mean and variance.  ``instance`` (:data:`INSTANCE_CODES`)
+    refines them per sample: IABN with ``instance_param`` = k, or example weighing with weight ``instance_param``.  Does no autograd: callers check that no
     gradient is needed.  (Kept lean: this runs once per layer per forward.)"""
     lib = _lib if _tried else _load()
     if lib is None or x.dtype is not _F32 or not x.is_cpu or x.dim() < 2 or not x.is_contiguous():
@@ -179,7 +183,7 @@ def fused_norm(
         None if alpha_t is None else alpha_t.data_ptr(), 0.0 if alpha_t is not None else alpha,
         None if ref_mean is None else ref_mean.data_ptr(), None if ref_var is None else ref_var.data_ptr(),
         commit, None if weight is None else weight.data_ptr(), None if bias is None else bias.data_ptr(), eps,
-        None if stats_out is None else stats_out.data_ptr(), torch.get_num_threads(),
+        None if stats_out is None else stats_out.data_ptr(), instance, instance_param, torch.get_num_threads(),
     )  # fmt: skip
     if rc != 0:
         raise RuntimeError(f"fused norm kernel rejected its arguments (code {rc})")

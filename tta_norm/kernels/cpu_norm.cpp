@@ -11,6 +11,12 @@
 //   rule      0  test only      1  linear (alpha on test)      2  mixture (+ alpha (1-alpha) (mu_t - mu_s)^2)
 //             3  EMA (linear with alpha = momentum, state = ref_mean/ref_var; written back when `commit`,
 //                per channel only where the new mean and variance are finite)
+//             4  source only (the batch is not estimated; with an instance refinement)
+//   instance  0  none
+//             1  IABN (NOTE): each sample's spatial mean / unbiased variance soft-shrunk toward the channel
+//                statistics, threshold `instance_param` (k) standard errors
+//             2  inference example weighing: the mixture of each sample's own biased spatial statistics
+//                (weight `instance_param`) with the channel statistics
 //
 // Medians are exact order statistics found by a sampled bracket: a strided sample of the channel gives
 // bounds [lo, hi] that contain the wanted rank with overwhelming probability; one branch-free pass counts
@@ -44,6 +50,30 @@ double channel_mean(const Channel& v) {
     s += acc;
   }
   return s / static_cast<double>(v.count());
+}
+
+// mean and biased variance of one contiguous row (two passes)
+void row_moments(const float* p, int64_t l, double* mean, double* var) {
+  float acc = 0.f;
+  for (int64_t j = 0; j < l; ++j) acc += p[j];
+  const double m = static_cast<double>(acc) / static_cast<double>(l);
+  const float mf = static_cast<float>(m);
+  float sq = 0.f;
+  for (int64_t j = 0; j < l; ++j) {
+    const float d = p[j] - mf;
+    sq += d * d;
+  }
+  *mean = m;
+  *var = static_cast<double>(sq) / static_cast<double>(l);
+}
+
+void normalize_row(const float* p, float* o, int64_t l, double mu, double var, const float* weight,
+                   const float* bias, int64_t ch, double eps) {
+  const double inv = 1.0 / std::sqrt(static_cast<double>(static_cast<float>(var)) + eps);
+  const double w = weight ? static_cast<double>(weight[ch]) : 1.0;
+  const float scale = static_cast<float>(w * inv);
+  const float shift = static_cast<float>((bias ? static_cast<double>(bias[ch]) : 0.0) - mu * w * inv);
+  for (int64_t j = 0; j < l; ++j) o[j] = p[j] * scale + shift;
 }
 
 // sum over the channel of (f(x) - center)^2, f = identity
@@ -153,14 +183,18 @@ float channel_median(const Channel& v, bool average, F f) {
 extern "C" int tta_fused_norm(const float* x, float* out, int64_t n, int64_t c, int64_t l, int estimator,
                               int unbiased, int average_median, int rule, const float* alpha_c, double alpha,
                               float* ref_mean, float* ref_var, int commit, const float* weight, const float* bias,
-                              double eps, float* stats_out, int nthreads) {
-  if (n <= 0 || c <= 0 || l <= 0 || estimator < 0 || estimator > 3 || rule < 0 || rule > 3) return 1;
+                              double eps, float* stats_out, int instance, double instance_param, int nthreads) {
+  if (n <= 0 || c <= 0 || l <= 0 || estimator < 0 || estimator > 3 || rule < 0 || rule > 4 || instance < 0 ||
+      instance > 2)
+    return 1;
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (nthreads > 1 && c > 1)
   for (int64_t ch = 0; ch < c; ++ch) {
     const Channel v{x, n, c, l, ch};
     const double cnt = static_cast<double>(v.count());
-    double loc, sq;
-    if (estimator == 0) {
+    double loc = 0.0, sq = 0.0;
+    if (rule == 4) {
+      // source only: the batch is not estimated
+    } else if (estimator == 0) {
       loc = channel_mean(v);
       sq = channel_sq_dev(v, loc) / (unbiased ? cnt - 1.0 : cnt);
     } else {
@@ -175,7 +209,10 @@ extern "C" int tta_fused_norm(const float* x, float* out, int64_t n, int64_t c, 
       }
     }
     double mu = loc, var = sq;
-    if (rule != 0) {
+    if (rule == 4) {
+      mu = ref_mean[ch];
+      var = ref_var[ch];
+    } else if (rule != 0) {
       const double a = alpha_c ? std::clamp(static_cast<double>(alpha_c[ch]), 0.0, 1.0) : alpha;
       const double ms = ref_mean[ch], vs = ref_var[ch];
       mu = ms + a * (loc - ms);
@@ -195,14 +232,33 @@ extern "C" int tta_fused_norm(const float* x, float* out, int64_t n, int64_t c, 
       stats_out[ch] = static_cast<float>(mu);
       stats_out[c + ch] = static_cast<float>(var);
     }
-    const double inv = 1.0 / std::sqrt(static_cast<double>(static_cast<float>(var)) + eps);
-    const double w = weight ? static_cast<double>(weight[ch]) : 1.0;
-    const float scale = static_cast<float>(w * inv);
-    const float shift = static_cast<float>((bias ? static_cast<double>(bias[ch]) : 0.0) - mu * w * inv);
+    if (instance == 0) {
+      for (int64_t i = 0; i < n; ++i) normalize_row(v.row(i), out + (i * c + ch) * l, l, mu, var, weight, bias, ch, eps);
+      continue;
+    }
+    // per-sample statistics, refined toward the channel statistics (mu, var) in float like the ATen path
+    const float mu_b = static_cast<float>(mu), var_b = static_cast<float>(var);
+    const float scale_b = var_b + 1e-5f;  // NOTE's epsilon (tta_norm.stats.iabn_shrink), not the layer's
+    const float k = static_cast<float>(instance_param);
     for (int64_t i = 0; i < n; ++i) {
-      const float* p = v.row(i);
-      float* o = out + (i * c + ch) * l;
-      for (int64_t j = 0; j < l; ++j) o[j] = p[j] * scale + shift;
+      double mi, vi;
+      row_moments(v.row(i), l, &mi, &vi);
+      float m_out = mu_b, v_out = var_b;
+      if (instance == 1) {
+        if (l > 1) {
+          const float mf = static_cast<float>(mi), vf = static_cast<float>(vi * static_cast<double>(l) / (l - 1.0));
+          const float t_mu = std::sqrt(scale_b) * static_cast<float>(k / std::sqrt(static_cast<double>(l)));
+          const float t_var = scale_b * static_cast<float>(k * std::sqrt(2.0 / (l - 1.0)));
+          m_out = mf - std::clamp(mf - mu_b, -t_mu, t_mu);
+          v_out = std::max(0.f, vf - std::clamp(vf - var_b, -t_var, t_var));
+        }
+      } else {
+        const double w = instance_param;
+        const double m2 = mu + w * (mi - mu);
+        m_out = static_cast<float>(m2);
+        v_out = static_cast<float>(var + w * (vi - var) + (m2 - mu) * (mi - m2));
+      }
+      normalize_row(v.row(i), out + (i * c + ch) * l, l, m_out, v_out, weight, bias, ch, eps);
     }
   }
   return 0;

@@ -75,10 +75,15 @@ class AdaptiveNorm(nn.Module):
         self._plain_stateless = plain and spec.mixing != "ema"  # without the batch: the source statistics
         self._plain_ema = plain and spec.mixing == "ema"
         self._heads = spec.num_domains > 1
-        # the compiled CPU kernel (tta_norm.kernels) covers every estimator x mixing without instance refinement
+        # the compiled CPU kernel (tta_norm.kernels) covers every estimator x mixing x instance refinement
         self._fused = (
-            (kernels.ESTIMATOR_CODES[spec.estimator], kernels.RULE_CODES[spec.mixing])
-            if plain and spec.mixing != "source"
+            (
+                kernels.ESTIMATOR_CODES[spec.estimator],
+                kernels.RULE_CODES[spec.mixing],
+                kernels.INSTANCE_CODES[spec.instance],
+                spec.iabn_k if spec.instance == "iabn" else spec.example_weight,
+            )
+            if not self._plain_source
             else None
         )
         # input ranks accepted without a closer look (the checks run in _check_input otherwise)
@@ -257,17 +262,18 @@ class AdaptiveNorm(nn.Module):
             return None
         if spec.batch_only and count_per_channel(x) < 2:
             raise ValueError(SINGLE_VALUE_HINT)
-        estimator, rule = self._fused
+        estimator, rule, instance, instance_param = self._fused
         buffers = self._buffers
         if rule == 3:  # ema
             ref_mean, ref_var, alpha = buffers["ema_mean"], buffers["ema_var"], spec.momentum
         else:
             ref_mean, ref_var = buffers["source_mean"], buffers["source_var"]
-            alpha = self.mix_weight if spec.channelwise else (spec.fixed_alpha(x.shape[0]) if rule else 0.0)
+            alpha = self.mix_weight if spec.channelwise else (spec.fixed_alpha(x.shape[0]) if rule in (1, 2) else 0.0)
         return kernels.fused_norm(
             x, estimator, rule, alpha=alpha, ref_mean=ref_mean, ref_var=ref_var,
             commit=rule == 3 and self.update_state, weight=weight, bias=bias, eps=self.eps,
-            unbiased=spec.unbiased, average_median=spec.median == "average",
+            unbiased=spec.unbiased, average_median=spec.median == "average", instance=instance,
+            instance_param=instance_param,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
