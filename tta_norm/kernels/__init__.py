@@ -161,8 +161,9 @@ def fused_norm(
     clamped to [0, 1]; the momentum for ``"ema"``).  ``ref_mean``/``ref_var``: source statistics or the EMA
     state, updated in place for ``"ema"`` with ``commit`` (non-finite channels keep their value).
     ``stats_out`` (``(2, C)``) receives the mixed mean and variance.  ``instance`` (:data:`INSTANCE_CODES`)
-    refines them per sample: IABN with ``instance_param`` = k, or example weighing with weight ``instance_param``.  Does no autograd: callers check that no
-    gradient is needed.  (Kept lean: this runs once per layer per forward.)"""
+    refines them per sample: IABN with ``instance_param`` = k, or example weighing with weight
+    ``instance_param``.  Does no autograd: callers check that no gradient is needed.  (Kept lean: it runs
+    once per layer per forward.)"""
     lib = _lib if _tried else _load()
     if lib is None or x.dtype is not _F32 or not x.is_cpu or x.dim() < 2 or not x.is_contiguous():
         return None
