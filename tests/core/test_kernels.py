@@ -109,6 +109,17 @@ def test_kernel_median_exact_when_the_sample_misleads():
         assert stats[1, 0] == (t.flatten() - m).abs().median().square()
 
 
+def test_kernel_moments_of_ill_conditioned_channels():
+    """Mean far above the spread, and a first value far from the mean (the kernel's shift): float64 reference."""
+    g = torch.Generator().manual_seed(2)
+    x = 1000.0 + 0.05 * torch.randn(30, 2, 200, generator=g)
+    x[0, 1, 0] = 1500.0
+    stats = torch.empty(2, 2)
+    kernels.fused_norm(x, kernels.ESTIMATOR_CODES["mean_var"], 0, stats_out=stats)
+    ref = batch_mean_var(x.double())
+    torch.testing.assert_close(stats.double(), torch.stack(ref), rtol=2e-4, atol=0)
+
+
 def test_kernel_nan_channel_gives_nan_statistics():
     x = torch.randn(10, 2, 600)
     x[3, 1, 5] = float("nan")

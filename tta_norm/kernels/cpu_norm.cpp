@@ -4,7 +4,7 @@
 // statistics, mix them with the reference (source or EMA) statistics, optionally commit the EMA state, and
 // normalise with the affine.  Same formulas and conventions as tta_norm.stats (see its docstrings):
 //
-//   estimator 0  mean / variance (two passes; biased, or unbiased with `unbiased`)
+//   estimator 0  mean / variance (biased, or unbiased with `unbiased`)
 //             1  median / mean squared deviation from it (MedBN)
 //             2  median / MAD^2                3  median / (1.4826 MAD)^2
 //   median       lower median (rank (n-1)/2), or with `average_median` the mean of the two middle values
@@ -41,30 +41,57 @@ struct Channel {
   int64_t count() const { return n * l; }
 };
 
-double channel_mean(const Channel& v) {
-  double s = 0.0;
-  for (int64_t i = 0; i < v.n; ++i) {
-    const float* p = v.row(i);
-    float acc = 0.f;
-    for (int64_t j = 0; j < v.l; ++j) acc += p[j];
-    s += acc;
+// sums of (x - k) and (x - k)^2 over one contiguous row: float accumulators over blocks of 256 values (SIMD,
+// two independent chains), double across blocks
+void shifted_sums(const float* p, int64_t l, float k, double* s, double* q) {
+  double ss = 0.0, qq = 0.0;
+  for (int64_t b = 0; b < l; b += 256) {
+    const int64_t e = std::min<int64_t>(l, b + 256);
+    float as = 0.f, aq = 0.f;
+    for (int64_t j = b; j < e; ++j) {
+      const float d = p[j] - k;
+      as += d;
+      aq += d * d;
+    }
+    ss += as;
+    qq += aq;
   }
-  return s / static_cast<double>(v.count());
+  *s += ss;
+  *q += qq;
 }
 
-// mean and biased variance of one contiguous row (two passes)
+// sum of (x - center)^2 over the channel
+double channel_sq_dev(const Channel& v, double center) {
+  double s = 0.0, q = 0.0;
+  for (int64_t i = 0; i < v.n; ++i) shifted_sums(v.row(i), v.l, static_cast<float>(center), &s, &q);
+  return q;
+}
+
+// mean and biased variance of a channel: one pass of sums shifted by its first value (close to the mean, so
+// little cancellation); a second, centred pass when the shift was far from the mean after all
+void channel_moments(const Channel& v, double* mean, double* var) {
+  const double cnt = static_cast<double>(v.count());
+  const float k = v.row(0)[0];
+  double s = 0.0, q = 0.0;
+  for (int64_t i = 0; i < v.n; ++i) shifted_sums(v.row(i), v.l, k, &s, &q);
+  const double d = s / cnt;
+  *mean = k + d;
+  *var = std::max(0.0, q / cnt - d * d);
+  if (d * d > 16.0 * *var) *var = channel_sq_dev(v, *mean) / cnt;
+}
+
+// mean and biased variance of one contiguous row
 void row_moments(const float* p, int64_t l, double* mean, double* var) {
-  float acc = 0.f;
-  for (int64_t j = 0; j < l; ++j) acc += p[j];
-  const double m = static_cast<double>(acc) / static_cast<double>(l);
-  const float mf = static_cast<float>(m);
-  float sq = 0.f;
-  for (int64_t j = 0; j < l; ++j) {
-    const float d = p[j] - mf;
-    sq += d * d;
+  double s = 0.0, q = 0.0;
+  shifted_sums(p, l, p[0], &s, &q);
+  const double d = s / static_cast<double>(l);
+  *mean = p[0] + d;
+  *var = std::max(0.0, q / static_cast<double>(l) - d * d);
+  if (d * d > 16.0 * *var) {
+    s = q = 0.0;
+    shifted_sums(p, l, static_cast<float>(*mean), &s, &q);
+    *var = q / static_cast<double>(l);
   }
-  *mean = m;
-  *var = static_cast<double>(sq) / static_cast<double>(l);
 }
 
 void normalize_row(const float* p, float* o, int64_t l, double mu, double var, const float* weight,
@@ -74,22 +101,6 @@ void normalize_row(const float* p, float* o, int64_t l, double mu, double var, c
   const float scale = static_cast<float>(w * inv);
   const float shift = static_cast<float>((bias ? static_cast<double>(bias[ch]) : 0.0) - mu * w * inv);
   for (int64_t j = 0; j < l; ++j) o[j] = p[j] * scale + shift;
-}
-
-// sum over the channel of (f(x) - center)^2, f = identity
-double channel_sq_dev(const Channel& v, double center) {
-  const float m = static_cast<float>(center);
-  double s = 0.0;
-  for (int64_t i = 0; i < v.n; ++i) {
-    const float* p = v.row(i);
-    float acc = 0.f;
-    for (int64_t j = 0; j < v.l; ++j) {
-      const float d = p[j] - m;
-      acc += d * d;
-    }
-    s += acc;
-  }
-  return s;
 }
 
 // the r-th smallest (0-based) of the values f(x) of the channel, and with `want_next` also the (r+1)-th
@@ -195,8 +206,8 @@ extern "C" int tta_fused_norm(const float* x, float* out, int64_t n, int64_t c, 
     if (rule == 4) {
       // source only: the batch is not estimated
     } else if (estimator == 0) {
-      loc = channel_mean(v);
-      sq = channel_sq_dev(v, loc) / (unbiased ? cnt - 1.0 : cnt);
+      channel_moments(v, &loc, &sq);
+      if (unbiased) sq *= cnt / (cnt - 1.0);
     } else {
       const float med = channel_median(v, average_median != 0, [](float a) { return a; });
       loc = med;

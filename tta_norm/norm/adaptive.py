@@ -260,8 +260,11 @@ class AdaptiveNorm(nn.Module):
             or (spec.channelwise and self.mix_weight.requires_grad)
         ):
             return None
-        if spec.batch_only and count_per_channel(x) < 2:
-            raise ValueError(SINGLE_VALUE_HINT)
+        if count_per_channel(x) < 2:
+            if spec.batch_only:
+                raise ValueError(SINGLE_VALUE_HINT)
+            if spec.unbiased:
+                return None  # the general path raises its error
         estimator, rule, instance, instance_param = self._fused
         buffers = self._buffers
         if rule == 3:  # ema
