@@ -238,3 +238,12 @@ def test_kernels_can_be_disabled_by_environment():
     )
     assert out[0].startswith("False disabled")
     assert float(out[1]) == pytest.approx(_medbn_probe(), rel=1e-5)  # this process: the compiled kernel
+
+
+def test_layer_fused_ema_commit_bumps_version_counters():
+    """The kernel writes the EMA state through raw pointers; autograd's in-place check must still see it."""
+    layer = _layer(SPECS["ema"], 5)
+    v_mean, v_var = layer.ema_mean._version, layer.ema_var._version
+    with torch.no_grad():
+        layer(_data((4, 5, 6, 6), "normal"))
+    assert layer.ema_mean._version > v_mean and layer.ema_var._version > v_var

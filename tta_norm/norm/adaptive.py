@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.graph import increment_version
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from tta_norm import kernels
@@ -272,9 +273,13 @@ class AdaptiveNorm(nn.Module):
         else:
             ref_mean, ref_var = buffers["source_mean"], buffers["source_var"]
             alpha = self.mix_weight if spec.channelwise else (spec.fixed_alpha(x.shape[0]) if rule in (1, 2) else 0.0)
+        commit = rule == 3 and self.update_state
+        if commit:  # the kernel writes the state through raw pointers: keep autograd's version check honest
+            increment_version(ref_mean)
+            increment_version(ref_var)
         return kernels.fused_norm(
             x, estimator, rule, alpha=alpha, ref_mean=ref_mean, ref_var=ref_var,
-            commit=rule == 3 and self.update_state, weight=weight, bias=bias, eps=self.eps,
+            commit=commit, weight=weight, bias=bias, eps=self.eps,
             unbiased=spec.unbiased, average_median=spec.median == "average", instance=instance,
             instance_param=instance_param,
         )  # fmt: skip
