@@ -12,12 +12,14 @@ it on an otherwise idle machine).
     python scripts/bench_presets.py                 # the README table (CIFAR ResNet-20 b1/16/200, resnet18 b16)
     python scripts/bench_presets.py --quick         # fewer rounds
     python scripts/bench_presets.py --clock wall --threads 2 --json out.json
+    python scripts/bench_presets.py --no-kernels    # without the compiled CPU kernel (tta_norm.kernels)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -26,6 +28,7 @@ import torch
 import torchvision
 
 import tta_norm
+from tta_norm import kernels
 from tta_norm.models import cifar_resnet
 
 TARGETS = {
@@ -88,12 +91,16 @@ def main() -> None:
     parser.add_argument("--json", help="also write the raw medians (seconds per batch) here")
     parser.add_argument("--clock", choices=("process", "wall"), default="process")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
+    parser.add_argument("--no-kernels", action="store_true",
+                        help="ATen path only (TTA_NORM_KERNELS=0): figures without the compiled kernel")  # fmt: skip
     args = parser.parse_args()
+    if args.no_kernels:
+        os.environ[kernels.ENV_KERNELS] = "0"  # read on the kernel's first use, which comes below
     rounds = 3 if args.quick else 9
     global CLOCK
     CLOCK = time.process_time if args.clock == "process" else time.perf_counter
     torch.set_num_threads(args.threads)
-    print(f"clock: {args.clock}, threads: {args.threads}, torch {torch.__version__}")
+    print(f"clock: {args.clock}, threads: {args.threads}, torch {torch.__version__}, kernel: {kernels.status()}")
     results = {}
     for name, batch, shape in CONFIGS:
         med = bench_config(name, batch, shape, rounds, budget=0.05 if batch == 1 else 0.2)
