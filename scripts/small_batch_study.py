@@ -1,7 +1,8 @@
 """Small-batch training study: BN variants vs GN / GN+PN at training batch sizes 2, 8 and 128 (issue 5).
 
-A CIFAR ResNet-20 is trained **from scratch** on a seeded random subset of the mirror's ``train/`` split with
-each normalisation variant and training batch size, then evaluated on a random subset of the mirror's
+A CIFAR ResNet-20 is trained from scratch (or fine-tuned from the released checkpoint, ``--init release``)
+on a seeded random subset of the mirror's ``train/`` split with each normalisation variant and training batch
+size, then evaluated on a random subset of the mirror's
 ``test/`` split (clean accuracy) and on the corruption benchmark (CIFAR-10-C regenerated at severity 5 for a
 random subset of test images, :func:`tta_norm.adaptation.benchdata.subset_corruption_benchmark`):
 
@@ -26,10 +27,12 @@ weights (and gamma/beta for ``bn-decay``), peak lr ``0.1 * B / 128`` (linear sca
 first 5% of the steps then cosine to 0, random crop + flip, float32.  The budget is the number of training
 images seen (``--train-images`` x ``--epochs``), the same for every batch size, so small batches take many more
 (slower) steps.  Budgets: ``--budget smoke`` (~2 min in all), ``small`` (5000 images x 2 epochs, ~30-45 min
-on one CPU core), ``full`` (the whole train split for 30 epochs: GPU territory).
+on one CPU core), ``finetune`` (``--init release``: the released ResNet-20 converted to each variant, then
+20,000 images x 1 epoch at peak lr 0.02 x B/128), ``full`` (the whole train split for 30 epochs: GPU territory).
 
     python scripts/small_batch_study.py --budget smoke --out /tmp/sbs-smoke
     python scripts/small_batch_study.py --budget small --out runs/small_batch_study
+    python scripts/small_batch_study.py --budget finetune --out runs/small_batch_finetune
 """
 
 from __future__ import annotations
@@ -51,7 +54,11 @@ BUDGETS = {
               "corruptions": ["gaussian_noise", "fog"]},  # fmt: skip
     "small": {"train_images": 5000, "epochs": 2, "test_images": 2000, "n_per_corruption": 100, "corruptions": None},
     "full": {"train_images": None, "epochs": 30, "test_images": None, "n_per_corruption": None, "corruptions": None},
+    # from the released ResNet-20 (trained with BN at batch 128 on original CIFAR-10), each variant converted
+    "finetune": {"train_images": 20000, "epochs": 1, "test_images": 2000, "n_per_corruption": 100,
+                 "corruptions": None, "init": "release", "base_lr": 0.02},  # fmt: skip
 }
+BUDGET_DEFAULTS = {"init": "scratch", "base_lr": 0.1}
 VARIANTS = ("bn", "bn-decay", "ghost", "bgn", "gn", "gnpn")
 
 
@@ -65,7 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--corruptions", nargs="+", default=None)
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[2, 8, 128])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    p.add_argument("--base-lr", type=float, default=0.1, help="peak lr at batch 128 (scaled linearly with B)")
+    p.add_argument("--base-lr", type=float, default=None,
+                   help="peak lr at batch 128, scaled linearly with B (default 0.1; 0.02 for --budget finetune)")
+    p.add_argument("--init", choices=("scratch", "release"), default=None,
+                   help="random init, or the released checkpoint converted to each variant (affine and, for "
+                        "BN-based variants, running statistics copied); default: the budget's")  # fmt: skip
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--depth", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
@@ -73,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/small_batch_study")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    for key, value in BUDGETS[args.budget].items():
+    for key, value in {**BUDGET_DEFAULTS, **BUDGETS[args.budget]}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
@@ -90,12 +101,13 @@ def ghost_size(batch_size: int) -> int:
     return min(16, max(2, batch_size // 4))
 
 
-def build_model(variant: str, batch_size: int, depth: int) -> nn.Module:
-    """A fresh CIFAR ResNet with the variant's normalisation layers (seeded by the caller)."""
+def build_model(variant: str, batch_size: int, depth: int, init: str = "scratch") -> nn.Module:
+    """A CIFAR ResNet with the variant's normalisation layers: fresh (seeded by the caller) or the released
+    checkpoint converted (the converters copy gamma/beta; GN gets them copied here)."""
     from tta_norm.layers import convert_to_batch_group_norm, convert_to_ghost_bn, convert_to_gn_pn
-    from tta_norm.models import cifar_resnet
+    from tta_norm.models import cifar_resnet, load_model
 
-    model = cifar_resnet(depth)
+    model = cifar_resnet(depth) if init == "scratch" else load_model(f"resnet{depth}")  # released checkpoint
     if variant in ("bn", "bn-decay"):
         return model
     if variant == "ghost":
@@ -105,7 +117,11 @@ def build_model(variant: str, batch_size: int, depth: int) -> nn.Module:
     if variant == "gn":
         for name, bn in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]:
             parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-            setattr(parent, name.rpartition(".")[2], nn.GroupNorm(groups_of_four(bn.num_features), bn.num_features))
+            gn = nn.GroupNorm(groups_of_four(bn.num_features), bn.num_features)
+            with torch.no_grad():
+                gn.weight.copy_(bn.weight)
+                gn.bias.copy_(bn.bias)
+            setattr(parent, name.rpartition(".")[2], gn)
         return model
     if variant == "gnpn":
         return convert_to_gn_pn(model, groups_of_four)
@@ -184,7 +200,8 @@ def corruption_errors(model: nn.Module, bench, device: torch.device, has_bn: boo
 def write_report(out: Path, results: list[dict], args: argparse.Namespace) -> None:
     lines = ["# Small-batch training study", "",
              f"Budget `{args.budget}`: {args.train_images or 'all'} train images x {args.epochs} epochs per run "
-             f"(ResNet-{args.depth} from scratch), clean error on {args.test_images or 'all'} random test images, "
+             f"(ResNet-{args.depth}, {'from scratch' if args.init == 'scratch' else 'from the released checkpoint'}"
+             f", peak lr {args.base_lr} x B/128), clean error on {args.test_images or 'all'} random test images, "
              f"corruption error = mean over {len(args.corruptions or []) or 15} corruptions (severity 5, "
              f"{args.n_per_corruption} random test images each).  Errors in %.", "",
              "| variant | B | clean err | C err (source) | C err (tbn) | steps | train min |",
@@ -221,12 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     for bs in args.batch_sizes:
         for variant in args.variants:
             key = (variant, bs)
-            if key in done and done[key].get("config") == [args.train_images, args.epochs, args.base_lr]:
+            config = [args.train_images, args.epochs, args.base_lr, args.init]
+            if key in done and done[key].get("config") == config:
                 results.append(done[key])
                 continue
             torch.manual_seed(args.seed)
-            model = build_model(variant, bs, args.depth).to(device)
-            rec = {"variant": variant, "batch_size": bs, "config": [args.train_images, args.epochs, args.base_lr]}
+            model = build_model(variant, bs, args.depth, args.init).to(device)
+            rec = {"variant": variant, "batch_size": bs, "config": config}
             rec.update(train(model, variant, images, labels, bs, args, device, progress))
             rec["clean_error"] = error(model, te_x, te_y, device)
             has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
