@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="data directory (or the source dataset itself); default: $TTA_NORM_DATA or the "
                              "built-in search list")  # fmt: skip
     parser.add_argument("--source", default="cifar10-jpeg", help="source dataset folder name (train/ and test/)")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 12)")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 13)")
     parser.add_argument("--batch-size", type=int, default=None, help="batch size (default 128)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.05)")
     parser.add_argument("--weight-decay", type=float, default=None, help="weight decay (default 5e-4)")
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weight-EMA decay per step (default 0.9995; 0 = save the last iterate)")  # fmt: skip
     parser.add_argument("--cutout", type=int, default=None, help="Cutout square size in pixels (default 0 = off)")
     parser.add_argument("--pad-mode", choices=("zeros", "reflect"), default=None,
-                        help="padding of the random-crop augmentation (default zeros)")  # fmt: skip
+                        help="padding of the random-crop augmentation (default reflect)")  # fmt: skip
     parser.add_argument("--label-smoothing", type=float, default=None, help="cross-entropy label smoothing (default 0)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     parser.add_argument("--no-amp", action="store_true", help="train in float32 instead of bfloat16 autocast")

@@ -5,8 +5,11 @@ from __future__ import annotations
 import torch
 
 
-def to_float_nchw(images: torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC -> contiguous float32 NCHW in [0, 1] (on the tensor's device). Contiguous matters: a plain
-    ``permute`` keeps channels-last strides, CPU convolutions of small CIFAR networks are then ~10x slower, and
-    some libraries (pyautoattack 0.2) ``.view()`` such tensors and fail."""
-    return images.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
+def to_float_nchw(
+    images: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format
+) -> torch.Tensor:
+    """uint8 NHWC -> float32 NCHW in [0, 1] (on the tensor's device), contiguous by default.  Contiguous matters:
+    a plain ``permute`` keeps channels-last strides, CPU convolutions of a small CIFAR network in the default
+    format are then ~10x slower, and some libraries (pyautoattack 0.2) ``.view()`` such tensors and fail.
+    ``memory_format=torch.channels_last`` is for a model converted to channels-last (no copy of the layout)."""
+    return images.permute(0, 3, 1, 2).to(torch.float32, memory_format=memory_format).div_(255.0)

@@ -67,19 +67,6 @@ double channel_sq_dev(const Channel& v, double center) {
   return q;
 }
 
-// mean and biased variance of a channel: one pass of sums shifted by its first value (close to the mean, so
-// little cancellation); a second, centred pass when the shift was far from the mean after all
-void channel_moments(const Channel& v, double* mean, double* var) {
-  const double cnt = static_cast<double>(v.count());
-  const float k = v.row(0)[0];
-  double s = 0.0, q = 0.0;
-  for (int64_t i = 0; i < v.n; ++i) shifted_sums(v.row(i), v.l, k, &s, &q);
-  const double d = s / cnt;
-  *mean = k + d;
-  *var = std::max(0.0, q / cnt - d * d);
-  if (d * d > 16.0 * *var) *var = channel_sq_dev(v, *mean) / cnt;
-}
-
 // mean and biased variance of one contiguous row
 void row_moments(const float* p, int64_t l, double* mean, double* var) {
   double s = 0.0, q = 0.0;
@@ -189,6 +176,36 @@ float channel_median(const Channel& v, bool average, F f) {
   return want_next ? 0.5f * (a + b) : a;
 }
 
+
+// per-channel mean and biased variance with sample-major streaming (the layout's natural order: each (sample,
+// channel) row is contiguous), shifted by each channel's first value; per-thread partial sums over static
+// sample chunks, added in thread order (deterministic for a given thread count)
+void batch_moments(const float* x, int64_t n, int64_t c, int64_t l, int nthreads, double* mean, double* var) {
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(nthreads, n));
+  std::vector<double> s(chunks * c, 0.0), q(chunks * c, 0.0);
+  std::vector<float> shift(c);
+  for (int64_t ch = 0; ch < c; ++ch) shift[ch] = x[ch * l];
+#pragma omp parallel for num_threads(static_cast<int>(chunks)) schedule(static, 1) if (chunks > 1)
+  for (int64_t t = 0; t < chunks; ++t) {
+    const int64_t i0 = t * n / chunks, i1 = (t + 1) * n / chunks;
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t ch = 0; ch < c; ++ch)
+        shifted_sums(x + (i * c + ch) * l, l, shift[ch], &s[t * c + ch], &q[t * c + ch]);
+  }
+  const double cnt = static_cast<double>(n * l);
+  for (int64_t ch = 0; ch < c; ++ch) {
+    double ss = 0.0, qq = 0.0;
+    for (int64_t t = 0; t < chunks; ++t) {
+      ss += s[t * c + ch];
+      qq += q[t * c + ch];
+    }
+    const double d = ss / cnt;
+    mean[ch] = shift[ch] + d;
+    var[ch] = std::max(0.0, qq / cnt - d * d);
+    if (d * d > 16.0 * var[ch]) var[ch] = channel_sq_dev(Channel{x, n, c, l, ch}, mean[ch]) / cnt;  // rare
+  }
+}
+
 }  // namespace
 
 extern "C" int tta_fused_norm(const float* x, float* out, int64_t n, int64_t c, int64_t l, int estimator,
@@ -198,79 +215,90 @@ extern "C" int tta_fused_norm(const float* x, float* out, int64_t n, int64_t c, 
   if (n <= 0 || c <= 0 || l <= 0 || estimator < 0 || estimator > 3 || rule < 0 || rule > 4 || instance < 0 ||
       instance > 2)
     return 1;
+  // 1. test statistics per channel
+  std::vector<double> loc(c, 0.0), sq(c, 0.0);
+  const double cnt = static_cast<double>(n * l);
+  if (rule != 4 && estimator == 0) {
+    batch_moments(x, n, c, l, nthreads, loc.data(), sq.data());
+    if (unbiased)
+      for (auto& v : sq) v *= cnt / (cnt - 1.0);
+  } else if (rule != 4) {
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (nthreads > 1 && c > 1)
-  for (int64_t ch = 0; ch < c; ++ch) {
-    const Channel v{x, n, c, l, ch};
-    const double cnt = static_cast<double>(v.count());
-    double loc = 0.0, sq = 0.0;
-    if (rule == 4) {
-      // source only: the batch is not estimated
-    } else if (estimator == 0) {
-      channel_moments(v, &loc, &sq);
-      if (unbiased) sq *= cnt / (cnt - 1.0);
-    } else {
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const Channel v{x, n, c, l, ch};
       const float med = channel_median(v, average_median != 0, [](float a) { return a; });
-      loc = med;
+      loc[ch] = med;
       if (estimator == 1) {
-        sq = channel_sq_dev(v, med) / cnt;
+        sq[ch] = channel_sq_dev(v, med) / cnt;
       } else {
         double mad = channel_median(v, average_median != 0, [med](float a) { return std::fabs(a - med); });
         if (estimator == 3) mad = static_cast<float>(mad * 1.4826f);
-        sq = mad * mad;
+        sq[ch] = mad * mad;
       }
     }
-    double mu = loc, var = sq;
+  }
+  // 2. mixing (and the EMA commit), per channel
+  std::vector<double> mu(c), var(c);
+  for (int64_t ch = 0; ch < c; ++ch) {
+    double m = loc[ch], v = sq[ch];
     if (rule == 4) {
-      mu = ref_mean[ch];
-      var = ref_var[ch];
+      m = ref_mean[ch];
+      v = ref_var[ch];
     } else if (rule != 0) {
       const double a = alpha_c ? std::clamp(static_cast<double>(alpha_c[ch]), 0.0, 1.0) : alpha;
       const double ms = ref_mean[ch], vs = ref_var[ch];
-      mu = ms + a * (loc - ms);
-      var = vs + a * (sq - vs);
-      if (rule == 2) var += (mu - ms) * (loc - mu);  // alpha (1 - alpha) (mu_t - mu_s)^2
+      m = ms + a * (loc[ch] - ms);
+      v = vs + a * (sq[ch] - vs);
+      if (rule == 2) v += (m - ms) * (loc[ch] - m);  // alpha (1 - alpha) (mu_t - mu_s)^2
       if (rule == 3 && commit) {
-        if (std::isfinite(mu + var)) {
-          ref_mean[ch] = static_cast<float>(mu);
-          ref_var[ch] = static_cast<float>(var);
+        if (std::isfinite(m + v)) {
+          ref_mean[ch] = static_cast<float>(m);
+          ref_var[ch] = static_cast<float>(v);
         } else {  // a non-finite batch statistic never enters the state; normalise with the kept state
-          mu = ms;
-          var = vs;
+          m = ms;
+          v = vs;
         }
       }
     }
+    mu[ch] = m;
+    var[ch] = v;
     if (stats_out) {
-      stats_out[ch] = static_cast<float>(mu);
-      stats_out[c + ch] = static_cast<float>(var);
+      stats_out[ch] = static_cast<float>(m);
+      stats_out[c + ch] = static_cast<float>(v);
     }
+  }
+  // 3. normalisation, row by row in memory order (per-sample statistics first for an instance refinement)
+  const float k = static_cast<float>(instance_param);
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && n * c > 1)
+  for (int64_t r = 0; r < n * c; ++r) {
+    const int64_t ch = r % c;
+    const float* p = x + r * l;
+    float* o = out + r * l;
     if (instance == 0) {
-      for (int64_t i = 0; i < n; ++i) normalize_row(v.row(i), out + (i * c + ch) * l, l, mu, var, weight, bias, ch, eps);
+      normalize_row(p, o, l, mu[ch], var[ch], weight, bias, ch, eps);
       continue;
     }
-    // per-sample statistics, refined toward the channel statistics (mu, var) in float like the ATen path
-    const float mu_b = static_cast<float>(mu), var_b = static_cast<float>(var);
+    // refined toward the channel statistics in float, like the ATen path
+    const float mu_b = static_cast<float>(mu[ch]), var_b = static_cast<float>(var[ch]);
     const float scale_b = var_b + 1e-5f;  // NOTE's epsilon (tta_norm.stats.iabn_shrink), not the layer's
-    const float k = static_cast<float>(instance_param);
-    for (int64_t i = 0; i < n; ++i) {
-      double mi, vi;
-      row_moments(v.row(i), l, &mi, &vi);
-      float m_out = mu_b, v_out = var_b;
-      if (instance == 1) {
-        if (l > 1) {
-          const float mf = static_cast<float>(mi), vf = static_cast<float>(vi * static_cast<double>(l) / (l - 1.0));
-          const float t_mu = std::sqrt(scale_b) * static_cast<float>(k / std::sqrt(static_cast<double>(l)));
-          const float t_var = scale_b * static_cast<float>(k * std::sqrt(2.0 / (l - 1.0)));
-          m_out = mf - std::clamp(mf - mu_b, -t_mu, t_mu);
-          v_out = std::max(0.f, vf - std::clamp(vf - var_b, -t_var, t_var));
-        }
-      } else {
-        const double w = instance_param;
-        const double m2 = mu + w * (mi - mu);
-        m_out = static_cast<float>(m2);
-        v_out = static_cast<float>(var + w * (vi - var) + (m2 - mu) * (mi - m2));
+    double mi, vi;
+    row_moments(p, l, &mi, &vi);
+    float m_out = mu_b, v_out = var_b;
+    if (instance == 1) {
+      if (l > 1) {
+        const float mf = static_cast<float>(mi), vf = static_cast<float>(vi * static_cast<double>(l) / (l - 1.0));
+        const float t_mu = std::sqrt(scale_b) * static_cast<float>(k / std::sqrt(static_cast<double>(l)));
+        const float t_var = scale_b * static_cast<float>(k * std::sqrt(2.0 / (l - 1.0)));
+        m_out = mf - std::clamp(mf - mu_b, -t_mu, t_mu);
+        v_out = std::max(0.f, vf - std::clamp(vf - var_b, -t_var, t_var));
       }
-      normalize_row(v.row(i), out + (i * c + ch) * l, l, m_out, v_out, weight, bias, ch, eps);
+    } else {
+      const double w = instance_param;
+      const double m2 = mu[ch] + w * (mi - mu[ch]);
+      m_out = static_cast<float>(m2);
+      v_out = static_cast<float>(var[ch] + w * (vi - var[ch]) + (m2 - mu[ch]) * (mi - m2));
     }
+    normalize_row(p, o, l, m_out, v_out, weight, bias, ch, eps);
   }
   return 0;
 }
