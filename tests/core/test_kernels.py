@@ -91,22 +91,23 @@ def test_kernel_median_is_an_exact_order_statistic(n, c, length, seed, ties):
 
 
 def test_kernel_median_exact_when_the_sample_misleads():
-    """Values at the kernel's sampled positions are planted far above the rest, so the sampled bracket
-    misses the true median and the exact fallback must run; sorted and constant channels too."""
-    cnt = 50 * 1024
-    k = min(cnt, max(1024, int(8.0 * cnt**0.5)))
-    x = torch.randn(cnt, generator=torch.Generator().manual_seed(1))
-    idx = (2 * torch.arange(k) + 1) * cnt // (2 * k)
-    x[idx] = 1000.0 + torch.arange(k, dtype=torch.float32)
-    planted = x.view(50, 1, 1024)
-    ordered = torch.sort(torch.randn(cnt))[0].view(50, 1, 1024)
+    """The kernel samples runs of 16 values at evenly spread positions; planting huge values at every 16-aligned
+    run (half of all values) makes the sampled bracket miss the true median, so the exact fallback must run.
+    Sorted and constant channels too."""
+    x = torch.randn(50, 1, 1024, generator=torch.Generator().manual_seed(1))
+    runs = x.view(50, 1, 64, 16)
+    runs[:, :, ::2] = 1000.0 + torch.arange(16, dtype=torch.float32)  # every other run: far above the rest
+    planted = x
+    ordered = torch.sort(torch.randn(50 * 1024))[0].view(50, 1, 1024)
     constant = torch.full((50, 1, 1024), 3.0)
+    before = kernels.median_fallbacks()
     for t in (planted, ordered, constant):
         stats = torch.empty(2, 1)
         kernels.fused_norm(t, kernels.ESTIMATOR_CODES["median_mad"], 0, stats_out=stats)
         m = t.flatten().median()
         assert stats[0, 0] == m
         assert stats[1, 0] == (t.flatten() - m).abs().median().square()
+    assert kernels.median_fallbacks() > before  # the planted channel took the fallback
 
 
 def test_kernel_moments_of_ill_conditioned_channels():

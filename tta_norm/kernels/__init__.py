@@ -55,6 +55,12 @@ def available() -> bool:
     return _load() is not None
 
 
+def median_fallbacks() -> int:
+    """How many median selections missed their sampled bracket and ran a full selection (diagnostics)."""
+    lib = _load()
+    return int(lib.tta_median_fallbacks()) if lib is not None else 0
+
+
 def _compiler() -> str | None:
     for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
         if name and shutil.which(name):
@@ -117,6 +123,7 @@ def _load() -> ctypes.CDLL | None:
                 p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
                 fn.argtypes = [p, p, i64, i64, i64, i32, i32, i32, i32, p, f64, p, p, i32, p, p, f64, p, i32, f64, i32]
                 fn.restype = i32
+                lib.tta_median_fallbacks.restype = ctypes.c_int64
                 _lib = lib
                 _status = f"compiled kernel {path}"
         except (OSError, RuntimeError, subprocess.SubprocessError) as err:

@@ -27,12 +27,18 @@
 // Built on first use by tta_norm/kernels/__init__.py (plain C ABI, loaded with ctypes; no torch headers).
 
 #include <algorithm>
+#include <atomic>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
 
 namespace {
+
+std::atomic<int64_t> g_median_fallbacks{0};  // full selections after a missed bracket
 
 struct Channel {
   const float* x;  // start of the tensor
@@ -90,17 +96,50 @@ void normalize_row(const float* p, float* o, int64_t l, double mu, double var, c
   for (int64_t j = 0; j < l; ++j) o[j] = p[j] * scale + shift;
 }
 
-// the r-th smallest (0-based) of the values f(x) of the channel, and with `want_next` also the (r+1)-th
-template <class F>
-void select_rank(const Channel& v, int64_t r, bool want_next, F f, float* out_r, float* out_next) {
+// one row's part of the bracket pass over the values a = x or |x - center|: count a < lo and a > hi, append
+// lo <= a <= hi to mid (which needs 16 floats of slack); NaN values land in none of the three
+inline void compact_row(const float* p, int64_t l, bool absdev, float center, float lo, float hi, float* mid,
+                        int64_t& inside, int64_t& below, int64_t& above) {
+#if defined(__AVX512F__)
+  const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi), vc = _mm512_set1_ps(center);
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  for (int64_t j = 0; j < l; j += 16) {
+    const int64_t rem = l - j;
+    const __mmask16 valid = rem >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << rem) - 1u);
+    __m512 a = _mm512_maskz_loadu_ps(valid, p + j);
+    if (absdev) a = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(_mm512_sub_ps(a, vc)), abs_mask));
+    const __mmask16 mb = _mm512_mask_cmp_ps_mask(valid, a, vlo, _CMP_LT_OQ);
+    const __mmask16 ma = _mm512_mask_cmp_ps_mask(valid, a, vhi, _CMP_GT_OQ);
+    const __mmask16 mi = _mm512_mask_cmp_ps_mask(valid, a, vlo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(a, vhi, _CMP_LE_OQ);
+    _mm512_storeu_ps(mid + inside, _mm512_maskz_compress_ps(mi, a));  // register compress: fast on Intel and AMD
+    inside += __builtin_popcount(mi);
+    below += __builtin_popcount(mb);
+    above += __builtin_popcount(ma);
+  }
+#else
+  for (int64_t j = 0; j < l; ++j) {
+    const float a = absdev ? std::fabs(p[j] - center) : p[j];
+    below += a < lo;
+    above += a > hi;
+    mid[inside] = a;
+    inside += (a >= lo) & (a <= hi);
+  }
+#endif
+}
+
+// the r-th smallest (0-based) of the channel's values a = x (or |x - center| with absdev), and with want_next
+// also the (r+1)-th
+void select_rank(const Channel& v, int64_t r, bool want_next, bool absdev, float center, float* out_r,
+                 float* out_next) {
   const int64_t cnt = v.count();
+  auto value = [&](float x) { return absdev ? std::fabs(x - center) : x; };
   std::vector<float> all;
   auto full = [&]() {
     all.resize(cnt);
     int64_t k = 0;
     for (int64_t i = 0; i < v.n; ++i) {
       const float* p = v.row(i);
-      for (int64_t j = 0; j < v.l; ++j) all[k++] = f(p[j]);
+      for (int64_t j = 0; j < v.l; ++j) all[k++] = value(p[j]);
     }
     for (float a : all) {
       if (std::isnan(a)) {  // torch.median returns NaN for a channel with a NaN
@@ -116,12 +155,16 @@ void select_rank(const Channel& v, int64_t r, bool want_next, F f, float* out_r,
     full();
     return;
   }
-  // 1. strided sample -> bracket [lo, hi] around the wanted rank(s)
-  const int64_t k = std::min<int64_t>(cnt, std::max<int64_t>(1024, static_cast<int64_t>(8.0 * std::sqrt(double(cnt)))));
+  // 1. sample runs of 16 consecutive values (one cache line each, evenly spread) -> bracket [lo, hi]
+  const int64_t run = v.l >= 16 ? 16 : 1;
+  const int64_t runs = std::max<int64_t>(1024, std::min<int64_t>(cnt / 32, 16384)) / run;
+  const int64_t k = runs * run;
   std::vector<float> sample(k);
-  for (int64_t s = 0; s < k; ++s) {
-    const int64_t idx = (2 * s + 1) * cnt / (2 * k);
-    sample[s] = f(v.row(idx / v.l)[idx % v.l]);
+  for (int64_t s = 0; s < runs; ++s) {
+    const int64_t idx = (2 * s + 1) * cnt / (2 * runs);
+    const int64_t j = std::min(idx % v.l, v.l - run);
+    const float* p = v.row(idx / v.l) + j;
+    for (int64_t t = 0; t < run; ++t) sample[s * run + t] = value(p[t]);
   }
   const double q = static_cast<double>(r) / static_cast<double>(cnt - 1) * static_cast<double>(k - 1);
   const double margin = 2.5 * std::sqrt(static_cast<double>(k)) + 2.0;  // ~5 binomial standard deviations
@@ -131,25 +174,18 @@ void select_rank(const Channel& v, int64_t r, bool want_next, F f, float* out_r,
   const float lo = lo_rank == 0 ? -std::numeric_limits<float>::infinity() : sample[lo_rank];
   std::nth_element(sample.begin() + lo_rank, sample.begin() + hi_rank, sample.end());
   const float hi = hi_rank == k - 1 ? std::numeric_limits<float>::infinity() : sample[hi_rank];
-  // 2. one branch-free pass: count below lo, compact [lo, hi], count above hi
+  // 2. one pass: count below lo, compact [lo, hi], count above hi
   const double frac = static_cast<double>(hi_rank - lo_rank + 1) / static_cast<double>(k);
   const int64_t cap = std::min<int64_t>(cnt, static_cast<int64_t>(2.0 * frac * cnt) + 2 * v.l + 64);
-  std::vector<float> mid(cap + 1);
+  std::vector<float> mid(cap + 16);
   int64_t below = 0, inside = 0, above = 0;
   bool overflow = false;
-  for (int64_t i = 0; i < v.n && !overflow; ++i) {
+  for (int64_t i = 0; i < v.n; ++i) {
     if (cap - inside < v.l) {
       overflow = true;
       break;
     }
-    const float* p = v.row(i);
-    for (int64_t j = 0; j < v.l; ++j) {
-      const float a = f(p[j]);
-      below += a < lo;
-      above += a > hi;
-      mid[inside] = a;
-      inside += (a >= lo) & (a <= hi);
-    }
+    compact_row(v.row(i), v.l, absdev, center, lo, hi, mid.data(), inside, below, above);
   }
   if (!overflow && below + inside + above != cnt) {  // NaN values are in none of the three
     *out_r = *out_next = std::numeric_limits<float>::quiet_NaN();
@@ -157,6 +193,7 @@ void select_rank(const Channel& v, int64_t r, bool want_next, F f, float* out_r,
   }
   const int64_t last = r + (want_next ? 1 : 0);
   if (overflow || below > r || last >= below + inside) {
+    g_median_fallbacks.fetch_add(1, std::memory_order_relaxed);
     full();  // the bracket missed: exact fallback
     return;
   }
@@ -166,16 +203,14 @@ void select_rank(const Channel& v, int64_t r, bool want_next, F f, float* out_r,
   if (want_next) *out_next = *std::min_element(mid.begin() + rr + 1, mid.begin() + inside);
 }
 
-template <class F>
-float channel_median(const Channel& v, bool average, F f) {
+float channel_median(const Channel& v, bool average, bool absdev = false, float center = 0.f) {
   const int64_t cnt = v.count();
   const int64_t r = (cnt - 1) / 2;
   const bool want_next = average && cnt % 2 == 0;
   float a = 0.f, b = 0.f;
-  select_rank(v, r, want_next, f, &a, &b);
+  select_rank(v, r, want_next, absdev, center, &a, &b);
   return want_next ? 0.5f * (a + b) : a;
 }
-
 
 // per-channel mean and biased variance with sample-major streaming (the layout's natural order: each (sample,
 // channel) row is contiguous), shifted by each channel's first value; per-thread partial sums over static
@@ -206,7 +241,11 @@ void batch_moments(const float* x, int64_t n, int64_t c, int64_t l, int nthreads
   }
 }
 
+
 }  // namespace
+
+// number of median selections that fell back to a full selection since the library was loaded (for tests)
+extern "C" int64_t tta_median_fallbacks() { return g_median_fallbacks.load(); }
 
 extern "C" int tta_fused_norm(const float* x, float* out, int64_t n, int64_t c, int64_t l, int estimator,
                               int unbiased, int average_median, int rule, const float* alpha_c, double alpha,
@@ -215,41 +254,21 @@ extern "C" int tta_fused_norm(const float* x, float* out, int64_t n, int64_t c, 
   if (n <= 0 || c <= 0 || l <= 0 || estimator < 0 || estimator > 3 || rule < 0 || rule > 4 || instance < 0 ||
       instance > 2)
     return 1;
-  // 1. test statistics per channel
-  std::vector<double> loc(c, 0.0), sq(c, 0.0);
   const double cnt = static_cast<double>(n * l);
-  if (rule != 4 && estimator == 0) {
-    batch_moments(x, n, c, l, nthreads, loc.data(), sq.data());
-    if (unbiased)
-      for (auto& v : sq) v *= cnt / (cnt - 1.0);
-  } else if (rule != 4) {
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (nthreads > 1 && c > 1)
-    for (int64_t ch = 0; ch < c; ++ch) {
-      const Channel v{x, n, c, l, ch};
-      const float med = channel_median(v, average_median != 0, [](float a) { return a; });
-      loc[ch] = med;
-      if (estimator == 1) {
-        sq[ch] = channel_sq_dev(v, med) / cnt;
-      } else {
-        double mad = channel_median(v, average_median != 0, [med](float a) { return std::fabs(a - med); });
-        if (estimator == 3) mad = static_cast<float>(mad * 1.4826f);
-        sq[ch] = mad * mad;
-      }
-    }
-  }
-  // 2. mixing (and the EMA commit), per channel
-  std::vector<double> mu(c), var(c);
-  for (int64_t ch = 0; ch < c; ++ch) {
-    double m = loc[ch], v = sq[ch];
+  std::vector<double> mu(c, 0.0), var(c, 0.0);
+
+  // mixing (and the EMA commit) of channel ch's test statistics (loc, sq) into mu[ch], var[ch]
+  auto mix = [&](int64_t ch, double loc, double sq) {
+    double m = loc, v = sq;
     if (rule == 4) {
       m = ref_mean[ch];
       v = ref_var[ch];
     } else if (rule != 0) {
       const double a = alpha_c ? std::clamp(static_cast<double>(alpha_c[ch]), 0.0, 1.0) : alpha;
       const double ms = ref_mean[ch], vs = ref_var[ch];
-      m = ms + a * (loc[ch] - ms);
-      v = vs + a * (sq[ch] - vs);
-      if (rule == 2) v += (m - ms) * (loc[ch] - m);  // alpha (1 - alpha) (mu_t - mu_s)^2
+      m = ms + a * (loc - ms);
+      v = vs + a * (sq - vs);
+      if (rule == 2) v += (m - ms) * (loc - m);  // alpha (1 - alpha) (mu_t - mu_s)^2
       if (rule == 3 && commit) {
         if (std::isfinite(m + v)) {
           ref_mean[ch] = static_cast<float>(m);
@@ -266,17 +285,16 @@ extern "C" int tta_fused_norm(const float* x, float* out, int64_t n, int64_t c, 
       stats_out[ch] = static_cast<float>(m);
       stats_out[c + ch] = static_cast<float>(v);
     }
-  }
-  // 3. normalisation, row by row in memory order (per-sample statistics first for an instance refinement)
+  };
+
+  // normalisation of row r (sample r / c, channel ch), after an instance refinement if any
   const float k = static_cast<float>(instance_param);
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && n * c > 1)
-  for (int64_t r = 0; r < n * c; ++r) {
-    const int64_t ch = r % c;
+  auto finish_row = [&](int64_t r, int64_t ch) {
     const float* p = x + r * l;
     float* o = out + r * l;
     if (instance == 0) {
       normalize_row(p, o, l, mu[ch], var[ch], weight, bias, ch, eps);
-      continue;
+      return;
     }
     // refined toward the channel statistics in float, like the ATen path
     const float mu_b = static_cast<float>(mu[ch]), var_b = static_cast<float>(var[ch]);
@@ -299,6 +317,36 @@ extern "C" int tta_fused_norm(const float* x, float* out, int64_t n, int64_t c, 
       v_out = static_cast<float>(var[ch] + w * (vi - var[ch]) + (m2 - mu[ch]) * (mi - m2));
     }
     normalize_row(p, o, l, m_out, v_out, weight, bias, ch, eps);
+  };
+
+  if (rule != 4 && estimator != 0) {
+    // medians: channel by channel (selection needs the whole channel), normalised while it is still in cache
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (nthreads > 1 && c > 1)
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const Channel v{x, n, c, l, ch};
+      const float med = channel_median(v, average_median != 0);
+      double sq;
+      if (estimator == 1) {
+        sq = channel_sq_dev(v, med) / cnt;
+      } else {
+        double mad = channel_median(v, average_median != 0, true, med);
+        if (estimator == 3) mad = static_cast<float>(mad * 1.4826f);
+        sq = mad * mad;
+      }
+      mix(ch, med, sq);
+      for (int64_t i = 0; i < n; ++i) finish_row(i * c + ch, ch);
+    }
+    return 0;
   }
+  // moments (or source statistics): sample-major passes in memory order
+  std::vector<double> loc(c, 0.0), sq(c, 0.0);
+  if (rule != 4) {
+    batch_moments(x, n, c, l, nthreads, loc.data(), sq.data());
+    if (unbiased)
+      for (auto& v : sq) v *= cnt / (cnt - 1.0);
+  }
+  for (int64_t ch = 0; ch < c; ++ch) mix(ch, loc[ch], sq[ch]);
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && n * c > 1)
+  for (int64_t r = 0; r < n * c; ++r) finish_row(r, r % c);
   return 0;
 }
