@@ -121,6 +121,24 @@ def test_kernel_moments_of_ill_conditioned_channels():
     torch.testing.assert_close(stats.double(), torch.stack(ref), rtol=2e-4, atol=0)
 
 
+@pytest.mark.skipif("avx512f" not in kernels._machine_tag(), reason="no AVX-512 here: one path only")
+def test_portable_build_equals_the_avx512_build(monkeypatch):
+    """The kernel's non-AVX-512 bracket pass (other CPUs) gives the same exact medians."""
+    portable = kernels._open(kernels._build(kernels._compiler(), ("-mno-avx512f",)))
+    x = _data((64, 3, 16, 16), "relu", 7)
+    x[5, 1, 2, 3] = float("nan")
+    results = []
+    for lib in (kernels._lib, portable):
+        monkeypatch.setattr(kernels, "_lib", lib)
+        stats = torch.empty(2, 3)
+        out = kernels.fused_norm(x, kernels.ESTIMATOR_CODES["median_mad"], 0, stats_out=stats)
+        results.append((stats, out))
+    torch.testing.assert_close(results[0][0], results[1][0], equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], equal_nan=True)
+    rows = x[:, 0].flatten()
+    assert results[1][0][0, 0] == rows.median()
+
+
 def test_kernel_nan_channel_gives_nan_statistics():
     x = torch.randn(10, 2, 600)
     x[3, 1, 5] = float("nan")

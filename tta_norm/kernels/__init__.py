@@ -80,11 +80,14 @@ def _machine_tag() -> str:
     return tag
 
 
-def _build(cxx: str) -> Path:
+def _build(cxx: str, extra_flags: tuple[str, ...] = ()) -> Path:
+    """Compile ``cpu_norm.cpp`` into the cache (once per source, compiler, flags and CPU); the path of the .so.
+    ``extra_flags`` builds a variant (tests build the portable, non-AVX-512 one with ``-mno-avx512f``)."""
     from tta_norm.data.paths import cache_root  # lazy: tta_norm.data is heavy and not needed otherwise
 
+    flags = (*_FLAGS, *extra_flags)
     source = _SOURCE.read_bytes()
-    key = hashlib.sha1(source + cxx.encode() + " ".join(_FLAGS).encode() + _machine_tag().encode()).hexdigest()[:12]
+    key = hashlib.sha1(source + cxx.encode() + " ".join(flags).encode() + _machine_tag().encode()).hexdigest()[:12]
     out_dir = cache_root() / "kernels"
     target = out_dir / f"cpu_norm-{key}.so"
     if target.is_file():
@@ -92,14 +95,25 @@ def _build(cxx: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     errors = []
-    for extra in (("-fopenmp",), ()):  # OpenMP shares torch's libgomp (same soname); without it: one thread
-        cmd = [cxx, *_FLAGS, *extra, str(_SOURCE), "-o", str(tmp)]
+    for openmp in (("-fopenmp",), ()):  # OpenMP shares torch's libgomp (same soname); without it: one thread
+        cmd = [cxx, *flags, *openmp, str(_SOURCE), "-o", str(tmp)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode == 0:
             os.replace(tmp, target)
             return target
         errors.append(f"{' '.join(cmd)}\n{proc.stderr.strip()[-2000:]}")
     raise RuntimeError("compiling the fused norm kernel failed:\n" + "\n".join(errors))
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    """Load a built kernel library and declare its C signatures."""
+    lib = ctypes.CDLL(str(path))
+    p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+    fn = lib.tta_fused_norm
+    fn.argtypes = [p, p, i64, i64, i64, i32, i32, i32, i32, p, f64, p, p, i32, p, p, f64, p, i32, f64, i32]
+    fn.restype = i32
+    lib.tta_median_fallbacks.restype = i64
+    return lib
 
 
 def _load() -> ctypes.CDLL | None:
@@ -118,13 +132,7 @@ def _load() -> ctypes.CDLL | None:
                 if cxx is None:
                     raise RuntimeError("no C++ compiler found (set CXX or install g++/clang++)")
                 path = _build(cxx)
-                lib = ctypes.CDLL(str(path))
-                fn = lib.tta_fused_norm
-                p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
-                fn.argtypes = [p, p, i64, i64, i64, i32, i32, i32, i32, p, f64, p, p, i32, p, p, f64, p, i32, f64, i32]
-                fn.restype = i32
-                lib.tta_median_fallbacks.restype = ctypes.c_int64
-                _lib = lib
+                _lib = _open(path)
                 _status = f"compiled kernel {path}"
         except (OSError, RuntimeError, subprocess.SubprocessError) as err:
             _status = f"unavailable ({err}): ATen path"
