@@ -1,9 +1,9 @@
 """Speed of every preset (and TENT) as a ratio to the plain ``eval()`` forward of the same model.
 
-Per configuration (model x batch size) the variants are timed in interleaved rounds (each round times every
-variant once, so slow drift of the machine load hits all of them alike); the figure is the median over
-rounds of the per-batch time, and the ratio is against the plain forward's median.  Norm-only presets run
-under ``torch.no_grad()`` like a deployed model; TENT needs autograd for its step.
+Per configuration (model x batch size) the variants are timed in interleaved rounds; each timing of a variant
+is paired with a timing of the plain forward taken right before it, and the figure is the median over rounds
+of these paired ratios (the machine's speed drifts by 10-25 % over minutes; adjacent pairs cancel most of it).
+Norm-only presets run under ``torch.no_grad()`` like a deployed model; TENT needs autograd for its step.
 
 The default clock is the process CPU time with one intra-op thread: it measures the work each variant does and
 stays honest when other jobs share the machine.  ``--clock wall --threads 2`` gives wall-clock figures (use
@@ -69,7 +69,12 @@ def time_call(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, inner
         return (CLOCK() - start) / inner
 
 
-def bench_config(name: str, batch: int, shape: tuple[int, ...], rounds: int, budget: float) -> dict[str, float]:
+def bench_config(
+    name: str, batch: int, shape: tuple[int, ...], rounds: int, budget: float
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds per batch of every variant, and the median over rounds of its *paired* ratio: each timing
+    of a variant is divided by a timing of the plain forward taken right before it (the machine's speed drifts
+    by 10-25 % over minutes; adjacent pairs cancel most of that)."""
     model = build(name)
     x = torch.rand(batch, *shape, generator=torch.Generator().manual_seed(0))
     fns = variants(model)
@@ -79,10 +84,17 @@ def bench_config(name: str, batch: int, shape: tuple[int, ...], rounds: int, bud
     t_plain = time_call(fns["plain"], x, 3, grad=False)
     inner = max(1, int(budget / max(t_plain, 1e-6)))
     samples: dict[str, list[float]] = {k: [] for k in fns}
+    ratios: dict[str, list[float]] = {k: [] for k in fns if k != "plain"}
     for _ in range(rounds):
         for key, fn in fns.items():
-            samples[key].append(time_call(fn, x, inner, grad=key == "tent"))
-    return {k: statistics.median(v) for k, v in samples.items()}
+            if key == "plain":
+                continue
+            reference = time_call(fns["plain"], x, inner, grad=False)
+            t = time_call(fn, x, inner, grad=key == "tent")
+            samples["plain"].append(reference)
+            samples[key].append(t)
+            ratios[key].append(t / reference)
+    return {k: statistics.median(v) for k, v in samples.items()}, {k: statistics.median(v) for k, v in ratios.items()}
 
 
 def main() -> None:
@@ -101,10 +113,11 @@ def main() -> None:
     CLOCK = time.process_time if args.clock == "process" else time.perf_counter
     torch.set_num_threads(args.threads)
     print(f"clock: {args.clock}, threads: {args.threads}, torch {torch.__version__}, kernel: {kernels.status()}")
-    results = {}
+    results, paired = {}, {}
     for name, batch, shape in CONFIGS:
-        med = bench_config(name, batch, shape, rounds, budget=0.05 if batch == 1 else 0.2)
+        med, ratio = bench_config(name, batch, shape, rounds, budget=0.1 if batch == 1 else 0.2)
         results[f"{name}@b{batch}"] = med
+        paired[f"{name}@b{batch}"] = ratio
         print(f"{name} batch {batch}: plain {med['plain'] * 1e3:.2f} ms/batch", flush=True)
     names = [k for k in next(iter(results.values())) if k != "plain"]
     header = "| preset | " + " | ".join(results) + " | target |"
@@ -112,13 +125,13 @@ def main() -> None:
     print(header)
     print("|" + "---|" * (len(results) + 2))
     for key in names:
-        ratios = [f"{res[key] / res['plain']:.2f}x" for res in results.values()]
+        ratios = [f"{res[key]:.2f}x" for res in paired.values()]
         print(f"| {key} | " + " | ".join(ratios) + f" | {f'<= {TARGETS[key]:.2f}x' if key in TARGETS else ''} |")
     plain = " | ".join(f"{res['plain'] * 1e3:.2f} ms" for res in results.values())
     print(f"| (plain eval forward) | {plain} | |")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=1)
+            json.dump({"seconds": results, "paired_ratio": paired}, fh, indent=1)
 
 
 if __name__ == "__main__":
