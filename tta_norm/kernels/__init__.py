@@ -39,7 +39,7 @@ _SOURCE = Path(__file__).with_name("cpu_norm.cpp")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fassociative-math", "-fno-signed-zeros",
           "-fno-trapping-math", "-fno-math-errno")  # fmt: skip
 _lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
+_lib: _Kernel | None = None
 _tried = False
 _status = "not loaded yet"
 
@@ -58,7 +58,7 @@ def available() -> bool:
 def median_fallbacks() -> int:
     """How many median selections missed their sampled bracket and ran a full selection (diagnostics)."""
     lib = _load()
-    return int(lib.tta_median_fallbacks()) if lib is not None else 0
+    return int(lib.fallbacks()) if lib is not None else 0
 
 
 def _compiler() -> str | None:
@@ -105,18 +105,34 @@ def _build(cxx: str, extra_flags: tuple[str, ...] = ()) -> Path:
     raise RuntimeError("compiling the fused norm kernel failed:\n" + "\n".join(errors))
 
 
-def _open(path: Path) -> ctypes.CDLL:
+class _Kernel:
+    """The loaded library: ``call`` releases the GIL (large inputs: other Python threads, e.g. a prefetching
+    loader, keep running), ``call_holding_gil`` does not (small inputs: releasing and re-taking the GIL costs
+    more than the kernel's own work at batch 1)."""
+
+    def __init__(self, path: Path) -> None:
+        p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+        argtypes = [p, p, i64, i64, i64, i32, i32, i32, i32, p, f64, p, p, i32, p, p, f64, p, i32, f64, i32]
+        self.path = path
+        self.call = ctypes.CDLL(str(path)).tta_fused_norm
+        self.call_holding_gil = ctypes.PyDLL(str(path)).tta_fused_norm
+        for fn in (self.call, self.call_holding_gil):
+            fn.argtypes = argtypes
+            fn.restype = i32
+        self.fallbacks = ctypes.CDLL(str(path)).tta_median_fallbacks
+        self.fallbacks.restype = i64
+
+
+#: inputs with fewer elements call the kernel without releasing the GIL
+HOLD_GIL_BELOW = 1 << 16
+
+
+def _open(path: Path) -> _Kernel:
     """Load a built kernel library and declare its C signatures."""
-    lib = ctypes.CDLL(str(path))
-    p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
-    fn = lib.tta_fused_norm
-    fn.argtypes = [p, p, i64, i64, i64, i32, i32, i32, i32, p, f64, p, p, i32, p, p, f64, p, i32, f64, i32]
-    fn.restype = i32
-    lib.tta_median_fallbacks.restype = i64
-    return lib
+    return _Kernel(path)
 
 
-def _load() -> ctypes.CDLL | None:
+def _load() -> _Kernel | None:
     global _lib, _tried, _status
     if _tried:
         return _lib
@@ -177,15 +193,14 @@ def fused_norm(
     state, updated in place for ``"ema"`` with ``commit`` (non-finite channels keep their value).
     ``stats_out`` (``(2, C)``) receives the mixed mean and variance.  ``instance`` (:data:`INSTANCE_CODES`)
     refines them per sample: IABN with ``instance_param`` = k, or example weighing with weight
-    ``instance_param``.  Does no autograd: callers check that no gradient is needed.  (Kept lean: it runs
-    once per layer per forward.)"""
+    ``instance_param``.  Does no autograd: callers check that no gradient is needed."""
     lib = _lib if _tried else _load()
     if lib is None or x.dtype is not _F32 or not x.is_cpu or x.dim() < 2 or not x.is_contiguous():
         return None
     numel = x.numel()
     if numel == 0:
         return None
-    n, c = x.shape[0], x.shape[1]
+    c = x.shape[1]
     alpha_t = alpha if isinstance(alpha, Tensor) else None
     if _bad(weight, c) or _bad(bias, c) or _bad(ref_mean, c) or _bad(ref_var, c) or _bad(alpha_t, c):
         return None
@@ -193,10 +208,47 @@ def fused_norm(
         raise ValueError("mixing with reference statistics needs ref_mean and ref_var")
     if stats_out is not None and _bad(stats_out, 2 * c):
         raise ValueError("stats_out must be a contiguous float32 CPU tensor of shape (2, C)")
+    return launch(
+        lib, x, estimator, rule, alpha_t, 0.0 if alpha_t is not None else alpha, ref_mean, ref_var, commit, weight,
+        bias, eps, unbiased, average_median, stats_out, instance, instance_param,
+    )  # fmt: skip
+
+
+def kernel() -> _Kernel | None:
+    """The loaded kernel (building it on first use), or ``None`` when it is unavailable or disabled."""
+    return _lib if _tried else _load()
+
+
+def launch(
+    lib: _Kernel,
+    x: Tensor,
+    estimator: int,
+    rule: int,
+    alpha_t: Tensor | None,
+    alpha: float,
+    ref_mean: Tensor | None,
+    ref_var: Tensor | None,
+    commit: bool,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    unbiased: bool,
+    average_median: bool,
+    stats_out: Tensor | None,
+    instance: int,
+    instance_param: float,
+) -> Tensor:
+    """The kernel call itself, without checks: every tensor must be float32, on the CPU and contiguous, ``x``
+    non-empty with ``C`` channels and the others of ``C`` elements (``stats_out``: ``2 C``).  For callers that
+    guarantee this cheaply (:class:`tta_norm.norm.AdaptiveNorm` checks its own tensors once per dtype/device);
+    everyone else uses :func:`fused_norm`."""
+    n, c = x.shape[0], x.shape[1]
+    numel = x.numel()
     out = torch.empty_like(x)
-    rc = lib.tta_fused_norm(
+    call = lib.call_holding_gil if numel < HOLD_GIL_BELOW else lib.call
+    rc = call(
         x.data_ptr(), out.data_ptr(), n, c, numel // (n * c), estimator, unbiased, average_median, rule,
-        None if alpha_t is None else alpha_t.data_ptr(), 0.0 if alpha_t is not None else alpha,
+        None if alpha_t is None else alpha_t.data_ptr(), alpha,
         None if ref_mean is None else ref_mean.data_ptr(), None if ref_var is None else ref_var.data_ptr(),
         commit, None if weight is None else weight.data_ptr(), None if bias is None else bias.data_ptr(), eps,
         None if stats_out is None else stats_out.data_ptr(), instance, instance_param, torch.get_num_threads(),

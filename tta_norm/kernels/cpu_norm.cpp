@@ -40,6 +40,25 @@ namespace {
 
 std::atomic<int64_t> g_median_fallbacks{0};  // full selections after a missed bracket
 
+// body(i) for i in [0, count), in an OpenMP team only when it pays: entering a parallel region costs
+// microseconds even with if(0), which shows on batch-1 layers of ~150 us
+constexpr int64_t kParallelMinElements = 32768;
+
+template <bool Dynamic, class F>
+void parallel_for(int64_t count, int nthreads, int64_t elements, F body) {
+  if (nthreads > 1 && count > 1 && elements >= kParallelMinElements) {
+    if (Dynamic) {
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+      for (int64_t i = 0; i < count; ++i) body(i);
+    } else {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+      for (int64_t i = 0; i < count; ++i) body(i);
+    }
+    return;
+  }
+  for (int64_t i = 0; i < count; ++i) body(i);
+}
+
 struct Channel {
   const float* x;  // start of the tensor
   int64_t n, c, l, ch;
@@ -220,13 +239,12 @@ void batch_moments(const float* x, int64_t n, int64_t c, int64_t l, int nthreads
   std::vector<double> s(chunks * c, 0.0), q(chunks * c, 0.0);
   std::vector<float> shift(c);
   for (int64_t ch = 0; ch < c; ++ch) shift[ch] = x[ch * l];
-#pragma omp parallel for num_threads(static_cast<int>(chunks)) schedule(static, 1) if (chunks > 1)
-  for (int64_t t = 0; t < chunks; ++t) {
+  parallel_for<false>(chunks, static_cast<int>(chunks), n * c * l, [&](int64_t t) {
     const int64_t i0 = t * n / chunks, i1 = (t + 1) * n / chunks;
     for (int64_t i = i0; i < i1; ++i)
       for (int64_t ch = 0; ch < c; ++ch)
         shifted_sums(x + (i * c + ch) * l, l, shift[ch], &s[t * c + ch], &q[t * c + ch]);
-  }
+  });
   const double cnt = static_cast<double>(n * l);
   for (int64_t ch = 0; ch < c; ++ch) {
     double ss = 0.0, qq = 0.0;
@@ -321,8 +339,7 @@ extern "C" int tta_fused_norm(const float* x, float* out, int64_t n, int64_t c, 
 
   if (rule != 4 && estimator != 0) {
     // medians: channel by channel (selection needs the whole channel), normalised while it is still in cache
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (nthreads > 1 && c > 1)
-    for (int64_t ch = 0; ch < c; ++ch) {
+    parallel_for<true>(c, nthreads, n * c * l, [&](int64_t ch) {
       const Channel v{x, n, c, l, ch};
       const float med = channel_median(v, average_median != 0);
       double sq;
@@ -335,7 +352,7 @@ extern "C" int tta_fused_norm(const float* x, float* out, int64_t n, int64_t c, 
       }
       mix(ch, med, sq);
       for (int64_t i = 0; i < n; ++i) finish_row(i * c + ch, ch);
-    }
+    });
     return 0;
   }
   // moments (or source statistics): sample-major passes in memory order
@@ -346,7 +363,6 @@ extern "C" int tta_fused_norm(const float* x, float* out, int64_t n, int64_t c, 
       for (auto& v : sq) v *= cnt / (cnt - 1.0);
   }
   for (int64_t ch = 0; ch < c; ++ch) mix(ch, loc[ch], sq[ch]);
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && n * c > 1)
-  for (int64_t r = 0; r < n * c; ++r) finish_row(r, r % c);
+  parallel_for<false>(n * c, nthreads, n * c * l, [&](int64_t r) { finish_row(r, r % c); });
   return 0;
 }

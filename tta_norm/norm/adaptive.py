@@ -203,7 +203,11 @@ class AdaptiveNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() not in self._dims or x.shape[1] != self.num_features or x.shape[0] == 0:
             self._check_input(x)
-        weight, bias = self.weight, self.bias
+        if self._fused is not None and x.is_cpu and self.use_batch and (self.domain is None or not self._heads):
+            out = self._fused_forward(x)
+            if out is not None:
+                return out
+        weight, bias = self._parameters["weight"], self._parameters["bias"]  # (faster than __getattr__)
         if self._heads and self.domain is not None:
             weight, bias = self._affine(x.shape[0])
         if weight is None or weight.dim() == 1:  # per-channel affine: fused ATen calls where they are exact
@@ -226,7 +230,8 @@ class AdaptiveNorm(nn.Module):
         """The common plain presets in as few kernel calls as possible (per-layer op overhead dominates small
         batches on CPU); ``None`` when the general path must run.  Each branch equals the general path."""
         if self._plain_source or (self._plain_stateless and not self.use_batch):
-            return batch_norm_eval(x, self.source_mean, self.source_var, weight, bias, self.eps)
+            buffers = self._buffers
+            return batch_norm_eval(x, buffers["source_mean"], buffers["source_var"], weight, bias, self.eps)
         if not self.use_batch:
             return None
         if self._plain_tbn:
@@ -239,49 +244,56 @@ class AdaptiveNorm(nn.Module):
             if x.device.type != "cpu" or _needs_grad(x, weight):
                 # fused statistics + normalisation (and its fused backward)
                 return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
-        if self._fused is not None and x.is_cpu:
-            out = self._fused_forward(x, weight, bias)
-            if out is not None:
-                return out
         if self._plain_ema and self.update_state and not _needs_grad(x, weight):
             # no autograd: update the state in place and normalise with the buffers (fewer small ops)
             self._ema_step_(estimate(x, self.spec))
             return batch_norm_eval(x, self.ema_mean, self.ema_var, weight, bias, self.eps)
         return None
 
-    def _fused_forward(self, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor | None:
-        """Estimate + mix + commit + normalise in one call of the compiled CPU kernel (``None``: not available
-        or not applicable; the general path then gives the same numbers).  Hot path: buffers are read from
-        ``_buffers`` directly (``nn.Module.__getattr__`` costs ~0.7 us per lookup, x 19 layers)."""
-        spec = self.spec
+    def _fused_forward(self, x: Tensor) -> Tensor | None:
+        """Estimate + mix + commit + normalise in one call of the compiled CPU kernel (:mod:`tta_norm.kernels`);
+        ``None`` when it does not apply (gradients needed, not float32, kernel unavailable...): the general
+        path then gives the same numbers.  This is the hot path of every small-batch forward, so it reads
+        parameters and buffers from ``_parameters``/``_buffers`` (``nn.Module.__getattr__`` costs ~0.7 us per
+        lookup) and calls :func:`tta_norm.kernels.launch` after checking only what can differ from the
+        layer's own invariants."""
+        lib = kernels.kernel()
+        if lib is None or x.dtype is not torch.float32 or not x.is_contiguous():
+            return None
+        params, buffers, spec = self._parameters, self._buffers, self.spec
+        weight, bias = params["weight"], params["bias"]
+        source_mean = buffers["source_mean"]
+        if source_mean.dtype is not torch.float32 or not source_mean.is_cpu:
+            return None  # a layer moved to another dtype/device than its input: the general path says so
         if torch.is_grad_enabled() and (
             x.requires_grad
             or (weight is not None and weight.requires_grad)
             or (bias is not None and bias.requires_grad)
-            or (spec.channelwise and self.mix_weight.requires_grad)
+            or (spec.channelwise and params["mix_weight"].requires_grad)
         ):
             return None
-        if count_per_channel(x) < 2:
+        if x.numel() // x.shape[1] < 2:
             if spec.batch_only:
                 raise ValueError(SINGLE_VALUE_HINT)
             if spec.unbiased:
                 return None  # the general path raises its error
         estimator, rule, instance, instance_param = self._fused
-        buffers = self._buffers
+        alpha_t, alpha = None, 0.0
         if rule == 3:  # ema
             ref_mean, ref_var, alpha = buffers["ema_mean"], buffers["ema_var"], spec.momentum
         else:
-            ref_mean, ref_var = buffers["source_mean"], buffers["source_var"]
-            alpha = self.mix_weight if spec.channelwise else (spec.fixed_alpha(x.shape[0]) if rule in (1, 2) else 0.0)
+            ref_mean, ref_var = source_mean, buffers["source_var"]
+            if spec.channelwise:
+                alpha_t = params["mix_weight"]
+            elif rule == 1 or rule == 2:
+                alpha = spec.fixed_alpha(x.shape[0])
         commit = rule == 3 and self.update_state
         if commit:  # the kernel writes the state through raw pointers: keep autograd's version check honest
             increment_version(ref_mean)
             increment_version(ref_var)
-        return kernels.fused_norm(
-            x, estimator, rule, alpha=alpha, ref_mean=ref_mean, ref_var=ref_var,
-            commit=commit, weight=weight, bias=bias, eps=self.eps,
-            unbiased=spec.unbiased, average_median=spec.median == "average", instance=instance,
-            instance_param=instance_param,
+        return kernels.launch(
+            lib, x, estimator, rule, alpha_t, alpha, ref_mean, ref_var, commit, weight, bias, self.eps,
+            spec.unbiased, spec.median == "average", None, instance, instance_param,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
