@@ -174,15 +174,18 @@ void select_rank(const Channel& v, int64_t r, bool want_next, bool absdev, float
     full();
     return;
   }
-  // 1. sample runs of 16 consecutive values (one cache line each, evenly spread) -> bracket [lo, hi]
+  // 1. sample runs of 16 consecutive values (one cache line each) spread over the channel -> bracket [lo, hi]
   const int64_t run = v.l >= 16 ? 16 : 1;
   const int64_t runs = std::max<int64_t>(1024, std::min<int64_t>(cnt / 32, 16384)) / run;
   const int64_t k = runs * run;
   std::vector<float> sample(k);
   for (int64_t s = 0; s < runs; ++s) {
-    const int64_t idx = (2 * s + 1) * cnt / (2 * runs);
-    const int64_t j = std::min(idx % v.l, v.l - run);
-    const float* p = v.row(idx / v.l) + j;
+    // rows evenly spread over the batch, offsets in the row scrambled (a Weyl sequence): evenly spaced flat
+    // indices alias with the image layout (e.g. always the first, zero-padded image row)
+    const int64_t i = (2 * s + 1) * v.n / (2 * runs);
+    const uint64_t h = static_cast<uint64_t>(s + 1) * 0x9E3779B97F4A7C15ull;
+    const int64_t j = static_cast<int64_t>((h >> 11) % static_cast<uint64_t>(v.l - run + 1));
+    const float* p = v.row(i) + j;
     for (int64_t t = 0; t < run; ++t) sample[s * run + t] = value(p[t]);
   }
   const double q = static_cast<double>(r) / static_cast<double>(cnt - 1) * static_cast<double>(k - 1);
