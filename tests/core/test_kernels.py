@@ -124,7 +124,7 @@ def test_kernel_moments_of_ill_conditioned_channels():
 @pytest.mark.skipif("avx512f" not in kernels._machine_tag(), reason="no AVX-512 here: one path only")
 def test_portable_build_equals_the_avx512_build(monkeypatch):
     """The kernel's non-AVX-512 bracket pass (other CPUs) gives the same exact medians."""
-    portable = kernels._open(kernels._build(kernels._compiler(), ("-mno-avx512f",)))
+    portable = kernels._Kernel(kernels._build(kernels._compiler(), ("-mno-avx512f",)))
     x = _data((64, 3, 16, 16), "relu", 7)
     x[5, 1, 2, 3] = float("nan")
     results = []

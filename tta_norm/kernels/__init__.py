@@ -127,11 +127,6 @@ class _Kernel:
 HOLD_GIL_BELOW = 1 << 16
 
 
-def _open(path: Path) -> _Kernel:
-    """Load a built kernel library and declare its C signatures."""
-    return _Kernel(path)
-
-
 def _load() -> _Kernel | None:
     global _lib, _tried, _status
     if _tried:
@@ -148,7 +143,7 @@ def _load() -> _Kernel | None:
                 if cxx is None:
                     raise RuntimeError("no C++ compiler found (set CXX or install g++/clang++)")
                 path = _build(cxx)
-                _lib = _open(path)
+                _lib = _Kernel(path)
                 _status = f"compiled kernel {path}"
         except (OSError, RuntimeError, subprocess.SubprocessError) as err:
             _status = f"unavailable ({err}): ATen path"
@@ -194,7 +189,7 @@ def fused_norm(
     ``stats_out`` (``(2, C)``) receives the mixed mean and variance.  ``instance`` (:data:`INSTANCE_CODES`)
     refines them per sample: IABN with ``instance_param`` = k, or example weighing with weight
     ``instance_param``.  Does no autograd: callers check that no gradient is needed."""
-    lib = _lib if _tried else _load()
+    lib = kernel()
     if lib is None or x.dtype is not _F32 or not x.is_cpu or x.dim() < 2 or not x.is_contiguous():
         return None
     numel = x.numel()

@@ -272,7 +272,7 @@ class AdaptiveNorm(nn.Module):
             or (spec.channelwise and params["mix_weight"].requires_grad)
         ):
             return None
-        if x.numel() // x.shape[1] < 2:
+        if count_per_channel(x) < 2:
             if spec.batch_only:
                 raise ValueError(SINGLE_VALUE_HINT)
             if spec.unbiased:
