@@ -180,7 +180,7 @@ def error(model: nn.Module, images: np.ndarray, labels: np.ndarray, device: torc
 
     wrong = 0
     for i in range(0, len(labels), bs):
-        x = to_float_nchw(torch.from_numpy(np.ascontiguousarray(images[i : i + bs]))).to(device)
+        x = to_float_nchw(torch.from_numpy(np.array(images[i : i + bs]))).to(device)
         wrong += int((model(x).argmax(1).cpu().numpy() != labels[i : i + bs]).sum())
     return wrong / len(labels)
 
@@ -208,7 +208,7 @@ def write_report(out: Path, results: list[dict], args: argparse.Namespace) -> No
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
         tbn = f"{100 * r['corruption']['tbn']:.1f}" if "tbn" in r["corruption"] else "-"
-        lines.append(f"| {r['variant']} | {r['batch_size']} | {100 * r['clean_error']:.1f} | "
+        lines.append(f"| {r['variant']} | {r['batch_size'] or 'init'} | {100 * r['clean_error']:.1f} | "
                      f"{100 * r['corruption']['source']:.1f} | {tbn} | {r['steps']} | {r['train_seconds'] / 60:.1f} |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
@@ -235,17 +235,22 @@ def main(argv: list[str] | None = None) -> int:
             r = json.loads(line)
             done[(r["variant"], r["batch_size"])] = r
     results = []
-    for bs in args.batch_sizes:
+    config = [args.train_images, args.epochs, args.base_lr, args.init]
+    # batch size 0 = the converted model before any training step (the starting point of --init release)
+    for bs in [0, *args.batch_sizes]:
         for variant in args.variants:
             key = (variant, bs)
-            config = [args.train_images, args.epochs, args.base_lr, args.init]
             if key in done and done[key].get("config") == config:
                 results.append(done[key])
                 continue
             torch.manual_seed(args.seed)
-            model = build_model(variant, bs, args.depth, args.init).to(device)
+            model = build_model(variant, bs or 128, args.depth, args.init).to(device)
             rec = {"variant": variant, "batch_size": bs, "config": config}
-            rec.update(train(model, variant, images, labels, bs, args, device, progress))
+            if bs:
+                rec.update(train(model, variant, images, labels, bs, args, device, progress))
+            else:
+                rec.update({"steps": 0, "train_loss": None, "train_seconds": 0.0, "peak_lr": 0.0})
+                model.eval()
             rec["clean_error"] = error(model, te_x, te_y, device)
             has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
             rec["corruption"] = corruption_errors(model, bench, device, has_bn)
