@@ -3,7 +3,7 @@
 On this team's machines the source domain is the JPEG-75 CIFAR-10 mirror ``cifar10-jpeg/train``; the released
 ResNet-20 scores ~81 % on ``cifar10-jpeg/test`` because of the JPEG shift (``../shared/data/README.md``), so the
 harness fine-tunes it first. Recipe (defaults of :class:`TrainConfig`): start from the released checkpoint,
-13 epochs of SGD with Nesterov momentum 0.9, peak lr 0.05, weight decay 5e-4 (not on BN/bias), batch 128,
+14 epochs of SGD with Nesterov momentum 0.9, peak lr 0.05, weight decay 5e-4 (not on BN/bias), batch 128,
 half an epoch of linear warm-up then cosine decay to 0, an exponential moving average of the weights (decay
 0.9995 per step; the saved model), CIFAR augmentation (random 32x32 crop of the 4-pixel reflect-padded image
 + horizontal flip, vectorized on whole batches; reflect rather than zero padding: 89.1 vs 88.7 % on the
@@ -58,7 +58,7 @@ class TrainConfig:
 
     model: str = "resnet20"
     init: str = "release"
-    epochs: int = 13
+    epochs: int = 14  # 89.1 % mean over seeds 0-2 in ~17 min here (13: 89.04 / 88.84 % for seeds 0 / 1)
     batch_size: int = 128
     lr: float = 0.05
     momentum: float = 0.9

@@ -12,6 +12,9 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from tta_norm.train import TrainConfig
+
+    d = TrainConfig()  # the help strings show the recipe's defaults
     parser.add_argument("--model", default="resnet20", help="model name as for load_model (default resnet20)")
     parser.add_argument("--init", default="release",
                         help="'release' (released checkpoint), 'scratch', or a checkpoint path")  # fmt: skip
@@ -19,15 +22,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="data directory (or the source dataset itself); default: $TTA_NORM_DATA or the "
                              "built-in search list")  # fmt: skip
     parser.add_argument("--source", default="cifar10-jpeg", help="source dataset folder name (train/ and test/)")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 13)")
-    parser.add_argument("--batch-size", type=int, default=None, help="batch size (default 128)")
-    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.05)")
-    parser.add_argument("--weight-decay", type=float, default=None, help="weight decay (default 5e-4)")
+    parser.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {d.epochs})")
+    parser.add_argument("--batch-size", type=int, default=None, help=f"batch size (default {d.batch_size})")
+    parser.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {d.lr})")
+    parser.add_argument("--weight-decay", type=float, default=None, help=f"weight decay (default {d.weight_decay:g})")
     parser.add_argument("--ema-decay", type=float, default=None,
-                        help="weight-EMA decay per step (default 0.9995; 0 = save the last iterate)")  # fmt: skip
+                        help=f"weight-EMA decay per step (default {d.ema_decay}; 0 = last iterate)")  # fmt: skip
     parser.add_argument("--cutout", type=int, default=None, help="Cutout square size in pixels (default 0 = off)")
     parser.add_argument("--pad-mode", choices=("zeros", "reflect"), default=None,
-                        help="padding of the random-crop augmentation (default reflect)")  # fmt: skip
+                        help=f"padding of the random-crop augmentation (default {d.pad_mode})")  # fmt: skip
     parser.add_argument("--label-smoothing", type=float, default=None, help="cross-entropy label smoothing (default 0)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     parser.add_argument("--no-amp", action="store_true", help="train in float32 instead of bfloat16 autocast")
