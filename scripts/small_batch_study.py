@@ -28,7 +28,8 @@ first 5% of the steps then cosine to 0, random crop + flip, float32.  The budget
 images seen (``--train-images`` x ``--epochs``), the same for every batch size, so small batches take many more
 (slower) steps.  Budgets: ``--budget smoke`` (~2 min in all), ``small`` (5000 images x 2 epochs, ~30-45 min
 on one CPU core), ``finetune`` (``--init release``: the released ResNet-20 converted to each variant, then
-20,000 images x 1 epoch at peak lr 0.02 x B/128; ~50 min on one core), ``full`` (the whole train split for 30 epochs: GPU territory).
+20,000 images x 1 epoch at peak lr 0.02 x B/128; ~50 min on one core), ``full`` (the whole train split for
+30 epochs: GPU territory).
 
     python scripts/small_batch_study.py --budget smoke --out /tmp/sbs-smoke
     python scripts/small_batch_study.py --budget small --out runs/small_batch_study
