@@ -40,7 +40,7 @@ def study(monkeypatch):
     return module, test, domain
 
 
-def test_init_row_is_the_released_model_and_resume_skips_cells(study, tmp_path):
+def test_init_row_is_the_released_model_and_resume_skips_cells(study, tmp_path, monkeypatch):
     from tta_norm.models import load_model
 
     module, (te_x, te_y), domain = study
@@ -60,10 +60,6 @@ def test_init_row_is_the_released_model_and_resume_skips_cells(study, tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "| bn | init |" in report and "| gn | 8 |" in report
 
-    # resume: every cell is cached, so nothing trains again (train would raise)
-    monkeypatch_train = pytest.MonkeyPatch()
-    monkeypatch_train.setattr(module, "train", lambda *a, **kw: pytest.fail("a cached cell was retrained"))
-    try:
-        assert module.main(argv) == 0
-    finally:
-        monkeypatch_train.undo()
+    # resume: every cell is cached, so nothing trains again (train would fail the test)
+    monkeypatch.setattr(module, "train", lambda *a, **kw: pytest.fail("a cached cell was retrained"))
+    assert module.main(argv) == 0
