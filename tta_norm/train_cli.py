@@ -28,11 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=None, help=f"weight decay (default {d.weight_decay:g})")
     parser.add_argument("--ema-decay", type=float, default=None,
                         help=f"weight-EMA decay per step (default {d.ema_decay}; 0 = last iterate)")  # fmt: skip
-    parser.add_argument("--cutout", type=int, default=None, help="Cutout square size in pixels (default 0 = off)")
+    parser.add_argument("--cutout", type=int, default=None,
+                        help=f"Cutout square size in pixels (default {d.cutout}; 0 = off)")  # fmt: skip
     parser.add_argument("--pad-mode", choices=("zeros", "reflect"), default=None,
                         help=f"padding of the random-crop augmentation (default {d.pad_mode})")  # fmt: skip
-    parser.add_argument("--label-smoothing", type=float, default=None, help="cross-entropy label smoothing (default 0)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    parser.add_argument("--label-smoothing", type=float, default=None,
+                        help=f"cross-entropy label smoothing (default {d.label_smoothing:g})")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=None, help=f"random seed (default {d.seed})")
     parser.add_argument("--no-amp", action="store_true", help="train in float32 instead of bfloat16 autocast")
     parser.add_argument("--max-train-samples", type=int, default=None, help="train on a random subset")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop training after this wall time")
