@@ -2,7 +2,7 @@
 """Speed of the malicious-sample attack: one N-step DIA attack on a batch vs N plain forward+backward passes.
 
 Both go through the same adapted model (``tta.model`` of the preset, adaptive statistics from the batch, state
-kept), the baseline back-propagating a summed-logit loss to the input.  Target (issue 6): attack <= 1.3x.
+kept), the baseline back-propagating a summed-logit loss to the input.  Target: attack <= 1.3x.
 
     python scripts/bench_attack.py                       # ResNet-20, tbn, batch 200, 100 steps, 10 % malicious
     python scripts/bench_attack.py --preset medbn --method tent --steps 20

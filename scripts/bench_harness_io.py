@@ -1,4 +1,4 @@
-"""Measure the evaluation harness's overhead over the model's own forward time (issue 4: <= 10 %).
+"""Measure the evaluation harness's overhead over the model's own forward time (target <= 10 %).
 
 Baseline: the model's forward on pre-built float batches (data already in memory, nothing else).
 Harness: the bench loop -- StreamLoader (gather from uint8 arrays, convert, prefetch thread) -> model ->

@@ -7,7 +7,7 @@ set -e
 _root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 _venv="${TTA_NORM_VENV:-$HOME/.cache/tta_norm/venv}"
 _python="${TTA_NORM_PYTHON:-python3}"
-# torch/torchvision pins known to install offline on this team's machines (Python 3.11, x86_64).
+# torch/torchvision pins known to install offline on the project's machines (Python 3.11, x86_64).
 _torch_pins="torch==2.14.1 torchvision==0.29.1"
 if [ ! -x "$_venv/bin/python" ]; then
     echo "[env] creating virtual environment in $_venv" >&2

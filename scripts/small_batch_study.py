@@ -1,4 +1,4 @@
-"""Small-batch training study: BN variants vs GN / GN+PN at training batch sizes 2, 8 and 128 (issue 5).
+"""Small-batch training study: BN variants vs GN / GN+PN at training batch sizes 2, 8 and 128.
 
 A CIFAR ResNet-20 is trained from scratch (or fine-tuned from the released checkpoint, ``--init release``)
 on a seeded random subset of the mirror's ``train/`` split with each normalisation variant and training batch

@@ -26,3 +26,14 @@ def test_api_reference_is_current():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.OUT.read_text() == module.render(), "docs/api.md is stale: run python scripts/gen_api_docs.py"
+
+
+def test_code_and_docs_speak_of_the_project_only():
+    pattern = re.compile(r"\bissue ?#?\d|this team|team's machines", re.IGNORECASE)
+    offenders = []
+    for folder in ("tta_norm", "corruptions", "scripts", "docs"):
+        for path in (ROOT / folder).rglob("*"):
+            if path.suffix in {".py", ".md", ".yaml", ".sh", ".cpp", ".toml"} and path.is_file():
+                offenders += [f"{path.relative_to(ROOT)}:{i}" for i, line in enumerate(path.read_text().splitlines(), 1)
+                              if pattern.search(line)]
+    assert not offenders, f"process words in code or docs: {offenders}"

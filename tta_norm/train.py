@@ -1,6 +1,6 @@
 """Source-model preparation: fine-tune (or train) a classifier on a source ImageFolder and cache the checkpoint.
 
-On this team's machines the source domain is the JPEG-75 CIFAR-10 mirror ``cifar10-jpeg/train``; the released
+In the shipped setting the source domain is the JPEG-75 CIFAR-10 mirror ``cifar10-jpeg/train``; the released
 ResNet-20 scores ~81 % on ``cifar10-jpeg/test`` because of the JPEG shift (``../shared/data/README.md``), so the
 harness fine-tunes it first. Recipe (defaults of :class:`TrainConfig`): start from the released checkpoint,
 14 epochs of SGD with Nesterov momentum 0.9, peak lr 0.05, weight decay 5e-4 (not on BN/bias), batch 128,
@@ -41,7 +41,7 @@ from tta_norm.data.readers import ArrayDataset, is_image_folder_split, read_imag
 from tta_norm.data.tensors import to_float_nchw  # noqa: F401  (re-exported: tta_norm.train.to_float_nchw)
 
 DEFAULT_SOURCE = "cifar10-jpeg"
-TARGET_ACCURACY = 0.89  # issue 4: ResNet-20 on the mirror's test split
+TARGET_ACCURACY = 0.89  # ResNet-20's target accuracy on the mirror's test split
 
 
 @dataclass
@@ -53,7 +53,7 @@ class TrainConfig:
     (small-budget runs); ``max_minutes`` stops early (the schedule is not stretched; a warning is issued).
     ``threads``: CPU intra-op threads; ``None`` = chosen per epoch by timing (see :class:`_ThreadChooser`).
     ``channels_last``: train in the channels-last layout when ``amp`` is on (bfloat16 convolutions: 11 % faster
-    per step on this team's CPUs; float32 ones are slower, so it is ignored without ``amp``); the saved weights
+    per step on the CPUs measured; float32 ones are slower, so it is ignored without ``amp``); the saved weights
     are contiguous either way."""
 
     model: str = "resnet20"

@@ -1,6 +1,6 @@
 """``tta-norm train``: fine-tune (or train) a source model on a source ImageFolder and cache the checkpoint.
 
-Example (this team's machines; finds ``../shared/data/cifar10-jpeg`` and ``../shared/models`` by default)::
+Example (finds ``../shared/data/cifar10-jpeg`` and ``../shared/models`` by default)::
 
     tta-norm train --model resnet20            # released ResNet-20 fine-tuned on cifar10-jpeg/train
     tta-norm train --model resnet20 --epochs 1 --max-train-samples 5000 --out /tmp/r20-smoke.pt

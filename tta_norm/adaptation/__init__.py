@@ -1,4 +1,4 @@
-"""Post-training and test-time helpers built on :func:`tta_norm.adapt` (issue 5).
+"""Post-training and test-time helpers built on :func:`tta_norm.adapt`.
 
 * :mod:`tta_norm.adaptation.ttn`: TTN post-training of the channel-wise test weights (Lim et al., ICLR 2023).
 * :mod:`tta_norm.adaptation.sabn`: SaBN heads training and test-time routing (Gong et al., WACV 2022).

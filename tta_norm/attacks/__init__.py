@@ -1,4 +1,4 @@
-"""Adversarial evaluation of test-time adaptation (issue 6).
+"""Adversarial evaluation of test-time adaptation.
 
 * :mod:`tta_norm.attacks.malicious`: malicious test samples inside a batch (DIA, Wu et al., ICML 2023; the
   MedBN evaluation, Park et al., CVPR 2024): :class:`MaliciousAttack`, :func:`craft_malicious`,

@@ -14,7 +14,7 @@ Where the images come from (recorded per domain in :attr:`CorruptionBenchmark.pr
   release's distribution, not its pixels (the original generator was unseeded: REFERENCE part 3, 1.1).
 - ``clean``: the clean test set itself (key ``("clean", 0)``), used for clean-interleaved streams. For
   CIFAR-10 this is torchvision's ``cifar-10-batches-py`` test split if present, otherwise the JPEG mirror's
-  ``cifar10-jpeg/test`` (this team's machines).
+  ``cifar10-jpeg/test``.
 
 Downloading the release (Zenodo, :func:`download_cifar_c`) is opt-in (``download=True``) and fails with a clear
 message when offline.
@@ -136,8 +136,8 @@ def _get_corrupt():
     fn = getattr(corruptions, "corrupt", None)
     if not callable(fn):
         raise RuntimeError(
-            "cannot regenerate the corruption benchmark: corruptions.corrupt is not available (the corruptions "
-            "package does not provide it yet). Put the released files (e.g. CIFAR-10-C/<corruption>.npy + "
+            "cannot regenerate the corruption benchmark: the installed corruptions package has no "
+            "corrupt() function. Put the released files (e.g. CIFAR-10-C/<corruption>.npy + "
             "labels.npy) in a data directory instead, or pass download=True on a machine with internet access."
         )
     return fn

@@ -1,4 +1,4 @@
-"""Training-time normalization variants (issue 5).
+"""Training-time normalization variants.
 
 * Ghost batch normalization: ``GhostBatchNorm1d/2d/3d`` (drop-in ``nn.BatchNormNd`` subclasses) and
   ``convert_to_ghost_bn`` (Hoffer et al. 2017; Summers & Dinneen, ICLR 2020).

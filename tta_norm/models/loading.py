@@ -6,7 +6,7 @@ Name conventions:
 - ``resnet20`` / ``resnet32`` / ``resnet44`` / ``resnet56`` (also ``resnet110``,
   ``cifar_resnet<depth>``): the CIFAR ResNets of :mod:`tta_norm.models.cifar_resnet`. With
   ``checkpoint=None`` the released ``resnet<depth>-<hash>.th`` is looked up in
-  :func:`tta_norm.data.paths.model_search_dirs` (on this team's machines ``../shared/models``);
+  :func:`tta_norm.data.paths.model_search_dirs` (e.g. ``../shared/models`` beside a checkout);
   ResNet-56/110 have no shared checkpoint and need an explicit path.
 - ``tv:<name>`` or a plain torchvision model name (``resnet50``, ``wide_resnet50_2``, ...): torchvision
   builder, wrapped so that it normalizes [0, 1] inputs with the ImageNet mean/std. Pretrained weights
