@@ -198,7 +198,7 @@ def test_instant_mode_state_is_the_clean_adaptation(preset, method):
     reference = copy.deepcopy(tta)
     with torch.enable_grad():
         expected = reference(x).detach()  # the deployed model adapts on the clean batch only
-    out = attack_batch(tta, x, y, MaliciousAttack(num_malicious=3, steps=5, step_size=0.05))
+    out = attack_batch(tta, x, y, MaliciousAttack(num_malicious=3, steps=5, step_size=0.05, victim="adapting"))
     _assert_same_state(_state(reference), _state(tta))
     assert tta.num_batches == reference.num_batches
     assert torch.equal(out.clean_logits, expected)
@@ -234,7 +234,7 @@ def test_episodic_victim_is_attacked_from_the_reset_state():
     y = _own_labels("tbn", x, net=conv_bn_net)
     tta = tta_norm.adapt(conv_bn_net(), "tbn", "tent", episodic=True)
     tta(x0)
-    out = attack_batch(tta, x, y, MaliciousAttack(num_malicious=3, steps=5, step_size=0.05))
+    out = attack_batch(tta, x, y, MaliciousAttack(num_malicious=3, steps=5, step_size=0.05, victim="adapting"))
     fresh = tta_norm.adapt(conv_bn_net(), "tbn", "tent")
     with torch.enable_grad():
         expect = fresh(torch.cat([x[:7], out.x_malicious]))
@@ -299,10 +299,10 @@ def test_updated_prediction_attack_runs_and_reports():
     x, _ = batch(12, seed=1)
     y = _own_labels("tbn", x)
     tta = tta_norm.adapt(pool_bn_net(), "tbn", "tent", optimizer="sgd", lr=0.1)
-    attack = MaliciousAttack(num_malicious=3, victim_predicts="updated", steps=8, step_size=0.05)
-    start = MaliciousAttack(num_malicious=3, victim_predicts="updated", steps=0)
-    _, loss0 = craft_malicious(tta, x, y, start)
-    _, loss = craft_malicious(tta, x, y, attack)
+    attack = MaliciousAttack.from_protocol("unrolled", num_malicious=3, steps=8, step_size=0.05)
+    start = MaliciousAttack.from_protocol("unrolled", num_malicious=3, steps=0)
+    loss0 = craft_malicious(tta, x, y, start).loss
+    loss = craft_malicious(tta, x, y, attack).loss
     assert loss < loss0  # PGD through the unrolled step lowers the post-update target loss
     out = attack_batch(tta, x, y, attack)
     victim = tta_norm.adapt(pool_bn_net(), "tbn", "tent", optimizer="sgd", lr=0.1)
@@ -317,3 +317,67 @@ def test_zero_malicious_is_no_attack():
     out = attack_batch(tta_norm.adapt(conv_bn_net(), "tbn"), x, y, MaliciousAttack(fraction=0.0))
     assert out.num_malicious == 0 and out.benign_error_clean == out.benign_error_attacked
     assert torch.equal(out.clean_logits, out.attacked_logits)
+
+
+# ------------------------------------------------------------------------------------------ protocols
+VICTIM_ATTACKER = [(v, a) for v in ("updated", "adapting") for a in ("surrogate", "unrolled")]
+
+
+@pytest.mark.parametrize("victim,attacker", VICTIM_ATTACKER)
+@pytest.mark.parametrize("mode", ["instant", "cumulative"])
+@pytest.mark.parametrize("preset,method", [("tbn", None), ("ema", None), ("tbn", "tent"), ("medbn", "tent")])
+def test_zero_malicious_changes_nothing_in_every_mode(victim, attacker, mode, preset, method):
+    x, y = batch(10, seed=4)
+    tta = tta_norm.adapt(conv_bn_net(), preset, method, optimizer="sgd", lr=0.5) if method else tta_norm.adapt(
+        conv_bn_net(), preset
+    )
+    tta(batch(10, seed=9)[0])  # some history
+    attack = MaliciousAttack(fraction=0.0, victim=victim, attacker=attacker, steps=3)
+    out = attack_batch(tta, x, y, attack, mode=mode)
+    assert out.changed == 0.0 and out.benign_error_attacked == out.benign_error_clean
+    assert torch.equal(out.clean_logits, out.attacked_logits)
+
+
+def test_updated_victim_predicts_again_after_its_step():
+    x, y = batch(10, seed=1)
+    tta = tta_norm.adapt(conv_bn_net(), "tbn", "tent", optimizer="sgd", lr=0.5)
+    reference = copy.deepcopy(tta)
+    out = attack_batch(tta, x, y, MaliciousAttack.from_protocol("dia", num_malicious=3, steps=4, step_size=0.05))
+    with torch.enable_grad():
+        adapting = reference(torch.cat([x[:7], out.x_malicious]))
+    with torch.no_grad():
+        updated = reference.model(torch.cat([x[:7], out.x_malicious]))
+    assert torch.allclose(out.attacked_logits, updated, atol=1e-6)
+    assert not torch.allclose(out.attacked_logits, adapting, atol=1e-4)  # the step changed the prediction
+
+
+def test_protocol_fixes_its_fields():
+    dia = MaliciousAttack.from_protocol("dia", num_malicious=2)
+    assert (dia.victim, dia.attacker, dia.keep_best) == ("updated", "surrogate", False)
+    assert MaliciousAttack(num_malicious=2) == dia  # the published protocol is the default
+    with pytest.raises(ValueError, match="fixes"):
+        MaliciousAttack.from_protocol("dia", num_malicious=2, attacker="unrolled")
+    with pytest.raises(ValueError, match="unknown attack protocol"):
+        MaliciousAttack.from_protocol("dai", num_malicious=2)
+    with pytest.raises(ValueError, match="victim"):
+        MaliciousAttack(num_malicious=2, victim="later")
+
+
+@pytest.mark.parametrize("method", [None, "tent"])
+def test_targeted_attack_stops_at_the_first_success(method):
+    stopped = []
+    for s in range(6):
+        x, _ = batch(12, seed=s)
+        y = _own_labels("tbn", x)
+        kwargs = {"optimizer": "sgd", "lr": 0.5} if method else {}
+        early = attack_batch(tta_norm.adapt(pool_bn_net(), "tbn", method, **kwargs), x, y,
+                             MaliciousAttack(num_malicious=3, **FAST))
+        budget = attack_batch(tta_norm.adapt(pool_bn_net(), "tbn", method, **kwargs), x, y,
+                              MaliciousAttack(num_malicious=3, stop_on_success=False, **FAST))
+        assert budget.steps == FAST["steps"]
+        if early.target_success:
+            stopped.append(early.steps)
+        else:  # never stopped: the same PGD path as the full budget, to the same last iterate
+            assert early.steps == FAST["steps"] and not budget.target_success
+            assert torch.equal(early.x_malicious, budget.x_malicious)
+    assert stopped and max(stopped) < FAST["steps"]  # some attacks succeeded, each before the budget ran out

@@ -19,6 +19,7 @@ from tta_norm.metrics import (
     online_error_curve,
     softmax_confidence,
     softmax_entropy,
+    wilson_interval,
 )
 from tta_norm.streams import CLEAN, StreamLoader, StreamSpec, build_stream, domain_schedule
 
@@ -152,3 +153,21 @@ def test_bench_style_loop_on_a_stream():
     assert [r["name"] for r in s["clean_segments"]] == ["clean", "clean"]
     assert set(s["per_severity"]) == {5}
     assert CLEAN in plan.domains
+
+
+@pytest.mark.parametrize("k,n", [(0, 2), (1, 2), (2, 2), (0, 10), (5, 10), (13, 30), (30, 30), (1, 1000)])
+def test_wilson_interval_matches_scipy_and_closed_forms(k, n):
+    from scipy.stats import binomtest
+
+    ref = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    lo, hi = wilson_interval(k, n)
+    assert lo == pytest.approx(ref.low, abs=1e-12) and hi == pytest.approx(ref.high, abs=1e-12)
+    if k == 0:  # closed form at zero successes: upper = z^2 / (n + z^2)
+        z2 = 1.959963984540054**2
+        assert lo == 0.0 and hi == pytest.approx(z2 / (n + z2))
+
+
+def test_wilson_interval_edges():
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)

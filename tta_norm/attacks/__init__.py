@@ -10,10 +10,12 @@
 
 from tta_norm.attacks.lp import deployed_forward, frozen_snapshot, pgd_attack, project, run_autoattack, threat_model
 from tta_norm.attacks.malicious import (
+    ATTACK_PROTOCOLS,
     INITS,
     MODES,
     OBJECTIVES,
     AttackOutcome,
+    Crafted,
     MaliciousAttack,
     attack_batch,
     attack_loss,
@@ -22,13 +24,16 @@ from tta_norm.attacks.malicious import (
     init_malicious,
     project_linf,
     unrolled_logits,
+    victim_predict,
 )
 
 __all__ = [
+    "ATTACK_PROTOCOLS",
     "INITS",
     "MODES",
     "OBJECTIVES",
     "AttackOutcome",
+    "Crafted",
     "MaliciousAttack",
     "attack_batch",
     "attack_loss",
@@ -43,4 +48,5 @@ __all__ = [
     "init_malicious",
     "project_linf",
     "unrolled_logits",
+    "victim_predict",
 ]

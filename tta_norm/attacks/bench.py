@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tta_norm.attacks.malicious import INITS, MODES, OBJECTIVES
+from tta_norm.attacks.malicious import ATTACK_PROTOCOLS, INITS, MODES, OBJECTIVES
 from tta_norm.bench.config import ConfigError, MethodEntry, parse_method, read_config_data, reject_unknown_keys
 from tta_norm.bench.store import ResultStore, atomic_write
 
@@ -67,7 +67,7 @@ class AttackConfig:
     step_size: Any = "1/255"
     init: str = "grey"
     stealth_weight: float = 1.0
-    victim_predicts: str = "adapting"
+    protocol: str = "dia"
     data_seed: int = 0
     device: str = "auto"
     output: str = "runs/attack"
@@ -111,8 +111,8 @@ class AttackConfig:
                 raise ConfigError(f"unknown mode {m!r}; choose from {MODES}")
         if self.init not in INITS:
             raise ConfigError(f"unknown init {self.init!r}; choose from {INITS}")
-        if self.victim_predicts not in ("adapting", "updated"):
-            raise ConfigError("victim_predicts must be 'adapting' or 'updated'")
+        if self.protocol not in ATTACK_PROTOCOLS:
+            raise ConfigError(f"unknown protocol {self.protocol!r}; choose from {sorted(ATTACK_PROTOCOLS)}")
         self.budgets = [parse_number(b, "budgets") for b in self.budgets]
         if any(not 0 < b <= 1 for b in self.budgets):
             raise ConfigError(f"budgets are Linf radii in (0, 1] on the [0, 1] pixel scale, got {self.budgets}")
@@ -171,7 +171,7 @@ class AttackCell:
         }
 
     def key(self, cfg: AttackConfig) -> str:
-        extra = {k: getattr(cfg, k) for k in ("steps", "step_size", "init", "stealth_weight", "victim_predicts",
+        extra = {k: getattr(cfg, k) for k in ("steps", "step_size", "init", "stealth_weight", "protocol",
                                                "n_batches", "data_seed", "corruptions", "severities", "model",
                                                "checkpoint")}  # fmt: skip
         payload = json.dumps({**self.describe(), **extra}, sort_keys=True, default=str)
@@ -258,9 +258,9 @@ def run_attack_cell(cell: AttackCell, model: Any, bench: Any, cfg: AttackConfig,
     from tta_norm.attacks.malicious import MaliciousAttack, attack_batch
     from tta_norm.data.tensors import to_float_nchw
 
-    attack = MaliciousAttack(
-        objective=cell.objective, fraction=cell.fraction, eps=cell.eps, step_size=cfg.step_size, steps=cfg.steps,
-        init=cfg.init, stealth_weight=cfg.stealth_weight, victim_predicts=cfg.victim_predicts,
+    attack = MaliciousAttack.from_protocol(
+        cfg.protocol, objective=cell.objective, fraction=cell.fraction, eps=cell.eps, step_size=cfg.step_size,
+        steps=cfg.steps, init=cfg.init, stealth_weight=cfg.stealth_weight,
     )  # fmt: skip
     generator = torch.Generator().manual_seed(cell.seed)
     per_batch: list[dict[str, Any]] = []
@@ -470,8 +470,8 @@ def write_attack_report(
             "Threat model (DIA, Wu et al. ICML 2023; MedBN, Park et al. CVPR 2024): white box (model, method and "
             "its current state, benign samples and labels known); the attacker controls the last m samples of "
             f"each test batch and runs {cfg.steps} signed-gradient PGD steps of {cfg.step_size * 255:.3g}/255 from "
-            f"a {cfg.init} start through the adapted forward of the whole batch (victim prediction: "
-            f"{cfg.victim_predicts} forward). Targeted: benign sample 0 to label (y+1) mod C; success = the victim "
+            f"a {cfg.init} start through the adapted forward of the whole batch (protocol {cfg.protocol}: "
+            f"{ATTACK_PROTOCOLS[cfg.protocol]}). Targeted: benign sample 0 to label (y+1) mod C; success = the victim "
             "predicts it ('clean hit' = the no-attack model already did). Indiscriminate: maximise the clamped "
             "(<= 5) CE of all benign samples; error over the B - m benign samples. Instant: the deployed model "
             "adapts on the clean batch; cumulative: the poisoned state carries over (no-attack error then from a "

@@ -10,14 +10,26 @@ as MedBN's evaluation, Park et al., CVPR 2024):
   ``100`` steps, initialised at flat grey ``127.5/255`` (or uniformly at random in the budget, or at the
   attacker's own clean images).  The budget is an L-infinity ball of radius ``eps`` around the attacker's own
   clean images, intersected with ``[0, 1]``; ``eps=1`` is unbounded (the papers' setting).
-* The gradient flows through the **adapted forward on the whole batch**: every adaptive norm layer computes its
-  statistics from the poisoned batch (benign + malicious samples), the median of ``medbn`` by its subgradient.
-  That forward is exactly the prediction the victim returns (TENT-style methods return the logits of the
-  forward used for their update, computed before the step).  All attacker forwards run under
+* Two separate choices (:class:`MaliciousAttack`):
+
+  - ``victim``: what the victim's prediction of the batch is.  ``"updated"`` (DIA's ``cifar_test_attack.py``
+    and MedBN's ``attack_adaptive.py``): the victim takes its adaptation step on the poisoned batch, then
+    **predicts the batch again** with the updated parameters.  ``"adapting"``: the logits of the forward that
+    adapts (what a TENT-style wrapper returns).  For statistics-only presets the two are the same forward.
+  - ``attacker``: what the attacker differentiates.  ``"surrogate"`` (DIA, MedBN): the adapted forward on the
+    whole batch, every adaptive norm layer computing its statistics from the poisoned batch (the median of
+    ``medbn`` by its subgradient), without differentiating through the gradient update.  ``"unrolled"``: through
+    one differentiable TENT step, see :func:`unrolled_logits`.
+
+  The no-attack reference is always computed exactly like the attacked prediction (same ``victim`` rule, from
+  the same state), so with zero malicious samples nothing counts as changed.  All attacker forwards run under
   :func:`tta_norm.norm.keep_state` and differentiate w.r.t. the malicious pixels only: the victim's state
   (parameters, EMA statistics, optimiser) is never touched and the model is never copied per step.
-* Optionally (``victim_predicts="updated"``) the victim predicts the batch again *after* its adaptation step;
-  the attacker then differentiates through that step, see :func:`unrolled_logits`.
+* Iterates: DIA and MedBN keep the **last** iterate (``keep_best=False``, the default).  A targeted attack stops
+  at the first step where the victim's prediction of the target flips (``stop_on_success``; with a surrogate
+  attacker against an updated victim each candidate is confirmed on a copy of the victim), and the step count
+  is recorded: success is success, and steps-to-success is a measure of its own.  Indiscriminate and stealthy
+  attacks use the whole budget.  ``ATTACK_PROTOCOLS["dia"]`` names the published setting.
 * Objectives: ``"targeted"`` (the benign sample at ``target_index`` (0) to label ``(y + 1) mod C``: minimise
   its cross-entropy), ``"indiscriminate"`` (maximise the sum over benign samples of ``clamp(CE, 0, 5)``),
   ``"stealthy"`` (targeted plus ``stealth_weight`` times the mean cross-entropy of the other benign samples
@@ -31,7 +43,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,11 +58,22 @@ from tta_norm.norm.convert import keep_state
 Objective = Literal["targeted", "indiscriminate", "stealthy"]
 Init = Literal["grey", "random", "clean"]
 Mode = Literal["instant", "cumulative"]
-VictimPredicts = Literal["adapting", "updated"]
+Victim = Literal["updated", "adapting"]
+Attacker = Literal["surrogate", "unrolled"]
 OBJECTIVES: tuple[str, ...] = ("targeted", "indiscriminate", "stealthy")
 INITS: tuple[str, ...] = ("grey", "random", "clean")
 MODES: tuple[str, ...] = ("instant", "cumulative")
+VICTIMS: tuple[str, ...] = ("updated", "adapting")
+ATTACKERS: tuple[str, ...] = ("surrogate", "unrolled")
 GREY = 127.5 / 255
+
+#: Named attack protocols: the fields of :class:`MaliciousAttack` each one fixes.  ``dia``: DIA's and MedBN's
+#: evaluation code (updated victim, surrogate attacker, last iterate); ``unrolled``: the same victim attacked
+#: white-box through one unrolled TENT step.
+ATTACK_PROTOCOLS: dict[str, dict[str, Any]] = {
+    "dia": {"victim": "updated", "attacker": "surrogate", "keep_best": False},
+    "unrolled": {"victim": "updated", "attacker": "unrolled", "keep_best": False},
+}
 
 
 @dataclass(frozen=True)
@@ -59,9 +82,10 @@ class MaliciousAttack:
 
     ``num_malicious`` (a count) or ``fraction`` (of the batch, rounded to the nearest count) sets ``m``.
     ``eps`` is the L-infinity radius on the ``[0, 1]`` scale around the attacker's clean images (``1``:
-    unbounded).  ``clamp_ce`` is the cap of the indiscriminate per-sample loss.  ``keep_best`` returns the
-    iterate with the best attacker loss (the loss is the victim's own output, so it is exact) instead of the
-    last one.
+    unbounded).  ``clamp_ce`` is the cap of the indiscriminate per-sample loss.  ``victim`` / ``attacker``: see
+    the module docstring (defaults: the ``dia`` protocol).  ``keep_best`` returns the iterate with the best
+    attacker loss instead of the last one.  ``stop_on_success``: a targeted attack ends at the first step whose
+    victim prediction hits the target.
     """
 
     objective: Objective = "targeted"
@@ -74,16 +98,33 @@ class MaliciousAttack:
     target_index: int = 0
     stealth_weight: float = 1.0
     clamp_ce: float = 5.0
-    keep_best: bool = True
-    victim_predicts: VictimPredicts = "adapting"
+    keep_best: bool = False
+    victim: Victim = "updated"
+    attacker: Attacker = "surrogate"
+    stop_on_success: bool = True
+
+    @classmethod
+    def from_protocol(cls, protocol: str, **fields: Any) -> MaliciousAttack:
+        """The attack of a named protocol (:data:`ATTACK_PROTOCOLS`); ``fields`` set the rest.
+
+        A field the protocol fixes may not be given again with another value."""
+        if protocol not in ATTACK_PROTOCOLS:
+            raise ValueError(f"unknown attack protocol {protocol!r}; choose one of {sorted(ATTACK_PROTOCOLS)}")
+        fixed = ATTACK_PROTOCOLS[protocol]
+        clash = sorted(k for k in fields if k in fixed and fields[k] != fixed[k])
+        if clash:
+            raise ValueError(f"protocol {protocol!r} fixes {clash}; drop them or choose no protocol")
+        return cls(**{**fields, **fixed})
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; choose one of {OBJECTIVES}")
         if self.init not in INITS:
             raise ValueError(f"unknown init {self.init!r}; choose one of {INITS}")
-        if self.victim_predicts not in ("adapting", "updated"):
-            raise ValueError(f"victim_predicts must be 'adapting' or 'updated', got {self.victim_predicts!r}")
+        if self.victim not in VICTIMS:
+            raise ValueError(f"victim must be one of {VICTIMS}, got {self.victim!r}")
+        if self.attacker not in ATTACKERS:
+            raise ValueError(f"attacker must be one of {ATTACKERS}, got {self.attacker!r}")
         if (self.num_malicious is None) == (self.fraction is None):
             raise ValueError("give exactly one of num_malicious (a count) or fraction (of the batch)")
         if self.num_malicious is not None and self.num_malicious < 0:
@@ -122,6 +163,7 @@ class AttackOutcome:
     what the victim predicted for the poisoned batch.  ``target_success`` (targeted/stealthy objectives):
     the victim predicts the target label for the target sample.  ``changed``: fraction of the benign samples
     (target excluded for targeted objectives) whose prediction differs from the no-attack prediction.
+    ``steps``: PGD steps taken (fewer than the budget when a targeted attack succeeded early).
     """
 
     x_malicious: Tensor
@@ -136,6 +178,7 @@ class AttackOutcome:
     target_clean_hit: bool | None
     final_loss: float
     linf: float
+    steps: int
 
     def metrics(self) -> dict[str, Any]:
         """JSON-friendly per-batch numbers (no tensors)."""
@@ -149,6 +192,7 @@ class AttackOutcome:
             "target_clean_hit": self.target_clean_hit,
             "final_loss": self.final_loss,
             "linf": self.linf,
+            "steps": self.steps,
         }
 
 
@@ -213,7 +257,7 @@ def attack_loss(
 
 
 def unrolled_logits(tta: TTAModel, x: Tensor) -> Tensor:
-    """Logits of ``x`` after one differentiable TENT step on ``x`` (for ``victim_predicts="updated"``).
+    """Logits of ``x`` after one differentiable TENT step on ``x`` (``attacker="unrolled"``).
 
     The entropy gradient w.r.t. the norm affine parameters is taken with ``create_graph=True`` and the
     optimiser's update is written out functionally, from its current state, with
@@ -258,23 +302,50 @@ def unrolled_logits(tta: TTAModel, x: Tensor) -> Tensor:
                     d = g + mom * d
             new[name] = p - lr * d
         else:
-            raise TypeError(f"cannot unroll optimizer {type(opt).__name__}; use victim_predicts='adapting'")
+            raise TypeError(f"cannot unroll optimizer {type(opt).__name__}; use attacker='surrogate'")
     return functional_call(tta.model, new, (x,), strict=False)
 
 
+def _unrolls(tta: TTAModel, attack: MaliciousAttack) -> bool:
+    return attack.attacker == "unrolled" and tta.method is not None
+
+
 def _attacker_logits(tta: TTAModel, x: Tensor, attack: MaliciousAttack) -> Tensor:
-    if attack.victim_predicts == "updated" and tta.method is not None:
-        return unrolled_logits(tta, x)
-    return tta.model(x)
+    return unrolled_logits(tta, x) if _unrolls(tta, attack) else tta.model(x)
 
 
-def _victim_predict(victim: TTAModel, x: Tensor, attack: MaliciousAttack) -> Tensor:
-    """The victim adapts on ``x`` and predicts it (the adapting forward, or again after the update)."""
-    logits = victim(x)
-    if attack.victim_predicts == "updated" and victim.method is not None:
+def victim_predict(victim: TTAModel, x: Tensor, attack: MaliciousAttack) -> Tensor:
+    """The victim adapts on ``x`` and predicts it: the adapting forward (``attack.victim="adapting"``), or the
+    batch predicted again with the updated state (``"updated"``; the same forward for statistics-only presets).
+
+    Used for the attacked prediction and for the no-attack reference alike."""
+    with torch.enable_grad() if victim.method is not None else torch.no_grad():
+        logits = victim(x)
+    if attack.victim == "updated" and victim.method is not None:
         with torch.no_grad(), keep_state(victim.model):
             logits = victim.model(x)
     return logits.detach()
+
+
+def _target_hit(logits: Tensor, y: Tensor, attack: MaliciousAttack) -> bool:
+    t = attack.target_index
+    return bool(logits[t].argmax() == (y[t] + 1) % logits.shape[1])
+
+
+def _confirmed_on_victim(tta: TTAModel, x: Tensor, y: Tensor, attack: MaliciousAttack) -> bool:
+    """Whether the victim, adapting on ``x`` from the current state of ``tta``, predicts the target label."""
+    if tta.method is None or (attack.victim == "adapting" and not _unrolls(tta, attack)):
+        return True  # the attacker's forward is the victim's prediction
+    trial = copy.deepcopy(tta)
+    return _target_hit(victim_predict(trial, x, attack), y, attack)
+
+
+class Crafted(NamedTuple):
+    """What :func:`craft_malicious` returns: the malicious samples, the attacker's final loss, the steps taken."""
+
+    x_malicious: Tensor
+    loss: float
+    steps: int
 
 
 def craft_malicious(
@@ -286,8 +357,8 @@ def craft_malicious(
     generator: torch.Generator | None = None,
     keep_labels: Tensor | None = None,
     progress: bool = False,
-) -> tuple[Tensor, float]:
-    """PGD on the last ``m`` samples of ``x`` against ``tta`` in its **current** state; returns (x_mal, loss).
+) -> Crafted:
+    """PGD on the last ``m`` samples of ``x`` against ``tta`` in its **current** state.
 
     The state of ``tta`` is not changed (attacker forwards under ``keep_state``, gradients w.r.t. the malicious
     pixels only, no optimiser step).  The victim must be about to use this state: :func:`attack_batch` handles
@@ -299,31 +370,34 @@ def craft_malicious(
     x_own = x[nb:]
     x_mal = init_malicious(x_own, attack, generator)
     if m == 0:
-        return x_mal, float("nan")
+        return Crafted(x_mal, float("nan"), 0)
     benign = x[:nb].detach()
     best, best_loss = x_mal.clone(), math.inf
     sign = -1.0  # every objective is minimised
+    stop_early = attack.stop_on_success and attack.objective == "targeted"
     from tqdm.auto import tqdm
 
     with keep_state(tta.model), torch.enable_grad(), torch.inference_mode(False):
-        for _ in tqdm(range(attack.steps), desc="DIA", leave=False, disable=not progress):
+        for step in tqdm(range(attack.steps), desc="DIA", leave=False, disable=not progress):
             x_mal.requires_grad_(True)
             logits = _attacker_logits(tta, torch.cat([benign, x_mal]), attack)
             loss = attack_loss(logits, y, nb, attack, keep_labels)
             (grad,) = torch.autograd.grad(loss, [x_mal])
             value = float(loss.detach())
             x_mal = x_mal.detach()
+            if stop_early and _target_hit(logits.detach(), y, attack):
+                if _confirmed_on_victim(tta, torch.cat([benign, x_mal]), y, attack):
+                    return Crafted(x_mal, value, step)
             if attack.keep_best and value < best_loss:
                 best, best_loss = x_mal.clone(), value
             grad = torch.nan_to_num(grad)
             x_mal = project_linf(x_mal + sign * attack.step_size * grad.sign(), x_own, attack.eps)
-        unrolled = attack.victim_predicts == "updated" and tta.method is not None
-        with torch.enable_grad() if unrolled else torch.no_grad():
+        with torch.enable_grad() if _unrolls(tta, attack) else torch.no_grad():
             logits = _attacker_logits(tta, torch.cat([benign, x_mal]), attack)
             value = float(attack_loss(logits, y, nb, attack, keep_labels).detach())
         if value < best_loss or not attack.keep_best:
             best, best_loss = x_mal.clone(), value
-    return best.detach(), best_loss
+    return Crafted(best.detach(), best_loss, attack.steps)
 
 
 def _will_reset(tta: TTAModel) -> bool:
@@ -372,17 +446,14 @@ def attack_batch(
     m = attack.count(x.shape[0])
     nb = x.shape[0] - m
     victim = copy.deepcopy(tta)
-    grad_ctx = torch.enable_grad() if tta.method is not None else torch.no_grad()
-    with grad_ctx:
-        clean_logits = tta(x).detach()
+    clean_logits = victim_predict(tta, x, attack)
     keep_labels = clean_logits[:nb].argmax(1)
     if _will_reset(victim):
         victim.reset()
         victim.num_adapted = 0
-    x_mal, loss = craft_malicious(victim, x, y, attack, generator=generator, keep_labels=keep_labels, progress=progress)
-    x_poison = torch.cat([x[:nb], x_mal])
-    with torch.enable_grad() if victim.method is not None else torch.no_grad():
-        attacked_logits = _victim_predict(victim, x_poison, attack)
+    crafted = craft_malicious(victim, x, y, attack, generator=generator, keep_labels=keep_labels, progress=progress)
+    x_mal = crafted.x_malicious
+    attacked_logits = victim_predict(victim, torch.cat([x[:nb], x_mal]), attack)
     if mode == "cumulative":
         copy_state(tta, victim)
     pred_clean, pred_att = clean_logits[:nb].argmax(1), attacked_logits[:nb].argmax(1)
@@ -405,6 +476,7 @@ def attack_batch(
         target_label=target_label,
         target_success=bool(pred_att[t] == target_label) if targeted else None,
         target_clean_hit=bool(pred_clean[t] == target_label) if targeted else None,
-        final_loss=loss,
+        final_loss=crafted.loss,
         linf=float((x_mal - x[nb:]).abs().max()) if m else 0.0,
+        steps=crafted.steps,
     )

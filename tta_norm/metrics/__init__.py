@@ -12,6 +12,7 @@ from tta_norm.metrics.functional import (
     predictions,
     softmax_confidence,
     softmax_entropy,
+    wilson_interval,
 )
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "softmax_confidence",
     "softmax_entropy",
     "synchronize",
+    "wilson_interval",
 ]
