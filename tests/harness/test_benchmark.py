@@ -85,7 +85,7 @@ def test_release_required_but_absent(tmp_path):
 
 def test_regeneration_missing_corrupt_is_clear(tmp_path, monkeypatch, jpeg_like_tree):
     monkeypatch.setitem(sys.modules, "corruptions", types.ModuleType("corruptions"))
-    with pytest.raises(RuntimeError, match="corruptions.corrupt is not available"):
+    with pytest.raises(RuntimeError, match=r"corruptions package has no corrupt\(\) function"):
         load_corruption_benchmark("cifar10", ["fog"], data_dir=jpeg_like_tree, cache_dir=tmp_path / "c")
 
 
