@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -129,55 +128,35 @@ def build_model(variant: str, batch_size: int, depth: int, init: str = "scratch"
     raise ValueError(f"unknown variant {variant!r}")
 
 
-def lr_at(step: int, total: int, peak: float) -> float:
-    warm = max(1, int(0.05 * total))
-    if step < warm:
-        return peak * (step + 1) / warm
-    return 0.5 * peak * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-
-
 def train(model: nn.Module, variant: str, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
           args: argparse.Namespace, device: torch.device, progress: bool) -> dict:  # fmt: skip
-    from tqdm.auto import tqdm
-
-    from tta_norm.train import augment_batch, to_float_nchw
-    from tta_norm.training import param_groups
+    """SGD (Nesterov 0.9, peak lr scaled linearly with the batch size, 5 % warm-up then cosine) with CIFAR
+    augmentation; full batches only (a batch of 1 has no batch statistics)."""
+    from tta_norm.data.tensors import to_float_nchw
+    from tta_norm.training import augment_batch, fit, lr_at, param_groups
 
     groups = param_groups(model, args.weight_decay, norm_decay=variant == "bn-decay", bias_decay=False)
     peak = args.base_lr * batch_size / 128
     opt = torch.optim.SGD(groups, lr=peak, momentum=0.9, nesterov=True)
     gen = torch.Generator().manual_seed(args.seed)
-    n = len(labels)
-    steps_per_epoch = n // batch_size  # drop the last partial batch (a batch of 1 has no batch statistics)
-    total = steps_per_epoch * args.epochs
-    model.train()
-    step, t0, loss_sum, seen = 0, time.perf_counter(), 0.0, 0
-    bar = tqdm(total=total, desc=f"{variant} B={batch_size}", unit="step", disable=not progress, leave=False)
-    for _ in range(args.epochs):
-        perm = torch.randperm(n, generator=gen)
-        for i in range(steps_per_epoch):
-            idx = perm[i * batch_size : (i + 1) * batch_size]
-            x = to_float_nchw(augment_batch(images[idx], gen)).to(device)
-            y = labels[idx].to(device)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, peak)
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += float(loss.detach()) * len(y)
-            seen += len(y)
-            step += 1
-            bar.update(1)
-    bar.close()
+    t0 = time.perf_counter()
+
+    def loss_fn(idx: torch.Tensor) -> torch.Tensor:
+        x = to_float_nchw(augment_batch(images[idx], gen)).to(device)
+        return F.cross_entropy(model(x), labels[idx].to(device))
+
+    run = fit(model, opt, loss_fn, n=len(labels), batch_size=batch_size, epochs=args.epochs, generator=gen,
+              drop_last=True, lr=lambda step, total: lr_at(step, total, max(1, int(0.05 * total)), peak),
+              progress=progress, desc=f"{variant} B={batch_size}")  # fmt: skip
     model.eval()
-    return {"steps": step, "train_loss": loss_sum / max(1, seen), "train_seconds": time.perf_counter() - t0,
+    train_loss = sum(r["train_loss"] for r in run.history) / max(1, len(run.history))
+    return {"steps": run.steps, "train_loss": train_loss, "train_seconds": time.perf_counter() - t0,
             "peak_lr": peak}  # fmt: skip
 
 
 @torch.no_grad()
 def error(model: nn.Module, images: np.ndarray, labels: np.ndarray, device: torch.device, bs: int = 200) -> float:
-    from tta_norm.train import to_float_nchw
+    from tta_norm.data.tensors import to_float_nchw
 
     wrong = 0
     for i in range(0, len(labels), bs):

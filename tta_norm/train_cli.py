@@ -12,7 +12,7 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from tta_norm.train import TrainConfig
+    from tta_norm.training import TrainConfig
 
     d = TrainConfig()  # the help strings show the recipe's defaults
     parser.add_argument("--model", default="resnet20", help="model name as for load_model (default resnet20)")
@@ -59,11 +59,11 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from tta_norm.train import (
+    from tta_norm.data.source import find_source_root
+    from tta_norm.training import (
         TARGET_ACCURACY,
         TrainConfig,
         default_checkpoint_path,
-        find_source_root,
         read_checkpoint_meta,
         train_source_model,
     )

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tta_norm.attacks.adv_train import AdvTrainConfig, adversarial_finetune, augment, craft, evaluate_robustness
+from tta_norm.attacks.adv_train import AdvTrainConfig, adversarial_finetune, craft, evaluate_robustness
 from tta_norm.layers import AuxBatchNorm2d, SaAuxBatchNorm2d
 
 from .nets import conv_bn_net
@@ -22,24 +22,38 @@ def test_config_validation():
         AdvTrainConfig(kind="gn")
     with pytest.raises(ValueError):
         AdvTrainConfig(batch_size=1)
+    with pytest.raises(ValueError, match="craft_mode"):
+        AdvTrainConfig(craft_mode="test")
 
 
-def test_augment_shapes_and_determinism():
-    x = torch.rand(6, 3, 8, 8)
-    a = augment(x, torch.Generator().manual_seed(1))
-    b = augment(x, torch.Generator().manual_seed(1))
-    assert a.shape == x.shape and torch.equal(a, b)
-
-
-def test_craft_respects_budget_and_restores_mode():
-    model = conv_bn_net().train()
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_craft_respects_budget_and_restores_mode(mode):
     x, y = torch.rand(8, 3, 4, 4), torch.randint(0, 4, (8,))
-    cfg = AdvTrainConfig(kind="bn", steps=3)
-    x_adv = craft(model, x, y, cfg, torch.Generator().manual_seed(0), branch=None)
-    assert (x_adv - x).abs().max() <= cfg.eps + 1e-6 and model.training
-    running = model.bn.running_mean.clone()
-    craft(model, x, y, cfg, torch.Generator().manual_seed(0), branch=None)
-    assert torch.equal(running, model.bn.running_mean)  # eval-mode crafting leaves the statistics alone
+    cfg = AdvTrainConfig(kind="bn", steps=3, craft_mode=mode)
+    for was_training in (True, False):
+        model = conv_bn_net().train(was_training)
+        running = model.bn.running_mean.clone()
+        x_adv = craft(model, x, y, cfg, torch.Generator().manual_seed(0), branch=None)
+        assert (x_adv - x).abs().max() <= cfg.eps + 1e-6 and model.training == was_training
+        # train-mode crafting (official) moves the running statistics once per PGD forward; eval mode does not
+        assert torch.equal(running, model.bn.running_mean) == (mode == "eval")
+
+
+def test_craft_mode_train_uses_batch_statistics():
+    """The first PGD gradient of train-mode crafting equals a hand-written one through batch statistics."""
+    model = conv_bn_net()
+    x, y = torch.rand(8, 3, 4, 4), torch.randint(0, 4, (8,))
+    cfg = AdvTrainConfig(kind="bn", steps=1, eps=0.1, step_size=0.1, craft_mode="train")
+    g = torch.Generator().manual_seed(5)
+    x_adv = craft(model, x, y, cfg, g, branch=None)
+    start = x + (torch.rand(x.shape, generator=torch.Generator().manual_seed(5)) * 2 - 1) * 0.1
+    ref_model = conv_bn_net()
+    ref_model.load_state_dict(model.state_dict())
+    ref_model.train()
+    xs = start.clamp(0, 1).requires_grad_(True)
+    torch.nn.functional.cross_entropy(ref_model(xs), y).backward()
+    expect = (xs.detach() + 0.1 * xs.grad.sign()).clamp(x - 0.1, x + 0.1).clamp(0, 1)
+    assert torch.allclose(x_adv, expect, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind,cls", [("bn", torch.nn.BatchNorm2d), ("aux", AuxBatchNorm2d),

@@ -7,18 +7,21 @@ import numpy as np
 import pytest
 import torch
 
-import tta_norm.train as train_mod
+import tta_norm.training.source as source_mod
 from tta_norm import train_cli
+from tta_norm.data.source import load_split
+from tta_norm.data.tensors import to_float_nchw
 from tta_norm.models import load_model
-from tta_norm.train import (
+from tta_norm.training import (
+    ThreadChooser,
     TrainConfig,
+    WeightEMA,
     augment_batch,
     cutout_batch,
     evaluate_accuracy,
     lr_at,
     prepare_source_model,
     read_checkpoint_meta,
-    to_float_nchw,
     train_source_model,
 )
 
@@ -118,7 +121,7 @@ def test_prepare_source_model_trains_once(tiny_source, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("must not retrain a cached checkpoint")
 
-    monkeypatch.setattr(train_mod, "train_source_model", no_training)
+    monkeypatch.setattr(source_mod, "train_source_model", no_training)
     assert prepare_source_model("resnet20", data_dir=tiny_source, source="toy", config=cfg) == path
     other = TrainConfig(init="scratch", epochs=2, batch_size=8, amp=False)
     with pytest.raises(AssertionError, match="retrain"):  # a different config is a different checkpoint
@@ -150,7 +153,7 @@ def test_small_budget_finetune_on_mirror(mirror_root, resnet20_checkpoint, tmp_p
     cfg = TrainConfig(epochs=1, max_train_samples=1024, batch_size=128, lr=0.01)
     result = train_source_model(cfg, data_dir=mirror_root, out=tmp_path / "r20.pt", evaluate=False, progress=False)
     model = load_model("resnet20", result.path)
-    test = train_mod.load_split(mirror_root, "test", progress=False)
+    test = load_split(mirror_root, "test", progress=False)
     acc = evaluate_accuracy(model, test.images[::20], test.labels[::20])
     assert acc > 0.7
     assert np.isfinite(result.history[0]["train_loss"])
@@ -162,7 +165,7 @@ def test_thread_chooser_picks_the_faster_count():
     default = torch.get_num_threads()
     if default < 2:
         pytest.skip("needs torch with >= 2 threads")
-    chooser = train_mod._ThreadChooser(None, torch.device("cpu"))
+    chooser = ThreadChooser(None, torch.device("cpu"))
     try:
         for slow_count in (1, default):
             chooser.new_epoch()
@@ -175,13 +178,13 @@ def test_thread_chooser_picks_the_faster_count():
     finally:
         chooser.restore()
     assert torch.get_num_threads() == default
-    assert not train_mod._ThreadChooser(None, torch.device("cuda")).auto
+    assert not ThreadChooser(None, torch.device("cuda")).auto
 
 
 def test_weight_ema_update_and_copy():
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    ema = train_mod._WeightEMA(model, 0.9)
+    ema = WeightEMA(model, 0.9)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)

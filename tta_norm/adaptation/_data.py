@@ -70,7 +70,7 @@ def load_source_split(
 
     ``offset`` skips the first ``offset`` images of the permutation: two calls with the same seed and
     non-overlapping ``[offset, offset + n)`` ranges give disjoint sets (a fitting set and a held-out set)."""
-    from tta_norm.train import find_source_root, load_split
+    from tta_norm.data.source import find_source_root, load_split
 
     data = load_split(find_source_root(data_dir, source), split, progress)
     perm = seeded_subset(len(data), None, seed)[offset:]

@@ -6,16 +6,20 @@ adversarial examples generated through the adversarial branch.  ``kind="bn"`` us
 BN (the baseline: only the normalisation differs); ``"aux"`` / ``"saaux"`` convert every ``BatchNorm2d`` with
 :func:`tta_norm.layers.convert_to_aux_bn` first (starting equal to the source model on both branches).
 
-Conventions: adversarial examples are crafted with the model in ``eval()`` mode (running statistics of the
-branch; the crafting does not move them), then the loss is computed in ``train()`` mode.  Augmentation: per-sample
-horizontal flips and one random 4-pixel-padded crop offset per batch (vectorised).  Evaluation
-(:func:`evaluate_robustness`): clean and PGD-k accuracy (random start) per branch, in ``eval()`` mode.
+Conventions: adversarial examples are crafted with the model in ``train()`` mode, as the official code does
+(``craft_mode="train"``: the adversarial branch normalises each PGD iterate with its batch statistics and its
+running statistics see the adversarial inputs); ``craft_mode="eval"`` crafts against the running statistics
+instead and leaves them untouched. The loss is computed in ``train()`` mode.  Augmentation: CIFAR crop of the
+4-pixel zero-padded image + horizontal flip, drawn per sample (:func:`tta_norm.training.augment_batch`).  The
+steps run in :func:`tta_norm.training.fit`. Evaluation (:func:`evaluate_robustness`): clean and PGD-k accuracy
+(random start) per branch, in ``eval()`` mode.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -25,8 +29,10 @@ from torch import Tensor, nn
 from tta_norm.attacks.lp import pgd_attack
 from tta_norm.data.tensors import to_float_nchw
 from tta_norm.layers.aux_batch_norm import branch_layers, convert_to_aux_bn, use_branch
+from tta_norm.training import augment_batch, fit
 
 KINDS = ("bn", "aux", "saaux")
+CRAFT_MODES = ("train", "eval")
 
 
 @dataclass
@@ -43,43 +49,35 @@ class AdvTrainConfig:
     weight_decay: float = 5e-4
     batch_size: int = 128
     seed: int = 0
+    craft_mode: Literal["train", "eval"] = "train"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.craft_mode not in CRAFT_MODES:
+            raise ValueError(f"craft_mode must be one of {CRAFT_MODES}, got {self.craft_mode!r}")
         if self.epochs < 1 or self.batch_size < 2 or self.steps < 0:
             raise ValueError("epochs >= 1, batch_size >= 2 and steps >= 0 are required")
 
 
-def _branch(model: nn.Module, branch: int | None):
-    import contextlib
-
+def _branch(model: nn.Module, branch: int | None) -> contextlib.AbstractContextManager[Any]:
     return use_branch(model, branch) if branch is not None and branch_layers(model) else contextlib.nullcontext()
 
 
-def _to_float(images: np.ndarray | Tensor, device: torch.device) -> Tensor:
+def _as_input(images: np.ndarray | Tensor, device: torch.device) -> Tensor:
+    """uint8 NHWC images -> float NCHW in [0, 1]; float input is taken as NCHW model input already."""
     t = torch.as_tensor(images).to(device)
-    if t.dtype == torch.uint8 and t.shape[-1] == 3:
-        return to_float_nchw(t)
-    if t.dtype == torch.uint8:
-        t = t.float().div(255)
-    return t.permute(0, 3, 1, 2).contiguous() if t.shape[-1] == 3 else t
-
-
-def augment(x: Tensor, generator: torch.Generator) -> Tensor:
-    """Per-sample horizontal flips and one random crop offset (padding 4) for the whole batch."""
-    flip = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device).view(-1, 1, 1, 1)
-    x = torch.where(flip, x.flip(3), x)
-    dy, dx = (int(v) for v in torch.randint(0, 9, (2,), generator=generator))
-    padded = F.pad(x, (4, 4, 4, 4))
-    return padded[:, :, dy : dy + x.shape[2], dx : dx + x.shape[3]]
+    return to_float_nchw(t) if t.dtype == torch.uint8 else t
 
 
 def craft(model: nn.Module, x: Tensor, y: Tensor, cfg: AdvTrainConfig, generator: torch.Generator,
           branch: int | None = 1) -> Tensor:  # fmt: skip
-    """PGD-``steps`` Linf examples through ``branch`` (``eval()`` mode, then the mode is restored)."""
+    """PGD-``steps`` Linf examples through ``branch`` with the model in ``cfg.craft_mode`` (the mode is restored).
+
+    ``"train"`` (official recipe) normalises with batch statistics and moves the branch's running statistics;
+    ``"eval"`` uses the running statistics and leaves them alone."""
     was_training = model.training
-    model.eval()
+    model.train(cfg.craft_mode == "train")
     try:
         with _branch(model, branch):
             return pgd_attack(model, x, y, norm="Linf", eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
@@ -99,11 +97,10 @@ def adversarial_finetune(
 ) -> tuple[nn.Module, list[dict[str, float]]]:
     """Fine-tune ``model`` (converted in place for ``aux``/``saaux``) by PGD adversarial training.
 
-    ``images``: uint8 NHWC (or float NCHW in ``[0, 1]``); ``labels``: int.  Returns the model and per-step
-    history (loss, clean and adversarial training accuracy of the batch).
+    ``images``: uint8 NHWC (or float NCHW in ``[0, 1]``); ``labels``: int.  Full batches only (a final partial
+    batch is dropped); cosine learning-rate decay to 0 over the run.  Returns the model (in ``eval()`` mode) and
+    the per-step history (loss, clean and adversarial training accuracy of the batch).
     """
-    from tqdm.auto import tqdm
-
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
     if cfg.kind != "bn":
@@ -111,6 +108,8 @@ def adversarial_finetune(
         model.to(device)
     g = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    data = torch.as_tensor(np.asarray(images)) if not isinstance(images, Tensor) else images
+    layout = "NHWC" if data.dtype == torch.uint8 else "NCHW"
     labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     n = labels_t.shape[0]
     steps_per_epoch = n // cfg.batch_size
@@ -118,30 +117,26 @@ def adversarial_finetune(
         raise ValueError(f"{n} training images are fewer than one batch of {cfg.batch_size}")
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * steps_per_epoch)
     clean_branch, adv_branch = (None, None) if cfg.kind == "bn" else (0, 1)
-    history = []
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"adv-train {cfg.kind}", disable=not progress)
-    for _ in range(cfg.epochs):
-        perm = torch.randperm(n, generator=g)
-        for i in range(steps_per_epoch):
-            idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            x = augment(_to_float(images[idx.numpy()], device), g)
-            y = labels_t[idx].to(device)
-            x_adv = craft(model, x, y, cfg, g, adv_branch)
-            model.train()
-            with _branch(model, clean_branch):
-                out_clean = model(x)
-            with _branch(model, adv_branch):
-                out_adv = model(x_adv)
-            loss = 0.5 * (F.cross_entropy(out_clean, y) + F.cross_entropy(out_adv, y))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            history.append({"loss": float(loss.detach()), "clean_acc": float((out_clean.argmax(1) == y).float().mean()),
-                            "adv_acc": float((out_adv.argmax(1) == y).float().mean())})  # fmt: skip
-            bar.update(1)
-            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
-    bar.close()
+    history: list[dict[str, float]] = []
+
+    def loss_fn(idx: Tensor) -> Tensor:
+        x = _as_input(augment_batch(data[idx], g, pad=4, layout=layout), device)
+        y = labels_t[idx].to(device)
+        x_adv = craft(model, x, y, cfg, g, adv_branch)
+        model.train()
+        with _branch(model, clean_branch):
+            out_clean = model(x)
+        with _branch(model, adv_branch):
+            out_adv = model(x_adv)
+        history.append({"clean_acc": float((out_clean.argmax(1) == y).float().mean()),
+                        "adv_acc": float((out_adv.argmax(1) == y).float().mean())})  # fmt: skip
+        return 0.5 * (F.cross_entropy(out_clean, y) + F.cross_entropy(out_adv, y))
+
+    def after_step(step: int, loss: Tensor, sums: dict[str, Tensor]) -> None:
+        history[-1] = {"loss": float(loss.detach()), **history[-1]}
+
+    fit(model, opt, loss_fn, n=n, batch_size=cfg.batch_size, epochs=cfg.epochs, generator=g, drop_last=True,
+        scheduler=sched, after_step=after_step, progress=progress, desc=f"adv-train {cfg.kind}")  # fmt: skip
     return model.eval(), history
 
 
@@ -166,7 +161,7 @@ def evaluate_robustness(
     g = torch.Generator().manual_seed(seed)
     with _branch(model, branch):
         for start in range(0, labels_t.shape[0], batch_size):
-            x = _to_float(images[start : start + batch_size], device)
+            x = _as_input(images[start : start + batch_size], device)
             y = labels_t[start : start + batch_size].to(device)
             with torch.no_grad():
                 correct["clean"] += int((model(x).argmax(1) == y).sum())

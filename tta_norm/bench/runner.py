@@ -42,12 +42,12 @@ def needed_severities(cfg: BenchConfig) -> list[int]:
 
 def load_source_model(cfg: BenchConfig, device: torch.device) -> torch.nn.Module:
     """The source model: ``checkpoint`` null (the model's default/shared weights), ``"finetuned"``
-    (prepared on the source split by :func:`tta_norm.train.prepare_source_model`, trained on first use) or a path."""
+    (prepared on the source split by :func:`tta_norm.training.prepare_source_model`, trained on first use) or a path."""
     from tta_norm.models import load_model
 
     checkpoint = cfg.checkpoint
     if checkpoint == "finetuned":
-        from tta_norm.train import prepare_source_model
+        from tta_norm.training import prepare_source_model
 
         checkpoint = str(prepare_source_model(cfg.model, data_dir=cfg.data_dir, device=device))
     return load_model(cfg.model, checkpoint, device=device)

@@ -36,11 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tta_norm.data.paths import checkpoint_dir, describe_search, find_dataset_dir
-from tta_norm.data.readers import ArrayDataset, is_image_folder_split, read_image_folder
-from tta_norm.data.tensors import to_float_nchw  # noqa: F401  (re-exported: tta_norm.train.to_float_nchw)
+from tta_norm.data.paths import checkpoint_dir
+from tta_norm.data.source import DEFAULT_SOURCE, find_source_root, load_split
+from tta_norm.data.tensors import to_float_nchw
+from tta_norm.training.augment import augment_batch, cutout_batch
+from tta_norm.training.loop import ThreadChooser, fit
+from tta_norm.training.schedule import WeightEMA, lr_at
 
-DEFAULT_SOURCE = "cifar10-jpeg"
 TARGET_ACCURACY = 0.89  # ResNet-20's target accuracy on the mirror's test split
 
 
@@ -50,8 +52,10 @@ class TrainConfig:
 
     ``init``: ``"release"`` (the model's released checkpoint, see :func:`tta_norm.models.load_model`),
     ``"scratch"`` (random initialization) or a checkpoint path. ``max_train_samples`` trains on a random subset
-    (small-budget runs); ``max_minutes`` stops early (the schedule is not stretched; a warning is issued).
-    ``threads``: CPU intra-op threads; ``None`` = chosen per epoch by timing (see :class:`_ThreadChooser`).
+    (small-budget runs); ``max_minutes`` stops the training steps early (data decoding not counted; the schedule
+    is not stretched; a warning is issued).
+    ``threads``: CPU intra-op threads; ``None`` = chosen per epoch by timing
+    (see :class:`tta_norm.training.loop.ThreadChooser`).
     ``channels_last``: train in the channels-last layout when ``amp`` is on (bfloat16 convolutions: 11 % faster
     per step on the CPUs measured; float32 ones are slower, so it is ignored without ``amp``); the saved weights
     are contiguous either way."""
@@ -94,68 +98,6 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-# ----------------------------------------------------------------------------------------------- tensor helpers
-
-
-def augment_batch(
-    images: torch.Tensor, generator: torch.Generator, pad: int = 4, pad_mode: str = "zeros"
-) -> torch.Tensor:
-    """Random crop of the padded image + random horizontal flip, for a whole uint8 NHWC batch at once.
-
-    Each sample gets an offset uniform in {0..2*pad}^2 of the (H + 2 pad) x (W + 2 pad) padded image and a
-    flip with probability 1/2 (torchvision ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip`` semantics).
-    ``pad_mode``: ``"zeros"`` (torchvision's default fill 0) or ``"reflect"`` (mirror without repeating the edge
-    pixel, torchvision's ``padding_mode="reflect"``; needs ``pad < H, W``). ``generator`` lives on the CPU; the
-    result is on ``images.device``."""
-    if pad_mode not in ("zeros", "reflect"):
-        raise ValueError(f"pad_mode must be 'zeros' or 'reflect', got {pad_mode!r}")
-    n, h, w, _ = images.shape
-    dev = images.device
-    if pad > 0:
-        oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
-        ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
-        if pad_mode == "zeros":
-            source = F.pad(images, (0, 0, pad, pad, pad, pad))
-            rows = oy[:, None] + torch.arange(h, device=dev)  # n, h (in padded coordinates)
-            cols = ox[:, None] + torch.arange(w, device=dev)
-        else:
-            if pad >= min(h, w):
-                raise ValueError(f"reflect padding needs pad < image size, got pad={pad} for {h}x{w}")
-            source = images
-            rows = _reflect_index(oy[:, None] - pad + torch.arange(h, device=dev), h)
-            cols = _reflect_index(ox[:, None] - pad + torch.arange(w, device=dev), w)
-        images = source[torch.arange(n, device=dev)[:, None, None], rows[:, :, None], cols[:, None, :]]
-    flip = (torch.rand(n, generator=generator) < 0.5).to(dev)
-    return torch.where(flip[:, None, None, None], images.flip(2), images)
-
-
-def _reflect_index(i: torch.Tensor, size: int) -> torch.Tensor:
-    """Map coordinates in [-size+1, 2 size-2] into [0, size) by mirroring at the edges (edge not repeated)."""
-    i = i.abs()
-    return torch.where(i > size - 1, 2 * (size - 1) - i, i)
-
-
-CUTOUT_FILL = (124, 116, 104)  # ImageNet mean in uint8: zero after the model's input normalization
-
-
-def cutout_batch(
-    images: torch.Tensor, generator: torch.Generator, size: int, fill: tuple[int, ...] = CUTOUT_FILL
-) -> torch.Tensor:
-    """Cutout (DeVries & Taylor 2017) on a uint8 NHWC batch: per sample a ``size`` x ``size`` square centred
-    at a uniformly drawn pixel (clipped at the borders, so it may be partly outside) is set to ``fill``."""
-    n, h, w, c = images.shape
-    dev = images.device
-    cy = torch.randint(0, h, (n,), generator=generator).to(dev)
-    cx = torch.randint(0, w, (n,), generator=generator).to(dev)
-    ys = torch.arange(h, device=dev)[None, :]
-    xs = torch.arange(w, device=dev)[None, :]
-    in_y = (ys >= (cy - size // 2)[:, None]) & (ys < (cy - size // 2 + size)[:, None])  # n, h
-    in_x = (xs >= (cx - size // 2)[:, None]) & (xs < (cx - size // 2 + size)[:, None])  # n, w
-    mask = (in_y[:, :, None] & in_x[:, None, :])[..., None]  # n, h, w, 1
-    value = torch.tensor(fill[:c], dtype=images.dtype, device=dev).view(1, 1, 1, c)
-    return torch.where(mask, value, images)
-
-
 @torch.no_grad()
 def evaluate_accuracy(
     model: nn.Module,
@@ -186,99 +128,7 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, enabled=False)
 
 
-def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
-    """Linear warm-up from ``peak / warmup`` to ``peak`` over ``warmup`` steps, then cosine decay to 0."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return 0.5 * peak * (1.0 + math.cos(math.pi * min(1.0, t)))
-
-
-class _WeightEMA:
-    """Exponential moving average of all float parameters and buffers (BatchNorm statistics included):
-    ``avg <- decay * avg + (1 - decay) * current`` after every optimizer step (Polyak averaging)."""
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = float(decay)
-        self.avg = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        current = model.state_dict()
-        keys = list(self.avg)
-        torch._foreach_lerp_([self.avg[k] for k in keys], [current[k].detach() for k in keys], 1.0 - self.decay)
-
-    @torch.no_grad()
-    def copy_to(self, model: nn.Module) -> None:
-        state = model.state_dict()
-        for k, v in self.avg.items():
-            state[k].copy_(v)
-
-
-class _ThreadChooser:
-    """Per-epoch choice of the CPU thread count when ``threads`` is None (CPU only).
-
-    On a machine shared with other jobs, torch's OpenMP threads can be descheduled at every barrier: measured
-    here with the load average at 10 on 2 cores, one ResNet-20 training step ran 10x faster with 1 thread than
-    with 2. The first ``2 * PROBE`` steps of each epoch alternate blocks of 1 thread and the default count;
-    the faster median wins for the rest of the epoch. The data order and augmentation do not depend on it."""
-
-    PROBE = 3
-
-    def __init__(self, threads: int | None, device: torch.device) -> None:
-        self.default = torch.get_num_threads()
-        self.fixed = threads
-        self.auto = threads is None and device.type == "cpu" and self.default > 1
-        self.candidates = (1, self.default)
-        self.times: dict[int, list[float]] = {}
-        self.k = 0
-        self.t0 = 0.0
-        if threads is not None:
-            torch.set_num_threads(threads)
-
-    def new_epoch(self) -> None:
-        self.k = 0
-        self.times = {c: [] for c in self.candidates}
-
-    def before_step(self) -> None:
-        if self.auto and self.k < 2 * self.PROBE:
-            torch.set_num_threads(self.candidates[self.k // self.PROBE])
-            self.t0 = time.perf_counter()
-
-    def after_step(self) -> None:
-        if not self.auto or self.k >= 2 * self.PROBE:
-            return
-        self.times[self.candidates[self.k // self.PROBE]].append(time.perf_counter() - self.t0)
-        self.k += 1
-        if self.k == 2 * self.PROBE:
-            best = min(self.candidates, key=lambda c: float(np.median(self.times[c])))
-            torch.set_num_threads(best)
-
-    def restore(self) -> None:
-        torch.set_num_threads(self.default)
-
-
 # ------------------------------------------------------------------------------------------------------ sources
-
-
-def find_source_root(data_dir: str | os.PathLike | None = None, source: str = DEFAULT_SOURCE) -> Path:
-    """The ImageFolder dataset directory (with ``train/`` and ``test/``) named ``source`` in the search list."""
-    root = find_dataset_dir([source], is_image_folder_split, data_dir)
-    if root is None:
-        raise FileNotFoundError(
-            f"source ImageFolder {source!r} (with train/ and test/) not found; {describe_search(data_dir)}"
-        )
-    return root
-
-
-def load_split(root: Path, split: str, progress: bool = True) -> ArrayDataset:
-    path = root / split
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} not found (expected {root}/{{train,test}}/<class>/<image>)")
-    return read_image_folder(path, progress=progress)
-
-
-# ---------------------------------------------------------------------------------------------------- training
 
 
 def _initial_model(config: TrainConfig, num_classes: int) -> nn.Module:
@@ -310,8 +160,6 @@ def train_source_model(
     """Train ``config.model`` on ``<source>/train``, evaluate on ``<source>/test``, save to ``out``.
 
     ``out`` defaults to :func:`default_checkpoint_path`. Returns the path, test accuracy and timings."""
-    from tqdm.auto import tqdm
-
     config = config or TrainConfig()
     t_start = time.perf_counter()
     cpu_start = time.process_time()
@@ -338,7 +186,6 @@ def train_source_model(
     model = _initial_model(config, num_classes).to(device)
     layout = torch.channels_last if config.channels_last and config.amp else torch.contiguous_format
     model = model.to(memory_format=layout)
-    model.train()
     decay, no_decay = [], []
     for p in model.parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)
@@ -348,64 +195,42 @@ def train_source_model(
         momentum=config.momentum,
         nesterov=config.momentum > 0,
     )
+    warmup = int(round(config.warmup_epochs * math.ceil(n / config.batch_size)))
+    ema = WeightEMA(model, config.ema_decay) if config.ema_decay else None
+    threads = ThreadChooser(config.threads, device)
     steps_per_epoch = math.ceil(n / config.batch_size)
-    total = steps_per_epoch * config.epochs
-    warmup = int(round(config.warmup_epochs * steps_per_epoch))
-    history: list[dict] = []
+    step_in_epoch = [0]
+
+    def loss_fn(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if step_in_epoch[0] % steps_per_epoch == 0:
+            threads.new_epoch()
+        step_in_epoch[0] += 1
+        threads.before_step()
+        xb = augment_batch(images[idx], gen, config.pad, config.pad_mode)
+        if config.cutout > 0:
+            xb = cutout_batch(xb, gen, config.cutout)
+        y = labels[idx]
+        with _autocast(device, config.amp):
+            logits = model(to_float_nchw(xb, layout))
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+        return loss, {"train_acc": (logits.argmax(1) == y).sum()}
+
+    def after_step(step: int, loss: torch.Tensor, sums: dict) -> None:
+        if ema is not None:
+            ema.update(model)
+        threads.after_step()
+
     t_train = time.perf_counter()
-    step = 0
-    stopped_early = False
-    bar = tqdm(total=total, desc=f"train {config.model}", unit="step", disable=not progress)
-    ema = _WeightEMA(model, config.ema_decay) if config.ema_decay else None
-    threads = _ThreadChooser(config.threads, device)
-    for epoch in range(config.epochs):
-        perm = torch.randperm(n, generator=gen).to(device)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        threads.new_epoch()
-        for i in range(0, n, config.batch_size):
-            threads.before_step()
-            idx = perm[i : i + config.batch_size]
-            xb = augment_batch(images[idx], gen, config.pad, config.pad_mode)
-            if config.cutout > 0:
-                xb = cutout_batch(xb, gen, config.cutout)
-            x = to_float_nchw(xb, layout)
-            y = labels[idx]
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, warmup, config.lr)
-            with _autocast(device, config.amp):
-                logits = model(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if ema is not None:
-                ema.update(model)
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.argmax(1) == y).sum()
-            step += 1
-            threads.after_step()
-            bar.update(1)
-            if config.max_minutes is not None and time.perf_counter() - t_start > 60 * config.max_minutes:
-                stopped_early = True
-                break
-        seen = min(n, i + config.batch_size)
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": float(loss_sum) / seen,
-            "train_acc": float(correct) / seen,
-            "time_s": round(time.perf_counter() - t_train, 1),
-            "threads": torch.get_num_threads(),
-        }
-        history.append(record)
-        bar.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record['train_acc']:.3f}")
-        if stopped_early:
-            warnings.warn(
-                f"training stopped after {config.max_minutes} min at step {step}/{total}", stacklevel=2
-            )
-            break
-    bar.close()
+    run = fit(
+        model, opt, loss_fn, n=n, batch_size=config.batch_size, epochs=config.epochs, generator=gen,
+        lr=lambda step, total: lr_at(step, total, warmup, config.lr), after_step=after_step,
+        on_epoch_end=lambda record: record.update(threads=torch.get_num_threads()),
+        max_minutes=config.max_minutes, index_device=device, progress=progress, desc=f"train {config.model}",
+    )  # fmt: skip
     threads.restore()
+    if run.stopped_early:
+        warnings.warn(f"training stopped after {config.max_minutes} min at step {run.steps}/{run.total}", stacklevel=2)
+    history, step = run.history, run.steps
     train_time = time.perf_counter() - t_train
     model = model.to(memory_format=torch.contiguous_format)
     model.eval()
