@@ -145,7 +145,8 @@ def train(model: nn.Module, variant: str, images: torch.Tensor, labels: torch.Te
         x = to_float_nchw(augment_batch(images[idx], gen)).to(device)
         return F.cross_entropy(model(x), labels[idx].to(device))
 
-    run = fit(model, opt, loss_fn, n=len(labels), batch_size=batch_size, epochs=args.epochs, generator=gen,
+    model.train()
+    run = fit(opt, loss_fn, n=len(labels), batch_size=batch_size, epochs=args.epochs, generator=gen,
               drop_last=True, lr=lambda step, total: lr_at(step, total, max(1, int(0.05 * total)), peak),
               progress=progress, desc=f"{variant} B={batch_size}")  # fmt: skip
     model.eval()

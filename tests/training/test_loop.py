@@ -30,7 +30,7 @@ def test_fit_equals_a_hand_written_loop():
         seen.append(idx.clone())
         return F.cross_entropy(model(x[idx]), y[idx])
 
-    result = fit(model, opt, loss_fn, n=10, batch_size=4, epochs=2, generator=torch.Generator().manual_seed(3),
+    result = fit(opt, loss_fn, n=10, batch_size=4, epochs=2, generator=torch.Generator().manual_seed(3),
                  lr=lambda step, total: lr_at(step, total, 1, 0.1), progress=False)  # fmt: skip
     assert result.steps == result.total == 6 and not result.stopped_early  # ceil(10 / 4) = 3 per epoch
     assert [len(i) for i in seen] == [4, 4, 2] * 2
@@ -61,7 +61,7 @@ def test_fit_records_epoch_means_and_drops_partial_batches():
         losses.append(float(loss.detach()) * len(idx))
         return loss, {"correct": (model(x[idx]).argmax(1) == y[idx]).sum(), "count": torch.tensor(len(idx))}
 
-    result = fit(model, opt, loss_fn, n=9, batch_size=4, epochs=1, generator=torch.Generator().manual_seed(0),
+    result = fit(opt, loss_fn, n=9, batch_size=4, epochs=1, generator=torch.Generator().manual_seed(0),
                  drop_last=True, progress=False)  # fmt: skip
     assert result.steps == 2 and len(result.history) == 1
     record = result.history[0]
@@ -75,12 +75,12 @@ def test_fit_scheduler_callbacks_and_time_budget():
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     steps, epochs = [], []
-    result = fit(model, opt, lambda idx: F.cross_entropy(model(x[idx]), y[idx]), n=10, batch_size=5, epochs=3,
+    result = fit(opt, lambda idx: F.cross_entropy(model(x[idx]), y[idx]), n=10, batch_size=5, epochs=3,
                  generator=torch.Generator().manual_seed(0), scheduler=sched,
                  after_step=lambda step, loss, sums: steps.append(step),
                  on_epoch_end=lambda record: epochs.append(record["epoch"]), progress=False)  # fmt: skip
     assert result.steps == 6 and steps == list(range(6)) and epochs == [1, 2, 3] and opt.param_groups[0]["lr"] == 0.5**6
-    short = fit(model, opt, lambda idx: F.cross_entropy(model(x[idx]), y[idx]), n=10, batch_size=5, epochs=3,
+    short = fit(opt, lambda idx: F.cross_entropy(model(x[idx]), y[idx]), n=10, batch_size=5, epochs=3,
                 generator=torch.Generator().manual_seed(0), max_minutes=0.0, progress=False)  # fmt: skip
     assert short.stopped_early and short.steps == 1 and len(short.history) == 1
 

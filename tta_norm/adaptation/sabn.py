@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -60,6 +59,7 @@ from tta_norm.adaptation.augment import SHIFT_OPS, ShiftAugment
 from tta_norm.norm.adaptive import adaptive_layers
 from tta_norm.norm.convert import keep_state, with_domain
 from tta_norm.stats.estimators import batch_mean_var
+from tta_norm.training import fit
 
 DEFAULT_DOMAINS: tuple[str, ...] = ("clean",) + SHIFT_OPS
 RouteMode = Literal["oracle", "stats", "entropy", "open_set"]
@@ -324,8 +324,6 @@ def train_sabn(
     ``source_images``: uint8 NHWC or float NCHW in [0, 1]; keyword ``overrides`` replace :class:`SaBNConfig`
     fields.  Step ``s`` uses domain ``s mod K`` for its whole batch.  Returns a :class:`SaBNResult` whose
     ``save(path)`` writes the state and the statistics bank."""
-    from tqdm.auto import tqdm
-
     import tta_norm
 
     config = dataclasses.replace(config or SaBNConfig(), **overrides)
@@ -343,38 +341,30 @@ def train_sabn(
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed)
-    steps = math.ceil(len(images) / config.batch_size)
-    history = []
-    step = 0
-    bar = tqdm(total=config.epochs * steps, desc="sabn train", unit="step", disable=not progress)
-    for epoch in range(config.epochs):
-        order = torch.randperm(len(images), generator=gen)
-        loss_sum = [0.0] * k_domains
-        correct = [0] * k_domains
-        count = [0] * k_domains
-        for lo in range(0, len(images), config.batch_size):
-            k = step % k_domains
-            idx = order[lo : lo + config.batch_size]
-            x = augment.apply(to_model_input(images[idx], device), config.domains[k], gen)
-            y = y_all[idx].to(device)
-            with torch.enable_grad(), with_domain(net, k if k_domains > 1 else None):
-                logits = net(x)
-                loss = F.cross_entropy(logits, y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-            opt.step()
-            loss_sum[k] += float(loss.detach()) * len(idx)
-            correct[k] += int((logits.argmax(1) == y).sum())
-            count[k] += len(idx)
-            step += 1
-            bar.update(1)
-        rec = {"epoch": epoch + 1}
-        for k, dom in enumerate(config.domains):
-            if count[k]:
-                rec[f"loss_{dom}"] = loss_sum[k] / count[k]
-                rec[f"acc_{dom}"] = correct[k] / count[k]
-        history.append(rec)
-    bar.close()
+    step = [0]
+
+    def loss_fn(idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        k = step[0] % k_domains
+        step[0] += 1
+        x = augment.apply(to_model_input(images[idx], device), config.domains[k], gen)
+        y = y_all[idx].to(device)
+        with with_domain(net, k if k_domains > 1 else None):
+            logits = net(x)
+        loss = F.cross_entropy(logits, y)
+        dom = config.domains[k]
+        return loss, {f"loss_{dom}": loss.detach() * len(idx), f"acc_{dom}": (logits.argmax(1) == y).sum(),
+                      f"n_{dom}": torch.tensor(len(idx))}  # fmt: skip
+
+    def per_domain(record: dict) -> None:  # sums / samples seen -> means over each domain's own samples
+        for dom in config.domains:
+            share = record.pop(f"n_{dom}", 0.0)
+            for key in (f"loss_{dom}", f"acc_{dom}"):
+                if key in record:
+                    record[key] = record[key] / share
+
+    run = fit(opt, loss_fn, n=len(images), batch_size=config.batch_size, epochs=config.epochs,
+              generator=gen, on_epoch_end=per_domain, progress=progress, desc="sabn train")  # fmt: skip
+    history = run.history
     net.requires_grad_(False)
     bank = collect_bank(net, images, config.domains, batches=config.bank_batches, batch_size=config.batch_size,
                         seed=config.seed, augment=augment, device=device)  # fmt: skip

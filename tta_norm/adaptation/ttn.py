@@ -34,7 +34,6 @@ updates gamma/beta and leaves ``a`` fixed).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -49,6 +48,7 @@ from torch import Tensor, nn
 from tta_norm.adaptation._data import ImageArray, as_image_tensor, as_labels, resolve_device, to_model_input
 from tta_norm.adaptation.augment import SHIFT_OPS, ShiftAugment
 from tta_norm.norm.adaptive import AdaptiveNorm
+from tta_norm.training import fit
 
 Distance = Literal["cosine", "l2"]
 ShiftFn = Callable[[Tensor, torch.Generator], Tensor]
@@ -319,7 +319,6 @@ def fit_mix_weights(
     Every other parameter is frozen during the fit; ``requires_grad`` flags are restored afterwards.  ``shift``
     replaces the random shift domains (it is then applied to every batch, ``clean_prob`` unused).  Returns the
     per-epoch history (mean CE, mean prior MSE, mean ``a``)."""
-    from tqdm.auto import tqdm
 
     config = config or TTNConfig()
     device = resolve_device(device, model)
@@ -331,47 +330,34 @@ def fit_mix_weights(
     flags = {id(p): p.requires_grad for p in model.parameters()}
     gen = torch.Generator().manual_seed(config.seed + 1)
     aug = ShiftAugment(ops=config.ops)
-    history: list[dict[str, float]] = []
-    steps_per_epoch = math.ceil(len(images) / config.batch_size)
+
+    def loss_fn(idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        x = to_model_input(images[idx], device)
+        x = shift(x, gen) if shift is not None else aug(x, gen, clean_prob=config.clean_prob)
+        y = y_all[idx].to(device)
+        b = config.fit_batch_sizes[int(torch.randint(len(config.fit_batch_sizes), (), generator=gen))]
+        logits = torch.cat([model(x[s]) for s in _groups(len(idx), b)])
+        ce = F.cross_entropy(logits, y)
+        mse = (torch.cat([w.flatten() for w in weights]) - target).square().mean()
+        return ce + config.lam * mse, {"ce": ce.detach() * len(idx), "mse": mse.detach() * len(idx)}
+
+    def clamp(step: int, loss: Tensor, sums: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            for w in weights:
+                w.clamp_(0.0, 1.0)
+
+    def summary(record: dict) -> None:
+        del record["train_loss"], record["time_s"]
+        record["mean_alpha"] = float(mix_weight_vector(model).mean())
+
     try:
         model.requires_grad_(False)
         for w in weights:
             w.requires_grad_(True)
         opt = torch.optim.Adam(weights, lr=config.lr)
-        bar = tqdm(total=config.epochs * steps_per_epoch, desc="ttn fit", unit="step", disable=not progress)
-        for epoch in range(config.epochs):
-            order = torch.randperm(len(images), generator=gen)
-            sums = {"ce": 0.0, "mse": 0.0, "n": 0}
-            for lo in range(0, len(images), config.batch_size):
-                idx = order[lo : lo + config.batch_size]
-                x = to_model_input(images[idx], device)
-                x = shift(x, gen) if shift is not None else aug(x, gen, clean_prob=config.clean_prob)
-                y = y_all[idx].to(device)
-                b = config.fit_batch_sizes[int(torch.randint(len(config.fit_batch_sizes), (), generator=gen))]
-                with torch.enable_grad():
-                    logits = torch.cat([model(x[s]) for s in _groups(len(idx), b)])
-                    ce = F.cross_entropy(logits, y)
-                    mse = (torch.cat([w.flatten() for w in weights]) - target).square().mean()
-                    loss = ce + config.lam * mse
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    for w in weights:
-                        w.clamp_(0.0, 1.0)
-                sums["ce"] += float(ce.detach()) * len(idx)
-                sums["mse"] += float(mse.detach()) * len(idx)
-                sums["n"] += len(idx)
-                bar.update(1)
-            rec = {
-                "epoch": epoch + 1,
-                "ce": sums["ce"] / sums["n"],
-                "mse": sums["mse"] / sums["n"],
-                "mean_alpha": float(mix_weight_vector(model).mean()),
-            }
-            history.append(rec)
-            bar.set_postfix(ce=f"{rec['ce']:.3f}", a=f"{rec['mean_alpha']:.3f}")
-        bar.close()
+        history = fit(opt, loss_fn, n=len(images), batch_size=config.batch_size, epochs=config.epochs,
+                      generator=gen, after_step=clamp, on_epoch_end=summary, progress=progress,
+                      desc="ttn fit").history  # fmt: skip
     finally:
         for p in model.parameters():
             p.requires_grad_(flags[id(p)])

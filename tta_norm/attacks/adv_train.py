@@ -135,7 +135,7 @@ def adversarial_finetune(
     def after_step(step: int, loss: Tensor, sums: dict[str, Tensor]) -> None:
         history[-1] = {"loss": float(loss.detach()), **history[-1]}
 
-    fit(model, opt, loss_fn, n=n, batch_size=cfg.batch_size, epochs=cfg.epochs, generator=g, drop_last=True,
+    fit(opt, loss_fn, n=n, batch_size=cfg.batch_size, epochs=cfg.epochs, generator=g, drop_last=True,
         scheduler=sched, after_step=after_step, progress=progress, desc=f"adv-train {cfg.kind}")  # fmt: skip
     return model.eval(), history
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 LossFn = Callable[[Tensor], "Tensor | tuple[Tensor, dict[str, Tensor]]"]
 
@@ -33,7 +33,6 @@ class FitResult:
 
 
 def fit(
-    model: nn.Module,
     optimizer: torch.optim.Optimizer,
     loss_fn: LossFn,
     *,
@@ -51,7 +50,7 @@ def fit(
     progress: bool = True,
     desc: str = "train",
 ) -> FitResult:
-    """Train ``model`` for ``epochs`` passes over ``n`` samples in batches of ``batch_size``.
+    """Take ``optimizer`` steps for ``epochs`` passes over ``n`` samples in batches of ``batch_size``.
 
     Each epoch draws ``torch.randperm(n, generator=generator)`` (moved to ``index_device``) and calls
     ``loss_fn(indices)``; ``loss_fn`` may draw further numbers from the same generator (augmentation), so the
@@ -59,10 +58,11 @@ def fit(
     names to per-batch sums (e.g. correct predictions) accumulated per epoch. ``lr(step, total)`` sets every
     param group's learning rate before the step; ``scheduler.step()`` runs after it; ``after_step(step, loss,
     sums)`` after that (weight averaging, logging). ``drop_last`` skips a final partial batch. ``max_minutes``
-    stops after the step that exceeds the budget (the schedule is not stretched; the result says so)."""
+    stops after the step that exceeds the budget (the schedule is not stretched; the result says so). The
+    caller sets the model's mode (``fit`` never calls ``train()``/``eval()``).
+    Gradients are enabled for ``loss_fn`` and the backward pass even when the caller runs under ``no_grad``."""
     from tqdm.auto import tqdm
 
-    model.train()
     steps_per_epoch = n // batch_size if drop_last else math.ceil(n / batch_size)
     total = steps_per_epoch * epochs
     result = FitResult(steps=0, total=total)
@@ -80,10 +80,11 @@ def fit(
             if lr is not None:
                 for group in optimizer.param_groups:
                     group["lr"] = lr(result.steps, total)
-            out = loss_fn(idx)
-            loss, batch_sums = out if isinstance(out, tuple) else (out, {})
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            with torch.enable_grad():
+                out = loss_fn(idx)
+                loss, batch_sums = out if isinstance(out, tuple) else (out, {})
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
@@ -101,10 +102,10 @@ def fit(
         record = {"epoch": epoch + 1, "train_loss": float(loss_sum) / max(1, seen)}
         record.update({k: float(v) / max(1, seen) for k, v in sums.items()})
         record["time_s"] = round(time.perf_counter() - t0, 1)
+        bar.set_postfix(loss=f"{record['train_loss']:.3f}")
         if on_epoch_end is not None:
             on_epoch_end(record)
         result.history.append(record)
-        bar.set_postfix(loss=f"{record['train_loss']:.3f}")
         if result.stopped_early:
             break
     bar.close()

@@ -221,8 +221,9 @@ def train_source_model(
         threads.after_step()
 
     t_train = time.perf_counter()
+    model.train()
     run = fit(
-        model, opt, loss_fn, n=n, batch_size=config.batch_size, epochs=config.epochs, generator=gen,
+        opt, loss_fn, n=n, batch_size=config.batch_size, epochs=config.epochs, generator=gen,
         lr=lambda step, total: lr_at(step, total, warmup, config.lr), after_step=after_step,
         on_epoch_end=lambda record: record.update(threads=torch.get_num_threads()),
         max_minutes=config.max_minutes, index_device=device, progress=progress, desc=f"train {config.model}",
