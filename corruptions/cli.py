@@ -4,7 +4,9 @@ Two layouts, as released by Hendrycks & Dietterich (ICLR 2019):
 
 * ``cifar``: ``OUT/<corruption>.npy`` uint8 ``(5*N, H, W, 3)``, severity ``k`` in rows ``(k-1)*N .. k*N-1``,
   and ``OUT/labels.npy`` (uint8, tiled 5x) - readable by ``robustbench.data.load_cifar10c`` unchanged.
-  Source: CIFAR python batches (``cifar-10-batches-py`` / ``cifar-100-python``) or an ImageFolder tree.
+  Source: CIFAR python batches (``cifar-10-batches-py`` / ``cifar-100-python``, kept in their stored order) or
+  an ImageFolder tree, whose class-sorted rows are shuffled once with a fixed seed (the permutation the
+  benchmark applies to the same clean set; saved as ``OUT/permutation.npy``) so that any prefix mixes classes.
 * ``imagenet``: ``OUT/<corruption>/<severity>/<class>/<file>`` JPEGs (quality 85) from an ImageFolder tree,
   after Resize(256) + CenterCrop(224).
 
@@ -76,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from .datasets import (
         _find_cifar_dir,
         all_names,
+        class_mixing_permutation,
         index_image_folder,
         load_cifar_batches,
         load_image_folder,
@@ -100,10 +103,12 @@ def run(args: argparse.Namespace) -> int:
         preset = args.preset or ("cifar" if layout == "cifar" else "imagenet")
         progress = not args.no_progress
         if layout == "cifar":
+            row_order = None
             if is_cifar_batches:
                 images, labels = load_cifar_batches(source, train=args.split == "train")
             else:
                 images, labels, _ = load_image_folder(source)
+                row_order = class_mixing_permutation(len(images))
             print(
                 f"corrupt: {len(images)} images {images.shape[1]}x{images.shape[2]} -> {args.out} "
                 f"(cifar layout, preset {preset}, {len(names)} corruptions, severities {severities})",
@@ -120,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
                 workers=args.workers,
                 progress=progress,
                 overwrite=args.overwrite,
+                row_order=row_order,
             )
         else:
             if is_cifar_batches:

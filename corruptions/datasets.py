@@ -47,6 +47,15 @@ from ._names import ALL_CORRUPTIONS, CORRUPTIONS
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SEVERITIES = (1, 2, 3, 4, 5)
 MANIFEST = "manifest.json"
+PERMUTATION = "permutation.npy"
+ROW_ORDER_SEED = 0
+
+
+def class_mixing_permutation(n: int, seed: int = ROW_ORDER_SEED) -> np.ndarray:
+    """The fixed row order for sources listed class by class (ImageFolder trees): ``numpy.random.default_rng(
+    seed).permutation(n)``, the permutation ``tta_norm``'s benchmark applies to the same clean set, so any
+    prefix of a written file (what ``robustbench.data.load_cifar10c`` reads) mixes the classes."""
+    return np.random.default_rng(seed).permutation(int(n))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -265,14 +274,18 @@ def write_cifar_c(
     workers: int | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    row_order: np.ndarray | None = None,
 ) -> dict[str, list[int]]:
     """Write ``<out_dir>/<name>.npy`` (uint8 ``(5*N, H, W, 3)``) per corruption and ``labels.npy``.
 
-    Rows ``(k-1)*N .. k*N-1`` hold severity ``k``. If only some ``severities`` are requested, the rows of
-    the others are left zero and ``manifest.json`` records which severities each file holds; a later call
-    with more severities fills them in. A file whose requested severities are all present is skipped.
-    ``manifest.json`` also pins ``seed``, ``preset`` and ``N``: resuming with different ones is refused
-    unless ``overwrite=True``. Returns ``{name: severities present}``.
+    Rows ``(k-1)*N .. k*N-1`` hold severity ``k``.  ``row_order`` (a permutation of ``0..N-1``, e.g.
+    :func:`class_mixing_permutation`) reorders the source first: row ``i`` of every block is source image
+    ``row_order[i]``; it is saved as ``permutation.npy`` and recorded in the manifest.  If only some
+    ``severities`` are requested, the rows of the others are left zero and ``manifest.json`` records which
+    severities each file holds; a later call with more severities fills them in. A file whose requested
+    severities are all present is skipped. ``manifest.json`` also pins ``seed``, ``preset``, ``N`` and the
+    row order: resuming with different ones is refused unless ``overwrite=True``. Returns ``{name: severities
+    present}``.
     """
     if (
         not isinstance(images, np.ndarray)
@@ -289,6 +302,10 @@ def write_cifar_c(
         raise ValueError("no images to corrupt")
     if labels.min() < 0 or labels.max() > 255:
         raise ValueError("labels must be in 0..255 to be stored as uint8 like the release")
+    if row_order is not None:
+        row_order = np.asarray(row_order)
+        if row_order.shape != (n,) or not np.array_equal(np.sort(row_order), np.arange(n)):
+            raise ValueError(f"row_order must be a permutation of 0..{n - 1}")
     names = _check_corruption_list(corruptions)
     sev = _check_severity_list(severities)
     seed = check_seed(seed)
@@ -301,6 +318,8 @@ def write_cifar_c(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"seed": seed, "preset": preset, "n": int(n), "shape": [int(h), int(w)], "layout": "cifar"}
+    if row_order is not None:
+        settings["row_order"] = PERMUTATION
     manifest_path = out / MANIFEST
     manifest = {"settings": settings, "files": {}}
     if manifest_path.exists() and not overwrite:
@@ -311,6 +330,13 @@ def write_cifar_c(
                 "choose another directory or pass overwrite=True"
             )
         manifest = old
+    if row_order is not None:
+        perm_path = out / PERMUTATION
+        if not perm_path.exists() or not np.array_equal(np.load(perm_path), row_order):
+            if perm_path.exists() and not overwrite and manifest["files"]:
+                raise ValueError(f"{perm_path} holds another row order; choose another directory or overwrite=True")
+            _save_npy(perm_path, row_order.astype(np.int64))
+        images, labels = images[row_order], labels[row_order]
     labels_u8 = np.tile(labels.astype(np.uint8), 5)
     lab_path = out / "labels.npy"
     if overwrite or not lab_path.exists() or not np.array_equal(np.load(lab_path), labels_u8):

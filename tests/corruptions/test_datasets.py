@@ -173,8 +173,11 @@ def test_cli_cifar_layout_from_folder(tmp_path, capsys):
     )  # fmt: skip
     assert cli.run(args) == 0
     arr = np.load(tmp_path / "out" / "fog.npy")
-    x, _, _ = load_image_folder(src)
-    assert np.array_equal(arr[6:12], corrupt(x, "fog", 2, seed=5))
+    x, y, _ = load_image_folder(src)
+    perm = np.load(tmp_path / "out" / "permutation.npy")
+    assert np.array_equal(perm, ds.class_mixing_permutation(len(x)))  # rows shuffled once, recorded
+    assert np.array_equal(arr[6:12], corrupt(x[perm], "fog", 2, seed=5))
+    assert np.array_equal(np.load(tmp_path / "out" / "labels.npy")[:6], y[perm])
     assert arr[:6].max() == 0  # severity 1 not requested
 
 

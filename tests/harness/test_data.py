@@ -234,8 +234,8 @@ def test_imagenet_c_folders(tmp_path):
     assert ds.info["severity"] == 3 and ds.source.startswith("release:")
     sub = read_imagenet_c(root, "fog", 3, ids=["n01443537/img002.png", "n01440764/img000.png"], cache=False,
                           progress=False)  # fmt: skip
-    assert sub.labels.tolist() == [0, 1]
-    assert np.array_equal(sub.images[1], pixels["n01443537/img002.png"])
+    assert sub.labels.tolist() == [1, 0]  # in the order of the ids (robustbench's list order)
+    assert np.array_equal(sub.images[0], pixels["n01443537/img002.png"])
     with pytest.raises(DataFormatError, match="ids requested"):
         read_imagenet_c(root, "fog", 3, ids=["n01440764/nope.png"], cache=False, progress=False)
     with pytest.raises(FileNotFoundError, match="layout"):

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 import torch
@@ -108,24 +106,21 @@ def test_release_checkpoint_accuracy_on_mirror(resnet20_checkpoint, mirror_test_
 
 
 def test_torchvision_model_by_name():
-    model = load_model("tv:resnet18", num_classes=10)
+    model = load_model("tv:resnet18", num_classes=10, random_init=True)
     assert model(torch.rand(1, 3, 32, 32)).shape == (1, 10)
     assert not model.training
     with pytest.raises(ValueError, match="unknown model"):
         load_model("definitely_not_a_model")
 
 
-def test_torchvision_pretrained_offline_warns(monkeypatch, tmp_path):
+def test_torchvision_pretrained_offline_is_an_error(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = load_model("resnet18", pretrained=True)
-    assert any("RANDOM initialization" in str(w.message) for w in caught)
-    assert model(torch.rand(1, 3, 32, 32)).shape == (1, 1000)
+    with pytest.raises(FileNotFoundError, match="torch hub cache"):
+        load_model("resnet18", pretrained=True)
 
 
 def test_torchvision_checkpoint_roundtrip(tmp_path):
-    model = load_model("tv:resnet18", num_classes=7)
+    model = load_model("tv:resnet18", num_classes=7, random_init=True)
     torch.save(
         model.state_dict(), tmp_path / "tv.pt"
     )  # saved with the normalization wrapper ("model." prefix)
@@ -134,9 +129,11 @@ def test_torchvision_checkpoint_roundtrip(tmp_path):
     assert torch.allclose(model(x), again(x))
 
 
-def test_robustbench_missing_is_clear(monkeypatch):
+def test_robustbench_missing_is_clear(monkeypatch, tmp_path):
     import sys
 
     monkeypatch.setitem(sys.modules, "robustbench", None)  # simulate "not installed"
-    with pytest.raises(ImportError, match="robustbench"):
+    monkeypatch.setenv("TTA_NORM_CACHE", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="robustbench checkpoint"):
         load_model("rb:Standard")

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from tta_norm.data.benchmark import CORRUPTIONS, EXTRA_CORRUPTIONS
+from tta_norm.data.natural import natural_shift
 from tta_norm.methods import methods as method_names
 from tta_norm.norm.spec import spec_fields
 from tta_norm.presets import get_preset
@@ -65,11 +66,14 @@ class BenchConfig:
     dataset: str = "cifar10"
     model: str = "resnet20"
     checkpoint: str | None = None
+    weights: str | None = None
+    random_init: bool = False
     data_dir: str | None = None
     source: str = "auto"
     corruptions: list[str] = field(default_factory=lambda: list(CORRUPTIONS))
     severities: list[int] = field(default_factory=lambda: [5])
     n_examples: int | None = None
+    imagenet_ids: str | None = None
     methods: list[Any] = field(default_factory=lambda: ["source", "tbn", "tbn+tent"])
     settings: list[str] = field(default_factory=lambda: ["reset_each_shift"])
     orders: list[str] = field(default_factory=lambda: ["iid"])
@@ -110,7 +114,14 @@ class BenchConfig:
             listish(name)
         if self.corruptions in (["all"], ["standard"]):
             self.corruptions = list(CORRUPTIONS)
-        known = set(CORRUPTIONS) | set(EXTRA_CORRUPTIONS)
+        shift = natural_shift(self.dataset)
+        if shift is not None:  # a natural-shift set is a single domain named after it
+            self.dataset = shift.name
+            if self.corruptions == list(CORRUPTIONS):
+                self.corruptions = [shift.name]
+            if self.corruptions != [shift.name]:
+                raise ConfigError(f"dataset {shift.name} is one domain: corruptions must be [{shift.name}]")
+        known = set(CORRUPTIONS) | set(EXTRA_CORRUPTIONS) | ({shift.name} if shift is not None else set())
         bad = [c for c in self.corruptions if c not in known]
         if bad:
             raise ConfigError(f"unknown corruption(s) {bad}; known: {', '.join(CORRUPTIONS + EXTRA_CORRUPTIONS)}")

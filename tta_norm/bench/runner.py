@@ -42,7 +42,10 @@ def needed_severities(cfg: BenchConfig) -> list[int]:
 
 def load_source_model(cfg: BenchConfig, device: torch.device) -> torch.nn.Module:
     """The source model: ``checkpoint`` null (the model's default/shared weights), ``"finetuned"``
-    (prepared on the source split by :func:`tta_norm.training.prepare_source_model`, trained on first use) or a path."""
+    (prepared on the source split by :func:`tta_norm.training.prepare_source_model`, trained on first use) or a path;
+    ``weights`` / ``random_init`` as for :func:`tta_norm.models.load_model`; outputs restricted to the dataset's
+    classes (ImageNet-R/A: 200 logits)."""
+    from tta_norm.data.natural import restrict_outputs
     from tta_norm.models import load_model
 
     checkpoint = cfg.checkpoint
@@ -50,7 +53,9 @@ def load_source_model(cfg: BenchConfig, device: torch.device) -> torch.nn.Module
         from tta_norm.training import prepare_source_model
 
         checkpoint = str(prepare_source_model(cfg.model, data_dir=cfg.data_dir, device=device))
-    return load_model(cfg.model, checkpoint, device=device)
+    weights, random_init = getattr(cfg, "weights", None), getattr(cfg, "random_init", False)  # attack configs lack them
+    model = load_model(cfg.model, checkpoint, weights=weights, random_init=random_init, device=device)
+    return restrict_outputs(model, cfg.dataset)
 
 
 def cell_plan(cell: Cell, bench: CorruptionBenchmark, cfg: BenchConfig) -> StreamPlan:
@@ -149,6 +154,7 @@ def run_benchmark(cfg: BenchConfig, *, resume: bool = False, progress: bool = Tr
         bench = load_corruption_benchmark(
             cfg.dataset, cfg.corruptions, needed_severities(cfg), data_dir=cfg.data_dir, source=cfg.source,
             include_clean=cfg.clean_interleaved, n_examples=cfg.n_examples, seed=cfg.data_seed, progress=progress,
+            imagenet_ids=cfg.imagenet_ids,
         )  # fmt: skip
         if progress:
             print(f"[tta-norm bench] data: {bench.describe()}")

@@ -1,4 +1,5 @@
-"""Data for the evaluation harness: locations, readers, corruption benchmarks (uint8 NHWC + int64 labels)."""
+"""Data for the evaluation harness: locations, readers, corruption benchmarks, natural-shift sets and subsets
+(uint8 NHWC + int64 labels)."""
 
 from tta_norm.data.benchmark import (
     CLEAN,
@@ -9,6 +10,16 @@ from tta_norm.data.benchmark import (
     load_clean_test_set,
     load_corruption_benchmark,
     regenerate_domain,
+    resolve_benchmark_source,
+)
+from tta_norm.data.imagenet_classes import IMAGENET_A_WNIDS, IMAGENET_R_WNIDS, IMAGENET_WNIDS
+from tta_norm.data.natural import (
+    NATURAL_SHIFTS,
+    NaturalShift,
+    dataset_output_indices,
+    find_natural_shift,
+    read_natural_shift,
+    restrict_outputs,
 )
 from tta_norm.data.paths import (
     ENV_CACHE,
@@ -38,6 +49,7 @@ from tta_norm.data.readers import (
     read_image_folder,
     read_imagenet_c,
 )
+from tta_norm.data.subsets import read_image_ids, robustbench_ids_file, stratified_subset
 from tta_norm.data.tensors import to_float_nchw
 
 __all__ = [
@@ -50,6 +62,7 @@ __all__ = [
     "load_clean_test_set",
     "load_corruption_benchmark",
     "regenerate_domain",
+    "resolve_benchmark_source",
     "CIFAR10_CLASSES",
     "ENV_CACHE",
     "ENV_CHECKPOINTS",
@@ -74,4 +87,16 @@ __all__ = [
     "read_image_folder",
     "read_imagenet_c",
     "repo_root",
+    "IMAGENET_WNIDS",
+    "IMAGENET_R_WNIDS",
+    "IMAGENET_A_WNIDS",
+    "NATURAL_SHIFTS",
+    "NaturalShift",
+    "dataset_output_indices",
+    "find_natural_shift",
+    "read_natural_shift",
+    "restrict_outputs",
+    "read_image_ids",
+    "robustbench_ids_file",
+    "stratified_subset",
 ]

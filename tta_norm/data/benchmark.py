@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tta_norm.data.natural import NaturalShift, find_natural_shift, natural_shift, read_natural_shift
 from tta_norm.data.paths import data_cache_dir, describe_search, find_dataset_dir
 from tta_norm.data.readers import (
     ArrayDataset,
@@ -48,6 +49,7 @@ from tta_norm.data.readers import (
     read_image_folder,
     read_imagenet_c,
 )
+from tta_norm.data.subsets import read_image_ids
 
 DomainKey = tuple[str, int]
 CLEAN: DomainKey = ("clean", 0)
@@ -59,7 +61,7 @@ CORRUPTIONS = (
 )  # fmt: skip
 EXTRA_CORRUPTIONS = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 
-DATASETS = ("cifar10", "cifar100", "imagenet")
+DATASETS = ("cifar10", "cifar100", "imagenet", "imagenet_r", "imagenet_a", "imagenet_sketch")
 RELEASE_DIRS = {
     "cifar10": ("CIFAR-10-C", "cifar10-c", "cifar10_c"),
     "cifar100": ("CIFAR-100-C", "cifar100-c", "cifar100_c"),
@@ -218,16 +220,28 @@ def load_corruption_benchmark(
     preset: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     download: bool = False,
-    imagenet_ids: Sequence[str] | None = None,
+    imagenet_ids: Sequence[str] | str | None = None,
     progress: bool = True,
 ) -> CorruptionBenchmark:
-    """Domains ``(corruption, severity)`` of ``dataset`` (``cifar10``, ``cifar100``, ``imagenet``).
+    """Domains ``(corruption, severity)`` of ``dataset`` (``cifar10``, ``cifar100``, ``imagenet``, or a
+    natural-shift set ``imagenet_r`` / ``imagenet_a`` / ``imagenet_sketch``).
 
     ``source``: ``"auto"`` (release if found, else regenerate), ``"release"`` (error if absent) or
-    ``"regenerate"`` (always from the clean test set; CIFAR only). ``n_examples``: keep the first n test images
-    of every domain (the same images in each). ``include_clean`` adds the clean test set as ``("clean", 0)``.
-    ``seed`` / ``preset`` only matter for regeneration (preset defaults to ``"cifar"`` / ``"imagenet"``).
-    All inputs are validated before any long work starts."""
+    ``"regenerate"`` (always from the clean test set; CIFAR only). ``n_examples``: for CIFAR the first n test
+    images of every domain (the clean sets are in random class order); for ImageNet-C and the natural-shift
+    sets a class-stratified subset drawn with ``seed`` before decoding, or with ``imagenet_ids`` (a list of
+    ``"wnid/file"``, a list file, or ``"robustbench"`` for the installed robustbench's 5,000-image list) the
+    first n ids in list order.  The same images are used in every domain.  ``include_clean`` adds the clean
+    test set as ``("clean", 0)``.  ``seed`` also seeds regeneration; ``preset`` only matters for
+    regeneration (default ``"cifar"`` / ``"imagenet"``).  A natural-shift set is one domain per severity
+    (the same images; severities do not apply) named after the dataset: ``corruptions`` must be
+    ``[dataset]`` (the default 15-corruption list is replaced by it).  All inputs are validated before any
+    long work starts."""
+    shift = natural_shift(dataset)
+    if shift is not None:
+        return _load_natural_shift_benchmark(shift, corruptions, severities, data_dir=data_dir, source=source,
+                                             include_clean=include_clean, n_examples=n_examples, seed=seed,
+                                             imagenet_ids=imagenet_ids, progress=progress)  # fmt: skip
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose from {DATASETS}")
     if source not in ("auto", "release", "regenerate"):
@@ -264,9 +278,11 @@ def load_corruption_benchmark(
             for s in severities:
                 if not (release / c / str(s)).is_dir():
                     raise FileNotFoundError(f"ImageNet-C release {release} lacks {c}/{s}/")
+        ids = read_image_ids(imagenet_ids) if isinstance(imagenet_ids, (str, os.PathLike)) else imagenet_ids
         for c in corruptions:
             for s in severities:
-                domains[(c, s)] = read_imagenet_c(release, c, s, ids=imagenet_ids, progress=progress).head(n_examples)
+                domains[(c, s)] = read_imagenet_c(release, c, s, ids=ids, n_examples=n_examples, seed=seed,
+                                                  progress=progress)  # fmt: skip
                 provenance[(c, s)] = "release"
         notes.append(f"release {release}")
     elif release is not None:
@@ -307,6 +323,86 @@ def load_corruption_benchmark(
         domains[CLEAN] = clean.head(n_examples)
         provenance[CLEAN] = "clean"
     return CorruptionBenchmark(dataset, domains, provenance, clean.source if clean is not None else None, notes)
+
+
+def resolve_benchmark_source(
+    dataset: str = "cifar10",
+    corruptions: Sequence[str] = CORRUPTIONS,
+    severities: Sequence[int] = (5,),
+    *,
+    data_dir: str | os.PathLike | None = None,
+    source: str = "auto",
+    imagenet_ids: Sequence[str] | str | None = None,
+) -> str:
+    """Where :func:`load_corruption_benchmark` would take the data from, checked without reading or decoding
+    any image: a one-line description (``"imagenet: release /data/ImageNet-C"``, ``"cifar10: regenerated
+    from /data/cifar10-jpeg"``) or a one-line ``ValueError`` / ``FileNotFoundError``.  For a config's
+    dry run."""
+    shift = natural_shift(dataset)
+    if shift is not None:
+        names = list(corruptions)
+        if names not in ([shift.name], list(CORRUPTIONS)):
+            raise ValueError(f"{shift.name} is one domain: corruptions must be [{shift.name}], got {names}")
+        return f"{shift.name}: release {find_natural_shift(shift.name, data_dir)} ({len(shift.wnids)} classes)"
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose from {DATASETS}")
+    if source not in ("auto", "release", "regenerate"):
+        raise ValueError(f"source must be 'auto', 'release' or 'regenerate', got {source!r}")
+    release = None
+    if source != "regenerate":
+        release = find_dataset_dir(RELEASE_DIRS[dataset], _release_check(dataset), data_dir)
+    if dataset == "imagenet":
+        if release is None:
+            raise FileNotFoundError(f"imagenet corruption release ({'/'.join(RELEASE_DIRS[dataset])}) not found; "
+                                    f"{describe_search(data_dir)}")  # fmt: skip
+        missing = [f"{c}/{s}" for c in corruptions for s in severities if not (release / c / str(s)).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"ImageNet-C release {release} lacks {', '.join(missing[:5])}")
+        if isinstance(imagenet_ids, (str, os.PathLike)):
+            n_ids = len(read_image_ids(imagenet_ids))
+            return f"imagenet: release {release}, {n_ids} listed images ({imagenet_ids})"
+        return f"imagenet: release {release}"
+    if release is not None:
+        check_cifar_c(release, list(corruptions), severities)
+        return f"{dataset}: release {release}"
+    if source == "release":
+        raise FileNotFoundError(f"{dataset} corruption release ({'/'.join(RELEASE_DIRS[dataset])}) not found; "
+                                f"{describe_search(data_dir)}")  # fmt: skip
+    _get_corrupt()
+    names = {"cifar10": (["cifar-10-batches-py"], is_cifar10_python), "cifar100": (["cifar-100-python"],
+             is_cifar100_python)}  # fmt: skip
+    root = find_dataset_dir(*names[dataset], data_dir)
+    if root is None and dataset == "cifar10":
+        root = find_dataset_dir(["cifar10-jpeg"], is_image_folder_split, data_dir)
+    if root is None:
+        raise FileNotFoundError(f"no clean {dataset} test set to regenerate from; {describe_search(data_dir)}")
+    return f"{dataset}: regenerated from {root}"
+
+
+def _load_natural_shift_benchmark(
+    shift: NaturalShift, corruptions: Sequence[str], severities: Sequence[int], *, data_dir, source: str,
+    include_clean: bool, n_examples: int | None, seed: int, imagenet_ids, progress: bool,
+) -> CorruptionBenchmark:  # fmt: skip
+    names = list(corruptions)
+    if names not in ([shift.name], list(CORRUPTIONS)):
+        raise ValueError(f"{shift.name} is one domain: corruptions must be [{shift.name}], got {names}")
+    if source == "regenerate":
+        raise ValueError(f"{shift.name} cannot be regenerated: use source 'auto' or 'release'")
+    if include_clean:
+        raise ValueError(f"{shift.name} has no clean test set to interleave: set clean_interleaved false")
+    if imagenet_ids is not None:
+        raise ValueError("imagenet_ids selects ImageNet-C images; natural-shift sets use n_examples")
+    severities = list(dict.fromkeys(int(s) for s in severities))
+    bad = [s for s in severities if not 1 <= s <= 5]
+    if bad or not severities:
+        raise ValueError(f"severities must be in 1..5, got {bad or severities}")
+    root = find_natural_shift(shift.name, data_dir)
+    data = read_natural_shift(shift.name, root, n_examples=n_examples, seed=seed, progress=progress)
+    domains = {(shift.name, s): data for s in severities}
+    provenance = dict.fromkeys(domains, "release")
+    n_classes = len(shift.wnids)
+    return CorruptionBenchmark(shift.name, domains, provenance, None,
+                               [f"release {root}, {n_classes} classes, {data.info.get('subset', 'all images')}"])
 
 
 def _release_check(dataset: str):

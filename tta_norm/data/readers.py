@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import pickle
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from tta_norm.data.paths import data_cache_dir
+from tta_norm.data.subsets import stratified_subset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 CIFAR_C_SEVERITIES = 5
@@ -171,27 +172,43 @@ def is_cifar100_python(path: Path) -> bool:
 
 
 def list_image_folder(
-    root: str | os.PathLike, *, max_per_class: int | None = None, ids: Iterable[str] | None = None
+    root: str | os.PathLike,
+    *,
+    max_per_class: int | None = None,
+    ids: Iterable[str] | None = None,
+    class_index: Mapping[str, int] | None = None,
 ) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:
     """Files, labels and classes of an ImageFolder tree (classes and files sorted by name).
 
-    ``ids`` restricts to files given as ``"<class>/<file name>"``; ``max_per_class`` keeps the first files of
-    each class."""
+    ``ids`` restricts to files given as ``"<class>/<file name>"`` and returns them in the order of ``ids``;
+    ``max_per_class`` keeps the first files of each class.  ``class_index`` maps class folder names to labels
+    (e.g. wnid -> ImageNet index; every folder must be in it; ``classes`` is then its names by label); by
+    default the label is the position of the folder among the sorted folders."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
-    classes = tuple(sorted(e.name for e in os.scandir(root) if e.is_dir()))
-    if not classes:
+    folders = tuple(sorted(e.name for e in os.scandir(root) if e.is_dir()))
+    if not folders:
         raise DataFormatError(f"{root} has no class sub-directories (expected <root>/<class>/<image>)")
+    if class_index is None:
+        label_of = {c: i for i, c in enumerate(folders)}
+        classes = folders
+    else:
+        unknown = [c for c in folders if c not in class_index]
+        if unknown:
+            raise DataFormatError(f"{root}: class folders {unknown[:5]} are not classes of this dataset")
+        label_of = dict(class_index)
+        classes = tuple(sorted(label_of, key=label_of.__getitem__))
     wanted = None
     if ids is not None:
+        ids = [s.strip().replace("\\", "/") for s in ids]
         wanted = {}
         for s in ids:
-            cls, _, fname = s.strip().replace("\\", "/").rpartition("/")
+            cls, _, fname = s.rpartition("/")
             wanted.setdefault(cls.split("/")[-1], set()).add(fname)
     files: list[Path] = []
     labels: list[int] = []
-    for idx, cls in enumerate(classes):
+    for cls in folders:
         names = sorted(
             e.name
             for e in os.scandir(root / cls)
@@ -202,29 +219,35 @@ def list_image_folder(
         if max_per_class is not None:
             names = names[:max_per_class]
         files += [root / cls / n for n in names]
-        labels += [idx] * len(names)
+        labels += [label_of[cls]] * len(names)
     if wanted is not None:
         n_wanted = sum(len(v) for v in wanted.values())
         if n_wanted != len(files):
             raise DataFormatError(f"{root}: {n_wanted} ids requested but only {len(files)} files found")
+        position = {f"{f.parent.name}/{f.name}": i for i, f in enumerate(files)}
+        order = [position[f"{s.rpartition('/')[0].split('/')[-1]}/{s.rpartition('/')[2]}"] for s in ids]
+        files = [files[i] for i in order]
+        labels = [labels[i] for i in order]
     if not files:
         raise DataFormatError(f"{root}: no image files found")
     return files, np.asarray(labels, dtype=np.int64), classes
 
 
-def _decode(path: Path, size: int | None) -> np.ndarray:
+def _decode(path: Path, size: int | None, crop: int | None = None) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as im:
         im = im.convert("RGB")
-        if size is not None and im.size != (size, size):
+        if size is not None:
+            crop = crop or size
             w, h = im.size
             scale = size / min(w, h)
             if scale != 1:
                 im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
             w, h = im.size
-            left, top = (w - size) // 2, (h - size) // 2
-            im = im.crop((left, top, left + size, top + size))
+            if (w, h) != (crop, crop):
+                left, top = (w - crop) // 2, (h - crop) // 2
+                im = im.crop((left, top, left + crop, top + crop))
         return np.asarray(im, dtype=np.uint8)
 
 
@@ -232,6 +255,7 @@ def decode_images(
     files: Sequence[Path],
     *,
     size: int | None = None,
+    crop: int | None = None,
     workers: int | None = None,
     progress: bool = True,
     desc="",
@@ -239,23 +263,25 @@ def decode_images(
     """Decode ``files`` into one uint8 NHWC array (threaded; PIL releases the GIL while decoding).
 
     All images must have the same size unless ``size`` is given (then: resize the short side to ``size`` and
-    center-crop to ``size x size``)."""
+    center-crop to ``crop x crop``, ``crop`` defaulting to ``size``)."""
     from tqdm.auto import tqdm
 
     if not files:
         raise ValueError("no files to decode")
-    first = _decode(files[0], size)
+    first = _decode(files[0], size, crop)
     out = np.empty((len(files),) + first.shape, dtype=np.uint8)
     workers = workers or min(4, os.cpu_count() or 1)
     chunk = 256
 
+    out[0] = first
+
     def work(start: int) -> int:
-        for i in range(start, min(start + chunk, len(files))):
-            img = _decode(files[i], size)
+        for i in range(max(start, 1), min(start + chunk, len(files))):
+            img = _decode(files[i], size, crop)
             if img.shape != first.shape:
                 raise DataFormatError(
                     f"{files[i]} has shape {img.shape}, expected {first.shape} like {files[0]}; "
-                    "pass size= to resize"
+                    "pass size= (and crop=) to resize"
                 )
             out[i] = img
         return min(start + chunk, len(files)) - start
@@ -279,8 +305,12 @@ def read_image_folder(
     root: str | os.PathLike,
     *,
     size: int | None = None,
+    crop: int | None = None,
     max_per_class: int | None = None,
     ids: Iterable[str] | None = None,
+    n_examples: int | None = None,
+    seed: int = 0,
+    class_index: Mapping[str, int] | None = None,
     cache: bool = True,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
@@ -288,37 +318,57 @@ def read_image_folder(
 ) -> ArrayDataset:
     """An ImageFolder tree decoded into a uint8 NHWC array (see :func:`list_image_folder` for the filters).
 
+    ``n_examples`` selects images from the file list *before decoding*: the first ``n_examples`` ids when
+    ``ids`` is given (robustbench's convention for its id list), else a seeded class-stratified subset in
+    random order (:func:`tta_norm.data.subsets.stratified_subset` with ``seed``).  Only the selected images
+    are decoded and cached.  ``size``/``crop``: resize the short side, then center-crop (see
+    :func:`decode_images`).
+
     With ``cache`` (default) the decoded array is stored under ``cache_dir`` (default
-    ``<cache>/data/imagefolder``), keyed by the file list, sizes and modification times, and memory-mapped on
-    later calls."""
+    ``<cache>/data/imagefolder``), keyed by the selected file list, sizes and modification times, and
+    memory-mapped on later calls."""
     root = Path(root).resolve()
-    files, labels, classes = list_image_folder(root, max_per_class=max_per_class, ids=ids)
+    files, labels, classes = list_image_folder(root, max_per_class=max_per_class, ids=ids, class_index=class_index)
+    info: dict = {"n_listed": len(files)}
+    if n_examples is not None and n_examples < len(files):
+        if ids is not None:
+            pick = np.arange(n_examples)
+            info["subset"] = f"first {n_examples} ids"
+        else:
+            pick = stratified_subset(labels, n_examples, seed)
+            info["subset"] = f"stratified n={n_examples} seed={seed}"
+        files = [files[i] for i in pick]
+        labels = labels[pick]
     source = f"imagefolder:{root}"
     if not cache:
         images = decode_images(
-            files, size=size, workers=workers, progress=progress, desc=f"decoding {root.name}"
+            files, size=size, crop=crop, workers=workers, progress=progress, desc=f"decoding {root.name}"
         )
-        return ArrayDataset(images, labels, classes, source)
-    key = _folder_fingerprint(files, f"{root}|size={size}")
+        return ArrayDataset(images, labels, classes, source, info)
+    key = _folder_fingerprint(files, f"{root}|size={size}|crop={crop}")
     base = Path(cache_dir) if cache_dir is not None else data_cache_dir() / "imagefolder"
     target = base / f"{root.parent.name}-{root.name}-{key}"
     img_file, lab_file, meta_file = target / "images.npy", target / "labels.npy", target / "meta.json"
+    info["cache"] = str(target)
     if img_file.is_file() and lab_file.is_file() and meta_file.is_file():
         try:
             images = np.load(img_file, mmap_mode="r")
             cached_labels = np.load(lab_file)
             if images.shape[0] == len(files) and np.array_equal(cached_labels, labels):
-                return ArrayDataset(images, labels, classes, source, {"cache": str(target)})
+                return ArrayDataset(images, labels, classes, source, info)
         except (ValueError, OSError):
             pass  # corrupt cache entry: rebuild below
-    images = decode_images(files, size=size, workers=workers, progress=progress, desc=f"decoding {root.name}")
+    images = decode_images(
+        files, size=size, crop=crop, workers=workers, progress=progress, desc=f"decoding {root.name}"
+    )
     target.mkdir(parents=True, exist_ok=True)
     _atomic_save(img_file, images)
     _atomic_save(lab_file, labels)
     tmp = meta_file.with_name(f".{meta_file.name}.{os.getpid()}.tmp")  # unique: concurrent runs share the cache
-    tmp.write_text(json.dumps({"root": str(root), "n": len(files), "classes": list(classes), "size": size}))
+    tmp.write_text(json.dumps({"root": str(root), "n": len(files), "classes": list(classes), "size": size,
+                               "crop": crop, "subset": info.get("subset")}))  # fmt: skip
     os.replace(tmp, meta_file)
-    return ArrayDataset(np.load(img_file, mmap_mode="r"), labels, classes, source, {"cache": str(target)})
+    return ArrayDataset(np.load(img_file, mmap_mode="r"), labels, classes, source, info)
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
@@ -446,6 +496,8 @@ def read_imagenet_c(
     severity: int,
     *,
     ids: Iterable[str] | None = None,
+    n_examples: int | None = None,
+    seed: int = 0,
     size: int | None = None,
     cache: bool = True,
     cache_dir: str | os.PathLike | None = None,
@@ -453,15 +505,22 @@ def read_imagenet_c(
 ) -> ArrayDataset:
     """``<root>/<corruption>/<severity>/<wnid>/*`` decoded (and cached) like :func:`read_image_folder`.
 
-    Labels are the index of the wnid among the sorted class folders (torchvision ImageFolder convention,
-    which is the standard ImageNet class order when all 1,000 wnids are present).
-    ``ids``: ``"wnid/file"`` strings."""
+    Labels are ImageNet-1k indices of the wnid folders (:mod:`tta_norm.data.imagenet_classes`) when every
+    folder is an ImageNet wnid, else the position among the sorted folders (torchvision's ImageFolder
+    convention).  ``ids``: ``"wnid/file"`` strings, read in their order (robustbench's id list);
+    ``n_examples``: the first n ids, or without ids a seeded class-stratified subset, chosen before decoding."""
+    from tta_norm.data.imagenet_classes import imagenet_index
+
     folder = Path(root) / corruption / str(int(severity))
     if not folder.is_dir():
         raise FileNotFoundError(
             f"ImageNet-C folder not found: {folder} (layout <root>/<corruption>/<1..5>/<wnid>/)"
         )
-    ds = read_image_folder(folder, size=size, ids=ids, cache=cache, cache_dir=cache_dir, progress=progress)
+    index = imagenet_index()
+    wnids = [e.name for e in os.scandir(folder) if e.is_dir()]
+    class_index = index if wnids and all(w in index for w in wnids) else None
+    ds = read_image_folder(folder, size=size, ids=ids, n_examples=n_examples, seed=seed, class_index=class_index,
+                           cache=cache, cache_dir=cache_dir, progress=progress)  # fmt: skip
     ds.source = f"release:{folder}"
     ds.info["severity"] = int(severity)
     return ds

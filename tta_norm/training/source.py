@@ -143,7 +143,7 @@ def _initial_model(config: TrainConfig, num_classes: int) -> nn.Module:
         m = _CIFAR_RE.match(config.model.lower())
         if m and int(m.group(1)) in CIFAR_DEPTHS:
             return cifar_resnet(int(m.group(1)), num_classes=num_classes)
-        return load_model(config.model, num_classes=num_classes)
+        return load_model(config.model, num_classes=num_classes, random_init=True)
     return load_model(config.model, config.init, num_classes=num_classes)
 
 

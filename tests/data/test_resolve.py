@@ -1,0 +1,41 @@
+"""``resolve_benchmark_source``: where the data would come from, checked without decoding any image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.data.conftest import write_tree
+from tta_norm.data import resolve_benchmark_source
+from tta_norm.data.imagenet_classes import IMAGENET_R_WNIDS, IMAGENET_WNIDS
+
+
+def test_resolve_imagenet_c_and_natural_shift(tmp_path, decode_counter):
+    write_tree(tmp_path / "ImageNet-C" / "fog" / "5", IMAGENET_WNIDS[:2], 2)
+    assert resolve_benchmark_source("imagenet", ["fog"], [5], data_dir=tmp_path) == (
+        f"imagenet: release {tmp_path / 'ImageNet-C'}"
+    )
+    with pytest.raises(FileNotFoundError, match="lacks fog/3"):
+        resolve_benchmark_source("imagenet", ["fog"], [3, 5], data_dir=tmp_path)
+    (tmp_path / "ids.txt").write_text(f"{IMAGENET_WNIDS[0]}/img000.png\n")
+    assert "1 listed images" in resolve_benchmark_source("imagenet", ["fog"], [5], data_dir=tmp_path,
+                                                         imagenet_ids=str(tmp_path / "ids.txt"))  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="imagenet_r release folder"):
+        resolve_benchmark_source("imagenet_r", data_dir=tmp_path)
+    write_tree(tmp_path / "imagenet-r", IMAGENET_R_WNIDS[:1], 1)
+    assert resolve_benchmark_source("imagenet-r", data_dir=tmp_path).startswith("imagenet_r: release")
+    assert decode_counter == []  # nothing decoded
+
+
+def test_resolve_cifar_release_and_errors(tmp_path):
+    root = tmp_path / "CIFAR-10-C"
+    root.mkdir()
+    np.save(root / "labels.npy", np.zeros(10, np.uint8))
+    np.save(root / "fog.npy", np.zeros((10, 32, 32, 3), np.uint8))
+    assert resolve_benchmark_source("cifar10", ["fog"], [5], data_dir=tmp_path) == f"cifar10: release {root}"
+    with pytest.raises(FileNotFoundError, match="snow.npy"):
+        resolve_benchmark_source("cifar10", ["snow"], [5], data_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="no clean cifar100 test set"):
+        resolve_benchmark_source("cifar100", ["fog"], [5], data_dir=tmp_path)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        resolve_benchmark_source("mnist")
