@@ -27,13 +27,14 @@ def check_channels(x: Tensor, num_features: int, layer: str) -> None:
         )
 
 
-def ema_update(
+def update_running_stat(
     running: Tensor,
     batch_stats: Tensor,
     momentum: float | None,
     num_batches_tracked: Tensor | None,
 ) -> None:
-    """Apply ``k = batch_stats.shape[0]`` sequential BatchNorm-style EMA updates in one vectorized step.
+    """Apply ``k = batch_stats.shape[0]`` sequential BatchNorm-style running-statistic updates in one vectorized
+    step (in place; the functional one-step EMA of statistics is :func:`tta_norm.stats.ema_update`).
 
     ``running`` (shape S) is updated in place as if ``r <- (1 - a) r + a s_j`` were run for j = 0..k-1 with
     ``s_j = batch_stats[j]``. With ``momentum=None`` PyTorch's cumulative moving average is used instead:

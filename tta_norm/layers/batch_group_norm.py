@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._common import channel_view, check_channels, ema_update, stats_dtype
+from ._common import channel_view, check_channels, stats_dtype, update_running_stat
 
 Grouping = Literal["channel", "flat"]
 
@@ -140,8 +140,8 @@ class BatchGroupNorm(nn.Module):
                 assert self.running_var is not None
                 with torch.no_grad():
                     momentum = self.momentum
-                    ema_update(self.running_mean, mean.detach()[None], momentum, self.num_batches_tracked)
-                    ema_update(
+                    update_running_stat(self.running_mean, mean.detach()[None], momentum, self.num_batches_tracked)
+                    update_running_stat(
                         self.running_var,
                         (var.detach() * (count / (count - 1)))[None],
                         momentum,

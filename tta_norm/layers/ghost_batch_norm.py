@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._common import channel_view, check_channels, ema_update, stats_dtype
+from ._common import channel_view, check_channels, stats_dtype, update_running_stat
 
 Remainder = Literal["merge", "separate", "error"]
 _REMAINDERS = ("merge", "separate", "error")
@@ -161,8 +161,8 @@ class _GhostBatchNormMixin:
                 if momentum is not None and self.scale_momentum:
                     momentum = momentum / k
                 assert self.running_var is not None
-                ema_update(self.running_mean, means, momentum, self.num_batches_tracked)
-                ema_update(self.running_var, unbiased, momentum, self.num_batches_tracked)
+                update_running_stat(self.running_mean, means, momentum, self.num_batches_tracked)
+                update_running_stat(self.running_var, unbiased, momentum, self.num_batches_tracked)
                 if self.num_batches_tracked is not None:
                     self.num_batches_tracked.add_(k)
 
