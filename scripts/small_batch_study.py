@@ -199,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.quiet
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from tta_norm.device import resolve_device
+
+    device = resolve_device(args.device)
 
     from tta_norm.adaptation._data import load_source_split
     from tta_norm.adaptation.benchdata import subset_corruption_benchmark

@@ -34,6 +34,7 @@ from tta_norm.adaptation.benchdata import error_table, run_grid, subset_corrupti
 from tta_norm.adaptation.ttn import TTNConfig, fit_ttn, load_ttn
 from tta_norm.bench import BenchConfig
 from tta_norm.data import CORRUPTIONS
+from tta_norm.device import resolve_device
 from tta_norm.models import load_model
 
 
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.quiet
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = resolve_device(args.device)
     model = load_model(args.model, args.checkpoint, device=device)
     ttn_path = Path(args.ttn_state) if args.ttn_state else out / f"ttn-{args.model}.pt"
     prior_path = ttn_path.with_name(ttn_path.stem + "-prior.pt")

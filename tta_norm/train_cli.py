@@ -57,9 +57,8 @@ def run(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
-    import torch
-
     from tta_norm.data.source import find_source_root
+    from tta_norm.device import resolve_device
     from tta_norm.training import (
         TARGET_ACCURACY,
         TrainConfig,
@@ -90,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if config.ema_decay == 0:
         config = dataclasses.replace(config, ema_decay=None)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     try:
         root = find_source_root(args.data_dir, args.source)
     except FileNotFoundError as err:

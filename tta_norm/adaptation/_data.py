@@ -39,16 +39,6 @@ def as_labels(labels: np.ndarray | Tensor | list[int], n: int) -> Tensor:
     return y
 
 
-def resolve_device(device: torch.device | str | None, model: torch.nn.Module | None = None) -> torch.device:
-    """``device`` if given, else the model's device, else CUDA when available, else CPU."""
-    if device is not None:
-        return torch.device(device)
-    if model is not None:
-        for t in model.parameters():
-            return t.device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def seeded_subset(n_total: int, n: int | None, seed: int) -> np.ndarray:
     """Indices of ``n`` samples of ``range(n_total)`` from a seeded permutation (the mirror is class-sorted, so
     never take the first n)."""

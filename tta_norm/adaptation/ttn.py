@@ -45,8 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tta_norm.adaptation._data import ImageArray, as_image_tensor, as_labels, resolve_device, to_model_input
+from tta_norm.adaptation._data import ImageArray, as_image_tensor, as_labels, to_model_input
 from tta_norm.adaptation.augment import SHIFT_OPS, ShiftAugment
+from tta_norm.device import resolve_device
 from tta_norm.norm.adaptive import AdaptiveNorm
 from tta_norm.training import fit
 

@@ -22,15 +22,10 @@ import tta_norm
 from tta_norm.bench.config import BenchConfig, Cell
 from tta_norm.bench.store import ResultStore, atomic_write
 from tta_norm.data.benchmark import CorruptionBenchmark, load_corruption_benchmark
+from tta_norm.device import resolve_device
 from tta_norm.metrics import BatchTimer, MetricsAccumulator, PeakMemory
 from tta_norm.streams import StreamLoader, StreamSpec, build_stream, domain_schedule
 from tta_norm.streams.plan import GRADUAL_SEVERITIES, StreamPlan
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def needed_severities(cfg: BenchConfig) -> list[int]:

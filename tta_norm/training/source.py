@@ -39,6 +39,7 @@ from torch import nn
 from tta_norm.data.paths import checkpoint_dir
 from tta_norm.data.source import DEFAULT_SOURCE, find_source_root, load_split
 from tta_norm.data.tensors import to_float_nchw
+from tta_norm.device import resolve_device
 from tta_norm.training.augment import augment_batch, cutout_batch
 from tta_norm.training.loop import ThreadChooser, fit
 from tta_norm.training.schedule import WeightEMA, lr_at
@@ -163,7 +164,7 @@ def train_source_model(
     config = config or TrainConfig()
     t_start = time.perf_counter()
     cpu_start = time.process_time()
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = resolve_device(device if device is not None else "cpu")
     root = find_source_root(data_dir, source)
     train = load_split(root, "train", progress)
     test = load_split(root, "test", progress) if evaluate else None

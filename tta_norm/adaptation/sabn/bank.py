@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tta_norm.adaptation._data import ImageArray, as_image_tensor, resolve_device, to_model_input
+from tta_norm.adaptation._data import ImageArray, as_image_tensor, to_model_input
 from tta_norm.adaptation.augment import ShiftAugment
+from tta_norm.device import resolve_device
 from tta_norm.norm.adaptive import adaptive_layers
 from tta_norm.norm.convert import keep_state, with_domain
 from tta_norm.stats.estimators import batch_mean_var

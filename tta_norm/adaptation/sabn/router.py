@@ -9,9 +9,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from tta_norm.adaptation._data import resolve_device
 from tta_norm.adaptation.sabn.bank import StatsBank, probe_statistics
 from tta_norm.adaptation.sabn.heads import expand_heads
+from tta_norm.device import resolve_device
 from tta_norm.methods.base import softmax_entropy
 from tta_norm.norm.adaptive import adaptive_layers
 from tta_norm.norm.convert import keep_state, with_domain
