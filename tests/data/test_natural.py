@@ -72,6 +72,11 @@ def test_natural_shift_as_bench_dataset(tmp_path):
     assert cfg.dataset == "imagenet_r" and cfg.corruptions == ["imagenet_r"]
     with pytest.raises(ConfigError, match="one domain"):
         BenchConfig.from_mapping({"dataset": "imagenet_r", "corruptions": ["fog"]})
+    with pytest.raises(ConfigError, match="imagenet_ids"):
+        BenchConfig.from_mapping({"dataset": "imagenet_r", "imagenet_ids": "robustbench"})
+    with pytest.raises(ConfigError, match="random_init"):
+        BenchConfig.from_mapping({"random_init": "yes"})
+    assert BenchConfig.from_mapping({"dataset": "imagenet", "imagenet_ids": "robustbench"}).imagenet_ids
     bench = load_corruption_benchmark(cfg.dataset, cfg.corruptions, cfg.severities, data_dir=cfg.data_dir,
                                       n_examples=cfg.n_examples, seed=cfg.data_seed, progress=False)  # fmt: skip
     ds = bench.domains[("imagenet_r", 5)]

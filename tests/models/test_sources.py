@@ -114,6 +114,8 @@ def test_timm_weights_file_and_random_init(tmp_path):
     with torch.no_grad():
         assert torch.allclose(model(x), ref((x - 0.5) / 0.5), atol=1e-5)
     assert resolve_model_source("timm:test_resnet", random_init=True).weights is None
+    with pytest.raises(FileNotFoundError, match="never downloaded"):
+        resolve_model_source("timm:test_resnet", weights="DEFAULT")  # DEFAULT = the cached pretrained weights
     assert load_model("timm:test_resnet", random_init=True)(x).shape == (1, 1000)
 
 
