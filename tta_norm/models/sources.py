@@ -253,17 +253,22 @@ def hf_hub_cache_dir() -> Path:
 def find_hf_cached_file(repo_id: str, filenames: tuple[str, ...] = HF_WEIGHT_FILES) -> Path | None:
     """The first of ``filenames`` of model repo ``repo_id`` (``org/name``, optionally ``@revision``) in the
     local Hugging Face cache (``models--<org>--<name>/snapshots/<revision>/<file>``, the revision read from
-    ``refs/<ref>`` when it is a branch name).  Never touches the network."""
+    ``refs/<ref>`` when it is a branch name; without a ``refs/main``, e.g. a copied snapshot folder, the most
+    recent snapshot holding the file).  Never touches the network."""
     repo, _, revision = repo_id.partition("@")
     base = hf_hub_cache_dir() / ("models--" + repo.replace("/", "--"))
-    revision = revision or "main"
-    ref = base / "refs" / revision
+    ref = base / "refs" / (revision or "main")
     if ref.is_file():
-        revision = ref.read_text().strip()
+        snapshots = [base / "snapshots" / ref.read_text().strip()]
+    elif revision:
+        snapshots = [base / "snapshots" / revision]
+    else:
+        found = [d for d in (base / "snapshots").glob("*") if d.is_dir()] if (base / "snapshots").is_dir() else []
+        snapshots = sorted(found, key=lambda d: d.stat().st_mtime, reverse=True)
     for fname in filenames:
-        path = base / "snapshots" / revision / fname
-        if path.is_file():
-            return path
+        for snap in snapshots:
+            if (snap / fname).is_file():
+                return snap / fname
     return None
 
 
