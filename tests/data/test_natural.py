@@ -25,6 +25,13 @@ def test_class_lists_match_timm_if_installed():
     timm_data = pytest.importorskip("timm.data")
     info = timm_data.ImageNetInfo()
     assert tuple(info.label_names()) == IMAGENET_WNIDS
+    from importlib import resources
+
+    folder = resources.files("timm.data") / "_info"
+    for name, ours in (("imagenet_r", IMAGENET_R_WNIDS), ("imagenet_a", IMAGENET_A_WNIDS)):
+        assert tuple((folder / f"{name}_synsets.txt").read_text().split()) == ours
+        indices = [int(i) for i in (folder / f"{name}_indices.txt").read_text().split()]
+        assert dataset_output_indices(name) == indices
 
 
 def test_imagenet_r_labels_and_matching_logits(tmp_path, decode_counter):
