@@ -25,6 +25,13 @@ def test_class_lists_match_timm_if_installed():
     timm_data = pytest.importorskip("timm.data")
     info = timm_data.ImageNetInfo()
     assert tuple(info.label_names()) == IMAGENET_WNIDS
+    from importlib import resources
+
+    folder = resources.files("timm.data") / "_info"
+    for name, ours in (("imagenet_r", IMAGENET_R_WNIDS), ("imagenet_a", IMAGENET_A_WNIDS)):
+        assert tuple((folder / f"{name}_synsets.txt").read_text().split()) == ours
+        indices = [int(i) for i in (folder / f"{name}_indices.txt").read_text().split()]
+        assert dataset_output_indices(name) == indices
 
 
 def test_imagenet_r_labels_and_matching_logits(tmp_path, decode_counter):
@@ -72,6 +79,11 @@ def test_natural_shift_as_bench_dataset(tmp_path):
     assert cfg.dataset == "imagenet_r" and cfg.corruptions == ["imagenet_r"]
     with pytest.raises(ConfigError, match="one domain"):
         BenchConfig.from_mapping({"dataset": "imagenet_r", "corruptions": ["fog"]})
+    with pytest.raises(ConfigError, match="imagenet_ids"):
+        BenchConfig.from_mapping({"dataset": "imagenet_r", "imagenet_ids": "robustbench"})
+    with pytest.raises(ConfigError, match="random_init"):
+        BenchConfig.from_mapping({"random_init": "yes"})
+    assert BenchConfig.from_mapping({"dataset": "imagenet", "imagenet_ids": "robustbench"}).imagenet_ids
     bench = load_corruption_benchmark(cfg.dataset, cfg.corruptions, cfg.severities, data_dir=cfg.data_dir,
                                       n_examples=cfg.n_examples, seed=cfg.data_seed, progress=False)  # fmt: skip
     ds = bench.domains[("imagenet_r", 5)]

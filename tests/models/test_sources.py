@@ -84,6 +84,14 @@ def test_timm_pytorch_bin_in_cache_is_found(tmp_path):
         assert torch.allclose(load_model("timm:test_resnet")(x), ref((x - 0.5) / 0.5), atol=1e-5)
 
 
+def test_timm_snapshot_without_refs_is_found(tmp_path):
+    ref = timm.create_model("test_resnet", pretrained=False).eval()
+    cfg = timm.models.get_pretrained_cfg("test_resnet")
+    path = _fake_hf_cache(tmp_path / "hf", cfg.hf_hub_id, ref.state_dict())
+    (path.parents[2] / "refs" / "main").unlink()  # a copied snapshot folder without refs/
+    assert resolve_model_source("timm:test_resnet").file == path
+
+
 def test_timm_url_weights_from_torch_hub_cache(tmp_path):
     cfg = timm.models.get_pretrained_cfg("resnet18.a1_in1k")
     assert cfg.url and cfg.hf_hub_id  # the HF cache is empty: the URL's torch hub file is the fallback
@@ -114,6 +122,8 @@ def test_timm_weights_file_and_random_init(tmp_path):
     with torch.no_grad():
         assert torch.allclose(model(x), ref((x - 0.5) / 0.5), atol=1e-5)
     assert resolve_model_source("timm:test_resnet", random_init=True).weights is None
+    with pytest.raises(FileNotFoundError, match="never downloaded"):
+        resolve_model_source("timm:test_resnet", weights="DEFAULT")  # DEFAULT = the cached pretrained weights
     assert load_model("timm:test_resnet", random_init=True)(x).shape == (1, 1000)
 
 

@@ -140,6 +140,13 @@ class BenchConfig:
             raise ConfigError(f"n_examples must be a positive integer or null, got {self.n_examples!r}")
         if self.source not in ("auto", "release", "regenerate"):
             raise ConfigError(f"source must be auto, release or regenerate, got {self.source!r}")
+        if not isinstance(self.random_init, bool):
+            raise ConfigError(f"random_init must be true or false, got {self.random_init!r}")
+        for key in ("weights", "imagenet_ids"):
+            if getattr(self, key) is not None and not isinstance(getattr(self, key), str):
+                raise ConfigError(f"{key} must be a string or null, got {getattr(self, key)!r}")
+        if self.imagenet_ids is not None and self.dataset != "imagenet":
+            raise ConfigError(f"imagenet_ids selects ImageNet-C images; dataset is {self.dataset!r}")
         if self.on_bad_batch not in ("raise", "skip"):
             raise ConfigError(f"on_bad_batch must be raise or skip, got {self.on_bad_batch!r}")
         entries = self.method_entries()

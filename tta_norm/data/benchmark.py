@@ -12,6 +12,8 @@ Where the images come from (recorded per domain in :attr:`CorruptionBenchmark.pr
   clean set with ``seed``, i.e. the same rows ``corruptions.write_cifar_c`` writes with that seed (``n_examples``
   only trims what is returned, so quick runs and full runs share the cache). Regenerated data follows the
   release's distribution, not its pixels (the original generator was unseeded: REFERENCE part 3, 1.1).
+- natural-shift sets (``imagenet_r``, ``imagenet_a``, ``imagenet_sketch``; :mod:`tta_norm.data.natural`): one
+  ``release`` domain named after the dataset.
 - ``clean``: the clean test set itself (key ``("clean", 0)``), used for clean-interleaved streams. For
   CIFAR-10 this is torchvision's ``cifar-10-batches-py`` test split if present, otherwise the JPEG mirror's
   ``cifar10-jpeg/test``.

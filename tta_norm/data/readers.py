@@ -14,7 +14,10 @@ NHWC layout (possibly a read-only ``np.memmap``) and int64 labels.
   front.
 - The ImageNet-C folder layout ``<root>/<corruption>/<severity>/<wnid>/<image>.JPEG`` (an ImageFolder per
   (corruption, severity)), optionally restricted to a list of ``wnid/file`` ids (robustbench's
-  5,000-image list).
+  5,000-image list), labels by wnid.
+
+Any ImageFolder read can be restricted to ``n_examples`` images (a seeded class-stratified subset, or the first
+ids of a list) before decoding: only those images are decoded and cached.
 """
 
 from __future__ import annotations

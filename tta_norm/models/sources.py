@@ -12,8 +12,9 @@ Kinds of model names:
   CIFAR ResNets; weights from ``checkpoint`` (or ``weights: <file>``), else the released
   ``resnet<depth>-<hash>.th`` in :func:`tta_norm.data.paths.model_search_dirs`.
 - ``timm:<name>`` (``<name>`` may carry a pretrained tag, ``timm:resnet50.a1_in1k``): a timm model whose
-  pretrained weights are read from the local Hugging Face cache (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``,
-  else ``~/.cache/huggingface/hub``), or for weights published as a URL only, from the torch hub cache.
+  pretrained weights (``weights`` unset or ``DEFAULT``) are read from the local Hugging Face cache
+  (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``), or for weights published as a
+  URL only, from the torch hub cache.
   Nothing is ever downloaded.  ``weights: <file>`` loads a local file instead.  The model's
   ``pretrained_cfg`` mean/std becomes the input normalisation.
 - ``tv:<name>`` or a plain torchvision name (``resnet50``): ``weights`` is a torchvision weights name
@@ -96,15 +97,18 @@ def resolve_model_source(
     if random_init and (checkpoint is not None or weights is not None):
         raise ValueError(f"model {name}: random_init=True contradicts the given checkpoint/weights")
     key = name.strip()
+    m = _CIFAR_RE.match(key.lower())
+    depth = int(m.group(1)) if m and int(m.group(1)) in CIFAR_DEPTHS and not key.startswith("tv:") else None
+    if weights == "DEFAULT" and (key.startswith("timm:") or depth is not None):
+        weights = None  # timm's default pretrained tag / the released CIFAR checkpoint: what no weights means
     if key.startswith("rb:"):
         if weights is not None:
             raise ValueError(f"model {key}: robustbench models take no weights; checkpoint is the model_dir")
         return _resolve_robustbench(key[3:], checkpoint, num_classes)
     if key.startswith("timm:"):
         return _resolve_timm(key[5:], weights if weights is not None else checkpoint, random_init, num_classes)
-    m = _CIFAR_RE.match(key.lower())
-    if m and int(m.group(1)) in CIFAR_DEPTHS and not key.startswith("tv:"):
-        return _resolve_cifar(int(m.group(1)), weights if weights is not None else checkpoint, random_init,
+    if depth is not None:
+        return _resolve_cifar(depth, weights if weights is not None else checkpoint, random_init,
                               num_classes)  # fmt: skip
     return _resolve_torchvision(key[3:] if key.startswith("tv:") else key, checkpoint, weights, random_init,
                                 num_classes)  # fmt: skip
@@ -249,17 +253,22 @@ def hf_hub_cache_dir() -> Path:
 def find_hf_cached_file(repo_id: str, filenames: tuple[str, ...] = HF_WEIGHT_FILES) -> Path | None:
     """The first of ``filenames`` of model repo ``repo_id`` (``org/name``, optionally ``@revision``) in the
     local Hugging Face cache (``models--<org>--<name>/snapshots/<revision>/<file>``, the revision read from
-    ``refs/<ref>`` when it is a branch name).  Never touches the network."""
+    ``refs/<ref>`` when it is a branch name; without a ``refs/main``, e.g. a copied snapshot folder, the most
+    recent snapshot holding the file).  Never touches the network."""
     repo, _, revision = repo_id.partition("@")
     base = hf_hub_cache_dir() / ("models--" + repo.replace("/", "--"))
-    revision = revision or "main"
-    ref = base / "refs" / revision
+    ref = base / "refs" / (revision or "main")
     if ref.is_file():
-        revision = ref.read_text().strip()
+        snapshots = [base / "snapshots" / ref.read_text().strip()]
+    elif revision:
+        snapshots = [base / "snapshots" / revision]
+    else:
+        found = [d for d in (base / "snapshots").glob("*") if d.is_dir()] if (base / "snapshots").is_dir() else []
+        snapshots = sorted(found, key=lambda d: d.stat().st_mtime, reverse=True)
     for fname in filenames:
-        path = base / "snapshots" / revision / fname
-        if path.is_file():
-            return path
+        for snap in snapshots:
+            if (snap / fname).is_file():
+                return snap / fname
     return None
 
 
