@@ -20,6 +20,7 @@ from tta_norm.presets import get_preset
 def private_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """Registrations made by a test stay in that test."""
     monkeypatch.setattr(registry, "_CONVERTERS", dict(registry._CONVERTERS))
+    monkeypatch.setattr(registry, "_timm_registered", registry._timm_registered)
 
 
 class BatchNormAct(nn.BatchNorm2d):
@@ -73,6 +74,23 @@ CASES = {
 def test_builtin_converters_keep_source_and_train_outputs(case: str) -> None:
     build, data = CASES[case]
     assert_invariants(build(), data())
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["BatchNormAct2d", "SyncBatchNormAct"])
+def test_timm_norm_act_layers_keep_source_and_train_outputs(sync: bool) -> None:
+    layers = pytest.importorskip("timm.layers")
+
+    def norm(c: int) -> nn.Module:
+        return layers.BatchNormAct2d(c, act_layer=nn.SiLU, drop_layer=nn.Dropout)
+
+    net = conv_net(norm)
+    if sync:
+        net = layers.convert_sync_batchnorm(net)
+        assert type(net[1]).__name__ == "SyncBatchNormAct"
+    assert find_norm_converter(type(net[1])) is registry.adaptive_norm_act_from
+    assert_invariants(net, x_image())
+    layer = tta_norm.adapt(net, "source").model[1]
+    assert type(layer) is AdaptiveNormAct and isinstance(layer.drop, nn.Dropout) and isinstance(layer.act, nn.SiLU)
 
 
 def test_lookup_is_exact_type_then_mro() -> None:
