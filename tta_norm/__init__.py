@@ -8,13 +8,14 @@
 
 from tta_norm.api import TTAModel, adapt
 from tta_norm.methods import methods
-from tta_norm.norm import AdaptiveNorm, NormSpec
+from tta_norm.norm import AdaptiveNorm, AdaptiveNormAct, NormSpec, register_norm_converter
 from tta_norm.presets import get_preset, presets, register_preset
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdaptiveNorm",
+    "AdaptiveNormAct",
     "NormSpec",
     "TTAModel",
     "__version__",
@@ -22,5 +23,6 @@ __all__ = [
     "get_preset",
     "methods",
     "presets",
+    "register_norm_converter",
     "register_preset",
 ]

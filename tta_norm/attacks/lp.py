@@ -35,6 +35,7 @@ from tta_norm.api import TTAModel
 from tta_norm.norm.adaptive import AdaptiveNorm, adaptive_layers
 from tta_norm.norm.convert import keep_state
 from tta_norm.norm.functional import layer_statistics
+from tta_norm.norm.norm_act import AdaptiveNormAct
 
 Norm = Literal["Linf", "L2"]
 
@@ -151,10 +152,13 @@ def frozen_snapshot(tta: TTAModel, x_ref: Tensor) -> nn.Module:
             captured[name], spec.replace(instance="none"), layer.source_stats(), ema_state=layer.ema_state(),
             mix_weight=getattr(layer, "mix_weight", None), use_batch=True,
         )  # fmt: skip
-        frozen = AdaptiveNorm(
+        # a norm + act layer keeps its dropout and activation modules
+        extra = {"drop": layer.drop, "act": layer.act} if isinstance(layer, AdaptiveNormAct) else {}
+        frozen = (AdaptiveNormAct if extra else AdaptiveNorm)(
             layer.num_features, spec.replace(mixing="source", alpha=None, channelwise=False), eps=layer.eps,
             affine=layer.weight is not None, source_mean=stats.mean, source_var=stats.var,
             expected_dims=layer.expected_dims, name=layer.name, device=stats.mean.device, dtype=stats.mean.dtype,
+            **extra,
         )  # fmt: skip
         with torch.no_grad():
             for pname, param in frozen.named_parameters():

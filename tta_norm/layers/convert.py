@@ -25,13 +25,15 @@ activation; every other BatchNorm (e.g. ``bn2`` of a ResNet BasicBlock, which fe
   converted by the ``unfused`` rule and listed in a warning, because an activation applied in ``forward``
   (e.g. ``F.relu``) cannot be seen or removed without tracing.
 
-``activation_after`` restricts fusion to the named BNs (qualified names as in ``model.named_modules()``) or
-those accepted by a predicate ``(name, module) -> bool``; naming a BN that is not followed by a supported
-activation is an error. Parameter count: each fused BN (2C parameters) becomes 4C (gamma, beta, gamma~,
-beta~); an unfused BN becomes a GN with the same 2C (0 without affine). BN buffers disappear. State-dict keys:
-a fused ``bn1.weight``/``bn1.bias`` becomes ``bn1.proxy.weight``/``bn1.proxy.bias`` (plus
-``bn1.proxy.proxy_weight``/``proxy_bias``); an unfused BN keeps ``weight``/``bias``. The affine values are
-copied from the BN (``copy_affine=True``); running statistics are not used by GN/PN.
+``activation_after`` restricts fusion to the named BNs (qualified names as in ``model.named_modules()``) or those
+accepted by a predicate ``(name, module) -> bool``; naming a BN that is not followed by a supported activation is an
+error. A ``_BatchNorm`` subclass whose ``forward`` adds to the normalisation (timm's ``BatchNormAct2d``: dropout +
+activation) is refused wherever it would be replaced (always with ``unfused="gn"``), because the replacement would
+drop what it adds. Parameter count: each fused BN (2C parameters) becomes 4C (gamma, beta, gamma~, beta~); an
+unfused BN becomes a GN with the same 2C (0 without affine). BN buffers disappear. State-dict keys: a fused
+``bn1.weight``/``bn1.bias`` becomes ``bn1.proxy.weight``/``bn1.proxy.bias`` (plus
+``bn1.proxy.proxy_weight``/``proxy_bias``); an unfused BN keeps ``weight``/``bias``. The affine values are copied
+from the BN (``copy_affine=True``); running statistics are not used by GN/PN.
 """
 
 from __future__ import annotations
@@ -118,6 +120,24 @@ def _resolve_groups(num_groups: GroupSpec, channels: int, name: str) -> int:
             "dividing every BN's channel count or a callable channels -> groups"
         )
     return g
+
+
+def _plain_batchnorm(module: nn.Module) -> bool:
+    """True if ``module``'s forward is exactly a BatchNorm's (no activation or dropout added, as timm's
+    ``BatchNormAct2d`` adds)."""
+    return type(module).forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward)
+
+
+def _refuse_extended(names: Collection[str], bns: dict[str, nn.Module]) -> None:
+    """Replacing a BatchNorm subclass with its own forward would drop what it adds: refuse before any change."""
+    bad = sorted(n for n in names if not _plain_batchnorm(bns[n]))
+    if bad:
+        kinds = sorted({type(bns[n]).__name__ for n in bad})
+        raise ValueError(
+            f"convert_to_gn_pn: {bad} ({', '.join(kinds)}) apply more than a BatchNorm in forward() (e.g. timm's "
+            "BatchNormAct2d adds dropout and an activation); replacing them would drop it. Pass unfused='keep' "
+            "to leave them, or replace them by nn.BatchNorm2d + activation first"
+        )
 
 
 def _factory(bn: _BatchNorm) -> dict[str, Any]:
@@ -405,6 +425,7 @@ def convert_to_gn_pn(
         )
 
     if isinstance(model, _BatchNorm):
+        _refuse_extended([""] if unfused == "gn" else [], {"": model})
         out = unfused_replacement("", model)
         return model if out is None else out
 
@@ -413,6 +434,7 @@ def convert_to_gn_pn(
         pairs, bn_names = _fx_candidates(gm)
         all_bns = {n: gm.get_submodule(n) for n in bn_names}
         chosen = _select(pairs, all_bns, activation_after, method)
+        _refuse_extended([n for n in bn_names if n in chosen or unfused == "gn"], all_bns)
         for name in bn_names:
             bn: _BatchNorm = all_bns[name]  # type: ignore[assignment]
             if name in chosen:
@@ -440,6 +462,7 @@ def convert_to_gn_pn(
                 seq_pairs[f"{parent_name}.{n1}" if parent_name else n1] = (parent, n1, n2, m2)
     all_bns = {n: m for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
     chosen = _select(seq_pairs, all_bns, activation_after, method)
+    _refuse_extended([n for n in all_bns if n in chosen or unfused == "gn"], all_bns)
     for name in sorted(chosen):
         parent, n1, n2, act = seq_pairs[name]
         bn = all_bns[name]  # type: ignore[assignment]

@@ -129,7 +129,7 @@ class AdaptiveNorm(nn.Module):
             affine=bn.affine,
             source_mean=bn.running_mean,
             source_var=bn.running_var,
-            expected_dims=_EXPECTED_DIMS.get(type(bn)),
+            expected_dims=next((_EXPECTED_DIMS[c] for c in type(bn).__mro__ if c in _EXPECTED_DIMS), None),
             name=name,
             **factory,
         )

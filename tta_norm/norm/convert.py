@@ -6,22 +6,36 @@ import contextlib
 from collections.abc import Iterator
 
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
+from torch.nn.modules.batchnorm import _LazyNormBase
 
 from tta_norm.norm.adaptive import AdaptiveNorm, adaptive_layers
+from tta_norm.norm.registry import find_norm_converter, is_convertible
 from tta_norm.norm.spec import NormSpec
 
 
-def find_batchnorms(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
-    """Every ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm`` (any ``_BatchNorm`` subclass) in ``model``."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
+def find_batchnorms(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every layer the converter replaces: any ``_BatchNorm`` (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, timm's
+    ``BatchNormAct2d``...) and any instance of a class given to :func:`register_norm_converter`; the layers
+    inside a found layer are not listed (the replacement of the outer one decides about them)."""
+    found: list[tuple[str, nn.Module]] = []
+    inside: str | None = None  # prefix of the last found layer's submodules (contiguous in named_modules)
+    for name, module in model.named_modules():
+        if inside is not None and (inside == "" or name.startswith(inside)):
+            continue
+        if is_convertible(module):
+            found.append((name, module))
+            inside = f"{name}." if name else ""
+    return found
 
 
 def convert_batchnorms(model: nn.Module, spec: NormSpec) -> list[str]:
-    """Replace, in place, every BatchNorm of ``model`` by an :class:`AdaptiveNorm` built from it.
+    """Replace, in place, every BatchNorm of ``model`` by its adaptive counterpart (an :class:`AdaptiveNorm`,
+    or the replacement its registered converter builds, see :mod:`tta_norm.norm.registry`).
 
     Returns the names of the replaced layers.  Raises ``ValueError`` if there is none, or for an
-    uninitialised lazy BatchNorm.
+    uninitialised lazy BatchNorm, and ``TypeError`` for a BatchNorm subclass with its own ``forward`` and no
+    registered converter.  Every replacement is built before the first one is installed: on error the model
+    is unchanged.
     """
     found = find_batchnorms(model)
     if not found:
@@ -31,12 +45,26 @@ def convert_batchnorms(model: nn.Module, spec: NormSpec) -> list[str]:
             f"model {type(model).__name__} has no BatchNorm layer to adapt{extra}; tta_norm adapts "
             "nn.BatchNorm1d/2d/3d and nn.SyncBatchNorm statistics"
         )
-    for name, bn in found:
+    converters = [find_norm_converter(type(bn)) for _, bn in found]
+    if found[0][0] == "":
+        raise ValueError(
+            f"the model itself is a norm layer ({type(model).__name__}); wrap it first, e.g. nn.Sequential(model)"
+        )
+    replacements = []
+    for (name, bn), convert in zip(found, converters, strict=True):
         if isinstance(bn, _LazyNormBase) and bn.has_uninitialized_params():
             raise ValueError(f"lazy BatchNorm {name!r} is uninitialised; run one forward pass before adapting")
+        new = convert(bn, spec, name)
+        if not isinstance(new, nn.Module) or not any(isinstance(m, AdaptiveNorm) for m in new.modules()):
+            raise TypeError(
+                f"the norm converter for {type(bn).__qualname__} returned {type(new).__name__} for layer "
+                f"{name!r}; it must return an AdaptiveNorm or a module containing one"
+            )
+        replacements.append(new)
+    for (name, _), new in zip(found, replacements, strict=True):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, AdaptiveNorm.from_batchnorm(bn, spec, name=name))
+        setattr(parent, child, new)
     return [name for name, _ in found]
 
 
