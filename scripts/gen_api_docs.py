@@ -25,7 +25,7 @@ PACKAGES = (
     "tta_norm.data",
     "tta_norm.layers",
     "tta_norm.training",
-    "tta_norm.adaptation",
+    "tta_norm.fitting",
     "tta_norm.attacks",
     "tta_norm.bench",
     "corruptions",

@@ -1,6 +1,6 @@
 """SaBN routing measured on continual and mixed streams: routing accuracy against the true domain, error vs tbn/ema.
 
-1. Train SaBN heads (``tta_norm.adaptation.sabn.train_sabn``; shared + K = 4 heads for clean, colour jitter,
+1. Train SaBN heads (``tta_norm.fitting.sabn.train_sabn``; shared + K = 4 heads for clean, colour jitter,
    Gaussian blur, Gaussian noise; source statistics) on ``--train-images`` random images of the mirror's
    ``train/`` split (skipped if ``<out>/sabn-<model>.pt`` exists).
 2. Known domains: ``--n-test`` random clean test images turned into the 4 training-time domains (one fixed
@@ -34,10 +34,10 @@ import numpy as np
 import torch
 
 import tta_norm
-from tta_norm.adaptation._data import load_source_split, seeded_subset
-from tta_norm.adaptation.benchdata import subset_corruption_benchmark
-from tta_norm.adaptation.sabn import SaBNRouter, calibrate_threshold, synthetic_domains, train_sabn
 from tta_norm.data import CORRUPTIONS, load_clean_test_set
+from tta_norm.fitting._data import load_source_split, seeded_subset
+from tta_norm.fitting.benchdata import subset_corruption_benchmark
+from tta_norm.fitting.sabn import SaBNRouter, calibrate_threshold, synthetic_domains, train_sabn
 from tta_norm.models import load_model
 from tta_norm.streams import StreamLoader, StreamSpec, build_stream, domain_schedule
 

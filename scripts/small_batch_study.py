@@ -4,7 +4,7 @@ A CIFAR ResNet-20 is trained from scratch (or fine-tuned from the released check
 on a seeded random subset of the mirror's ``train/`` split with each normalisation variant and training batch
 size, then evaluated on a random subset of the mirror's
 ``test/`` split (clean accuracy) and on the corruption benchmark (CIFAR-10-C regenerated at severity 5 for a
-random subset of test images, :func:`tta_norm.adaptation.benchdata.subset_corruption_benchmark`):
+random subset of test images, :func:`tta_norm.fitting.benchdata.subset_corruption_benchmark`):
 
 * ``source`` corruption error: the trained model as it is (eval mode) for every variant;
 * ``tbn`` corruption error (test-batch statistics, batch 200, reset per corruption, through ``tta_norm.adapt``)
@@ -203,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
 
     device = resolve_device(args.device)
 
-    from tta_norm.adaptation._data import load_source_split
-    from tta_norm.adaptation.benchdata import subset_corruption_benchmark
+    from tta_norm.fitting._data import load_source_split
+    from tta_norm.fitting.benchdata import subset_corruption_benchmark
 
     tr_x, tr_y = load_source_split("train", args.train_images, seed=args.seed, progress=progress)
     te_x, te_y = load_source_split("test", args.test_images, seed=args.seed + 1, progress=progress)

@@ -4,7 +4,7 @@ Claim checked: at every test batch size in {1, 2, 4, 16, 64, 200}, TTN's error <
 and TTN beats both at small batches (1, 2, 4).
 
 Steps (all seeded):
-1. Fit TTN (:func:`tta_norm.adaptation.ttn.fit_ttn`) on ``--fit-images`` random images of the mirror's
+1. Fit TTN (:func:`tta_norm.fitting.ttn.fit_ttn`) on ``--fit-images`` random images of the mirror's
    ``train/`` split (skipped when ``--ttn-state`` exists).  Also writes the prior-only ablation (a = prior).
 2. Regenerate the 15 corruptions at severity 5 for ``--n-per-corruption`` random clean test images (CPU
    budget: a subset, the same images for every corruption; the harness's ``n_examples`` would take the first
@@ -29,12 +29,12 @@ from pathlib import Path
 
 import torch
 
-from tta_norm.adaptation._data import load_source_split
-from tta_norm.adaptation.benchdata import error_table, run_grid, subset_corruption_benchmark
-from tta_norm.adaptation.ttn import TTNConfig, fit_ttn, load_ttn
 from tta_norm.bench import BenchConfig
 from tta_norm.data import CORRUPTIONS
 from tta_norm.device import resolve_device
+from tta_norm.fitting._data import load_source_split
+from tta_norm.fitting.benchdata import error_table, run_grid, subset_corruption_benchmark
+from tta_norm.fitting.ttn import TTNConfig, fit_ttn, load_ttn
 from tta_norm.models import load_model
 
 

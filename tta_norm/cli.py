@@ -19,8 +19,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("tta_norm.train_cli", "fine-tune or train a source model on a source ImageFolder"),
     "corrupt": ("corruptions.cli", "write CIFAR-10-C / ImageNet-C style corrupted datasets"),
     "attack": ("tta_norm.attacks.cli", "run a malicious-sample attack grid against test-time adaptation"),
-    "ttn-fit": ("tta_norm.adaptation.cli_ttn_fit", "fit TTN's channel-wise mixing weights on source data"),
-    "sabn-train": ("tta_norm.adaptation.cli_sabn_train", "train SaBN per-domain affine heads on source data"),
+    "ttn-fit": ("tta_norm.fitting.cli_ttn_fit", "fit TTN's channel-wise mixing weights on source data"),
+    "sabn-train": ("tta_norm.fitting.cli_sabn_train", "train SaBN per-domain affine heads on source data"),
 }
 
 

@@ -118,7 +118,7 @@ def _run_sabn(args: argparse.Namespace) -> int:
     """``tta-norm train --sabn-domains ...``: delegate to ``tta-norm sabn-train`` with the matching options."""
     import sys
 
-    from tta_norm.adaptation.cli import sabn_train_run
+    from tta_norm.fitting.cli import sabn_train_run
 
     if args.init == "scratch" or not args.out:
         print("tta-norm train: --sabn-domains trains heads on a trained model: give --init release or a "

@@ -31,8 +31,8 @@ def study(monkeypatch):
                                    labels=rng.integers(0, 10, 10))  # fmt: skip
     bench = types.SimpleNamespace(domains={"fog-5": domain})
 
-    import tta_norm.adaptation._data as data_mod
-    import tta_norm.adaptation.benchdata as bench_mod
+    import tta_norm.fitting._data as data_mod
+    import tta_norm.fitting.benchdata as bench_mod
 
     monkeypatch.setattr(data_mod, "load_source_split", lambda split, n, **kw: train if split == "train" else test)
     monkeypatch.setattr(bench_mod, "subset_corruption_benchmark", lambda *a, **kw: bench)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import tta_norm
-from tta_norm.adaptation.augment import ShiftAugment
-from tta_norm.adaptation.sabn import (
+from tta_norm.fitting.augment import ShiftAugment
+from tta_norm.fitting.sabn import (
     SaBNRouter,
     StatsBank,
     expand_heads,
@@ -189,7 +189,7 @@ def test_shift_augment_domains_are_deterministic():
 
 
 def test_calibrated_threshold_is_a_quantile_of_own_domain_distances():
-    from tta_norm.adaptation.sabn import calibrate_threshold, collect_bank
+    from tta_norm.fitting.sabn import calibrate_threshold, collect_bank
 
     net = tiny_net(0)
     x, _ = tiny_data(64, seed=7)

@@ -1,5 +1,5 @@
 """SaBN's per-domain statistics bank: probe statistics of every adaptive norm layer's input, pooled per domain,
-and the distance a router compares them with (see :mod:`tta_norm.adaptation.sabn`)."""
+and the distance a router compares them with (see :mod:`tta_norm.fitting.sabn`)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tta_norm.adaptation._data import ImageArray, as_image_tensor, to_model_input
-from tta_norm.adaptation.augment import ShiftAugment
 from tta_norm.device import resolve_device
+from tta_norm.fitting._data import ImageArray, as_image_tensor, to_model_input
+from tta_norm.fitting.augment import ShiftAugment
 from tta_norm.norm.adaptive import adaptive_layers
 from tta_norm.norm.convert import keep_state, with_domain
 from tta_norm.stats.estimators import batch_mean_var

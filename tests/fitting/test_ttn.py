@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import tta_norm
-from tta_norm.adaptation.ttn import (
+from tta_norm.fitting.ttn import (
     TTNConfig,
     fit_ttn,
     gradient_distance,

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import tta_norm
-from tta_norm.adaptation.iew import default_example_weight, default_grid, evaluate_example_weight, sweep_example_weight
+from tta_norm.fitting.iew import default_example_weight, default_grid, evaluate_example_weight, sweep_example_weight
 
 
 def toy_model() -> nn.Module:

@@ -1,7 +1,7 @@
 """Command-line front ends of the post-training routines: ``tta-norm ttn-fit`` and ``tta-norm sabn-train``.
 
 The dispatcher (:mod:`tta_norm.cli`) imports one module per subcommand and calls its ``add_arguments(parser)`` and
-``run(args) -> int``; :mod:`tta_norm.adaptation.cli_ttn_fit` and :mod:`tta_norm.adaptation.cli_sabn_train` re-export
+``run(args) -> int``; :mod:`tta_norm.fitting.cli_ttn_fit` and :mod:`tta_norm.fitting.cli_sabn_train` re-export
 the pairs below.  Heavy imports (torch, data) happen inside the ``run`` functions.
 
 Examples::
@@ -10,7 +10,7 @@ Examples::
     tta-norm sabn-train --model resnet20 --n-images 4000 --domains clean,color,blur,noise --out runs/sabn/r20.pt
 
 then ``tta_norm.adapt(model, "ttn", init_state="runs/ttn/resnet20-ttn.pt")``, or for SaBN
-``tta_norm.adaptation.sabn.SaBNRouter.from_file(model, "runs/sabn/r20.pt", mode="stats")``.
+``tta_norm.fitting.sabn.SaBNRouter.from_file(model, "runs/sabn/r20.pt", mode="stats")``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def ttn_fit_add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``tta-norm ttn-fit`` (defaults: :class:`tta_norm.adaptation.ttn.TTNConfig`)."""
+    """Arguments of ``tta-norm ttn-fit`` (defaults: :class:`tta_norm.fitting.ttn.TTNConfig`)."""
     _common(parser)
     parser.add_argument("--epochs", type=int, default=None, help="epochs over the images (default 2)")
     parser.add_argument("--lr", type=float, default=None, help="Adam learning rate for a (default 0.02)")
@@ -56,12 +56,12 @@ def ttn_fit_add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def ttn_fit_run(args: argparse.Namespace) -> int:
-    """Fit TTN's channel-wise weights and save the adapted state (see :func:`tta_norm.adaptation.ttn.fit_ttn`)."""
+    """Fit TTN's channel-wise weights and save the adapted state (see :func:`tta_norm.fitting.ttn.fit_ttn`)."""
     import torch
 
-    from tta_norm.adaptation._data import load_source_split
-    from tta_norm.adaptation.augment import parse_ops
-    from tta_norm.adaptation.ttn import fit_ttn
+    from tta_norm.fitting._data import load_source_split
+    from tta_norm.fitting.augment import parse_ops
+    from tta_norm.fitting.ttn import fit_ttn
     from tta_norm.models import load_model
 
     overrides = {
@@ -104,7 +104,7 @@ def ttn_fit_run(args: argparse.Namespace) -> int:
 
 
 def sabn_train_add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``tta-norm sabn-train`` (defaults: :class:`tta_norm.adaptation.sabn.SaBNConfig`)."""
+    """Arguments of ``tta-norm sabn-train`` (defaults: :class:`tta_norm.fitting.sabn.SaBNConfig`)."""
     _common(parser)
     parser.add_argument("--domains", default=None,
                         help="comma-separated: clean and shift ops (default clean,color,blur,noise)")  # fmt: skip
@@ -118,8 +118,8 @@ def sabn_train_add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def sabn_train_run(args: argparse.Namespace) -> int:
     """Train SaBN heads on source domains and save the state with its statistics bank."""
-    from tta_norm.adaptation._data import load_source_split
-    from tta_norm.adaptation.sabn import parse_domains, train_sabn
+    from tta_norm.fitting._data import load_source_split
+    from tta_norm.fitting.sabn import parse_domains, train_sabn
     from tta_norm.models import load_model
 
     overrides = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "train": args.train,

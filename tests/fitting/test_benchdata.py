@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 import tta_norm.data
-from tta_norm.adaptation._data import seeded_subset
-from tta_norm.adaptation.benchdata import error_table, run_grid, subset_corruption_benchmark
 from tta_norm.bench import BenchConfig
 from tta_norm.data import ArrayDataset
+from tta_norm.fitting._data import seeded_subset
+from tta_norm.fitting.benchdata import error_table, run_grid, subset_corruption_benchmark
 
 from .nets import tiny_net
 

@@ -6,7 +6,7 @@ independent affine per domain: ``y = g_k * (gamma * x_hat + beta) + b_k`` (``Ada
 ``domain_bias``, shape ``(K, C)``, identity init; ``domain=k`` selects head k, ``None`` the shared affine only).
 
 **Training** (:func:`train_sabn`).  The source data is split into ``K`` domains: ``"clean"`` plus groups of
-training-time shift augmentations (:mod:`tta_norm.adaptation.augment`; default ``clean, color, blur, noise``).
+training-time shift augmentations (:mod:`tta_norm.fitting.augment`; default ``clean, color, blur, noise``).
 Batches cycle through the domains (one domain per batch, one magnitude per batch) and are classified with
 ``domain=k``; the loss is the cross-entropy (Adam, lr 1e-3: with lr 1e-2 the heads overfitted and were worse
 than the shared affine alone on held-out images of their own domain).  What is trained: ``"heads"`` (the K
@@ -40,7 +40,7 @@ Probe statistics of very small batches are noisy (at batch size 1 they are one i
 whose variance is lower than a domain's pooled variance), so stats routing is more reliable at larger batches.
 """
 
-from tta_norm.adaptation.sabn.bank import (
+from tta_norm.fitting.sabn.bank import (
     StatsBank,
     calibrate_threshold,
     collect_bank,
@@ -49,7 +49,7 @@ from tta_norm.adaptation.sabn.bank import (
     probe_statistics,
     symmetric_kl,
 )
-from tta_norm.adaptation.sabn.heads import (
+from tta_norm.fitting.sabn.heads import (
     DEFAULT_DOMAINS,
     SaBNConfig,
     SaBNResult,
@@ -59,7 +59,7 @@ from tta_norm.adaptation.sabn.heads import (
     synthetic_domains,
     train_sabn,
 )
-from tta_norm.adaptation.sabn.router import ROUTE_MODES, RouteMode, SaBNRouter
+from tta_norm.fitting.sabn.router import ROUTE_MODES, RouteMode, SaBNRouter
 
 __all__ = [
     "DEFAULT_DOMAINS",

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tta_norm.adaptation._data import ImageArray, as_image_tensor, as_labels, to_model_input
 from tta_norm.device import resolve_device
+from tta_norm.fitting._data import ImageArray, as_image_tensor, as_labels, to_model_input
 
 
 def default_example_weight(train_batch_size: int) -> float:

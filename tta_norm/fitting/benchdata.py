@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tta_norm.adaptation._data import seeded_subset
+from tta_norm.fitting._data import seeded_subset
 
 
 def subset_corruption_benchmark(

@@ -1,5 +1,5 @@
 """SaBN heads: train the shared + per-domain affine on source domains, export a head as a plain BatchNorm model,
-and build test domains from the training-time shift families (see :mod:`tta_norm.adaptation.sabn`)."""
+and build test domains from the training-time shift families (see :mod:`tta_norm.fitting.sabn`)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tta_norm.adaptation._data import ImageArray, as_image_tensor, as_labels, to_model_input
-from tta_norm.adaptation.augment import SHIFT_OPS, ShiftAugment
-from tta_norm.adaptation.sabn.bank import StatsBank, collect_bank
 from tta_norm.device import resolve_device
+from tta_norm.fitting._data import ImageArray, as_image_tensor, as_labels, to_model_input
+from tta_norm.fitting.augment import SHIFT_OPS, ShiftAugment
+from tta_norm.fitting.sabn.bank import StatsBank, collect_bank
 from tta_norm.norm.adaptive import adaptive_layers
 from tta_norm.norm.convert import with_domain
 from tta_norm.training import fit

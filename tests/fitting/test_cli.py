@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tta_norm
-from tta_norm.adaptation import cli
+from tta_norm.fitting import cli
 
 
 @pytest.fixture()
@@ -67,7 +67,7 @@ def test_ttn_fit_cli_reports_missing_data(tmp_path, capsys):
 
 
 def test_sabn_train_cli_saves_state_and_bank(tiny_folder, resnet20, tmp_path):
-    from tta_norm.adaptation.sabn import SaBNRouter
+    from tta_norm.fitting.sabn import SaBNRouter
 
     out = tmp_path / "sabn.pt"
     args = parse(cli.sabn_train_add_arguments, [
@@ -90,7 +90,7 @@ def test_sabn_train_cli_rejects_bad_domains(capsys):
 
 def test_train_command_trains_sabn_heads(tiny_folder, resnet20, tmp_path):
     from tta_norm import train_cli
-    from tta_norm.adaptation.sabn import SaBNRouter
+    from tta_norm.fitting.sabn import SaBNRouter
 
     out = tmp_path / "sabn-via-train.pt"
     args = parse(train_cli.add_arguments, [

@@ -8,7 +8,7 @@ and fixed at test time.  **No official code exists; the details below are our ch
 
 1. **Prior** (domain-shift sensitivity, :func:`shift_sensitivity_prior`).  For ``B`` source batches, take the
    gradients of the cross-entropy with respect to every BN ``gamma`` and ``beta`` on the clean batch and on a
-   shifted copy of it (one random domain of :class:`~tta_norm.adaptation.augment.ShiftAugment` per batch),
+   shifted copy of it (one random domain of :class:`~tta_norm.fitting.augment.ShiftAugment` per batch),
    computed with the source statistics (``prior_stats="source"``, the pre-trained model as it is; ``"batch"``
    uses the batch statistics).  Per channel, stack the ``B`` per-batch gradients into vectors ``g`` (clean)
    and ``g'`` (shifted) and score ``d = (dist(g_gamma, g'_gamma) + dist(g_beta, g'_beta)) / 2`` with
@@ -45,9 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tta_norm.adaptation._data import ImageArray, as_image_tensor, as_labels, to_model_input
-from tta_norm.adaptation.augment import SHIFT_OPS, ShiftAugment
 from tta_norm.device import resolve_device
+from tta_norm.fitting._data import ImageArray, as_image_tensor, as_labels, to_model_input
+from tta_norm.fitting.augment import SHIFT_OPS, ShiftAugment
 from tta_norm.norm.adaptive import AdaptiveNorm
 from tta_norm.training import fit
 

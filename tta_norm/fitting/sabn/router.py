@@ -1,5 +1,5 @@
 """Test-time routing of batches to SaBN heads: oracle, nearest bank entry, lowest entropy, or open-set with
-new heads adapted online (see :mod:`tta_norm.adaptation.sabn`)."""
+new heads adapted online (see :mod:`tta_norm.fitting.sabn`)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from tta_norm.adaptation.sabn.bank import StatsBank, probe_statistics
-from tta_norm.adaptation.sabn.heads import expand_heads
 from tta_norm.device import resolve_device
+from tta_norm.fitting.sabn.bank import StatsBank, probe_statistics
+from tta_norm.fitting.sabn.heads import expand_heads
 from tta_norm.methods.base import softmax_entropy
 from tta_norm.norm.adaptive import adaptive_layers
 from tta_norm.norm.convert import keep_state, with_domain
