@@ -165,8 +165,7 @@ def frozen_snapshot(tta: TTAModel, x_ref: Tensor) -> nn.Module:
                 if hasattr(layer, pname) and getattr(layer, pname) is not None:
                     param.copy_(getattr(layer, pname))
         frozen.domain = layer.domain
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, frozen)
+        model.set_submodule(name, frozen)
     return model.requires_grad_(False)
 
 

@@ -129,9 +129,7 @@ def convert_to_aux_bn(model: nn.Module, kind: str = "saaux", num_branches: int =
     if not found:
         raise ValueError(f"model {type(model).__name__} has no nn.BatchNorm2d layer to convert")
     for name, bn in found:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, cls.from_batchnorm(bn, num_branches))
+        model.set_submodule(name, cls.from_batchnorm(bn, num_branches))
     return [n for n, _ in found]
 
 

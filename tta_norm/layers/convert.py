@@ -80,12 +80,6 @@ _RELU_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_}
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, attr, module)
-
-
 def _replace_in_place(
     model: nn.Module, make: Callable[[str, nn.Module], nn.Module | None]
 ) -> tuple[nn.Module, list[str]]:
@@ -99,7 +93,7 @@ def _replace_in_place(
             continue
         new = make(name, module)
         if new is not None:
-            _set_submodule(model, name, new)
+            model.set_submodule(name, new)
             replaced.append(name)
     return model, replaced
 
@@ -440,13 +434,13 @@ def convert_to_gn_pn(
             if name in chosen:
                 bn_node, act_node, act = pairs[name]
                 groups = _resolve_groups(num_groups, bn.num_features, name)
-                _set_submodule(gm, name, _gn_pn_from_bn(bn, act, groups, **pn_kwargs))
+                gm.set_submodule(name, _gn_pn_from_bn(bn, act, groups, **pn_kwargs))
                 act_node.replace_all_uses_with(bn_node)
                 gm.graph.erase_node(act_node)
             else:
                 new = unfused_replacement(name, bn)
                 if new is not None:
-                    _set_submodule(gm, name, new)
+                    gm.set_submodule(name, new)
         gm.graph.lint()
         gm.recompile()
         return gm
@@ -473,7 +467,7 @@ def convert_to_gn_pn(
     for name in rest:
         new = unfused_replacement(name, all_bns[name])  # type: ignore[arg-type]
         if new is not None:
-            _set_submodule(model, name, new)
+            model.set_submodule(name, new)
     if rest:
         what = "converted to GroupNorm with affine" if unfused == "gn" else "kept as BatchNorm"
         warnings.warn(

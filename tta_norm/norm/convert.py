@@ -62,9 +62,7 @@ def convert_batchnorms(model: nn.Module, spec: NormSpec) -> list[str]:
             )
         replacements.append(new)
     for (name, _), new in zip(found, replacements, strict=True):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
+        model.set_submodule(name, new)
     return [name for name, _ in found]
 
 
