@@ -36,6 +36,7 @@ from tta_norm.norm.adaptive import AdaptiveNorm, adaptive_layers
 from tta_norm.norm.convert import keep_state
 from tta_norm.norm.functional import layer_statistics
 from tta_norm.norm.norm_act import AdaptiveNormAct
+from tta_norm.norm.probe import record_inputs
 
 Norm = Literal["Linf", "L2"]
 
@@ -131,21 +132,8 @@ def frozen_snapshot(tta: TTAModel, x_ref: Tensor) -> nn.Module:
     """
     model = copy.deepcopy(tta.model)
     named = list(adaptive_layers(model))
-    captured: dict[str, Tensor] = {}
-
-    def capture(name: str) -> Callable[..., None]:
-        def hook(layer: AdaptiveNorm, args: tuple[Any, ...]) -> None:
-            captured[name] = args[0].detach()
-
-        return hook
-
-    handles = [layer.register_forward_pre_hook(capture(name)) for name, layer in named]
-    try:
-        with torch.no_grad(), keep_state(model):
-            model(x_ref.to(next(model.parameters()).device))
-    finally:
-        for h in handles:
-            h.remove()
+    with torch.no_grad(), keep_state(model), record_inputs(model, Tensor.detach) as captured:
+        model(x_ref.to(next(model.parameters()).device))
     for name, layer in named:
         spec = layer.spec
         stats, _ = layer_statistics(

@@ -4,7 +4,7 @@ and the distance a router compares them with (see :mod:`tta_norm.fitting.sabn`).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,8 +14,8 @@ from torch import Tensor, nn
 from tta_norm.device import resolve_device
 from tta_norm.fitting._data import ImageArray, as_image_tensor, to_model_input
 from tta_norm.fitting.augment import ShiftAugment
-from tta_norm.norm.adaptive import adaptive_layers
 from tta_norm.norm.convert import keep_state, with_domain
+from tta_norm.norm.probe import record_inputs
 from tta_norm.stats.estimators import batch_mean_var
 
 
@@ -25,23 +25,10 @@ def symmetric_kl(mean_a: Tensor, var_a: Tensor, mean_b: Tensor, var_b: Tensor, e
     return 0.5 * (va / vb + vb / va - 2.0 + (mean_a - mean_b).square() * (1.0 / va + 1.0 / vb))
 
 
-@contextlib.contextmanager
-def probe_inputs(model: nn.Module) -> Iterator[dict[str, tuple[Tensor, Tensor]]]:
+def probe_inputs(model: nn.Module) -> contextlib.AbstractContextManager[dict[str, tuple[Tensor, Tensor]]]:
     """Within the block, every forward records the batch mean and (biased) variance of each adaptive norm
     layer's input, ``{layer name: (mean (C,), var (C,))}``, overwritten by the next forward."""
-    found: dict[str, tuple[Tensor, Tensor]] = {}
-    handles = []
-    for name, layer in adaptive_layers(model):
-
-        def hook(_m, args, _name=name):
-            found[_name] = tuple(t.detach() for t in batch_mean_var(args[0]))
-
-        handles.append(layer.register_forward_pre_hook(hook))
-    try:
-        yield found
-    finally:
-        for h in handles:
-            h.remove()
+    return record_inputs(model, lambda x: tuple(t.detach() for t in batch_mean_var(x)))
 
 
 def probe_statistics(model: nn.Module, x: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
