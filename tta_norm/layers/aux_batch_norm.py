@@ -27,8 +27,18 @@ from ._common import check_channels
 
 
 class _BranchNorm(nn.Module):
-    num_branches: int
-    branch: int
+    """``num_branches`` ``BatchNorm2d`` layers (``bns``) and the selected ``branch``; subclasses add affines."""
+
+    def __init__(self, num_features: int, num_branches: int, eps: float, momentum: float | None, affine: bool):
+        super().__init__()
+        if num_branches < 1:
+            raise ValueError(f"num_branches must be >= 1, got {num_branches}")
+        self.num_features = num_features
+        self.num_branches = num_branches
+        self.branch = 0
+        self.bns = nn.ModuleList(
+            nn.BatchNorm2d(num_features, eps, momentum, affine=affine) for _ in range(num_branches)
+        )
 
     def _check_branch(self) -> int:
         b = int(self.branch)
@@ -41,13 +51,7 @@ class AuxBatchNorm2d(_BranchNorm):
     """``num_branches`` independent ``BatchNorm2d`` layers; ``branch`` selects the one applied."""
 
     def __init__(self, num_features: int, num_branches: int = 2, eps: float = 1e-5, momentum: float | None = 0.1):
-        super().__init__()
-        if num_branches < 1:
-            raise ValueError(f"num_branches must be >= 1, got {num_branches}")
-        self.num_features = num_features
-        self.num_branches = num_branches
-        self.branch = 0
-        self.bns = nn.ModuleList(nn.BatchNorm2d(num_features, eps, momentum) for _ in range(num_branches))
+        super().__init__(num_features, num_branches, eps, momentum, affine=True)
 
     def forward(self, x: Tensor) -> Tensor:
         check_channels(x, self.num_features, type(self).__name__)
@@ -72,13 +76,7 @@ class SaAuxBatchNorm2d(_BranchNorm):
     """
 
     def __init__(self, num_features: int, num_branches: int = 2, eps: float = 1e-5, momentum: float | None = 0.1):
-        super().__init__()
-        if num_branches < 1:
-            raise ValueError(f"num_branches must be >= 1, got {num_branches}")
-        self.num_features = num_features
-        self.num_branches = num_branches
-        self.branch = 0
-        self.bns = nn.ModuleList(nn.BatchNorm2d(num_features, eps, momentum, affine=False) for _ in range(num_branches))
+        super().__init__(num_features, num_branches, eps, momentum, affine=False)
         self.shared_weight = nn.Parameter(torch.empty(num_features).normal_(1.0, 0.02))
         self.shared_bias = nn.Parameter(torch.zeros(num_features))
         self.branch_weight = nn.Parameter(torch.empty(num_branches, num_features).normal_(1.0, 0.02))
