@@ -34,7 +34,7 @@ def test_gn_pn_converter_refuses_a_batchnorm_with_its_own_activation(method: str
 
 def test_frozen_snapshot_keeps_the_activation(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(registry, "_CONVERTERS", dict(registry._CONVERTERS))
-    monkeypatch.setattr(registry, "_timm_registered", registry._timm_registered)
+    monkeypatch.setattr(registry, "_lazy_done", set(registry._lazy_done))
     tta_norm.register_norm_converter(BatchNormAct, registry.adaptive_norm_act_from)
     x = x_image(n=6)
     tta = tta_norm.adapt(act_net(), "tbn")
