@@ -12,6 +12,7 @@ from torch import nn
 
 import tta_norm
 from tests.norm.invariants import assert_invariants, randomize_batchnorms
+from tta_norm.layers import convert_to_ghost_bn
 from tta_norm.norm import AdaptiveNorm, AdaptiveNormAct, convert_batchnorms, find_norm_converter, registry
 from tta_norm.presets import get_preset
 
@@ -20,7 +21,7 @@ from tta_norm.presets import get_preset
 def private_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """Registrations made by a test stay in that test."""
     monkeypatch.setattr(registry, "_CONVERTERS", dict(registry._CONVERTERS))
-    monkeypatch.setattr(registry, "_timm_registered", registry._timm_registered)
+    monkeypatch.setattr(registry, "_lazy_done", set(registry._lazy_done))
 
 
 class BatchNormAct(nn.BatchNorm2d):
@@ -67,6 +68,8 @@ CASES = {
     ),
     "SyncBatchNorm": (lambda: conv_net(nn.SyncBatchNorm), x_image),
     "BatchNorm2d subclass keeping forward": (lambda: conv_net(QuietBatchNorm), x_image),
+    # the test batch (4) fits in one ghost batch: train mode normalises with the whole batch's statistics
+    "GhostBatchNorm2d": (lambda: convert_to_ghost_bn(conv_net(nn.BatchNorm2d), 8), x_image),
 }
 
 

@@ -119,11 +119,20 @@ class SaAuxBatchNorm2d(_BranchNorm):
 def convert_to_aux_bn(model: nn.Module, kind: str = "saaux", num_branches: int = 2) -> list[str]:
     """Replace every ``nn.BatchNorm2d`` of ``model`` in place by an AuxBN (``kind="aux"``) or SaAuxBN
     (``"saaux"``) layer built from it, in the same train/eval mode (the model's function is unchanged on every
-    branch).  Returns the names of the replaced layers."""
+    branch).  Returns the names of the replaced layers.  A ``BatchNorm2d`` subclass with its own ``forward``
+    (timm's ``BatchNormAct2d``) is refused before anything changes."""
     if kind not in ("aux", "saaux"):
         raise ValueError(f"kind must be 'aux' or 'saaux', got {kind!r}")
     cls = AuxBatchNorm2d if kind == "aux" else SaAuxBatchNorm2d
     found = [(n, m) for n, m in model.named_modules() if type(m) is nn.BatchNorm2d]
+    extended = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
+                if isinstance(m, nn.BatchNorm2d) and type(m).forward is not nn.BatchNorm2d.forward]  # fmt: skip
+    if extended:
+        raise ValueError(
+            f"convert_to_aux_bn: {extended} are BatchNorm2d subclasses with their own forward (e.g. timm's "
+            "BatchNormAct2d adds an activation); an AuxBN built from them would drop it. Replace them by "
+            "nn.BatchNorm2d + activation first"
+        )
     if not found:
         raise ValueError(f"model {type(model).__name__} has no nn.BatchNorm2d layer to convert")
     for name, bn in found:

@@ -8,7 +8,9 @@ preset reproduces the layer in ``eval()`` mode and ``tbn`` reproduces it in ``tr
 
 Built in: ``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm`` (and any ``_BatchNorm`` subclass that keeps the
 base ``forward``) -> ``AdaptiveNorm``; timm's ``BatchNormAct2d`` and ``SyncBatchNormAct`` -> ``AdaptiveNormAct``
-(registered on first lookup once ``timm`` has been imported; ``tta_norm`` never imports ``timm`` itself).
+(registered on first lookup once ``timm`` has been imported; ``tta_norm`` never imports ``timm`` itself);
+:mod:`tta_norm.layers`' ghost BatchNorms -> ``AdaptiveNorm`` (their ghost batches are a training device: in
+``eval()`` mode they are BatchNorms, and test-time statistics cover the whole test batch).
 Lookup: the exact type first, then its bases in method-resolution order.  A class that inherits a converter
 from a base but overrides that base's ``forward`` does something the converter does not know about: the
 lookup refuses it (``TypeError`` naming the class and :func:`register_norm_converter`) instead of silently
@@ -31,8 +33,6 @@ NormConverter = Callable[[nn.Module, NormSpec, str], nn.Module]
 """``(trained layer, spec, qualified name) -> replacement module`` (an AdaptiveNorm or a module containing one)."""
 
 _CONVERTERS: dict[type, NormConverter] = {}
-_TIMM_MODULE = "timm.layers.norm_act"
-_timm_registered = False
 
 
 def adaptive_norm_from(layer: nn.Module, spec: NormSpec, name: str = "") -> AdaptiveNorm:
@@ -66,25 +66,29 @@ def register_norm_converter(cls: type, fn: NormConverter) -> None:
     _CONVERTERS[cls] = fn
 
 
+# converters of classes defined outside torch, registered once their module has been imported (a model that
+# holds such a layer has imported it): tta_norm itself never imports timm
+_LAZY_BUILTINS: dict[str, dict[str, NormConverter]] = {
+    "timm.layers.norm_act": {"BatchNormAct2d": adaptive_norm_act_from, "SyncBatchNormAct": adaptive_norm_act_from},
+    # ghost BN normalises ghost batches only in training; at test time it is a BatchNorm of the whole batch
+    "tta_norm.layers.ghost_batch_norm": {f"GhostBatchNorm{d}d": adaptive_norm_from for d in (1, 2, 3)},
+}
+_lazy_done: set[str] = set()
+
+
 def _register_builtins() -> None:
-    """Built-in converters (never overriding a user's); timm's classes once ``timm`` is imported."""
-    global _timm_registered
+    """Built-in converters (never overriding a user's); those of ``_LAZY_BUILTINS`` once their module is loaded."""
     for cls in (_BatchNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm):
         _CONVERTERS.setdefault(cls, adaptive_norm_from)
-    if _timm_registered or "timm" not in sys.modules:
-        return
-    import importlib
-
-    try:
-        norm_act = importlib.import_module(_TIMM_MODULE)
-    except ImportError:  # a timm without this module has none of these classes
-        _timm_registered = True
-        return
-    for cls_name in ("BatchNormAct2d", "SyncBatchNormAct"):
-        timm_cls = getattr(norm_act, cls_name, None)
-        if isinstance(timm_cls, type):
-            _CONVERTERS.setdefault(timm_cls, adaptive_norm_act_from)
-    _timm_registered = True
+    for module_name, converters in _LAZY_BUILTINS.items():
+        module = sys.modules.get(module_name)
+        if module is None or module_name in _lazy_done:
+            continue
+        for cls_name, fn in converters.items():
+            cls = getattr(module, cls_name, None)
+            if isinstance(cls, type):
+                _CONVERTERS.setdefault(cls, fn)
+        _lazy_done.add(module_name)
 
 
 def registered_norm_classes() -> list[type]:
