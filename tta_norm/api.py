@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from tta_norm.methods import GradientMethod, get_method_class
+from tta_norm.methods.base import optim_setting_names
 from tta_norm.norm.adaptive import AdaptiveNorm, adaptive_layers
 from tta_norm.norm.convert import convert_batchnorms, layer_attribute
 from tta_norm.norm.spec import NormSpec, spec_fields
@@ -227,7 +228,10 @@ def adapt(
     ``method`` a gradient method name (``"tent"``, ``"eata"``, ``"sar"``) or ``None`` for statistics only.
     Keyword arguments that name :class:`NormSpec` fields override the preset (``alpha=0.2``,
     ``momentum=0.1``, ``num_domains=4``...); the others go to the method (``lr=1e-3``, ``steps=1``,
-    ``fisher_data=...``).  The given model is not modified (a deep copy is adapted) unless ``inplace=True``.
+    ``optimizer="sgd"``, ``optim={"momentum": 0.9}``, ``fisher_data=...``).  With a method, a name that is
+    both a NormSpec field and an optimiser setting (``momentum``, ``eps``) is rejected as ambiguous: the
+    optimiser's goes in ``optim``, the statistics' in the preset.
+    The given model is not modified (a deep copy is adapted) unless ``inplace=True``.
     The adapted model is put in ``eval()`` mode (dropout off); adaptive norm layers ignore the mode.
     ``init_state`` (a state dict of an adapted model, or a file saved with ``torch.save``) is loaded after the
     conversion and becomes the state ``reset()`` returns to: learned TTN weights, trained SaBN heads.
@@ -235,6 +239,15 @@ def adapt(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     spec, name = _resolve_spec(preset)
+    if method is not None:
+        ambiguous = sorted(set(kwargs) & spec_fields() & optim_setting_names())
+        if ambiguous:
+            key = ambiguous[0]
+            raise TypeError(
+                f"{key}= is ambiguous with a gradient method: it is the NormSpec field (statistics {key}) and an "
+                f"optimiser setting; pass the optimiser's in optim={{{key!r}: ...}} and the statistics' in the "
+                f"preset (e.g. preset=tta_norm.get_preset('ema').spec.replace({key}=...))"
+            )
     spec_overrides = {k: v for k, v in kwargs.items() if k in spec_fields()}
     method_kwargs = {k: v for k, v in kwargs.items() if k not in spec_fields()}
     if spec_overrides:
