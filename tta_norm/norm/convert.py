@@ -17,13 +17,15 @@ def find_batchnorms(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
 
 
-def convert_batchnorms(model: nn.Module, spec: NormSpec) -> list[str]:
+def convert_batchnorms(model: nn.Module, spec: NormSpec, *, allow_none: bool = False) -> list[str]:
     """Replace, in place, every BatchNorm of ``model`` by an :class:`AdaptiveNorm` built from it.
 
-    Returns the names of the replaced layers.  Raises ``ValueError`` if there is none, or for an
-    uninitialised lazy BatchNorm.
+    Returns the names of the replaced layers.  Raises ``ValueError`` if there is none (unless
+    ``allow_none=True``: then nothing is replaced and ``[]`` is returned), or for an uninitialised lazy BatchNorm.
     """
     found = find_batchnorms(model)
+    if not found and allow_none:
+        return []
     if not found:
         kinds = sorted({type(m).__name__ for m in model.modules() if "Norm" in type(m).__name__})
         extra = f" (it has {', '.join(kinds)}, which tta_norm does not adapt)" if kinds else ""
