@@ -12,8 +12,9 @@ import torch
 from torch import Tensor, nn
 
 from tta_norm.methods import GradientMethod, get_method_class
+from tta_norm.methods.base import optim_setting_names
 from tta_norm.norm.adaptive import AdaptiveNorm, adaptive_layers
-from tta_norm.norm.convert import convert_batchnorms, layer_attribute
+from tta_norm.norm.convert import convert_batchnorms, find_batchnorms, layer_attribute
 from tta_norm.norm.spec import NormSpec, spec_fields
 from tta_norm.presets import Preset, get_preset
 
@@ -209,7 +210,7 @@ def _resolve_spec(preset: str | NormSpec | Preset) -> tuple[NormSpec, str]:
 
 def adapt(
     model: nn.Module,
-    preset: str | NormSpec | Preset = "tbn",
+    preset: str | NormSpec | Preset | None = None,
     method: str | None = None,
     *,
     inplace: bool = False,
@@ -223,18 +224,53 @@ def adapt(
 ) -> TTAModel:
     """Wrap ``model`` for test-time adaptation: ``tta = adapt(model, "medbn"); logits = tta(x)``.
 
-    ``preset`` is a preset name (see :func:`tta_norm.presets`), a :class:`NormSpec` or a ``Preset``;
-    ``method`` a gradient method name (``"tent"``, ``"eata"``, ``"sar"``) or ``None`` for statistics only.
+    ``preset`` is a preset name (see :func:`tta_norm.presets`), a :class:`NormSpec` or a ``Preset``
+    (default ``"tbn"``); ``method`` a gradient method name (``"tent"``, ``"eata"``, ``"sar"``) or ``None`` for
+    statistics only.  A model without BatchNorm (LayerNorm / GroupNorm networks: ViT, ConvNeXt, ResNet-GN) is
+    adapted by a gradient method alone, on its LayerNorm / GroupNorm affine parameters (``"source"`` alone
+    wraps it unchanged); a statistics preset other than ``"source"`` on it is a ``ValueError`` (statistics
+    presets need BatchNorm).  A model with both
+    adapts both: BatchNorm statistics by the preset, every norm affine by the method.
     Keyword arguments that name :class:`NormSpec` fields override the preset (``alpha=0.2``,
     ``momentum=0.1``, ``num_domains=4``...); the others go to the method (``lr=1e-3``, ``steps=1``,
-    ``fisher_data=...``).  The given model is not modified (a deep copy is adapted) unless ``inplace=True``.
+    ``optimizer="sgd"``, ``optim={"momentum": 0.9}``, ``fisher_data=...``).  With a method, a name that is
+    both a NormSpec field and an optimiser setting (``momentum``, ``eps``) is rejected as ambiguous: the
+    optimiser's goes in ``optim``, the statistics' in the preset.
+    The given model is not modified (a deep copy is adapted) unless ``inplace=True``.
     The adapted model is put in ``eval()`` mode (dropout off); adaptive norm layers ignore the mode.
     ``init_state`` (a state dict of an adapted model, or a file saved with ``torch.save``) is loaded after the
     conversion and becomes the state ``reset()`` returns to: learned TTN weights, trained SaBN heads.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    spec, name = _resolve_spec(preset)
+    has_batchnorm = bool(find_batchnorms(model))
+    spec, name = _resolve_spec("tbn" if preset is None else preset)
+    if not has_batchnorm and (method is not None or name == "source"):
+        spec_kwargs = sorted(set(kwargs) & spec_fields())
+        if (preset is not None and spec.uses_batch) or spec_kwargs:
+            raise ValueError(
+                f"model {type(model).__name__} has no BatchNorm layer, and statistics presets need BatchNorm "
+                f"(got preset {name or spec!r}{f' and {spec_kwargs}' if spec_kwargs else ''}); leave the preset "
+                f"out (or pass 'source') and a gradient method (method='tent', 'eata' or 'sar') adapts its "
+                "LayerNorm/GroupNorm affine parameters"
+            )
+        spec, name = get_preset("source").spec, "source"
+    elif not has_batchnorm:
+        kinds = sorted({type(m).__name__ for m in model.modules() if "Norm" in type(m).__name__})
+        raise ValueError(
+            f"model {type(model).__name__} has no BatchNorm layer{f' (it has {kinds})' if kinds else ''}: "
+            "statistics presets need BatchNorm; a gradient method (method='tent', 'eata' or 'sar') adapts "
+            "LayerNorm/GroupNorm affine parameters"
+        )
+    if method is not None:
+        ambiguous = sorted(set(kwargs) & spec_fields() & optim_setting_names())
+        if ambiguous:
+            key = ambiguous[0]
+            raise TypeError(
+                f"{key}= is ambiguous with a gradient method: it is the NormSpec field (statistics {key}) and an "
+                f"optimiser setting; pass the optimiser's in optim={{{key!r}: ...}} and the statistics' in the "
+                f"preset (e.g. preset=tta_norm.get_preset('ema').spec.replace({key}=...))"
+            )
     spec_overrides = {k: v for k, v in kwargs.items() if k in spec_fields()}
     method_kwargs = {k: v for k, v in kwargs.items() if k not in spec_fields()}
     if spec_overrides:
@@ -247,7 +283,7 @@ def adapt(
     target = model if inplace else copy.deepcopy(model)
     if device is not None:
         target = target.to(device)
-    convert_batchnorms(target, spec)
+    convert_batchnorms(target, spec, allow_none=not has_batchnorm)
     if init_state is not None:
         load_adapted_state(target, init_state)
     target.eval()

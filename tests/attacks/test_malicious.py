@@ -273,7 +273,8 @@ def test_median_subgradient_selects_one_element_by_hand():
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_unrolled_step_matches_the_real_update(optimizer):
     x, _ = batch(10, seed=2)
-    tta = tta_norm.adapt(conv_bn_net(), "tbn", "tent", optimizer=optimizer, lr=0.05, momentum=0.9)
+    optim = {"momentum": 0.9} if optimizer == "sgd" else {"betas": (0.9, 0.999)}
+    tta = tta_norm.adapt(conv_bn_net(), "tbn", "tent", optimizer=optimizer, lr=0.05, optim=optim)
     with torch.enable_grad():
         tta(batch(10, seed=4)[0])  # non-empty optimiser state (momentum buffer / Adam moments)
     with keep_state(tta.model), torch.enable_grad():

@@ -1,6 +1,7 @@
 """timm's model zoo, randomly initialised: conversion is exact on every BatchNorm architecture (timm builds most
 of them with ``BatchNormAct2d``), a TENT step equals a hand-written one, and LayerNorm/GroupNorm models keep their
-eval-mode outputs under the ``source`` preset."""
+eval-mode outputs under the ``source`` preset and take the hand-written TENT step on their LayerNorm/GroupNorm
+affine parameters."""
 
 from __future__ import annotations
 
@@ -93,9 +94,9 @@ def test_batchnorm_model_conversion_is_exact_and_tent_steps_as_by_hand(name: str
 
 
 @pytest.mark.parametrize("name", list(LN_GN_MODELS))
-def test_layernorm_groupnorm_model_source_preset_is_eval_mode(name: str) -> None:
-    """Models without BatchNorm: ``source`` changes nothing.  (TENT/SAR on their LayerNorm/GroupNorm affine
-    parameters is tested with the gradient methods, in tests/methods.)"""
+def test_layernorm_groupnorm_model_source_is_eval_mode_and_tent_steps_as_by_hand(name: str) -> None:
+    """Models without BatchNorm: ``source`` changes nothing, and TENT takes the hand-written SGD step on the
+    affine parameters of every LayerNorm/GroupNorm (the statistics are the layers' own, per sample)."""
     kwargs = LN_GN_MODELS[name]
     model = build(name, **kwargs)
     assert not any(isinstance(m, _BatchNorm) for m in model.modules())
@@ -103,10 +104,25 @@ def test_layernorm_groupnorm_model_source_preset_is_eval_mode(name: str) -> None
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(x)
-        try:
-            tta = tta_norm.adapt(model, "source")
-        except ValueError as err:
-            if "no BatchNorm layer to adapt" not in str(err):
-                raise
-            pytest.xfail("adapting models without BatchNorm comes with LayerNorm/GroupNorm method support")
-        torch.testing.assert_close(tta(x), ref, rtol=0, atol=0)
+        torch.testing.assert_close(tta_norm.adapt(model, "source")(x), ref, rtol=0, atol=0)
+
+    tta = tta_norm.adapt(model, "source", method="tent", optimizer="sgd", lr=TENT_LR)
+    logits = tta(x)
+    hand = copy.deepcopy(model)
+    norms = [m for m in hand.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and m.weight is not None]
+    params = [p for m in norms for p in (m.weight, m.bias)]
+    hand_logits = hand(x)
+    softmax_entropy(hand_logits).mean(0).backward()
+    with torch.no_grad():
+        for p in params:
+            p -= TENT_LR * p.grad
+    torch.testing.assert_close(logits, hand_logits.detach(), rtol=1e-4, atol=1e-5)
+    adapted = [p.detach() for m in tta.model.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm))
+               and m.weight is not None for p in (m.weight, m.bias)]  # fmt: skip
+    source = [p.detach() for m in model.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm))
+              and m.weight is not None for p in (m.weight, m.bias)]  # fmt: skip
+    assert len(adapted) == len(params) == len(source) > 0
+    step = max((p.detach() - q).abs().max().item() for p, q in zip(params, source, strict=True))
+    off = max((p.detach() - q).abs().max().item() for p, q in zip(params, adapted, strict=True))
+    assert step > 1e-6, "the TENT step moved no parameter: the comparison could not fail"
+    assert off <= 1e-3 * step + 1e-7, f"TENT update off by {off:.3g} (step size {step:.3g})"

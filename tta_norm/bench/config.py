@@ -27,6 +27,7 @@ import yaml
 from tta_norm.data.benchmark import CORRUPTIONS, EXTRA_CORRUPTIONS
 from tta_norm.data.natural import natural_shift
 from tta_norm.methods import methods as method_names
+from tta_norm.methods.entries import method_label
 from tta_norm.norm.spec import spec_fields
 from tta_norm.presets import get_preset
 from tta_norm.presets import presets as preset_names
@@ -50,7 +51,7 @@ class MethodEntry:
     def label(self) -> str:
         if self.name:
             return self.name
-        base = self.preset if self.method is None else f"{self.preset}+{self.method}"
+        base = method_label(self.preset, self.method, dict(self.kwargs))
         extra = ",".join(f"{k}={v}" for k, v in self.kwargs)
         return f"{base}({extra})" if extra else base
 
@@ -229,7 +230,7 @@ def parse_method(item: Any) -> MethodEntry:
         )
     if entry.method is not None and entry.method not in method_names():
         raise ConfigError(f"unknown method {entry.method!r}; methods: {', '.join(method_names())}")
-    extra = [k for k, _ in entry.kwargs if k not in spec_fields() and k != "init_state"]
+    extra = [k for k, _ in entry.kwargs if k not in spec_fields() and k not in ("init_state", "ttn_fit")]
     if extra and entry.method is None:
         raise ConfigError(f"method entry {entry.label}: {extra} are not preset fields and no method is given")
     spec_kwargs = {k: v for k, v in entry.kwargs if k in spec_fields()}

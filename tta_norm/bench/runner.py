@@ -23,6 +23,7 @@ from tta_norm.bench.config import BenchConfig, Cell
 from tta_norm.bench.store import ResultStore, atomic_write
 from tta_norm.data.benchmark import CorruptionBenchmark, load_corruption_benchmark
 from tta_norm.device import resolve_device
+from tta_norm.methods.entries import resolve_entry_kwargs
 from tta_norm.metrics import BatchTimer, MetricsAccumulator, PeakMemory
 from tta_norm.streams import StreamLoader, StreamSpec, build_stream, domain_schedule
 from tta_norm.streams.plan import GRADUAL_SEVERITIES, StreamPlan
@@ -80,9 +81,9 @@ def run_cell(
     loader = StreamLoader(plan, bench.domains, device=device, batch_size=cell.batch_size)
     torch.manual_seed(cell.seed)
     entry = cell.entry
-    tta = tta_norm.adapt(
-        model, entry.preset, entry.method, device=device, on_bad_batch=cfg.on_bad_batch, **dict(entry.kwargs)
-    )
+    kwargs = resolve_entry_kwargs(entry.preset, entry.method, dict(entry.kwargs), model, dataset=cfg.dataset,
+                                  data_dir=cfg.data_dir, device=device)  # fmt: skip
+    tta = tta_norm.adapt(model, entry.preset, entry.method, device=device, on_bad_batch=cfg.on_bad_batch, **kwargs)
     acc = MetricsAccumulator.from_plan(plan)
     timer = BatchTimer(device)
     no_grad = torch.no_grad() if entry.method is None else torch.enable_grad()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from tta_norm.methods.base import GradientMethod, collect_norm_params, softmax_entropy
-from tta_norm.methods.eata import EATA, compute_fishers, entropy_margin
+from tta_norm.methods.eata import EATA, eata_defaults, entropy_margin
+from tta_norm.methods.fisher import cached_fishers, clear_fisher_cache, compute_fishers
 from tta_norm.methods.sar import SAR
 from tta_norm.methods.tent import Tent
 
@@ -39,8 +40,11 @@ __all__ = [
     "SAR",
     "GradientMethod",
     "Tent",
+    "cached_fishers",
+    "clear_fisher_cache",
     "collect_norm_params",
     "compute_fishers",
+    "eata_defaults",
     "entropy_margin",
     "get_method_class",
     "methods",

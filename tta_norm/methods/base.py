@@ -3,13 +3,41 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from tta_norm.norm.adaptive import adaptive_layers
+from tta_norm.norm.adaptive import AdaptiveNorm
 from tta_norm.norm.convert import keep_state
+
+#: Norm layers whose affine parameters the gradient methods adapt: the toolkit's adaptive BatchNorm
+#: replacement and PyTorch's LayerNorm / GroupNorm (subclasses included, e.g. timm's ``LayerNorm2d``).
+ADAPTABLE_NORMS: tuple[type[nn.Module], ...] = (AdaptiveNorm, nn.LayerNorm, nn.GroupNorm)
+
+#: The optimiser settings each supported optimiser accepts (``torch.optim`` argument names).
+OPTIM_SETTINGS: dict[str, tuple[str, ...]] = {
+    "adam": ("lr", "betas", "eps", "weight_decay", "amsgrad"),
+    "sgd": ("lr", "momentum", "dampening", "weight_decay", "nesterov"),
+}
+
+#: The authors' optimiser defaults.  Adam: TENT's CIFAR setting (``DequanWang/tent`` ``cfgs/tent.yaml``: lr 1e-3,
+#: betas (0.9, 0.999), wd 0), also used by Marsden & Doebler's and MedBN's CIFAR configs for TENT, EATA and SAR.
+#: SGD: the ImageNet setting of TENT, EATA and SAR (``mr-eggplant/EATA`` and ``mr-eggplant/SAR`` ``main.py``:
+#: lr 0.00025 at batch 64, momentum 0.9, no Nesterov, wd 0).
+OPTIM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "adam": {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.0},
+    "sgd": {"lr": 2.5e-4, "momentum": 0.9, "weight_decay": 0.0},
+}
+
+#: Optimiser settings a method also takes as plain keyword arguments (no NormSpec field has these names).
+DIRECT_OPTIM_KWARGS: tuple[str, ...] = ("lr", "betas", "weight_decay")
+
+
+def optim_setting_names() -> frozenset[str]:
+    """Every optimiser setting name of :data:`OPTIM_SETTINGS` (used to route and reject keyword arguments)."""
+    return frozenset(k for keys in OPTIM_SETTINGS.values() for k in keys)
 
 
 def softmax_entropy(logits: Tensor) -> Tensor:
@@ -17,33 +45,69 @@ def softmax_entropy(logits: Tensor) -> Tensor:
     return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
 
 
-def collect_norm_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """The affine ``weight`` and ``bias`` of every adaptive norm layer: what TENT and its successors update."""
+def collect_norm_params(
+    model: nn.Module, *, skip: Any = None
+) -> list[tuple[str, nn.Parameter]]:
+    """The affine ``weight`` and ``bias`` of every adaptable norm layer, in module order.
+
+    Adaptable layers (:data:`ADAPTABLE_NORMS`): the adaptive BatchNorm layers and every ``nn.LayerNorm`` /
+    ``nn.GroupNorm`` (TENT as run by Marsden & Doebler, EATA, SAR: the papers adapt the norm affine of BN, GN and
+    LN networks).  ``skip(module_name) -> bool`` leaves out layers (SAR's top layers).
+    """
     params = []
-    for name, layer in adaptive_layers(model):
+    for name, layer in model.named_modules():
+        if not isinstance(layer, ADAPTABLE_NORMS) or (skip is not None and skip(name)):
+            continue
         for pname in ("weight", "bias"):
-            p = getattr(layer, pname)
-            if p is not None:
+            p = getattr(layer, pname, None)
+            if isinstance(p, nn.Parameter):
                 params.append((f"{name}.{pname}" if name else pname, p))
     if not params:
-        raise ValueError("no affine norm parameters to adapt (every BatchNorm has affine=False)")
+        raise ValueError(
+            "no affine norm parameters to adapt: the model has no BatchNorm, LayerNorm or GroupNorm layer with "
+            "affine weights (or all of them were skipped)"
+        )
     return params
 
 
+def optimizer_settings(
+    optimizer: str = "adam", optim: Mapping[str, Any] | None = None, **direct: Any
+) -> dict[str, Any]:
+    """The settings of the method's optimiser: the authors' defaults (:data:`OPTIM_DEFAULTS`), then ``optim``.
+
+    ``direct`` holds the plain keyword arguments of :data:`DIRECT_OPTIM_KWARGS` (``None`` = not given); giving
+    the same setting there and in ``optim`` is a ``TypeError``; a setting the optimiser does not take is a
+    ``ValueError`` naming the accepted ones.
+    """
+    if optimizer not in OPTIM_SETTINGS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; expected 'adam' or 'sgd'")
+    if optim is not None and not isinstance(optim, Mapping):
+        raise TypeError(f"optim must be a mapping of optimiser settings, got {type(optim).__name__}")
+    optim = dict(optim or {})
+    for key, value in direct.items():
+        if value is None:
+            continue
+        if key in optim:
+            raise TypeError(f"{key} is given twice (as {key}= and in optim=); pass it once")
+        optim[key] = value
+    unknown = sorted(set(optim) - set(OPTIM_SETTINGS[optimizer]))
+    if unknown:
+        raise ValueError(
+            f"optimizer {optimizer!r} takes no setting(s) {unknown}; optim= accepts {list(OPTIM_SETTINGS[optimizer])}"
+        )
+    settings = {**OPTIM_DEFAULTS[optimizer], **optim}
+    if "betas" in settings:
+        settings["betas"] = tuple(settings["betas"])
+    return settings
+
+
 def build_optimizer(
-    params: list[nn.Parameter],
-    optimizer: str = "adam",
-    lr: float = 1e-3,
-    betas: tuple[float, float] = (0.9, 0.999),
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
+    params: list[nn.Parameter], optimizer: str = "adam", optim: Mapping[str, Any] | None = None
 ) -> torch.optim.Optimizer:
-    """Adam (default: lr 1e-3, betas (0.9, 0.999), TENT's CIFAR setting) or SGD with momentum (ImageNet)."""
-    if optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay)
-    if optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {optimizer!r}; expected 'adam' or 'sgd'")
+    """``torch.optim.Adam`` or ``torch.optim.SGD`` over ``params`` with :func:`optimizer_settings`."""
+    settings = optimizer_settings(optimizer, optim)
+    cls = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
+    return cls(params, **settings)
 
 
 @contextlib.contextmanager
@@ -54,14 +118,20 @@ def grad_context(x: Tensor) -> Iterator[Tensor]:
 
 
 class GradientMethod:
-    """Base class: a thin adapter that updates the affine parameters of a model's adaptive norm layers.
+    """Base class: a thin adapter that updates the affine parameters of a model's norm layers.
 
     :meth:`forward_and_adapt` runs ``steps`` rounds of forward pass + :meth:`adapt_step` on a test batch and
     returns the logits of the last forward (computed before its update); only the first forward may move
     stateful statistics (EMA).  Subclasses implement :meth:`adapt_step` and, if they keep state besides the
-    parameters and optimiser, :meth:`reset_method_state`.  The
-    wrapper (:class:`tta_norm.api.TTAModel`) restores parameters, buffers and optimiser state on reset.
-    A method sets ``reset_requested = True`` to ask the wrapper for a model recovery (SAR).
+    parameters and optimiser, :meth:`reset_method_state`; :meth:`select_params` picks what is trained
+    (default: :func:`collect_norm_params`).  The wrapper (:class:`tta_norm.api.TTAModel`) restores
+    parameters, buffers and optimiser state on reset.  A method sets ``reset_requested = True`` to ask the
+    wrapper for a model recovery (SAR).
+
+    Optimiser: ``optimizer="adam"`` (default) or ``"sgd"``, its settings in ``optim={"lr": ..., "momentum":
+    ...}`` (see :data:`OPTIM_SETTINGS`) over the authors' defaults (:data:`OPTIM_DEFAULTS`: Adam lr 1e-3,
+    betas (0.9, 0.999); SGD lr 0.00025, momentum 0.9); ``lr``, ``betas`` and ``weight_decay`` may also be
+    given as plain keyword arguments.
     """
 
     name = "base"
@@ -70,24 +140,29 @@ class GradientMethod:
         self,
         model: nn.Module,
         *,
-        lr: float = 1e-3,
         optimizer: str = "adam",
-        betas: tuple[float, float] = (0.9, 0.999),
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
+        optim: Mapping[str, Any] | None = None,
+        lr: float | None = None,
+        betas: tuple[float, float] | None = None,
+        weight_decay: float | None = None,
         steps: int = 1,
     ) -> None:
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
+        settings = optimizer_settings(optimizer, optim, lr=lr, betas=betas, weight_decay=weight_decay)
         self.model = model
-        self.named_params = collect_norm_params(model)
+        self.named_params = self.select_params(model)
         model.requires_grad_(False)
         for _, p in self.named_params:
             p.requires_grad_(True)
         self.params = [p for _, p in self.named_params]
-        self.optimizer = build_optimizer(self.params, optimizer, lr, betas, momentum, weight_decay)
+        self.optimizer = build_optimizer(self.params, optimizer, settings)
         self.steps = steps
         self.reset_requested = False
+
+    def select_params(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        """The ``(name, parameter)`` pairs this method trains (default: every norm layer's affine)."""
+        return collect_norm_params(model)
 
     def forward_and_adapt(self, x: Tensor) -> Tensor:
         """Adapt on the batch ``x`` and return the logits predicted for it."""

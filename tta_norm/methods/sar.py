@@ -2,26 +2,51 @@
 
 from __future__ import annotations
 
+import copy
+import math
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
-from tta_norm.methods.base import GradientMethod, softmax_entropy
+from tta_norm.methods.base import GradientMethod, collect_norm_params, softmax_entropy
 from tta_norm.methods.eata import entropy_margin
 from tta_norm.norm.convert import keep_state
+
+
+def is_sar_top_layer(module_name: str) -> bool:
+    """Whether SAR's official parameter selection leaves the layer ``module_name`` out.
+
+    ``mr-eggplant/SAR`` ``sar.collect_params`` skips modules whose name contains ``layer4`` (the last stage of
+    an ImageNet ResNet), ``blocks.9``, ``blocks.10`` or ``blocks.11`` (the top blocks of a ViT-Base) or ``norm.``,
+    and the module named ``norm`` (a ViT's final norm).  A CIFAR ResNet (stages ``layer1``-``layer3``) keeps all.
+    """
+    return (
+        "layer4" in module_name
+        or any(f"blocks.{i}" in module_name for i in (9, 10, 11))
+        or "norm." in module_name
+        or module_name == "norm"
+    )
 
 
 class SAR(GradientMethod):
     """SAR: reliable-entropy filtering, a sharpness-aware (SAM) step, and model recovery on collapse.
 
-    Per batch: forward, keep samples with entropy below ``e_margin`` (default ``0.4 ln C``), back-propagate
-    their mean entropy and move the parameters to the SAM point ``theta + rho * g / ||g||`` (``rho`` 0.05);
-    forward again (statistics state not updated twice), keep the first filter's samples whose new entropy is
-    still below the margin, back-propagate their mean entropy at the perturbed point, restore ``theta`` and
-    take the base optimiser step.  An EMA (0.9) of that second loss below ``reset_constant`` (0.2) asks the
-    wrapper for a model recovery (parameters, statistics and optimiser back to the source); as in the
-    reference, the loss EMA itself survives the recovery.  Returns the logits of the first forward pass.
-    Base optimiser: the toolkit default (Adam lr 1e-3, Marsden & Doebler's CIFAR setting); the paper's
-    ImageNet setting is ``optimizer="sgd", lr=0.00025``.
+    Per batch, as ``mr-eggplant/SAR`` ``forward_and_adapt_sar`` with its ``SAM`` optimiser wrapper: forward,
+    keep samples with entropy below ``e_margin`` (default ``0.4 ln C``), back-propagate their mean entropy, save
+    the parameters and move them to the SAM point ``theta + rho * g / (||g|| + 1e-12)`` (``rho`` 0.05); forward
+    again (statistics state not updated twice), keep the first filter's samples whose new entropy is still
+    below the margin, back-propagate their mean entropy at the perturbed point, copy the saved parameters back
+    and take the base optimiser step.  As in the reference the base step is taken on every batch, also when no
+    sample survives a filter (the mean over no sample has zero gradient, but momentum / Adam moments still move
+    the weights).  An EMA (``0.9 * ema + (1 - 0.9) * loss``) of the second loss below ``reset_constant`` (0.2)
+    triggers a model recovery: parameters and statistics back to the source; as in the reference (whose
+    ``SAM.load_state_dict`` restores only SAM's own state) the base optimiser's state (Adam moments and step
+    count, SGD momentum) and the loss EMA survive it.  Returns the logits of the first forward pass.
+
+    Trained parameters: the official selection (:func:`is_sar_top_layer` layers left out); ``freeze_top=False``
+    adapts every norm layer.  Base optimiser: the toolkit default (Adam lr 1e-3, Marsden & Doebler's and MedBN's
+    CIFAR setting); the paper's ImageNet setting is ``optimizer="sgd"`` (lr 0.00025, momentum 0.9).
     """
 
     name = "sar"
@@ -33,61 +58,72 @@ class SAR(GradientMethod):
         e_margin: float | None = None,
         rho: float = 0.05,
         reset_constant: float = 0.2,
-        **optim_kwargs,
+        freeze_top: bool = True,
+        **optim_kwargs: Any,
     ) -> None:
-        super().__init__(model, **optim_kwargs)
         if rho < 0:
             raise ValueError(f"rho must be >= 0, got {rho}")
+        self.freeze_top = freeze_top
+        super().__init__(model, **optim_kwargs)
         self.e_margin = e_margin
         self.rho = rho
         self.reset_constant = reset_constant
         self.loss_ema: float | None = None
+        self._kept_optimizer_state: dict[str, Any] | None = None
+
+    def select_params(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        """The official ``collect_params`` selection, or every norm affine with ``freeze_top=False``."""
+        return collect_norm_params(model, skip=is_sar_top_layer if self.freeze_top else None)
 
     def reset_method_state(self) -> None:
         self.loss_ema = None
+        self._kept_optimizer_state = None
+
+    def forward_and_adapt(self, x: Tensor) -> Tensor:
+        if self._kept_optimizer_state is not None:  # after a model recovery: the base optimiser's state survives
+            self.optimizer.load_state_dict(self._kept_optimizer_state)
+            self._kept_optimizer_state = None
+        return super().forward_and_adapt(x)
 
     @torch.no_grad()
-    def _perturb(self) -> list[Tensor | None]:
-        grads = [p.grad for p in self.params]
-        norms = [g.norm(2) for g in grads if g is not None]
-        if not norms:
-            return [None] * len(grads)
-        scale = self.rho / (torch.stack(norms).norm(2) + 1e-12)
-        deltas = []
-        for p, g in zip(self.params, grads, strict=True):
-            delta = None if g is None else g * scale
-            if delta is not None:
-                p.add_(delta)
-            deltas.append(delta)
-        return deltas
+    def _perturb(self) -> dict[int, Tensor]:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return {}
+        grad_norm = torch.norm(torch.stack([g.norm(p=2) for g in grads]), p=2)
+        scale = self.rho / (grad_norm + 1e-12)
+        saved = {}
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            saved[i] = p.data.clone()
+            p.add_(p.grad * scale.to(p))
+        return saved
 
     @torch.no_grad()
-    def _unperturb(self, deltas: list[Tensor | None]) -> None:
-        for p, delta in zip(self.params, deltas, strict=True):
-            if delta is not None:
-                p.sub_(delta)
+    def _restore_params(self, saved: dict[int, Tensor]) -> None:
+        for i, old in saved.items():
+            self.params[i].copy_(old)
 
     def adapt_step(self, x: Tensor, logits: Tensor) -> None:
         margin = self.e_margin if self.e_margin is not None else entropy_margin(logits.shape[1])
-        entropy = softmax_entropy(logits)
-        reliable = entropy < margin
         self.optimizer.zero_grad(set_to_none=True)
-        if reliable.any():
-            entropy[reliable].mean(0).backward()
-        deltas = self._perturb()
+        entropy = softmax_entropy(logits)
+        reliable = torch.where(entropy < margin)
+        entropy[reliable].mean(0).backward()
+        saved = self._perturb()
         self.optimizer.zero_grad(set_to_none=True)
         with keep_state(self.model):
             entropy2 = softmax_entropy(self.model(x))[reliable]
-        still = entropy2 < margin
-        if still.any():
-            loss2 = entropy2[still].mean(0)
-            value = float(loss2.detach())
-            if value == value:  # not NaN
-                self.loss_ema = value if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * value
-            loss2.backward()
-        self._unperturb(deltas)
-        if still.any():
-            self.optimizer.step()
+        still = torch.where(entropy2 < margin)
+        loss2 = entropy2[still].mean(0)
+        value = loss2.item()
+        if not math.isnan(value):
+            self.loss_ema = value if self.loss_ema is None else 0.9 * self.loss_ema + (1 - 0.9) * value
+        loss2.backward()
+        self._restore_params(saved)
+        self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.loss_ema is not None and self.loss_ema < self.reset_constant:
             self.reset_requested = True
+            self._kept_optimizer_state = copy.deepcopy(self.optimizer.state_dict())

@@ -28,16 +28,18 @@ def find_batchnorms(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def convert_batchnorms(model: nn.Module, spec: NormSpec) -> list[str]:
+def convert_batchnorms(model: nn.Module, spec: NormSpec, *, allow_none: bool = False) -> list[str]:
     """Replace, in place, every BatchNorm of ``model`` by its adaptive counterpart (an :class:`AdaptiveNorm`,
     or the replacement its registered converter builds, see :mod:`tta_norm.norm.registry`).
 
-    Returns the names of the replaced layers.  Raises ``ValueError`` if there is none, or for an
-    uninitialised lazy BatchNorm, and ``TypeError`` for a BatchNorm subclass with its own ``forward`` and no
-    registered converter.  Every replacement is built before the first one is installed: on error the model
-    is unchanged.
+    Returns the names of the replaced layers.  Raises ``ValueError`` if there is none (unless
+    ``allow_none=True``: then nothing is replaced and ``[]`` is returned), or for an uninitialised lazy
+    BatchNorm, and ``TypeError`` for a BatchNorm subclass with its own ``forward`` and no registered converter.
+    Every replacement is built before the first one is installed: on error the model is unchanged.
     """
     found = find_batchnorms(model)
+    if not found and allow_none:
+        return []
     if not found:
         kinds = sorted({type(m).__name__ for m in model.modules() if "Norm" in type(m).__name__})
         extra = f" (it has {', '.join(kinds)}, which tta_norm does not adapt)" if kinds else ""

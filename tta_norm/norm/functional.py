@@ -119,6 +119,14 @@ def normalize(
     mean, var = stats
     affine_per_channel = (weight is None or weight.dim() == 1) and (bias is None or bias.dim() == 1)
     needs_stat_grad = torch.is_grad_enabled() and (mean.requires_grad or var.requires_grad)
+    adapting = torch.is_grad_enabled() and weight is not None and weight.requires_grad
+    if (needs_stat_grad or adapting) and mean.dim() == 1:
+        # a gradient method adapts through the statistics: the textbook arithmetic of the reference layers
+        # (MedBN's MedNorm: ``weight * ((x - m) / sqrt(s2 + eps)) + bias``), so long runs track the reference
+        y = (x - _channel_view(mean, x)) / torch.sqrt(_channel_view(var, x) + eps)
+        if weight is not None:
+            y = _channel_view(weight, x) * y
+        return y + _channel_view(bias, x) if bias is not None else y
     if affine_per_channel and not needs_stat_grad:
         if mean.dim() == 1:
             return batch_norm_eval(x, mean, var, weight, bias, eps)

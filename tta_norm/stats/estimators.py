@@ -145,8 +145,11 @@ class _SelectKth(torch.autograd.Function):
     """Per-channel k-th smallest values (1-based ``ks``) of a CPU activation by NumPy introselect.
 
     The channel rows are copied once and partitioned in place.  The gradient goes to one element equal to
-    the selected value in each channel (a subgradient, like ``torch.kthvalue``); for several requested ranks
-    the selected values are averaged.
+    the selected value in each channel (a subgradient); for several requested ranks the selected values are
+    averaged.  Which element of a tie receives it: for the lower median, the one ``torch.median(dim=1)``
+    returns on the ``(C, N * prod(spatial))`` rows (MedBN's official ``MedNorm``, whose gradient flows through
+    ``y.median(dim=1)``); otherwise the first in row order.  Ties are common in BatchNorm inputs computed from
+    ReLU outputs (exact zeros), and the choice changes every gradient upstream of the layer.
     """
 
     @staticmethod
@@ -159,6 +162,7 @@ class _SelectKth(torch.autograd.Function):
         arr.partition(kth, axis=1)
         picked = torch.from_numpy(np.ascontiguousarray(arr[:, kth]))
         ctx.save_for_backward(x, picked)
+        ctx.ks = ks
         return picked.mean(1) if len(ks) > 1 else picked[:, 0].clone()
 
     @staticmethod
@@ -167,8 +171,14 @@ class _SelectKth(torch.autograd.Function):
         rows = _channel_rows(x)
         out = torch.zeros_like(rows)
         share = grad / picked.shape[1]
+        lower_median = picked.shape[1] == 1 and ctx.ks[0] == (rows.shape[1] + 1) // 2
         for j in range(picked.shape[1]):
-            idx = (rows == picked[:, j : j + 1]).to(torch.uint8).argmax(1, keepdim=True)
+            equal = rows == picked[:, j : j + 1]
+            idx = equal.to(torch.uint8).argmax(1, keepdim=True)
+            if lower_median:
+                tied = equal.sum(1) > 1
+                if bool(tied.any()):
+                    idx[tied] = rows[tied].median(dim=1, keepdim=True).indices
             out.scatter_add_(1, idx, share.unsqueeze(1))
         c, n = x.shape[1], x.shape[0]
         return out.view(c, n, *x.shape[2:]).transpose(0, 1), None
@@ -179,6 +189,8 @@ def _kth_smallest(x: Tensor, ks: tuple[int, ...]) -> Tensor:
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
         return _SelectKth.apply(x, ks)
     rows = _channel_rows(x)
+    if ks == ((rows.shape[1] + 1) // 2,):  # the lower median: torch.median's tie rule for the gradient
+        return rows.median(dim=1).values
     values = [rows.kthvalue(k, dim=1).values for k in ks]
     return values[0] if len(values) == 1 else torch.stack(values).mean(0)
 
@@ -203,10 +215,15 @@ def batch_median_msd(x: Tensor, *, median: MedianRule = "lower") -> Stats:
     """MedBN statistics (Park et al., CVPR 2024): the median and the mean squared deviation from it.
 
     ``msd = mean((x - m)^2)`` over all ``N * prod(spatial)`` values of a channel, biased (``/n``) as in the
-    official code.  Computed as ``var + (mean - m)^2`` (the same quantity, exact algebra), which avoids a
-    second pass over the activation.
+    official code.  With autograd enabled (a gradient method adapts through it) it is computed as the official
+    ``MedNorm`` does, ``((rows - m) ** 2).sum(1) / n`` over the contiguous ``(C, N * prod(spatial))`` rows, so
+    values and gradients follow the reference's float arithmetic; otherwise as ``var + (mean - m)^2`` (the same
+    quantity, exact algebra), which avoids a second pass over the activation.
     """
     m = batch_median(x, median=median)
+    if torch.is_grad_enabled():
+        rows = _channel_rows(x)
+        return Stats(m, ((rows - m.unsqueeze(1)) ** 2).sum(1) / rows.shape[1])
     mean, var = batch_mean_var(x)
     return Stats(m, var + (mean - m).square())
 

@@ -1,0 +1,36 @@
+"""Fixtures of the methods tests: the CIFAR-10 JPEG slice and the ResNet-20 checkpoint of the harness tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.harness.conftest import (  # noqa: F401  (fixtures re-exported for this directory)
+    _isolated_cache,
+    _session_cache,
+    mirror_root,
+    mirror_test_small,
+    resnet20_checkpoint,
+)
+
+
+@pytest.fixture(scope="session")
+def resnet20(resnet20_checkpoint):  # noqa: F811
+    from tta_norm.models import load_model
+
+    return load_model("resnet20", resnet20_checkpoint, device="cpu").eval()
+
+
+@pytest.fixture(scope="session")
+def cifar_stream(mirror_test_small):  # noqa: F811
+    """The 300 test images shuffled (seed 0) and corrupted with gaussian noise, severity 5: float NCHW + labels."""
+    from corruptions import corrupt
+    from tta_norm.data.tensors import to_float_nchw
+
+    perm = np.random.default_rng(0).permutation(len(mirror_test_small.labels))
+    images = np.ascontiguousarray(mirror_test_small.images[perm])
+    noisy = corrupt(images, "gaussian_noise", 5, seed=0)
+    x = to_float_nchw(torch.from_numpy(np.ascontiguousarray(noisy)))
+    clean = to_float_nchw(torch.from_numpy(images))
+    return x, torch.as_tensor(mirror_test_small.labels[perm]), clean

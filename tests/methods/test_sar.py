@@ -1,0 +1,83 @@
+"""SAR as the official code runs it: recovery keeps the base optimiser, exact un-perturbation, base step always
+taken, the official parameter selection."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+import tta_norm
+from tests.core.nets import tiny_net
+from tta_norm.methods import SAR
+from tta_norm.methods.sar import is_sar_top_layer
+
+X = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+X2 = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+
+
+def params_of(tta):
+    return [p.detach().clone() for p in tta.method.params]
+
+
+def test_recovery_keeps_the_base_optimiser_state() -> None:
+    recovered = tta_norm.adapt(tiny_net(), "tbn", "sar", e_margin=10.0, lr=0.01, reset_constant=100.0)
+    manual = tta_norm.adapt(tiny_net(), "tbn", "sar", e_margin=10.0, lr=0.01, reset_constant=-1.0)
+    initial = copy.deepcopy(manual.model.state_dict())
+    recovered(X)
+    manual(X)
+    assert recovered.num_resets == 1
+    manual.model.load_state_dict(initial)  # a recovery of the model only, as the official SAM.load_state_dict
+    recovered.method.reset_constant = -1.0
+    recovered(X2)
+    manual(X2)
+    for a, b in zip(params_of(recovered), params_of(manual), strict=True):
+        assert torch.equal(a, b)
+    state = recovered.method.optimizer.state[recovered.method.params[0]]
+    assert int(state["step"]) == 2  # Adam's step count went on through the recovery
+    recovered.reset()  # an explicit reset forgets everything
+    assert not recovered.method.optimizer.state
+
+
+def test_unperturbing_copies_the_saved_parameters_back() -> None:
+    tta = tta_norm.adapt(tiny_net(), "tbn", "sar", e_margin=10.0, optim={"lr": 0.0}, rho=0.37)
+    before = params_of(tta)
+    tta(X)
+    for a, b in zip(params_of(tta), before, strict=True):
+        assert torch.equal(a, b)  # lr 0: bit-identical, no theta + e - e rounding
+
+
+def test_base_step_is_taken_when_no_sample_survives() -> None:
+    tta = tta_norm.adapt(tiny_net(), "tbn", "sar", e_margin=10.0, optimizer="sgd", optim={"lr": 0.1, "momentum": 0.9})
+    tta(X)
+    bufs = [tta.method.optimizer.state[p]["momentum_buffer"].clone() for p in tta.method.params]
+    before = params_of(tta)
+    tta.method.e_margin = 0.0  # no sample is reliable: zero gradient, the momentum still moves the weights
+    tta(X2)
+    for p, old, buf in zip(params_of(tta), before, bufs, strict=True):
+        torch.testing.assert_close(p, old - 0.1 * 0.9 * buf)
+    assert any(not torch.equal(p, old) for p, old in zip(params_of(tta), before, strict=True))
+
+
+class LNNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.LayerNorm(4) for _ in range(12))
+        self.layer4 = nn.GroupNorm(2, 4)
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(self.norm(self.layer4(x)))
+
+
+def test_default_selection_is_the_official_one() -> None:
+    names = {n.rpartition(".")[0] for n, _ in SAR(LNNet()).named_params}
+    assert names == {f"blocks.{i}" for i in range(9)}
+    every = {n.rpartition(".")[0] for n, _ in SAR(LNNet(), freeze_top=False).named_params}
+    assert every == {f"blocks.{i}" for i in range(12)} | {"layer4", "norm"}
+    assert not is_sar_top_layer("layer3.2.bn1") and is_sar_top_layer("layer4.0.bn1")
+    assert len(tta_norm.adapt(tiny_net(), "tbn", "sar").method.params) == 4  # no top layer in a small net

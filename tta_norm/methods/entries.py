@@ -1,0 +1,151 @@
+"""Benchmark method entries: honest row labels, and the data-dependent keyword arguments resolved per model.
+
+A benchmark entry is a preset, an optional gradient method and keyword arguments for :func:`tta_norm.adapt`.
+Two of those arguments need data the config cannot hold, and are resolved here once per source model:
+
+- ``fisher_samples: N`` (EATA): the diagonal Fisher of the adapted parameters on ``N`` clean source images
+  (``fisher_seed``, default 0, picks them), in batches of 64 (:mod:`tta_norm.methods.fisher`), memoised per
+  model, preset and images.
+- ``ttn_fit: {...}`` (the ``ttn`` preset): TTN's channel-wise weights fitted on the labelled source split
+  (:func:`tta_norm.adaptation.ttn.fit_ttn`; keys ``n_images`` (default 4000), ``seed`` and any
+  :class:`~tta_norm.adaptation.ttn.TTNConfig` field), cached per model and fit settings in memory and under
+  ``<cache>/ttn/``.
+
+:func:`method_label` names a row after what it runs: EATA without Fisher weights is ``eta``, ``ttn`` without
+fitted weights is ``mixture(a=0.5)``, ``iabn`` is ``iabn(layer only)`` (NOTE's layer without its memory and
+step).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tta_norm.methods.fisher import FISHER_SAMPLES
+
+#: Entry keys resolved here (they are not arguments of :func:`tta_norm.adapt`).
+ENTRY_KEYS = ("fisher_samples", "fisher_seed", "ttn_fit")
+_FISHER_SOURCES = ("fishers", "fisher_images", "fisher_data", "fisher_samples")
+_ttn_states: dict[str, dict[str, torch.Tensor]] = {}
+
+
+def method_label(preset: str, method: str | None = None, kwargs: Mapping[str, Any] | None = None) -> str:
+    """The row label of a benchmark entry, saying what actually runs.
+
+    ``preset`` or ``preset+method``, where an ``eata`` entry without a Fisher source (``fisher_samples``,
+    ``fishers``, ``fisher_images``, ``fisher_data``) or with ``fisher_alpha: 0`` reads ``eta``, a ``ttn`` entry
+    without ``ttn_fit`` or ``init_state`` reads ``mixture(a=0.5)`` (its untrained weights) and ``iabn`` reads
+    ``iabn(layer only)``.
+    """
+    kwargs = dict(kwargs or {})
+    stats = preset
+    if preset == "ttn" and "ttn_fit" not in kwargs and "init_state" not in kwargs:
+        stats = "mixture(a=0.5)"
+    elif preset == "iabn":
+        stats = "iabn(layer only)"
+    if method is None:
+        return stats
+    if method == "eata" and (not any(k in kwargs for k in _FISHER_SOURCES) or kwargs.get("fisher_alpha") == 0):
+        method = "eta"
+    return f"{stats}+{method}"
+
+
+def clean_source_images(
+    dataset: str, n: int, *, seed: int = 0, data_dir: str | None = None, progress: bool = False
+) -> torch.Tensor:
+    """``n`` clean source images as float NCHW in [0, 1], chosen by a seeded permutation.
+
+    CIFAR-10: the ``cifar10-jpeg`` train split (Marsden & Doebler draw EATA's Fisher images from the source
+    training data); other datasets: their clean test set (as ``mr-eggplant/EATA`` does on ImageNet).
+    """
+    from tta_norm.adaptation._data import load_source_split, seeded_subset
+    from tta_norm.data.benchmark import load_clean_test_set
+    from tta_norm.data.tensors import to_float_nchw
+
+    if n < 1:
+        raise ValueError(f"fisher_samples must be >= 1, got {n}")
+    if dataset == "cifar10":
+        images, _ = load_source_split("train", n, seed=seed, data_dir=data_dir, progress=progress)
+    else:
+        data = load_clean_test_set(dataset, data_dir)
+        idx = np.sort(seeded_subset(len(data), n, seed))
+        images = np.ascontiguousarray(data.images[idx])
+    return to_float_nchw(torch.from_numpy(images))
+
+
+def _state_fingerprint(model: nn.Module, extra: Any) -> str:
+    h = hashlib.sha1(json.dumps(extra, sort_keys=True, default=str).encode())
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def fitted_ttn_state(
+    model: nn.Module, fit: Mapping[str, Any], *, data_dir: str | None = None, device: torch.device | str | None = None
+) -> dict[str, torch.Tensor]:
+    """The ``ttn``-adapted state dict of ``model`` fitted with the ``ttn_fit`` settings, cached per model."""
+    from tta_norm.adaptation._data import load_source_split
+    from tta_norm.adaptation.ttn import fit_ttn
+    from tta_norm.data.paths import cache_root
+
+    fit = dict(fit)
+    n_images = int(fit.pop("n_images", 4000))
+    seed = int(fit.pop("seed", 0))
+    source = str(fit.pop("source", "cifar10-jpeg"))
+    key = _state_fingerprint(model, {"n_images": n_images, "seed": seed, "source": source, **fit})
+    if key in _ttn_states:
+        return _ttn_states[key]
+    path = Path(cache_root()) / "ttn" / f"ttn-{key}.pt"
+    if path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    else:
+        images, labels = load_source_split("train", n_images, seed=seed, data_dir=data_dir, source=source,
+                                           progress=False)  # fmt: skip
+        result = fit_ttn(model, images, labels, device=device, progress=False, seed=seed, **fit)
+        result.save(path)
+        state = result.state_dict
+    _ttn_states[key] = state
+    return state
+
+
+def resolve_entry_kwargs(
+    preset: str,
+    method: str | None,
+    kwargs: Mapping[str, Any],
+    model: nn.Module,
+    *,
+    dataset: str = "cifar10",
+    data_dir: str | None = None,
+    device: torch.device | str | None = None,
+) -> dict[str, Any]:
+    """The keyword arguments for :func:`tta_norm.adapt` of a benchmark entry, with :data:`ENTRY_KEYS` resolved.
+
+    ``fisher_samples`` becomes ``fisher_images`` (clean source images, :func:`clean_source_images`) and
+    ``ttn_fit`` becomes ``init_state`` (:func:`fitted_ttn_state`).  Other keys pass through unchanged.
+    """
+    out = {k: v for k, v in kwargs.items() if k not in ENTRY_KEYS}
+    if "fisher_samples" in kwargs:
+        if method != "eata":
+            raise ValueError(f"fisher_samples is an EATA setting; the entry's method is {method!r}")
+        n = kwargs["fisher_samples"]
+        n = FISHER_SAMPLES if n is True else int(n)
+        images = clean_source_images(dataset, n, seed=int(kwargs.get("fisher_seed", 0)), data_dir=data_dir)
+        out["fisher_images"] = images.to(device) if device is not None else images
+    if "ttn_fit" in kwargs:
+        if preset != "ttn":
+            raise ValueError(f"ttn_fit fits the 'ttn' preset; the entry's preset is {preset!r}")
+        if "init_state" in kwargs:
+            raise ValueError("give either ttn_fit or init_state, not both")
+        fit = kwargs["ttn_fit"] or {}
+        if not isinstance(fit, Mapping):
+            raise ValueError(f"ttn_fit must be a mapping of fit settings, got {fit!r}")
+        out["init_state"] = fitted_ttn_state(model, fit, data_dir=data_dir, device=device)
+    return out
