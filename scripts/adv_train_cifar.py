@@ -33,6 +33,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--pgd-steps", default="10,20")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--craft-mode", choices=("train", "eval"), default="train",
+                        help="model mode while crafting the training PGD examples (train: the official recipe)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="runs/adv_train.jsonl")
     parser.add_argument("--save-dir", default=None, help="save each trained model's state_dict here")
@@ -76,7 +78,7 @@ def main() -> int:
             rows.append(evaluate_robustness(base, test.images[te], test.labels[te], pgd_steps=steps))
         else:
             cfg = AdvTrainConfig(kind=kind, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                                 seed=args.seed)  # fmt: skip
+                                 seed=args.seed, craft_mode=args.craft_mode)  # fmt: skip
             saved = Path(args.save_dir) / f"resnet20-{kind}.pt" if args.save_dir else None
             if saved is not None and saved.is_file() and args.reuse:
                 ckpt = torch.load(saved, weights_only=True)
