@@ -35,7 +35,8 @@ def fake_benchmark(n: int = 24, seed: int = 0) -> CorruptionBenchmark:
 
 def bench_config(output: str, **extra) -> BenchConfig:
     fields = {"name": "tiny", "corruptions": ["fog", "gaussian_noise"], "methods": ["source", "tbn", "tbn+tent"],
-              "batch_sizes": [12], "seeds": [0, 1], "device": "cpu", "output": output, "plots": False, **extra}  # fmt: skip
+              "batch_sizes": [12], "seeds": [0, 1], "device": "cpu", "output": output, "plots": False}  # fmt: skip
+    fields.update(extra)
     cfg = BenchConfig(**fields)
     cfg.validate()
     return cfg
