@@ -165,3 +165,20 @@ def test_provenance_and_log_file(tmp_path):
     assert run["started"] and run["ended"] and run["env"]["torch"] and run["device"].startswith("cpu")
     assert "git" in run
     assert "toy toy: 4 cells" in (out / "log.txt").read_text()
+
+
+def test_tensorboard_tracker_writes_scalars_per_cell(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    run_grid(ToyJob(ToyConfig(output=str(out), trackers=["tensorboard"])), RunOptions(progress=False))
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    assert sorted(acc.Tags()["scalars"]) == ["value/v1", "value/v2", "value/v3", "value/v4"]
+    assert acc.Scalars("value/v3")[0].value == 3.0
+
+
+def test_progress_bar_only_on_a_terminal(tmp_path, capsys):
+    run_grid(ToyJob(ToyConfig(output=str(tmp_path / "run"))), RunOptions())  # stderr is not a terminal here
+    assert "\r" not in capsys.readouterr().err
