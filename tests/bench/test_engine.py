@@ -182,3 +182,33 @@ def test_tensorboard_tracker_writes_scalars_per_cell(tmp_path):
 def test_progress_bar_only_on_a_terminal(tmp_path, capsys):
     run_grid(ToyJob(ToyConfig(output=str(tmp_path / "run"))), RunOptions())  # stderr is not a terminal here
     assert "\r" not in capsys.readouterr().err
+
+
+class _WarmCheckJob(ToyJob):
+    def warm_up(self, state, device):
+        state["warm"] = True
+
+    def run_cell(self, cell, state, device, progress):
+        assert state.get("warm"), "warm_up must run before the cell"
+        return super().run_cell(cell, state, device, progress)
+
+
+def test_warm_up_runs_before_the_timed_cell(tmp_path):
+    outcome = run_grid(_WarmCheckJob(ToyConfig(output=str(tmp_path / "run"))), RunOptions(progress=False))
+    assert outcome.failed == 0
+
+
+def test_command_exit_status_counts_failures_and_user_errors(tmp_path, capsys):
+    import argparse
+
+    from tta_norm.bench.cli import GridCommand, add_grid_arguments, run_grid_command
+
+    parser = argparse.ArgumentParser()
+    add_grid_arguments(parser, "toy", "a toy grid")
+    command = GridCommand("toy", dict, lambda name, overrides: ToyConfig(output=str(tmp_path / "r"), fail=[2]), ToyJob)
+    assert run_grid_command(parser.parse_args([]), command) == 1
+    assert "4 cells: 0 reused, 4 run, 1 failed" in capsys.readouterr().out
+    assert run_grid_command(parser.parse_args([]), command) == 2  # results exist: --resume or --overwrite
+    assert "--resume" in capsys.readouterr().err
+    assert run_grid_command(parser.parse_args(["--resume"]), command) == 1  # the failing cell is retried, fails again
+    assert "3 reused, 1 run, 1 failed" in capsys.readouterr().out
