@@ -114,7 +114,7 @@ def explain_stale(cell: GridCell, kind: str, identity: dict[str, Any], stored: S
         old = rec.get("identity") or {}
         diff = [part for part in sorted(set(identity) | set(old)) if identity.get(part) != old.get(part)]
         if diff:
-            return f"{' and '.join(diff)} differ"
+            return f"{', '.join(diff)} differ"
     return None
 
 

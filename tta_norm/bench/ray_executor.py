@@ -6,12 +6,15 @@ its CPU share, so N parallel tasks of one CPU each use the same total threads as
 The driver keeps the store and the progress bar: records arrive as tasks finish and are appended there
 only, so each cell is recorded once.  A worker that dies mid-cell (killed, out of memory) makes Ray re-run
 the task (``max_retries``); a cell that still cannot finish is recorded as failed with Ray's error.
-``ray.init(address=...)`` joins a running cluster; without an address a local one is started and stopped.
+``ray.init(address=...)`` joins a running cluster; without an address a local one is started and stopped, with
+its workers at normal priority (Ray starts workers at niceness 15 by default, which starves the cells on a
+shared machine; set ``RAY_worker_niceness`` to choose otherwise).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -55,6 +58,8 @@ def run_on_ray(
     started_here = False
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"address": options.ray_address} if options.ray_address else {}
+        if not options.ray_address:
+            os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(log_to_driver=False, include_dashboard=False, **kwargs)
         started_here = True
     try:
