@@ -212,3 +212,20 @@ def test_command_exit_status_counts_failures_and_user_errors(tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
     assert run_grid_command(parser.parse_args(["--resume"]), command) == 1  # the failing cell is retried, fails again
     assert "3 reused, 1 run, 1 failed" in capsys.readouterr().out
+
+
+class _MissingModelJob(ToyJob):
+    def prepare(self, device):
+        raise ConfigError("model: no checkpoint for toy")
+
+
+def test_a_user_error_leaves_the_directory_untouched_even_with_overwrite(tmp_path):
+    out = tmp_path / "run"
+    run_grid(ToyJob(ToyConfig(output=str(out))), RunOptions(progress=False))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        run_grid(_MissingModelJob(ToyConfig(output=str(out))), RunOptions(overwrite=True, progress=False))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        run_grid(_MissingModelJob(ToyConfig(output=str(tmp_path / "new"))), RunOptions(progress=False))
+    assert not (tmp_path / "new").exists()

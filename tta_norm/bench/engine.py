@@ -2,11 +2,11 @@
 
 ``run_grid(job, RunOptions(...))``:
 
-1. validates the job and loads what its cells need (model, data) once, and fingerprints it (the identity
-   that enters every cell key);
-2. reads the store: without ``resume`` or ``overwrite`` a directory that already holds results is refused;
-   with ``resume`` a cell is reused only if a record with its full key is ``ok`` (failed cells are retried),
-   and the log says how many cells were reused and why the others were not;
+1. refuses a directory that already holds results unless ``resume`` or ``overwrite`` is given;
+2. loads what the cells need (model, data) once and fingerprints it (the identity that enters every cell key),
+   before touching the directory, so a user mistake (:class:`ConfigError`) leaves it as it was; with
+   ``resume`` a cell is reused only if a record with its full key is ``ok`` (failed cells are retried), and
+   the log says how many cells were reused and why the others were not;
 3. runs the remaining cells (this shard's slice of them) with the ``local`` executor (one after the other in
    this process) or the ``ray`` executor (one Ray task per cell; the driver owns the store and the progress
    bar, a task whose worker died is retried by Ray and recorded once);
@@ -201,6 +201,11 @@ def run_grid(job: GridJob, options: RunOptions | None = None) -> GridOutcome:
             f"output: {out} already holds {n} result(s); pass --resume to keep and extend them or --overwrite "
             "to replace them (or choose another --output)"
         )
+    device = resolve_device(cfg.device)
+    # model and data are loaded and fingerprinted before the directory is touched: a user mistake
+    # (ConfigError) leaves it as it was, even with --overwrite
+    state = job.prepare(device)
+    identity = job.identity(state)
     if options.overwrite:
         store.clear()
     out.mkdir(parents=True, exist_ok=True)
@@ -212,20 +217,27 @@ def run_grid(job: GridJob, options: RunOptions | None = None) -> GridOutcome:
     if root.level == logging.NOTSET or root.level > logging.INFO:
         root.setLevel(logging.INFO)
     try:
-        return _run(job, options, cells, mine, store, out)
+        return _run(job, options, cells, mine, store, out, device, state, identity)
     finally:
         root.removeHandler(file_log)
         file_log.close()
 
 
 def _run(
-    job: GridJob, options: RunOptions, cells: list[GridCell], mine: list[GridCell], store: ResultStore, out: Path
+    job: GridJob,
+    options: RunOptions,
+    cells: list[GridCell],
+    mine: list[GridCell],
+    store: ResultStore,
+    out: Path,
+    device: Any,
+    state: Any,
+    identity: dict[str, Any],
 ) -> GridOutcome:
     import os
 
     cfg = job.config
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    device = resolve_device(cfg.device)
     entry: dict[str, Any] = {
         "started": started, "pid": os.getpid(), "command": sys.argv, "config": cfg.to_dict(), "kind": job.kind,
         "git": git_revision(), "env": environment(), "device": _device_name(device), "executor": options.executor,
@@ -234,8 +246,6 @@ def _run(
     write_provenance(out, entry)
     atomic_write(out / "config.json", json.dumps(cfg.to_dict(), indent=1, default=str))
 
-    state = job.prepare(device)  # ConfigError for a missing model or data
-    identity = job.identity(state)
     stored = store.read()
     reused, todo, reasons = plan_cells(job, mine, identity, stored)
     shard_txt = f" (shard {options.shard[0]}/{options.shard[1]} of {len(cells)})" if options.shard else ""
@@ -260,6 +270,7 @@ def _run(
             log.info(f"cell {cell.index} {cell.label}: done in {rec['seconds']:.1f} s")
             trackers.log(cell.label, cell.index, job.scalars(rec))
 
+    status = "interrupted"
     try:
         if todo:
             if options.executor == "ray":
@@ -268,10 +279,11 @@ def _run(
                 run_on_ray(job, todo, state, device, identity, on_record, options)
             else:
                 run_locally(job, todo, state, device, identity, on_record, options)
+        status = "finished"
     finally:
         trackers.close()
         entry.update(ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"), cells=len(mine), reused=len(reused),
-                     ran=len(todo), failed=failed, status="finished")  # fmt: skip
+                     ran=len(todo), failed=failed, status=status)  # fmt: skip
         write_provenance(out, entry)
     keys = {c.key(job.kind, identity) for c in cells}  # the whole grid: other shards may share the directory
     stored_now = store.read().ordered()
