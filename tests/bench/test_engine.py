@@ -229,3 +229,25 @@ def test_a_user_error_leaves_the_directory_untouched_even_with_overwrite(tmp_pat
     with pytest.raises(ConfigError, match="no checkpoint"):
         run_grid(_MissingModelJob(ToyConfig(output=str(tmp_path / "new"))), RunOptions(progress=False))
     assert not (tmp_path / "new").exists()
+
+
+def test_merging_different_grids_keeps_their_reports_apart(tmp_path):
+    from tta_norm.bench.merge import write_outputs
+    from tta_norm.bench.store import ResultStore
+
+    from .tinybench import bench_config, fake_benchmark, tiny_model
+
+    def bench_run(out, seed):
+        from tta_norm.bench.runner import BenchJob
+
+        cfg = bench_config(str(out), methods=["source"], seeds=[0])
+        return run_grid(BenchJob(cfg, model=tiny_model(seed), bench=fake_benchmark()), RunOptions(progress=False))
+
+    a, b = bench_run(tmp_path / "a", 0), bench_run(tmp_path / "b", 1)
+    n, conflicts, report = merge_dirs([a.out, b.out], tmp_path / "m")
+    assert n == 2 and conflicts == []
+    text = report.read_text()
+    assert "2 records of 2 grids" in text
+    subs = sorted((tmp_path / "m" / "grids").iterdir())
+    assert len(subs) == 2 and all((s / "report.md").is_file() and (s / "results.csv").is_file() for s in subs)
+    assert write_outputs(tmp_path / "m", ResultStore(a.out).read().ordered()).name == "report.md"

@@ -53,8 +53,15 @@ OUTPUT_WRITERS = {
 
 
 def write_outputs(out: Path, records: list[dict[str, Any]], plots: bool = True) -> Path | None:
-    """CSV and report of stored records, by their kind (bench or attack); ``None`` for another kind."""
+    """CSV and report of stored records, by their kind (bench or attack); ``None`` for another kind.
+
+    Records of several grids (another model, data or parameters) never share a table: each grid gets its own
+    CSV and report in ``grids/<identity hash>/`` and ``report.md`` lists them."""
     import importlib
+    from collections import defaultdict
+
+    from tta_norm.bench.grid import digest
+    from tta_norm.bench.store import atomic_write
 
     kinds = {r.get("kind", "bench") for r in records}
     if not records:
@@ -66,7 +73,27 @@ def write_outputs(out: Path, records: list[dict[str, Any]], plots: bool = True) 
         log.info(f"no report for grid kind {kind!r}; the records are in {out / 'results.jsonl'}")
         return None
     module, name = OUTPUT_WRITERS[kind]
-    return getattr(importlib.import_module(module), name)(out, records, plots=plots)
+    writer = getattr(importlib.import_module(module), name)
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[digest(r.get("identity"), 12)].append(r)
+    if len(groups) == 1:
+        return writer(out, records, plots=plots)
+    lines = [f"# tta-norm {kind}: merged", "", f"{len(records)} records of {len(groups)} grids that differ in "
+             "model, data or parameters; each has its own CSV and report:", ""]  # fmt: skip
+    for key, recs in groups.items():
+        sub = out / "grids" / key
+        sub.mkdir(parents=True, exist_ok=True)
+        writer(sub, recs, plots=plots)
+        ident = recs[0].get("identity") or {}
+        model = ident.get("model") or {}
+        params = json.dumps(ident.get("params"), default=str)
+        lines.append(f"- [{model.get('name', '?')}, {len(recs)} records](grids/{key}/report.md): weights sha256 "
+                     f"{model.get('weights_sha256')}, parameters {params}")  # fmt: skip
+    (out / "results.csv").unlink(missing_ok=True)
+    path = out / "report.md"
+    atomic_write(path, "\n".join(lines) + "\n")
+    return path
 
 
 def merge_dirs(dirs: list[str | Path], out: str | Path, *, overwrite: bool = False, resume: bool = False):
