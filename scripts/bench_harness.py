@@ -24,8 +24,9 @@ import torch
 
 import tta_norm
 from tta_norm.bench import load_config
-from tta_norm.bench.runner import cell_plan, load_source_model, resolve_device, run_cell
+from tta_norm.bench.runner import cell_plan, load_source_model, run_cell
 from tta_norm.data import load_corruption_benchmark
+from tta_norm.device import resolve_device
 from tta_norm.streams import StreamLoader
 
 

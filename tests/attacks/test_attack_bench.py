@@ -75,7 +75,7 @@ def patched(monkeypatch):
 
 def test_grid_runs_resumes_and_reports(tmp_path, patched):
     cfg = _tiny_cfg(tmp_path, modes=["instant", "cumulative"])
-    out = ab.run_attack_grid(cfg, progress=False)
+    out = ab.run_attack_grid(cfg, progress=False).out
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(records) == len(cfg.cells()) == 2 * 2 * 2
     assert all(r["status"] == "ok" for r in records)
@@ -101,7 +101,7 @@ def test_grid_runs_resumes_and_reports(tmp_path, patched):
 
 def test_batch_size_table(tmp_path, patched):
     cfg = _tiny_cfg(tmp_path, batch_sizes=[4, 8], objectives=["indiscriminate"], methods=["tbn"], n_batches=1)
-    out = ab.run_attack_grid(cfg, progress=False)
+    out = ab.run_attack_grid(cfg, progress=False).out
     report = (out / "report.md").read_text()
     assert "vs batch size" in report and "| tbn | " in report and "b4 | b8" in report
 
@@ -115,3 +115,46 @@ def test_cli_dry_run_and_bad_config(tmp_path, capsys):
     assert cli.run(parser.parse_args(["no_such_config", "--dry-run"])) == 2
     assert cli.run(parser.parse_args(["--list-configs"])) == 0
     assert "attack_medbn" in capsys.readouterr().out
+
+
+def test_report_gives_denominators_wilson_intervals_and_steps(tmp_path, patched):
+    from tta_norm.metrics.functional import wilson_interval
+
+    cfg = _tiny_cfg(tmp_path, methods=["tbn"], seeds=[0, 1])
+    outcome = ab.run_attack_grid(cfg, progress=False)
+    records = outcome.records
+    targeted = [r for r in records if r["cell"]["objective"] == "targeted"]
+    counts = ab.pooled_counts(targeted)
+    assert counts["attacks"] == 2 * 2  # 2 batches of one domain x 2 seeds, pooled
+    assert counts["samples"] == 2 * 2 * (8 - 2)
+    for r in targeted:
+        m = r["metrics"]
+        assert m["attacks"] == 2 and m["successes"] == round(m["attack_success"] * 2)
+    report = (outcome.out / "report.md").read_text()
+    lo, hi = wilson_interval(counts["successes"], counts["attacks"])
+    assert f"[{100 * lo:.1f}-{100 * hi:.1f}] n=4" in report
+    assert "steps" in report and "95 % Wilson interval" in report
+    ind = ab.pooled_counts([r for r in records if r["cell"]["objective"] == "indiscriminate"])
+    assert ab.rate_text(ind["errors_attacked"], ind["samples"]) + " (4 attacks)" in report
+    head = (outcome.out / "results.csv").read_text().splitlines()[0].split(",")
+    assert {"attacks", "attack_success_lo", "attack_success_hi", "mean_steps_to_success", "benign_samples"} <= set(head)
+
+
+def test_rate_text_and_counts_from_batches():
+    rec = {"cell": {"batch_size": 10}, "metrics": {"per_batch": [
+        {"num_malicious": 2, "benign_error_attacked": 0.5, "no_attack_error": 0.25, "target_success": True,
+         "target_clean_hit": False, "steps": 7},
+        {"num_malicious": 2, "benign_error_attacked": 0.125, "no_attack_error": 0.25, "target_success": False,
+         "target_clean_hit": False, "steps": 20},
+    ]}}  # fmt: skip
+    c = ab.attack_counts(rec)
+    assert (c["attacks"], c["successes"], c["success_steps"], c["samples"], c["errors_attacked"]) == (2, 1, [7], 16, 5)
+    assert ab.rate_text(1, 2) == "50.0 [9.5-90.5] n=2"
+    assert ab.rate_text(0, 0) == "-"
+
+
+def test_all_corruptions_is_a_config_value():
+    from tta_norm.data.benchmark import CORRUPTIONS
+
+    cfg = ab.AttackConfig.from_mapping({"corruptions": "all"})
+    assert cfg.corruptions == list(CORRUPTIONS) and len(cfg.corruptions) == 15

@@ -87,7 +87,7 @@ def test_end_to_end_on_real_images_with_resume_and_determinism(tmp_path: Path) -
         "methods=[source, tbn, medbn, tbn+tent]", "batch_sizes=[40]", "device=cpu", "plots=true",
     ]  # fmt: skip
     cfg = load_config("quick", overrides + [f"output={tmp_path / 'a'}"])
-    out = run_benchmark(cfg, progress=False)
+    out = run_benchmark(cfg, progress=False).out
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["status"] for r in records] == ["ok"] * 4
     by_method = {r["cell"]["method"]["name"]: r["metrics"] for r in records}
@@ -115,7 +115,7 @@ def test_end_to_end_on_real_images_with_resume_and_determinism(tmp_path: Path) -
 
     # determinism: a second output directory gets the same numbers
     cfg_b = load_config("quick", overrides + [f"output={tmp_path / 'b'}", "plots=false"])
-    out_b = run_benchmark(cfg_b, progress=False)
+    out_b = run_benchmark(cfg_b, progress=False).out
     records_b = [json.loads(line) for line in (out_b / "results.jsonl").read_text().splitlines()]
     for ra, rb in zip(records, records_b, strict=True):
         assert ra["metrics"]["per_domain"] == rb["metrics"]["per_domain"]
@@ -128,6 +128,6 @@ def test_cli_dry_run_and_bad_config(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "10 cells" in out
     assert main(["bench", "quick", "-s", "batchsizes=[1]"]) == 2
-    assert "did you mean 'batch_sizes'" in capsys.readouterr().out
+    assert "did you mean 'batch_sizes'" in capsys.readouterr().err
     assert main(["bench", "--list-configs"]) == 0
     assert callable(add_arguments)

@@ -1,10 +1,15 @@
 """``tta-norm attack``: a grid of malicious-sample attacks (presets x methods x objective x budget x fraction x
-batch size x mode x seed), resumable JSON-lines/CSV results, a Markdown report and plots.
+batch size x mode x seed) as a job of the grid engine (:mod:`tta_norm.bench.engine`: keyed append-only store,
+resume, shards, executors), with a CSV, a Markdown report and plots derived from the stored records.
 
-Every cell adapts a fresh copy of the source model on each corruption and attacks ``n_batches`` batches of it
-(:func:`tta_norm.attacks.attack_batch`).  Batches are fixed by ``data_seed``: a seeded permutation of each
-domain (the same images for every cell with the same batch size), the last ``m`` samples of a batch being the
-attacker's.  The config format follows :mod:`tta_norm.bench.config` (method entries ``"medbn+tent"``, YAML
+Every cell adapts a fresh copy of the source model on each corruption (``corruptions: all`` = the 15
+standard ones) and attacks ``n_batches`` batches of it (:func:`tta_norm.attacks.attack_batch`).
+Every success rate and benign error in the report carries its denominator (attacks, benign samples) and a
+95 % Wilson interval; targeted attacks also report their mean steps to success.
+
+Batches are fixed by ``data_seed``: a seeded permutation of each domain (the same images for every cell with
+the same batch size), the last ``m`` samples of a batch being the attacker's.
+The config format follows :mod:`tta_norm.bench.config` (method entries ``"medbn+tent"``, YAML
 overrides ``key=value``).
 """
 
@@ -12,20 +17,20 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import io
 import itertools
-import json
 import statistics
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tta_norm.attacks.malicious import ATTACK_PROTOCOLS, INITS, MODES, OBJECTIVES
-from tta_norm.bench.config import ConfigError, MethodEntry, parse_method, read_config_data, reject_unknown_keys
-from tta_norm.bench.store import ResultStore, atomic_write
+from tta_norm.bench.config import MethodEntry, parse_method, read_config_data, reject_unknown_keys, validate_common
+from tta_norm.bench.grid import GridCell, GridJob
+from tta_norm.bench.store import atomic_write
+from tta_norm.bench.validate import ConfigError, check_int, check_int_list, check_number, check_str
 
 
 def parse_number(value: Any, name: str) -> float:
@@ -72,6 +77,10 @@ class AttackConfig:
     device: str = "auto"
     output: str = "runs/attack"
     plots: bool = True
+    resources: dict[str, float] = field(default_factory=lambda: {"num_cpus": 1, "num_gpus": 0})
+    trackers: list[str] = field(default_factory=list)
+
+    LIST_KEYS = ("objectives", "budgets", "fractions", "modes")  # list keys besides the ones every grid has
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str = "config") -> AttackConfig:
@@ -87,52 +96,27 @@ class AttackConfig:
         return [parse_method(m) for m in self.methods]
 
     def validate(self) -> None:
-        from tta_norm.data.benchmark import CORRUPTIONS, EXTRA_CORRUPTIONS
-
-        for name in ("corruptions", "severities", "methods", "objectives", "budgets", "fractions", "batch_sizes",
-                     "modes", "seeds"):  # fmt: skip
-            value = getattr(self, name)
-            if isinstance(value, (str, int, float)):
-                setattr(self, name, [value])
-            if not getattr(self, name):
-                raise ConfigError(f"{name} must not be empty")
-        known = set(CORRUPTIONS) | set(EXTRA_CORRUPTIONS)
-        bad = [c for c in self.corruptions if c not in known]
-        if bad:
-            raise ConfigError(f"unknown corruption(s) {bad}; known: {', '.join(CORRUPTIONS + EXTRA_CORRUPTIONS)}")
-        for s in self.severities:
-            if not isinstance(s, int) or not 1 <= s <= 5:
-                raise ConfigError(f"severities must be integers in 1..5, got {s!r}")
-        for o in self.objectives:
-            if o not in OBJECTIVES:
-                raise ConfigError(f"unknown objective {o!r}; choose from {OBJECTIVES}")
-        for m in self.modes:
-            if m not in MODES:
-                raise ConfigError(f"unknown mode {m!r}; choose from {MODES}")
-        if self.init not in INITS:
-            raise ConfigError(f"unknown init {self.init!r}; choose from {INITS}")
-        if self.protocol not in ATTACK_PROTOCOLS:
-            raise ConfigError(f"unknown protocol {self.protocol!r}; choose from {sorted(ATTACK_PROTOCOLS)}")
-        self.budgets = [parse_number(b, "budgets") for b in self.budgets]
+        """Check types and ranges of every key (one-line :class:`ConfigError` naming the key path)."""
+        validate_common(self)
+        for i, o in enumerate(self.objectives):
+            check_str(f"objectives[{i}]", o, OBJECTIVES)
+        for i, m in enumerate(self.modes):
+            check_str(f"modes[{i}]", m, MODES)
+        check_str("init", self.init, INITS)
+        check_str("protocol", self.protocol, sorted(ATTACK_PROTOCOLS))
+        self.budgets = [parse_number(b, f"budgets[{i}]") for i, b in enumerate(self.budgets)]
         if any(not 0 < b <= 1 for b in self.budgets):
-            raise ConfigError(f"budgets are Linf radii in (0, 1] on the [0, 1] pixel scale, got {self.budgets}")
-        self.fractions = [parse_number(f, "fractions") for f in self.fractions]
+            raise ConfigError(f"budgets: Linf radii in (0, 1] on the [0, 1] pixel scale, got {self.budgets}")
+        self.fractions = [parse_number(f, f"fractions[{i}]") for i, f in enumerate(self.fractions)]
         if any(not 0 <= f < 1 for f in self.fractions):
-            raise ConfigError(f"fractions must be in [0, 1), got {self.fractions}")
+            raise ConfigError(f"fractions: must be in [0, 1), got {self.fractions}")
         self.step_size = parse_number(self.step_size, "step_size")
-        for b in self.batch_sizes:
-            if not isinstance(b, int) or b < 2:
-                raise ConfigError(f"batch_sizes must be integers >= 2, got {b!r}")
-        for key in ("n_batches", "steps"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value < (1 if key == "n_batches" else 0):
-                raise ConfigError(f"{key} must be a {'positive' if key == 'n_batches' else 'non-negative'} integer")
-        if self.source not in ("auto", "release", "regenerate"):
-            raise ConfigError(f"source must be auto, release or regenerate, got {self.source!r}")
-        labels = [e.label for e in self.method_entries()]
-        dup = sorted({x for x in labels if labels.count(x) > 1})
-        if dup:
-            raise ConfigError(f"duplicate method rows {dup}; give them distinct 'name's")
+        if not self.step_size > 0:
+            raise ConfigError(f"step_size: must be > 0, got {self.step_size}")
+        check_number("stealth_weight", self.stealth_weight)
+        self.batch_sizes = check_int_list("batch_sizes", self.batch_sizes, minimum=2)
+        check_int("n_batches", self.n_batches, minimum=1)
+        check_int("steps", self.steps, minimum=0)
         for bs, frac in itertools.product(self.batch_sizes, self.fractions):
             if round(frac * bs) >= bs:
                 raise ConfigError(f"fraction {frac} of batch {bs} leaves no benign sample")
@@ -170,12 +154,11 @@ class AttackCell:
             "seed": self.seed,
         }
 
-    def key(self, cfg: AttackConfig) -> str:
-        extra = {k: getattr(cfg, k) for k in ("steps", "step_size", "init", "stealth_weight", "protocol",
-                                               "n_batches", "data_seed", "corruptions", "severities", "model",
-                                               "checkpoint")}  # fmt: skip
-        payload = json.dumps({**self.describe(), **extra}, sort_keys=True, default=str)
-        return hashlib.sha1(payload.encode()).hexdigest()[:16]
+    @property
+    def label(self) -> str:
+        eps = "eps=1" if self.eps >= 1 else f"eps={self.eps * 255:.3g}/255"
+        return (f"{self.entry.label} {self.objective} {eps} f={self.fraction} b{self.batch_size} {self.mode} "
+                f"s{self.seed}")  # fmt: skip
 
 
 def shipped_attack_configs() -> dict[str, Path]:
@@ -195,41 +178,85 @@ def load_attack_config(path_or_name: str | None, overrides: Sequence[str] = ()) 
     return AttackConfig.from_mapping(data, source)
 
 
-# ---------------------------------------------------------------------------------------------------- store
+# ------------------------------------------------------------------------------------------------ counts
+def attack_counts(record: dict[str, Any]) -> dict[str, Any]:
+    """Denominators of one record, from its per-batch rows: targeted ``attacks`` (batches with a target) and
+    ``successes`` (and ``clean_hits``, ``success_steps``: the PGD steps of each success); benign ``samples``
+    (B - m per batch) with their ``errors_attacked`` / ``errors_no_attack``."""
+    rows = (record.get("metrics") or {}).get("per_batch") or []
+    bs = record["cell"]["batch_size"]
+    out: dict[str, Any] = {"attacks": 0, "successes": 0, "clean_hits": 0, "success_steps": [], "samples": 0,
+                           "errors_attacked": 0, "errors_no_attack": 0, "batches": len(rows)}  # fmt: skip
+    for r in rows:
+        nb = bs - int(r["num_malicious"])
+        out["samples"] += nb
+        out["errors_attacked"] += round(float(r["benign_error_attacked"]) * nb)
+        out["errors_no_attack"] += round(float(r["no_attack_error"]) * nb)
+        if r.get("target_success") is not None:
+            out["attacks"] += 1
+            out["successes"] += int(bool(r["target_success"]))
+            out["clean_hits"] += int(bool(r.get("target_clean_hit")))
+            if r["target_success"] and r.get("steps") is not None:
+                out["success_steps"].append(int(r["steps"]))
+    return out
+
+
+def pooled_counts(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """:func:`attack_counts` summed over records (seeds)."""
+    total: dict[str, Any] = {"attacks": 0, "successes": 0, "clean_hits": 0, "success_steps": [], "samples": 0,
+                             "errors_attacked": 0, "errors_no_attack": 0, "batches": 0}  # fmt: skip
+    for r in records:
+        for k, v in attack_counts(r).items():
+            total[k] = total[k] + v
+    return total
+
+
+def rate_text(successes: int, trials: int, unit: str = "n") -> str:
+    """``"40.0 [25.1-56.8] n=30"``: a rate in %, its 95 % Wilson interval and its denominator."""
+    from tta_norm.metrics.functional import wilson_interval
+
+    if trials == 0:
+        return "-"
+    lo, hi = wilson_interval(successes, trials)
+    return f"{100 * successes / trials:.1f} [{100 * lo:.1f}-{100 * hi:.1f}] {unit}={trials}"
+
+
+# ------------------------------------------------------------------------------------------------- store
 CSV_HEAD = ["key", "status", "method", "preset", "gradient_method", "objective", "eps", "fraction", "batch_size",
-            "mode", "seed", "num_malicious", "batches", "attack_success", "target_clean_hit", "benign_error_clean",
-            "benign_error_attacked", "no_attack_error", "changed", "seconds"]  # fmt: skip
+            "mode", "seed", "num_malicious", "batches", "attacks", "attack_success", "attack_success_lo",
+            "attack_success_hi", "mean_steps_to_success", "target_clean_hit", "benign_samples",
+            "benign_error_clean", "benign_error_attacked", "benign_error_attacked_lo", "benign_error_attacked_hi",
+            "no_attack_error", "changed", "seconds"]  # fmt: skip
 
 
 def attack_records_to_csv(records: list[dict[str, Any]]) -> str:
-    """Flat rows: the cell's axes and its means over batches (rates and errors in %)."""
+    """Flat rows: the cell's axes, its means over batches and the denominators with 95 % Wilson intervals
+    (rates and errors in %)."""
+    from tta_norm.metrics.functional import wilson_interval
+
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(CSV_HEAD)
     for r in records:
         c, m = r["cell"], r.get("metrics") or {}
 
-        def pct(key: str, m: dict[str, Any] = m) -> Any:
-            v = m.get(key)
+        def pct(v: Any) -> Any:
             return "" if v is None else round(100 * float(v), 3)
 
+        n = attack_counts(r) if r["status"] == "ok" else None
+        asr_ci = wilson_interval(n["successes"], n["attacks"]) if n and n["attacks"] else (None, None)
+        err_ci = wilson_interval(n["errors_attacked"], n["samples"]) if n and n["samples"] else (None, None)
+        steps = statistics.fmean(n["success_steps"]) if n and n["success_steps"] else None
         writer.writerow(
             [r["key"], r["status"], c["method"]["name"], c["method"]["preset"], c["method"]["method"] or "",
              c["objective"], c["eps"], c["fraction"], c["batch_size"], c["mode"], c["seed"],
-             m.get("num_malicious", ""), m.get("batches", ""), pct("attack_success"), pct("target_clean_hit"),
-             pct("benign_error_clean"), pct("benign_error_attacked"), pct("no_attack_error"), pct("changed"),
+             m.get("num_malicious", ""), m.get("batches", ""), n["attacks"] if n else "", pct(m.get("attack_success")),
+             pct(asr_ci[0]), pct(asr_ci[1]), "" if steps is None else round(steps, 2), pct(m.get("target_clean_hit")),
+             n["samples"] if n else "", pct(m.get("benign_error_clean")), pct(m.get("benign_error_attacked")),
+             pct(err_ci[0]), pct(err_ci[1]), pct(m.get("no_attack_error")), pct(m.get("changed")),
              round(r.get("seconds", 0.0), 2)]
         )  # fmt: skip
     return buf.getvalue()
-
-
-class AttackStore(ResultStore):
-    """The bench harness's atomic ``results.jsonl`` store, with the attack grid's CSV view."""
-
-    def add(self, record: dict[str, Any]) -> None:
-        self.records[record["key"]] = record
-        atomic_write(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.records.values()))
-        atomic_write(self.directory / "results.csv", attack_records_to_csv(list(self.records.values())))
 
 
 # --------------------------------------------------------------------------------------------------- runner
@@ -248,7 +275,9 @@ def _mean(values: list[Any]) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
-def run_attack_cell(cell: AttackCell, model: Any, bench: Any, cfg: AttackConfig, device: Any, bar: Any = None):
+def run_attack_cell(
+    cell: AttackCell, model: Any, bench: Any, cfg: AttackConfig, device: Any, progress: Callable[[int], None] | None
+) -> dict[str, Any]:
     """Attack ``n_batches`` batches of every domain with a fresh adapted copy of ``model`` per domain."""
     import copy
 
@@ -282,66 +311,118 @@ def run_attack_cell(cell: AttackCell, model: Any, bench: Any, cfg: AttackConfig,
             else:
                 row["no_attack_error"] = out.benign_error_clean
             per_batch.append(row)
-            if bar is not None:
-                bar.update(1)
+            if progress is not None:
+                progress(1)
     keys = ("target_success", "target_clean_hit", "benign_error_clean", "benign_error_attacked", "no_attack_error",
             "changed", "linf")  # fmt: skip
     summary: dict[str, Any] = {k if k != "target_success" else "attack_success": _mean([r[k] for r in per_batch])
                                for k in keys}  # fmt: skip
     summary["num_malicious"] = per_batch[0]["num_malicious"] if per_batch else None
     summary["batches"] = len(per_batch)
+    targeted = [r for r in per_batch if r["target_success"] is not None]
+    summary["attacks"] = len(targeted)
+    summary["successes"] = sum(bool(r["target_success"]) for r in targeted)
+    summary["mean_steps_to_success"] = _mean([r["steps"] for r in targeted if r["target_success"]])
+    summary["mean_steps"] = _mean([r["steps"] for r in per_batch])
     summary["per_batch"] = per_batch
     summary["attack"] = attack.as_dict()
     return summary
 
 
-def run_attack_grid(cfg: AttackConfig, *, resume: bool = False, progress: bool = True) -> Path:
-    """Run every cell of ``cfg`` (skipping stored ones with ``resume``), then write the report."""
-    import torch
-    from tqdm.auto import tqdm
+#: config keys (besides the cell's axes) that change an attack cell's result
+ATTACK_PARAMS = ("dataset", "source", "corruptions", "severities", "n_batches", "steps", "step_size", "init",
+                 "stealth_weight", "protocol", "data_seed")  # fmt: skip
 
-    from tta_norm.bench.runner import cell_record, load_source_model, resolve_device
-    from tta_norm.data.benchmark import load_corruption_benchmark
 
-    out = Path(cfg.output)
-    cells = cfg.cells()
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "config.json", json.dumps(cfg.to_dict(), indent=1))
-    store = AttackStore(out, resume)
-    todo = [c for c in cells if not store.done(c.key(cfg))]
-    if progress:
-        print(f"[tta-norm attack] {len(cells)} cells, {len(cells) - len(todo)} already done; results in {out}")
-    if todo:
-        device = resolve_device(cfg.device)
-        model = load_source_model(cfg, device)  # type: ignore[arg-type]  # uses model/checkpoint/data_dir
-        bench = load_corruption_benchmark(
-            cfg.dataset, cfg.corruptions, cfg.severities, data_dir=cfg.data_dir, source=cfg.source,
-            n_examples=None, progress=progress,
-        )  # fmt: skip
-        if progress:
-            print(f"[tta-norm attack] data: {bench.describe()}")
-        total = len(todo) * len(bench.domains) * cfg.n_batches
-        with tqdm(total=total, unit="batch", desc="attack", disable=not progress) as bar:
-            for cell in todo:
-                bar.set_postfix_str(f"{cell.entry.label} {cell.objective} eps={cell.eps:.3g} f={cell.fraction} "
-                                    f"b{cell.batch_size} {cell.mode}")  # fmt: skip
-                with torch.no_grad():
-                    record = cell_record(
-                        cell.key(cfg), cell.describe(), bench.describe(),
-                        lambda: run_attack_cell(cell, model, bench, cfg, device, bar),  # noqa: B023
-                    )  # fmt: skip
-                if progress and record["status"] == "failed":
-                    tqdm.write(f"[tta-norm attack] cell {cell.entry.label} failed: {record['error']}")
-                store.add(record)
-    write_attack_report(out, list(store.records.values()), cfg, plots=cfg.plots)
-    return out
+class AttackJob(GridJob):
+    """The cells of an :class:`AttackConfig` for the grid engine."""
+
+    kind = "attack"
+
+    def __init__(self, cfg: AttackConfig) -> None:
+        self.config = cfg
+
+    def cells(self) -> list[GridCell]:
+        return [GridCell(i, c.describe(), c.label, c) for i, c in enumerate(self.config.cells())]
+
+    def validate(self) -> None:
+        from tta_norm.bench.validate import check_data_available, check_model
+
+        check_model(self.config.model, self.config.checkpoint)
+        check_data_available(self.config.dataset, self.config.data_dir, self.config.source, self.config.corruptions,
+                             self.config.severities)  # fmt: skip
+
+    def prepare(self, device: Any) -> dict[str, Any]:
+        from tta_norm.bench import runner
+        from tta_norm.data import benchmark
+
+        cfg = self.config
+        try:
+            model = runner.load_source_model(cfg, device)  # type: ignore[arg-type]  # model/checkpoint/data_dir
+        except (FileNotFoundError, ValueError, KeyError) as err:
+            raise runner.user_error("model", err) from None
+        try:
+            bench = benchmark.load_corruption_benchmark(
+                cfg.dataset, cfg.corruptions, cfg.severities, data_dir=cfg.data_dir, source=cfg.source,
+                n_examples=None, progress=False,
+            )  # fmt: skip
+        except (FileNotFoundError, ValueError) as err:
+            raise runner.user_error("data", err) from None
+        for key, data in bench.domains.items():
+            need = cfg.n_batches * max(cfg.batch_sizes)
+            if need > len(data):
+                raise ConfigError(f"n_batches: {cfg.n_batches} batches of {max(cfg.batch_sizes)} need {need} "
+                                  f"images, domain {key} has {len(data)}")  # fmt: skip
+        return {"model": model.to(device), "bench": bench}
+
+    def identity(self, state: dict[str, Any]) -> dict[str, Any]:
+        import tta_norm
+        from tta_norm.bench.identity import data_identity, model_identity
+
+        cfg = self.config
+        return {
+            "model": model_identity(cfg.model, cfg.checkpoint, state["model"]),
+            "data": data_identity(state["bench"]),
+            "params": {k: getattr(cfg, k) for k in ATTACK_PARAMS},
+            "version": tta_norm.__version__,
+        }
+
+    def data_description(self, state: dict[str, Any]) -> str:
+        return state["bench"].describe()
+
+    def work(self, cell: GridCell, state: dict[str, Any]) -> int:
+        return len(state["bench"].domains) * self.config.n_batches
+
+    def run_cell(self, cell: GridCell, state: dict[str, Any], device: Any, progress: Callable[[int], None] | None):
+        import torch
+
+        with torch.no_grad():
+            return run_attack_cell(cell.payload, state["model"], state["bench"], self.config, device, progress)
+
+    def scalars(self, record: dict[str, Any]) -> dict[str, float]:
+        m = record.get("metrics") or {}
+        keys = ("attack_success", "benign_error_attacked", "no_attack_error", "changed")
+        return {k: 100 * float(m[k]) for k in keys if m.get(k) is not None}
+
+    def write_outputs(self, out: Path, records: list[dict[str, Any]]) -> Path:
+        return write_attack_outputs(out, records, plots=self.config.plots)
+
+
+def write_attack_outputs(out: Path, records: list[dict[str, Any]], *, plots: bool = True) -> Path:
+    """``results.csv`` and ``report.md`` (and plots) from stored attack records."""
+    atomic_write(out / "results.csv", attack_records_to_csv(records))
+    return write_attack_report(out, records, plots=plots)
+
+
+def run_attack_grid(cfg: AttackConfig, options: Any = None, **kwargs: Any):
+    """Run every cell of ``cfg`` with the grid engine (``options`` a :class:`~tta_norm.bench.engine.RunOptions`
+    or its fields as keyword arguments); returns the :class:`~tta_norm.bench.engine.GridOutcome`."""
+    from tta_norm.bench.engine import RunOptions, run_grid
+
+    return run_grid(AttackJob(cfg), options or RunOptions(**kwargs))
 
 
 # --------------------------------------------------------------------------------------------------- report
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f}"
-
-
 def _groups(records: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
@@ -351,51 +432,66 @@ def _groups(records: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
     return groups
 
 
-def _main_metric(objective: str) -> tuple[str, str]:
+def _main_metric(objective: str) -> str:
     if objective == "indiscriminate":
-        return "benign_error_attacked", "benign error under attack (%)"
-    return "attack_success", "targeted attack success rate (%)"
+        return "benign error under attack (%)"
+    return "targeted attack success rate (%)"
 
 
-def _seed_mean(rows: list[dict[str, Any]], key: str) -> float | None:
-    return _mean([r["metrics"].get(key) for r in rows])
+def _methods(records: list[dict[str, Any]]) -> list[str]:
+    ordered = sorted(records, key=lambda r: r.get("index", 0))
+    return list(dict.fromkeys(r["cell"]["method"]["name"] for r in ordered))
 
 
-def attack_tables(records: list[dict[str, Any]], cfg: AttackConfig | None = None) -> str:
-    """One table per (objective, budget, batch size, mode): rows = method, columns = malicious fraction."""
-    methods = [e.label for e in cfg.method_entries()] if cfg else list(
-        dict.fromkeys(r["cell"]["method"]["name"] for r in records))  # fmt: skip
+def main_rate(objective: str, counts: dict[str, Any]) -> tuple[int, int]:
+    """(successes, trials) of the figure a table shows: attack successes over targeted attacks, or benign
+    errors under attack over benign samples."""
+    if objective == "indiscriminate":
+        return counts["errors_attacked"], counts["samples"]
+    return counts["successes"], counts["attacks"]
+
+
+def cell_text(objective: str, counts: dict[str, Any]) -> str:
+    """A table entry: the rate with its Wilson interval and denominator, plus the targeted extras."""
+    if objective == "indiscriminate":
+        return rate_text(counts["errors_attacked"], counts["samples"], "n") + f" ({counts['batches']} attacks)"
+    text = rate_text(counts["successes"], counts["attacks"], "n")
+    if counts["attacks"]:
+        steps = counts["success_steps"]
+        text += f", steps {statistics.fmean(steps):.1f}" if steps else ", steps -"
+        text += f", clean hit {100 * counts['clean_hits'] / counts['attacks']:.1f}"
+    return text
+
+
+def attack_tables(records: list[dict[str, Any]]) -> str:
+    """One table per (objective, budget, batch size, mode): rows = method, columns = malicious fraction; every
+    figure with its 95 % Wilson interval and denominator (attacks or benign samples), pooled over seeds."""
+    methods = _methods(records)
     parts = []
     for (objective, eps, bs, mode), rows in sorted(_groups(records).items(), key=lambda kv: str(kv[0])):
-        key, label = _main_metric(objective)
         fracs = sorted({r["cell"]["fraction"] for r in rows})
         eps_txt = "unbounded (eps = 1)" if eps >= 1 else f"Linf eps = {eps * 255:.3g}/255"
         head = ["method", "no-attack benign error"] + [f"{f:.0%} (m={round(f * bs)})" for f in fracs]
-        lines = [f"### {objective}, {eps_txt}, batch {bs}, {mode}: {label}", "",
+        lines = [f"### {objective}, {eps_txt}, batch {bs}, {mode}: {_main_metric(objective)}", "",
                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
         for m in methods:
             mine = [r for r in rows if r["cell"]["method"]["name"] == m]
             if not mine:
                 continue
-            vals = []
-            for f in fracs:
-                rf = [r for r in mine if r["cell"]["fraction"] == f]
-                v = _pct(_seed_mean(rf, key))
-                if objective != "indiscriminate" and rf:
-                    v += f" (clean hit {_pct(_seed_mean(rf, 'target_clean_hit'))})"
-                vals.append(v)
-            lines.append(f"| {m} | {_pct(_seed_mean(mine, 'no_attack_error'))} | " + " | ".join(vals) + " |")
+            base = pooled_counts(mine)
+            vals = [cell_text(objective, pooled_counts([r for r in mine if r["cell"]["fraction"] == f]))
+                    for f in fracs]  # fmt: skip
+            lines.append(f"| {m} | {rate_text(base['errors_no_attack'], base['samples'])} | " + " | ".join(vals) + " |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 
 
-def batch_size_tables(records: list[dict[str, Any]], cfg: AttackConfig | None = None) -> str:
-    """The main metric vs batch size (rows = method), one table per (objective, budget, mode, fraction)."""
+def batch_size_tables(records: list[dict[str, Any]]) -> str:
+    """The main figure vs batch size (rows = method), one table per (objective, budget, mode, fraction)."""
     ok = [r for r in records if r["status"] == "ok"]
     if len({r["cell"]["batch_size"] for r in ok}) < 2:
         return ""
-    methods = [e.label for e in cfg.method_entries()] if cfg else list(
-        dict.fromkeys(r["cell"]["method"]["name"] for r in ok))  # fmt: skip
+    methods = _methods(ok)
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in ok:
         c = r["cell"]
@@ -405,47 +501,57 @@ def batch_size_tables(records: list[dict[str, Any]], cfg: AttackConfig | None = 
         sizes = sorted({r["cell"]["batch_size"] for r in rows})
         if len(sizes) < 2:
             continue
-        key, label = _main_metric(objective)
         lines = [
-            f"### {label} vs batch size: {objective}, eps {eps:.4g}, {mode}, {frac:.0%} malicious",
+            f"### {_main_metric(objective)} vs batch size: {objective}, eps {eps:.4g}, {mode}, {frac:.0%} malicious",
             "",
             "| method | " + " | ".join(f"b{b}" for b in sizes) + " |",
             "|" + "---|" * (len(sizes) + 1),
         ]
         for m in methods:
-            vals = [
-                _pct(
-                    _seed_mean(
-                        [r for r in rows if r["cell"]["method"]["name"] == m and r["cell"]["batch_size"] == b], key
-                    )
-                )
-                for b in sizes
-            ]
+            vals = []
+            for b in sizes:
+                mine = [r for r in rows if r["cell"]["method"]["name"] == m and r["cell"]["batch_size"] == b]
+                vals.append(rate_text(*main_rate(objective, pooled_counts(mine))) if mine else "-")
             lines.append(f"| {m} | " + " | ".join(vals) + " |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 
 
 def make_attack_plots(out: Path, records: list[dict[str, Any]]) -> list[Path]:
-    """PNG: the main metric vs malicious fraction, one line per method, one plot per table."""
+    """PNG: the main figure vs malicious fraction with 95 % Wilson intervals as error bars, one line per
+    method, one plot per table; the legend gives the number of attacks per point."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from tta_norm.metrics.functional import wilson_interval
+
     plot_dir = out / "plots"
     plot_dir.mkdir(exist_ok=True)
     written = []
     for i, ((objective, eps, bs, mode), rows) in enumerate(sorted(_groups(records).items(), key=lambda kv: str(kv[0]))):
-        key, label = _main_metric(objective)
         fig, ax = plt.subplots(figsize=(6, 4))
-        for m in dict.fromkeys(r["cell"]["method"]["name"] for r in rows):
+        for m in _methods(rows):
             fracs = sorted({r["cell"]["fraction"] for r in rows if r["cell"]["method"]["name"] == m})
-            ys = [_seed_mean([r for r in rows if r["cell"]["method"]["name"] == m and r["cell"]["fraction"] == f], key)
-                  for f in fracs]  # fmt: skip
-            ax.plot([100 * f for f in fracs], [100 * (v or 0.0) for v in ys], marker="o", label=m)
+            xs, ys, lo, hi, ns = [], [], [], [], []
+            for f in fracs:
+                mine = [r for r in rows if r["cell"]["method"]["name"] == m and r["cell"]["fraction"] == f]
+                counts = pooled_counts(mine)
+                k, n = main_rate(objective, counts)
+                if n == 0:
+                    continue
+                a, b = wilson_interval(k, n)
+                xs.append(100 * f)
+                ys.append(100 * k / n)
+                lo.append(100 * (k / n - a))
+                hi.append(100 * (b - k / n))
+                ns.append(counts["attacks"] if objective != "indiscriminate" else counts["batches"])
+            if xs:
+                n_txt = f"{min(ns)}" if min(ns) == max(ns) else f"{min(ns)}-{max(ns)}"
+                ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=f"{m} ({n_txt} attacks/point)")
         ax.set_xlabel("malicious fraction of the batch (%)")
-        ax.set_ylabel(label)
+        ax.set_ylabel(_main_metric(objective) + ", 95 % Wilson CI")
         eps_txt = "eps=1" if eps >= 1 else f"eps={eps * 255:.3g}/255"
         ax.set_title(f"{objective}, {eps_txt}, batch {bs}, {mode}", fontsize=9)
         ax.grid(alpha=0.3)
@@ -458,34 +564,44 @@ def make_attack_plots(out: Path, records: list[dict[str, Any]]) -> list[Path]:
     return written
 
 
-def write_attack_report(
-    out: Path, records: list[dict[str, Any]], cfg: AttackConfig | None = None, *, plots: bool = True
-) -> Path:
-    """``report.md`` (threat model, tables, failed cells, plots) in ``out``."""
+def threat_model(records: list[dict[str, Any]]) -> list[str]:
+    """The report's description of the attack, from the parameters stored in the records."""
+    rec = next((r for r in records if r.get("identity")), None)
+    if rec is None:
+        return []
+    p, model = rec["identity"]["params"], rec["identity"]["model"]
+    protocol = p.get("protocol", "dia")
+    return [
+        "Threat model (DIA, Wu et al. ICML 2023; MedBN, Park et al. CVPR 2024): white box (model, method and "
+        "its current state, benign samples and labels known); the attacker controls the last m samples of "
+        f"each test batch and runs {p['steps']} signed-gradient PGD steps of {float(p['step_size']) * 255:.3g}/255 "
+        f"from a {p['init']} start through the adapted forward of the whole batch (protocol {protocol}: "
+        f"{ATTACK_PROTOCOLS.get(protocol, '?')}). Targeted: benign sample 0 to label (y+1) mod C; success = the "
+        "victim predicts it (stops at the first successful step; 'steps' = mean PGD steps of the successes, "
+        "'clean hit' = the no-attack model already did). Indiscriminate: maximise the clamped (<= 5) CE of all "
+        "benign samples; error over the B - m benign samples. Instant: the deployed model adapts on the clean "
+        "batch; cumulative: the poisoned state carries over (no-attack error then from a separate clean stream).",
+        "",
+        "Every figure: value in %, [95 % Wilson interval], n = its denominator (targeted: attacks, one per "
+        "batch; errors: benign samples, which share batches, so the interval is optimistic), pooled over seeds.",
+        "",
+        f"Model {model['name']}" + (f" ({model['checkpoint']})" if model.get("checkpoint") else "")
+        + f", weights sha256 {model['weights_sha256']}; domains {', '.join(p['corruptions'])} at severity "
+        f"{p['severities']}; {p['n_batches']} batches per domain (seeded permutation, data_seed {p['data_seed']}).",
+        "",
+    ]  # fmt: skip
+
+
+def write_attack_report(out: Path, records: list[dict[str, Any]], *, plots: bool = True) -> Path:
+    """``report.md`` (threat model, tables, failed cells, plots) in ``out``, from the records only."""
     ok = [r for r in records if r["status"] == "ok"]
     failed = [r for r in records if r["status"] != "ok"]
-    lines = [f"# tta-norm attack: {cfg.name if cfg else out.name}", ""]
-    if cfg is not None:
-        lines += [
-            "Threat model (DIA, Wu et al. ICML 2023; MedBN, Park et al. CVPR 2024): white box (model, method and "
-            "its current state, benign samples and labels known); the attacker controls the last m samples of "
-            f"each test batch and runs {cfg.steps} signed-gradient PGD steps of {cfg.step_size * 255:.3g}/255 from "
-            f"a {cfg.init} start through the adapted forward of the whole batch (protocol {cfg.protocol}: "
-            f"{ATTACK_PROTOCOLS[cfg.protocol]}). Targeted: benign sample 0 to label (y+1) mod C; success = the victim "
-            "predicts it ('clean hit' = the no-attack model already did). Indiscriminate: maximise the clamped "
-            "(<= 5) CE of all benign samples; error over the B - m benign samples. Instant: the deployed model "
-            "adapts on the clean batch; cumulative: the poisoned state carries over (no-attack error then from a "
-            "separate clean stream).",
-            "",
-            f"Model {cfg.model}" + (f" ({cfg.checkpoint})" if cfg.checkpoint else "") + f"; domains "
-            f"{', '.join(cfg.corruptions)} at severity {cfg.severities}; {cfg.n_batches} batches per domain "
-            f"(seeded permutation, data_seed {cfg.data_seed}).",
-            "",
-        ]  # fmt: skip
+    name = next((r["grid"] for r in records if r.get("grid")), out.name)
+    lines = [f"# tta-norm attack: {name}", ""] + threat_model(records)
     if ok:
         lines += [f"Data: {ok[0]['data']}", ""]
-    lines.append(attack_tables(records, cfg))
-    sweep = batch_size_tables(records, cfg)
+    lines.append(attack_tables(records))
+    sweep = batch_size_tables(records)
     if sweep:
         lines += ["", sweep]
     if failed:

@@ -1,15 +1,36 @@
-"""``tta-norm bench``: run a benchmark grid from a YAML config with command-line overrides."""
+"""``tta-norm bench``: run a benchmark grid from a YAML config with command-line overrides, or merge run
+directories (``tta-norm bench merge DIR... -o OUT``).
+
+:func:`add_grid_arguments` and :func:`run_grid_command` are the argument set and driver shared by every grid
+command (``bench``, ``attack``).  Exit status: 0 every cell ok, 1 some cells failed (recorded; ``--resume``
+retries them), 2 a user or config error (one line on stderr, nothing run).
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+LOG_FORMAT = "[tta-norm] %(levelname)s %(message)s"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "config", nargs="?", default="quick",
-        help="a YAML file or a shipped config name: quick (default), standard, continual, batch_sweep, noniid_sweep",
-    )  # fmt: skip
+@dataclass(frozen=True)
+class GridCommand:
+    """What differs between grid commands: their name, configs and job type (loaded lazily)."""
+
+    name: str
+    shipped: Callable[[], dict[str, Any]]
+    load: Callable[[str, list[str]], Any]
+    job: Callable[[Any], Any]
+
+
+def add_grid_arguments(parser: argparse.ArgumentParser, default_config: str, config_help: str) -> None:
+    """The argument set every grid command shares."""
+    parser.add_argument("config", nargs="?", default=default_config, help=config_help)
     parser.add_argument(
         "--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config key with a YAML value, e.g. -s batch_sizes=[1,16] (repeatable)",
@@ -17,18 +38,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", "-o", help="output directory (config key 'output')")
     parser.add_argument("--data-dir", help="where to look for datasets (config key 'data_dir')")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 or auto (config key 'device')")
-    parser.add_argument("--resume", action="store_true", help="skip the cells already stored in the output")
+    stored = parser.add_mutually_exclusive_group()
+    stored.add_argument(
+        "--resume", action="store_true",
+        help="keep the results in the output directory; run only cells without an ok result",
+    )  # fmt: skip
+    stored.add_argument("--overwrite", action="store_true", help="delete the results in the output directory first")
+    parser.add_argument("--shard", metavar="K/N", help="run only the K-th of N deterministic slices of the cells")
+    parser.add_argument("--executor", choices=["local", "ray"], default="local",
+                        help="local: cells one after the other in this process (default); ray: one Ray task per "
+                             "cell with the config's 'resources'")  # fmt: skip
+    parser.add_argument("--ray-address", help="address of a running Ray cluster (default: start a local one)")
     parser.add_argument("--list-configs", action="store_true", help="list the shipped configs and exit")
-    parser.add_argument("--dry-run", action="store_true", help="validate the config and list the cells, run nothing")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the config, model, data and device, list the cells, run nothing")  # fmt: skip
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="logging level on stderr (log.txt in the run directory gets info and above)")  # fmt: skip
+    parser.add_argument("--quiet", action="store_true", help="no progress bar and only warnings on stderr")
 
 
-def run(args: argparse.Namespace) -> int:
-    from tta_norm.bench import ConfigError, load_config, run_benchmark, shipped_configs
+def configure_logging(level: str) -> None:
+    """One stderr handler on the ``tta_norm`` logger (replaced on every call)."""
+    logger = logging.getLogger("tta_norm")
+    for h in list(logger.handlers):
+        if getattr(h, "_tta_norm_cli", False):
+            logger.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setLevel(getattr(logging, level.upper()))
+    handler._tta_norm_cli = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
 
+
+def run_grid_command(args: argparse.Namespace, command: GridCommand) -> int:
+    from tta_norm.bench.engine import RunOptions, run_grid
+    from tta_norm.bench.grid import parse_shard, shard_cells
+    from tta_norm.bench.validate import ConfigError
+
+    configure_logging("warning" if args.quiet else args.log_level)
     if args.list_configs:
-        for name, path in sorted(shipped_configs().items()):
-            print(f"{name:<14} {path}")
+        for name, path in sorted(command.shipped().items()):
+            print(f"{name:<16} {path}")
         return 0
     overrides = list(args.overrides)
     for key in ("output", "data_dir", "device"):
@@ -36,19 +87,54 @@ def run(args: argparse.Namespace) -> int:
         if value is not None:
             overrides.append(f"{key}={value}")
     try:
-        cfg = load_config(args.config, overrides)
-        cells = cfg.cells()
-    except (ConfigError, ValueError, KeyError) as err:
-        print(f"tta-norm bench: {err}")
+        shard = parse_shard(args.shard)
+        cfg = command.load(args.config, overrides)
+        job = command.job(cfg)
+        cells = job.cells()
+        if args.dry_run:
+            job.validate()
+            mine = shard_cells(cells, shard)
+            print(f"{len(mine)} cells" + (f" (shard {args.shard} of {len(cells)})" if shard else "") + ":")
+            for c in mine:
+                print(f"  {c.index:>4}  {c.label}")
+            print(f"config ok: model {cfg.model}, dataset {cfg.dataset}, device {cfg.device}, output {cfg.output}")
+            return 0
+        options = RunOptions(resume=args.resume, overwrite=args.overwrite, shard=shard, executor=args.executor,
+                             ray_address=args.ray_address, progress=False if args.quiet else None)  # fmt: skip
+        outcome = run_grid(job, options)
+    except ConfigError as err:
+        print(f"tta-norm {command.name}: {err}", file=sys.stderr)
         return 2
-    if args.dry_run:
-        print(f"{len(cells)} cells:")
-        for c in cells:
-            desc = f"{c.setting:<17} {c.order:<9} b{c.batch_size:<4} sev {c.severity} seed {c.seed}"
-            print(f"  {c.entry.label:<24} {desc}")
-        return 0
-    out = run_benchmark(cfg, resume=args.resume, progress=not args.quiet)
-    report = out / "report.md"
-    print(report.read_text())
-    print(f"[tta-norm bench] wrote {out / 'results.jsonl'}, {out / 'results.csv'}, {report}")
-    return 0
+    if outcome.report is not None:
+        print(outcome.report.read_text())
+    print(f"[tta-norm {command.name}] {outcome.cells} cells: {outcome.reused} reused, {outcome.ran} run, "
+          f"{outcome.failed} failed; wrote {outcome.out / 'results.jsonl'}, {outcome.out / 'results.csv'}, "
+          f"{outcome.report}")  # fmt: skip
+    return outcome.exit_status
+
+
+def bench_command() -> GridCommand:
+    from tta_norm.bench.config import load_config, shipped_configs
+    from tta_norm.bench.runner import BenchJob
+
+    return GridCommand("bench", shipped_configs, load_config, BenchJob)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_grid_arguments(
+        parser, "quick",
+        "a YAML file or a shipped config name: quick (default), standard, continual, batch_sweep, noniid_sweep; "
+        "or 'merge' to combine run directories",
+    )  # fmt: skip
+    parser.add_argument("dirs", nargs="*", metavar="DIR", help="with 'merge': the run directories to combine")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.config == "merge":
+        from tta_norm.bench.merge import merge_command
+
+        return merge_command(args)
+    if args.dirs:
+        print(f"tta-norm bench: unexpected argument(s) {args.dirs} (only 'merge' takes directories)", file=sys.stderr)
+        return 2
+    return run_grid_command(args, bench_command())

@@ -24,7 +24,20 @@ from typing import Any
 
 import yaml
 
-from tta_norm.data.benchmark import CORRUPTIONS, EXTRA_CORRUPTIONS
+from tta_norm.bench.validate import (
+    ConfigError,
+    as_list,
+    check_bool,
+    check_device,
+    check_int,
+    check_int_list,
+    check_method_kwargs,
+    check_number,
+    check_resources,
+    check_str,
+    check_trackers,
+)
+from tta_norm.data.benchmark import CORRUPTIONS, DATASETS, EXTRA_CORRUPTIONS
 from tta_norm.data.natural import natural_shift
 from tta_norm.methods import methods as method_names
 from tta_norm.methods.entries import method_label
@@ -32,10 +45,6 @@ from tta_norm.norm.spec import spec_fields
 from tta_norm.presets import get_preset
 from tta_norm.presets import presets as preset_names
 from tta_norm.streams.plan import ORDERS, StreamSpec
-
-
-class ConfigError(ValueError):
-    """A benchmark config that cannot run: unknown key, bad value, unknown preset/method."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,8 @@ class MethodEntry:
 class BenchConfig:
     """All settings of one benchmark run (see the shipped configs in ``tta_norm/configs``)."""
 
+    LIST_KEYS = ("settings", "orders", "deltas")  # list keys besides the ones every grid config has
+
     name: str = "bench"
     dataset: str = "cifar10"
     model: str = "resnet20"
@@ -87,6 +98,8 @@ class BenchConfig:
     output: str = "runs/bench"
     plots: bool = True
     on_bad_batch: str = "skip"
+    resources: dict[str, float] = field(default_factory=lambda: {"num_cpus": 1, "num_gpus": 0})
+    trackers: list[str] = field(default_factory=list)
 
     # ---- construction ----------------------------------------------------------------------------------
     @classmethod
@@ -101,60 +114,37 @@ class BenchConfig:
 
     # ---- validation ------------------------------------------------------------------------------------
     def method_entries(self) -> list[MethodEntry]:
-        return [parse_method(m) for m in self.methods]
+        return [parse_method(m, f"methods[{i}]") for i, m in enumerate(self.methods)]
 
     def validate(self) -> None:
-        def listish(name: str) -> None:
-            value = getattr(self, name)
-            if isinstance(value, (str, int, float)):
-                setattr(self, name, [value])
-            if not getattr(self, name):
-                raise ConfigError(f"{name} must not be empty")
-
-        for name in ("corruptions", "severities", "methods", "settings", "orders", "deltas", "batch_sizes", "seeds"):
-            listish(name)
-        if self.corruptions in (["all"], ["standard"]):
-            self.corruptions = list(CORRUPTIONS)
-        shift = natural_shift(self.dataset)
-        if shift is not None:  # a natural-shift set is a single domain named after it
-            self.dataset = shift.name
-            if self.corruptions == list(CORRUPTIONS):
-                self.corruptions = [shift.name]
-            if self.corruptions != [shift.name]:
-                raise ConfigError(f"dataset {shift.name} is one domain: corruptions must be [{shift.name}]")
-        known = set(CORRUPTIONS) | set(EXTRA_CORRUPTIONS) | ({shift.name} if shift is not None else set())
-        bad = [c for c in self.corruptions if c not in known]
-        if bad:
-            raise ConfigError(f"unknown corruption(s) {bad}; known: {', '.join(CORRUPTIONS + EXTRA_CORRUPTIONS)}")
-        for s in self.severities:
-            if not isinstance(s, int) or not 1 <= s <= 5:
-                raise ConfigError(f"severities must be integers in 1..5, got {s!r}")
-        for b in self.batch_sizes:
-            if not isinstance(b, int) or b < 1:
-                raise ConfigError(f"batch_sizes must be positive integers, got {b!r}")
-        for s in self.settings:
-            StreamSpec(setting=s)  # raises with the valid names
-        for o in self.orders:
-            if StreamSpec(order=o).order not in ORDERS:
-                raise ConfigError(f"unknown order {o!r}")
-        if self.n_examples is not None and (not isinstance(self.n_examples, int) or self.n_examples < 1):
-            raise ConfigError(f"n_examples must be a positive integer or null, got {self.n_examples!r}")
-        if self.source not in ("auto", "release", "regenerate"):
-            raise ConfigError(f"source must be auto, release or regenerate, got {self.source!r}")
-        if not isinstance(self.random_init, bool):
-            raise ConfigError(f"random_init must be true or false, got {self.random_init!r}")
+        """Check types and ranges of every key (one-line :class:`ConfigError` naming the key path)."""
+        validate_common(self)
+        for i, s in enumerate(self.settings):
+            check_str(f"settings[{i}]", s)
+            try:
+                StreamSpec(setting=s)
+            except ValueError as err:
+                raise ConfigError(f"settings[{i}]: {err}") from None
+        for i, o in enumerate(self.orders):
+            check_str(f"orders[{i}]", o)
+            try:
+                known = StreamSpec(order=o).order in ORDERS
+            except ValueError as err:
+                raise ConfigError(f"orders[{i}]: {err}") from None
+            if not known:
+                raise ConfigError(f"orders[{i}]: unknown order {o!r}")
+        self.deltas = [check_number(f"deltas[{i}]", d, positive=True) for i, d in enumerate(self.deltas)]
+        self.batch_sizes = check_int_list("batch_sizes", self.batch_sizes, minimum=1)
+        if self.n_examples is not None:
+            check_int("n_examples", self.n_examples, minimum=1)
+        check_bool("clean_interleaved", self.clean_interleaved)
+        check_str("on_bad_batch", self.on_bad_batch, ("raise", "skip"))
+        check_bool("random_init", self.random_init)
         for key in ("weights", "imagenet_ids"):
-            if getattr(self, key) is not None and not isinstance(getattr(self, key), str):
-                raise ConfigError(f"{key} must be a string or null, got {getattr(self, key)!r}")
+            if getattr(self, key) is not None:
+                check_str(key, getattr(self, key))
         if self.imagenet_ids is not None and self.dataset != "imagenet":
-            raise ConfigError(f"imagenet_ids selects ImageNet-C images; dataset is {self.dataset!r}")
-        if self.on_bad_batch not in ("raise", "skip"):
-            raise ConfigError(f"on_bad_batch must be raise or skip, got {self.on_bad_batch!r}")
-        entries = self.method_entries()
-        labels = [e.label for e in entries]
-        dup = sorted({x for x in labels if labels.count(x) > 1})
-        if dup:
-            raise ConfigError(f"duplicate method rows {dup}; give them distinct 'name's")
+            raise ConfigError(f"imagenet_ids: selects ImageNet-C images; dataset is {self.dataset!r}")
 
     # ---- the grid --------------------------------------------------------------------------------------
     def cells(self) -> list[Cell]:
@@ -205,39 +195,99 @@ class Cell:
         }
 
 
-def parse_method(item: Any) -> MethodEntry:
-    """A method entry from its config form (see the module docstring), validated."""
+def validate_common(cfg: Any) -> None:
+    """The checks every grid config (bench, attack) shares: lists, names, model, data keys, device, seeds,
+    method entries, resources and trackers.  Normalises scalars to lists and ``corruptions: all``."""
+    for name in ("corruptions", "severities", "methods", "batch_sizes", "seeds", *getattr(cfg, "LIST_KEYS", ())):
+        if hasattr(cfg, name):
+            setattr(cfg, name, as_list(name, getattr(cfg, name)))
+    check_str("name", cfg.name)
+    check_str("dataset", cfg.dataset)
+    if natural_shift(cfg.dataset) is None:
+        check_str("dataset", cfg.dataset, DATASETS)
+    check_str("model", cfg.model)
+    if cfg.checkpoint is not None:
+        check_str("checkpoint", cfg.checkpoint)
+    if cfg.data_dir is not None:
+        check_str("data_dir", cfg.data_dir)
+    check_str("source", cfg.source, ("auto", "release", "regenerate"))
+    check_str("output", cfg.output)
+    check_bool("plots", cfg.plots)
+    check_device("device", cfg.device)
+    check_int("data_seed", cfg.data_seed, minimum=0)
+    if cfg.corruptions in (["all"], ["standard"]):
+        cfg.corruptions = list(CORRUPTIONS)
+    known = set(CORRUPTIONS) | set(EXTRA_CORRUPTIONS)
+    shift = natural_shift(cfg.dataset)
+    if shift is not None:  # a natural-shift set (ImageNet-R/A/Sketch) is one domain named after it
+        cfg.dataset = shift.name
+        if cfg.corruptions == list(CORRUPTIONS):
+            cfg.corruptions = [shift.name]
+        if cfg.corruptions != [shift.name]:
+            raise ConfigError(f"corruptions: dataset {shift.name} is one domain: corruptions must be [{shift.name}]")
+        known = {shift.name}
+    for i, c in enumerate(cfg.corruptions):
+        if c not in known:
+            close = difflib.get_close_matches(str(c), sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            known_txt = ", ".join(CORRUPTIONS + EXTRA_CORRUPTIONS)
+            raise ConfigError(f"corruptions[{i}]: unknown corruption {c!r}{hint}; known: all, {known_txt}")
+    if len(set(cfg.corruptions)) != len(cfg.corruptions):
+        twice = sorted({c for c in cfg.corruptions if cfg.corruptions.count(c) > 1})
+        raise ConfigError(f"corruptions: listed twice: {twice}")
+    cfg.severities = check_int_list("severities", cfg.severities, minimum=1, maximum=5)
+    cfg.seeds = check_int_list("seeds", cfg.seeds, minimum=0)
+    cfg.resources = check_resources("resources", cfg.resources)
+    cfg.trackers = check_trackers("trackers", cfg.trackers)
+    entries = [parse_method(m, f"methods[{i}]") for i, m in enumerate(cfg.methods)]
+    labels = [e.label for e in entries]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise ConfigError(f"methods: duplicate rows {dup}; give them distinct 'name's")
+
+
+def parse_method(item: Any, path: str = "methods") -> MethodEntry:
+    """A method entry from its config form (see the module docstring), validated; errors name ``path``."""
     if isinstance(item, str):
         preset, _, method = item.partition("+")
         entry = MethodEntry(preset.strip(), method.strip() or None)
     elif isinstance(item, Mapping):
         unknown = set(item) - {"preset", "method", "kwargs", "name"}
         if unknown:
-            raise ConfigError(f"method entry {dict(item)}: unknown key(s) {sorted(unknown)}")
+            raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; valid: preset, method, kwargs, name")
         if "preset" not in item:
-            raise ConfigError(f"method entry {dict(item)} needs a 'preset'")
+            raise ConfigError(f"{path}: a method entry needs a 'preset'")
         kwargs = item.get("kwargs") or {}
         if not isinstance(kwargs, Mapping):
-            raise ConfigError(f"method entry {dict(item)}: kwargs must be a mapping")
+            raise ConfigError(f"{path}.kwargs: must be a mapping, got {kwargs!r}")
+        check_str(f"{path}.preset", item["preset"])
+        if item.get("method") is not None:
+            check_str(f"{path}.method", item["method"])
+        check_str(f"{path}.name", item.get("name", ""))
         entry = MethodEntry(item["preset"], item.get("method"), tuple(sorted(kwargs.items())), item.get("name", ""))
     else:
-        raise ConfigError(f"a method entry is a string or a mapping, got {item!r}")
+        raise ConfigError(f"{path}: a method entry is a string or a mapping, got {item!r}")
     if entry.preset not in preset_names():
         close = difflib.get_close_matches(entry.preset, preset_names(), n=1)
         raise ConfigError(
-            f"unknown preset {entry.preset!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+            f"{path}: unknown preset {entry.preset!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
             + f"; presets: {', '.join(preset_names())}"
         )
     if entry.method is not None and entry.method not in method_names():
-        raise ConfigError(f"unknown method {entry.method!r}; methods: {', '.join(method_names())}")
-    extra = [k for k, _ in entry.kwargs if k not in spec_fields() and k not in ("init_state", "ttn_fit")]
-    if extra and entry.method is None:
-        raise ConfigError(f"method entry {entry.label}: {extra} are not preset fields and no method is given")
+        close = difflib.get_close_matches(entry.method, method_names(), n=1)
+        raise ConfigError(f"{path}: unknown method {entry.method!r}" + (f" (did you mean {close[0]!r}?)" if close
+                          else "") + f"; methods: {', '.join(method_names())}")  # fmt: skip
+    check_method_kwargs(path, entry.label, entry.method, [k for k, _ in entry.kwargs])
+    keys = {k for k, _ in entry.kwargs}
+    if keys & {"fisher_samples", "fisher_seed"} and entry.method != "eata":
+        raise ConfigError(f"{path}.kwargs ({entry.label}): fisher_samples/fisher_seed are EATA settings")
+    if "ttn_fit" in keys and (entry.preset != "ttn" or "init_state" in keys):
+        raise ConfigError(f"{path}.kwargs.ttn_fit ({entry.label}): fits the 'ttn' preset, without init_state")
     spec_kwargs = {k: v for k, v in entry.kwargs if k in spec_fields()}
     try:
         get_preset(entry.preset).spec.replace(**spec_kwargs)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"method entry {entry.label}: {err}") from err
+        raise ConfigError(f"{path} ({entry.label}): {err}") from None
     return entry
 
 
@@ -256,7 +306,20 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key=value")
     key, _, value = text.partition("=")
-    return key.strip(), yaml.safe_load(value)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: not a YAML value ({yaml_problem(err)})") from None
+
+
+def yaml_problem(err: yaml.YAMLError, path: str | None = None) -> str:
+    """``file:line:column: problem`` of a YAML parse error (1-based line and column)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f"{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+    if path is None:
+        return f"column {mark.column + 1}: {problem}" if mark is not None else problem
+    return f"{path}:{where}: {problem}" if where else f"{path}: {problem}"
 
 
 def reject_unknown_keys(cls: type, data: Mapping[str, Any], source: str) -> None:
@@ -295,7 +358,10 @@ def read_config_data(
             raise ConfigError(
                 f"config {path_or_name!r} is neither a file nor a shipped {kind} ({', '.join(sorted(shipped))})"
             )
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(yaml_problem(err, str(path))) from None
         if not isinstance(loaded, Mapping):
             raise ConfigError(f"{path}: a config must be a YAML mapping")
         data.update(loaded)

@@ -1,4 +1,5 @@
-"""Markdown report and PNG plots from benchmark records (rows = method, columns = corruption, errors in %)."""
+"""Markdown report and PNG plots from stored benchmark records only (rows = method, columns = corruption,
+errors in %).  Rows follow the grid order of the records (their ``index``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tta_norm.bench.config import BenchConfig
 from tta_norm.bench.store import atomic_write
 
 GroupKey = tuple[str, str, Any, int, Any]  # setting, order, delta, batch size, severity
@@ -46,16 +46,15 @@ def _fmt(values: Sequence[float]) -> str:
     return f"{mean:.1f}"
 
 
-def _method_order(records: list[dict[str, Any]], cfg: BenchConfig | None) -> list[str]:
-    if cfg is not None:
-        return [e.label for e in cfg.method_entries()]
-    return list(dict.fromkeys(r["cell"]["method"]["name"] for r in records))
+def _method_order(records: list[dict[str, Any]]) -> list[str]:
+    ordered = sorted(records, key=lambda r: r.get("index", 0))
+    return list(dict.fromkeys(r["cell"]["method"]["name"] for r in ordered))
 
 
-def tables(records: list[dict[str, Any]], cfg: BenchConfig | None = None) -> str:
+def tables(records: list[dict[str, Any]]) -> str:
     """One Markdown table per (setting, order, batch size, severity) group, mean (± std over seeds)."""
     ok = [r for r in records if r["status"] == "ok"]
-    methods = _method_order(records, cfg)
+    methods = _method_order(records)
     groups: dict[GroupKey, list[dict[str, Any]]] = defaultdict(list)
     for r in ok:
         groups[_group_key(r["cell"])].append(r)
@@ -80,13 +79,13 @@ def tables(records: list[dict[str, Any]], cfg: BenchConfig | None = None) -> str
     return "\n\n".join(parts)
 
 
-def batch_size_table(records: list[dict[str, Any]], cfg: BenchConfig | None = None) -> str:
+def batch_size_table(records: list[dict[str, Any]]) -> str:
     """Mean corruption error vs batch size, one table per (setting, order, severity)."""
     ok = [r for r in records if r["status"] == "ok"]
     sizes = sorted({r["cell"]["batch_size"] for r in ok})
     if len(sizes) < 2:
         return ""
-    methods = _method_order(records, cfg)
+    methods = _method_order(records)
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in ok:
         c = r["cell"]
@@ -107,7 +106,7 @@ def batch_size_table(records: list[dict[str, Any]], cfg: BenchConfig | None = No
     return "\n\n".join(parts)
 
 
-def make_plots(out: Path, records: list[dict[str, Any]], cfg: BenchConfig | None = None) -> list[Path]:
+def make_plots(out: Path, records: list[dict[str, Any]]) -> list[Path]:
     """PNG plots: error vs batch size per method, per-corruption bars, online error curves."""
     import matplotlib
 
@@ -115,7 +114,7 @@ def make_plots(out: Path, records: list[dict[str, Any]], cfg: BenchConfig | None
     import matplotlib.pyplot as plt
 
     ok = [r for r in records if r["status"] == "ok"]
-    methods = _method_order(records, cfg)
+    methods = _method_order(records)
     written = []
     plot_dir = out / "plots"
     plot_dir.mkdir(exist_ok=True)
@@ -187,19 +186,22 @@ def make_plots(out: Path, records: list[dict[str, Any]], cfg: BenchConfig | None
 
 
 def write_report(
-    out: Path, records: list[dict[str, Any]], cfg: BenchConfig | None = None, *, plots: bool = True
+    out: Path, records: list[dict[str, Any]], *, plots: bool = True
 ) -> Path:
     """Write ``report.md`` (and ``plots/*.png``) into ``out``; returns the report path."""
     failed = [r for r in records if r["status"] != "ok"]
     ok = [r for r in records if r["status"] == "ok"]
-    lines = [f"# tta-norm bench: {cfg.name if cfg else out.name}", ""]
+    name = next((r["grid"] for r in records if r.get("grid")), out.name)
+    lines = [f"# tta-norm bench: {name}", ""]
     if ok:
-        lines += [f"Data: {ok[0]['data']}", "", f"Model: {cfg.model if cfg else '?'}"
-                  + (f" (checkpoint {cfg.checkpoint})" if cfg and cfg.checkpoint else ""), "",
+        model = ok[0].get("identity", {}).get("model", {})
+        lines += [f"Data: {ok[0]['data']}", "", f"Model: {model.get('name', '?')}"
+                  + (f" (checkpoint {model['checkpoint']})" if model.get("checkpoint") else "")
+                  + (f", weights sha256 {model['weights_sha256']}" if model.get("weights_sha256") else ""), "",
                   "Errors in %, mean ± std over seeds; 'mean' = mean over corruptions, 'all samples' = error over "
                   "the whole stream; ECE with 15 equal-width bins.", ""]  # fmt: skip
-    lines.append(tables(records, cfg))
-    sweep = batch_size_table(records, cfg)
+    lines.append(tables(records))
+    sweep = batch_size_table(records)
     if sweep:
         lines += ["", sweep]
     lat = []
@@ -219,7 +221,7 @@ def write_report(
         lines += [f"- {r['cell']['method']['name']} {r['cell']['setting']} batch {r['cell']['batch_size']}: "
                   f"{r.get('error')}" for r in failed]  # fmt: skip
     if plots and ok:
-        written = make_plots(out, records, cfg)
+        written = make_plots(out, records)
         lines += ["", "### plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in written]
     path = out / "report.md"
     atomic_write(path, "\n".join(lines) + "\n")

@@ -1,28 +1,27 @@
-"""Run a benchmark grid: every cell adapts a fresh copy of the source model over a deterministic stream.
+"""The benchmark grid as a job of the grid engine: every cell adapts a fresh copy of the source model over a
+deterministic stream of the corruption benchmark.
 
-Results are written as each cell finishes (``results.jsonl`` and ``results.csv``, atomically replaced), so
-an interrupted grid resumes with ``resume=True`` by skipping the cells already stored.  A cell that fails
-(e.g. a preset that is undefined at batch size 1 for the model) is stored with its error and the grid goes on.
+:class:`BenchJob` lists the cells of a :class:`~tta_norm.bench.config.BenchConfig`, loads the model and data
+once, fingerprints them for the cell keys, runs one cell (:func:`run_cell`) and writes the CSV and report
+from the stored records; :func:`run_benchmark` runs it with :func:`tta_norm.bench.engine.run_grid` (store,
+resume, shards, executors: see that module).
 """
 
 from __future__ import annotations
 
-import json
-import platform
-import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 import tta_norm
-from tta_norm.bench.config import BenchConfig, Cell
-from tta_norm.bench.store import ResultStore, atomic_write
+from tta_norm.bench.config import BenchConfig, Cell, ConfigError
+from tta_norm.bench.engine import GridOutcome, RunOptions, run_grid  # noqa: F401 - re-exported
+from tta_norm.bench.grid import GridCell, GridJob
+from tta_norm.bench.identity import data_identity, model_identity
+from tta_norm.bench.store import atomic_write, records_to_csv
 from tta_norm.data.benchmark import CorruptionBenchmark, load_corruption_benchmark
-from tta_norm.device import resolve_device
 from tta_norm.methods.entries import resolve_entry_kwargs
 from tta_norm.metrics import BatchTimer, MetricsAccumulator, PeakMemory
 from tta_norm.streams import StreamLoader, StreamSpec, build_stream, domain_schedule
@@ -105,67 +104,98 @@ def run_cell(
     return summary
 
 
-def environment() -> dict[str, Any]:
-    return {
-        "tta_norm": tta_norm.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-    }
+#: config keys (besides the cell's axes) that change a bench cell's result
+BENCH_PARAMS = ("dataset", "source", "corruptions", "n_examples", "clean_interleaved", "data_seed", "on_bad_batch",
+                "imagenet_ids")
 
 
-def cell_record(
-    key: str, cell: dict[str, Any], data: dict[str, Any] | str, work: Callable[[], dict[str, Any]]
-) -> dict[str, Any]:
-    """Run one cell's ``work()`` (its metrics) and wrap the outcome in a result record: ``key``, ``cell``,
-    ``env``, ``data``, ``status`` ("ok", or "failed" with ``error`` and ``traceback`` for a ``ValueError`` /
-    ``RuntimeError``, so one bad cell does not stop a grid) and ``seconds``."""
-    start = time.perf_counter()
-    record: dict[str, Any] = {"key": key, "cell": cell, "env": environment(), "data": data}
-    try:
-        record["metrics"] = work()
-        record["status"] = "ok"
-    except (ValueError, RuntimeError) as err:
-        record["status"] = "failed"
-        record["error"] = f"{type(err).__name__}: {err}"
-        record["traceback"] = traceback.format_exc(limit=3)
-    record["seconds"] = time.perf_counter() - start
-    return record
+def load_bench_data(cfg: BenchConfig, progress: bool = False) -> CorruptionBenchmark:
+    return load_corruption_benchmark(
+        cfg.dataset, cfg.corruptions, needed_severities(cfg), data_dir=cfg.data_dir, source=cfg.source,
+        include_clean=cfg.clean_interleaved, n_examples=cfg.n_examples, seed=cfg.data_seed, progress=progress,
+        imagenet_ids=cfg.imagenet_ids,
+    )  # fmt: skip
 
 
-def run_benchmark(cfg: BenchConfig, *, resume: bool = False, progress: bool = True) -> Path:
-    """Run every cell of ``cfg`` (skipping stored ones with ``resume``), write results and the report."""
-    out = Path(cfg.output)
-    cells = cfg.cells()  # validates the grid before any data or model is loaded
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "config.json", json.dumps(cfg.to_dict(), indent=1))
-    store = ResultStore(out, resume)
-    todo = [c for c in cells if not store.done(c.key())]
-    if progress:
-        print(f"[tta-norm bench] {len(cells)} cells, {len(cells) - len(todo)} already done; results in {out}")
-    if todo:
-        device = resolve_device(cfg.device)
-        model = load_source_model(cfg, device)
-        bench = load_corruption_benchmark(
-            cfg.dataset, cfg.corruptions, needed_severities(cfg), data_dir=cfg.data_dir, source=cfg.source,
-            include_clean=cfg.clean_interleaved, n_examples=cfg.n_examples, seed=cfg.data_seed, progress=progress,
-            imagenet_ids=cfg.imagenet_ids,
-        )  # fmt: skip
-        if progress:
-            print(f"[tta-norm bench] data: {bench.describe()}")
-        total = sum(len(cell_plan(c, bench, cfg)) for c in todo)
-        with tqdm(total=total, unit="img", desc="bench", disable=not progress, smoothing=0.05) as bar:
-            for cell in todo:
-                bar.set_postfix_str(f"{cell.entry.label} {cell.setting} b{cell.batch_size} s{cell.seed}")
-                record = cell_record(
-                    cell.key(), cell.describe(), bench.describe(),
-                    lambda: run_cell(cell, model, bench, cfg, device, progress=bar.update),  # noqa: B023
-                )  # fmt: skip
-                if progress and record["status"] == "failed":
-                    tqdm.write(f"[tta-norm bench] cell {cell.entry.label} failed: {record['error']}")
-                store.add(record)
+def user_error(what: str, err: Exception) -> ConfigError:
+    """A loader's error about missing or wrong model/data files as a one-line config error."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ConfigError(f"{what}: {text}")
+
+
+class BenchJob(GridJob):
+    """The cells of a :class:`BenchConfig` for the grid engine.  ``model`` and ``bench`` skip loading them
+    (a model and benchmark prepared by the caller, e.g. a random-subset benchmark)."""
+
+    kind = "bench"
+
+    def __init__(self, cfg: BenchConfig, *, model: torch.nn.Module | None = None, bench: Any = None) -> None:
+        self.config = cfg
+        self._model = model
+        self._bench = bench
+
+    def cells(self) -> list[GridCell]:
+        return [GridCell(i, c.describe(), f"{c.entry.label} {c.setting} {c.order} b{c.batch_size} s{c.seed}", c)
+                for i, c in enumerate(self.config.cells())]  # fmt: skip
+
+    def validate(self) -> None:
+        from tta_norm.bench.validate import check_data_available, check_model
+
+        cfg = self.config
+        if self._model is None:
+            check_model(cfg.model, cfg.checkpoint, weights=cfg.weights, random_init=cfg.random_init)
+        if self._bench is None:
+            check_data_available(cfg.dataset, cfg.data_dir, cfg.source, cfg.corruptions, needed_severities(cfg),
+                                 cfg.imagenet_ids)  # fmt: skip
+
+    def prepare(self, device: Any) -> dict[str, Any]:
+        cfg = self.config
+        try:
+            model = self._model if self._model is not None else load_source_model(cfg, device)
+        except (FileNotFoundError, ValueError, KeyError) as err:
+            raise user_error("model", err) from None
+        try:
+            bench = self._bench if self._bench is not None else load_bench_data(cfg)
+        except (FileNotFoundError, ValueError) as err:
+            raise user_error("data", err) from None
+        return {"model": model.to(device), "bench": bench}
+
+    def identity(self, state: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "model": model_identity(cfg.model, cfg.checkpoint, state["model"]),
+            "data": data_identity(state["bench"]),
+            "params": {k: getattr(cfg, k) for k in BENCH_PARAMS},
+            "version": tta_norm.__version__,
+        }
+
+    def data_description(self, state: dict[str, Any]) -> str:
+        return state["bench"].describe()
+
+    def work(self, cell: GridCell, state: dict[str, Any]) -> int:
+        return len(cell_plan(cell.payload, state["bench"], self.config))
+
+    def run_cell(self, cell: GridCell, state: dict[str, Any], device: Any, progress: Callable[[int], None] | None):
+        return run_cell(cell.payload, state["model"], state["bench"], self.config, device, progress=progress)
+
+    def scalars(self, record: dict[str, Any]) -> dict[str, float]:
+        m = record.get("metrics") or {}
+        return {k: 100 * float(m[k]) for k in ("error", "mean_domain_error", "ece") if m.get(k) is not None}
+
+    def write_outputs(self, out: Path, records: list[dict[str, Any]]) -> Path:
+        return write_bench_outputs(out, records, plots=self.config.plots)
+
+
+def write_bench_outputs(out: Path, records: list[dict[str, Any]], *, plots: bool = True) -> Path:
+    """``results.csv`` and ``report.md`` (and plots) from stored bench records."""
     from tta_norm.bench.report import write_report
 
-    write_report(out, list(store.records.values()), cfg, plots=cfg.plots)
-    return out
+    atomic_write(out / "results.csv", records_to_csv(records))
+    return write_report(out, records, plots=plots)
+
+
+def run_benchmark(cfg: BenchConfig, options: RunOptions | None = None, **kwargs: Any) -> GridOutcome:
+    """Run every cell of ``cfg`` with the grid engine (``options`` or its fields as keyword arguments:
+    ``resume``, ``overwrite``, ``shard``, ``executor``, ``progress``); the CSV and report are written from
+    the stored records."""
+    return run_grid(BenchJob(cfg), options or RunOptions(**kwargs))

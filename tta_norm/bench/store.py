@@ -1,13 +1,31 @@
-"""Result storage of the bench harness: atomic JSON-lines records and their flat CSV view."""
+"""The result store of a grid run directory: append-only JSON lines under a file lock.
+
+``results.jsonl`` gets one line per finished cell, appended under ``filelock`` and flushed and fsynced before
+the next cell starts, so a crash loses at most the cell that was running, and two processes writing into the
+same directory both keep all their cells.  A line that does not parse (a write cut off by a crash) is
+reported and skipped, and that cell runs again; an append first ends such a torn line so it cannot swallow
+the new record.  The same key may appear more than once (a failed cell retried with ``--resume``, two
+processes running the same cell): the last ``ok`` record wins, else the last failed one.  ``results.csv`` and
+the report are derived from the records and can always be rebuilt.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
+
+log = logging.getLogger("tta_norm.bench")
+
+RESULTS = "results.jsonl"
+DERIVED = ("results.csv", "report.md")
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -18,30 +36,91 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+@dataclass
+class StoreContents:
+    """What a store holds: the chosen record per key, and the line numbers (1-based) that did not parse."""
+
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    bad_lines: list[int] = field(default_factory=list)
+    lines: int = 0
+
+    def ordered(self) -> list[dict[str, Any]]:
+        """Records in grid order (``index``), then key."""
+        return sorted(self.records.values(), key=lambda r: (r.get("index", 0), r["key"]))
+
+
+def choose(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """The record to keep for one key: the last ``ok`` one, else the last one."""
+    if old is not None and old.get("status") == "ok" and new.get("status") != "ok":
+        return old
+    return new
+
+
+def parse_lines(text: str) -> StoreContents:
+    out = StoreContents()
+    for i, line in enumerate(text.splitlines(), start=1):
+        out.lines = i
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            key = rec["key"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            out.bad_lines.append(i)
+            continue
+        out.records[key] = choose(out.records.get(key), rec)
+    return out
+
+
 class ResultStore:
-    """``results.jsonl`` (one record per cell) and its flat ``results.csv`` view, in ``directory``."""
+    """``results.jsonl`` in ``directory`` (created on the first append), guarded by ``.results.lock``."""
 
-    def __init__(self, directory: Path, resume: bool) -> None:
-        self.directory = directory
-        self.jsonl = directory / "results.jsonl"
-        self.records: dict[str, dict[str, Any]] = {}
-        if resume and self.jsonl.is_file():
-            for line in self.jsonl.read_text().splitlines():
-                if line.strip():
-                    rec = json.loads(line)
-                    self.records[rec["key"]] = rec
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / RESULTS
+        self.lock = FileLock(str(self.directory / ".results.lock"))
 
-    def done(self, key: str) -> bool:
-        return self.records.get(key, {}).get("status") == "ok"
+    def exists(self) -> bool:
+        return self.path.is_file() and self.path.stat().st_size > 0
 
-    def add(self, record: dict[str, Any]) -> None:
-        self.records[record["key"]] = record
-        atomic_write(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.records.values()))
-        atomic_write(self.directory / "results.csv", records_to_csv(list(self.records.values())))
+    def read(self) -> StoreContents:
+        if not self.path.is_file():
+            return StoreContents()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with self.lock:
+            text = self.path.read_text()
+        contents = parse_lines(text)
+        for i in contents.bad_lines:
+            where = "the last line" if i == contents.lines else f"line {i}"
+            log.warning(f"{self.path}: {where} is torn or unreadable (an interrupted write); skipped, its cell "
+                        "runs again")  # fmt: skip
+        return contents
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Append one record as a JSON line; flushed and fsynced before returning."""
+        line = json.dumps(record, default=str) + "\n"
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with self.lock:
+            with open(self.path, "ab") as f:
+                if f.tell() > 0:
+                    with open(self.path, "rb") as r:
+                        r.seek(-1, os.SEEK_END)
+                        if r.read(1) != b"\n":
+                            f.write(b"\n")  # end a torn line so it cannot merge with this record
+                f.write(line.encode())
+                f.flush()
+                os.fsync(f.fileno())
+
+    def clear(self) -> None:
+        """Remove the stored records and the files derived from them (``--overwrite``)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with self.lock:
+            for name in (RESULTS, *DERIVED):
+                (self.directory / name).unlink(missing_ok=True)
 
 
 def records_to_csv(records: list[dict[str, Any]]) -> str:
-    """Flat rows: the cell's axes, overall/mean errors (%), latency, and one column per domain (%)."""
+    """Flat rows of bench records: the cell's axes, overall/mean errors (%), latency, one column per domain (%)."""
     domains: list[str] = []
     for r in records:
         for d in (r.get("metrics") or {}).get("per_domain", {}):

@@ -4,8 +4,8 @@
 class-sorted JPEG mirror are one class.  :func:`subset_corruption_benchmark` instead draws a seeded random
 subset of the clean test set and regenerates the corruptions for those images only (with the harness's
 ``regenerate_domain``, cached in its own directory).  :func:`run_grid` runs the cells of a
-:class:`~tta_norm.bench.BenchConfig` over such a benchmark with the harness's ``run_cell`` and writes the
-harness's ``results.jsonl``/``results.csv``/``report.md``.
+:class:`~tta_norm.bench.BenchConfig` over such a benchmark with the grid engine (the bench's job, store and
+report).
 """
 
 from __future__ import annotations
@@ -79,46 +79,32 @@ def run_grid(
     model: torch.nn.Module,
     *,
     resume: bool = True,
-    progress: bool = True,
+    overwrite: bool = False,
+    progress: bool | None = None,
 ) -> Path:
-    """Run every cell of ``cfg`` (a ``BenchConfig``) over ``bench`` with the harness's ``run_cell``; store the
-    records and write the harness report in ``cfg.output``.  Returns the output directory."""
-    import json
+    """Run every cell of ``cfg`` (a ``BenchConfig``) over ``bench`` with the grid engine
+    (:func:`tta_norm.bench.engine.run_grid`: keyed append-only store, resume, report from the records);
+    returns the output directory."""
+    from tta_norm.bench.engine import RunOptions
+    from tta_norm.bench.engine import run_grid as run_job
+    from tta_norm.bench.runner import BenchJob
 
-    from tqdm.auto import tqdm
-
-    from tta_norm.bench import run_cell, write_report
-    from tta_norm.bench.runner import cell_plan, cell_record, resolve_device
-    from tta_norm.bench.store import ResultStore, atomic_write
-
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "config.json", json.dumps(cfg.to_dict(), indent=1))
-    store = ResultStore(out, resume)
-    cells = cfg.cells()
-    todo = [c for c in cells if not store.done(c.key())]
-    device = resolve_device(cfg.device)
-    model = model.to(device)
-    total = sum(len(cell_plan(c, bench, cfg)) for c in todo)
-    with tqdm(total=total, unit="img", desc="grid", disable=not progress, smoothing=0.05) as bar:
-        for cell in todo:
-            bar.set_postfix_str(f"{cell.entry.label} {cell.setting} b{cell.batch_size}")
-            store.add(cell_record(
-                cell.key(), cell.describe(), bench.describe(),
-                lambda: run_cell(cell, model, bench, cfg, device, progress=bar.update),  # noqa: B023
-            ))  # fmt: skip
-    write_report(out, list(store.records.values()), cfg, plots=cfg.plots)
-    return out
+    options = RunOptions(resume=resume, overwrite=overwrite, progress=progress)
+    return run_job(BenchJob(cfg, model=model, bench=bench), options).out
 
 
 def error_table(out: str | os.PathLike, metric: str = "error") -> dict[tuple[str, int], float]:
-    """``{(method label, batch size): error %}`` from a grid's ``results.jsonl`` (status ok only)."""
-    import json
+    """``{(method label, batch size): error %}`` of the last run's grid in ``out`` (the records listed in its
+    ``results.csv``; status ok only)."""
+    import csv
 
+    from tta_norm.bench.store import ResultStore
+
+    with open(Path(out) / "results.csv", newline="") as f:
+        listed = {row["key"] for row in csv.DictReader(f)}
     table = {}
-    for line in (Path(out) / "results.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("status") != "ok":
+    for rec in ResultStore(out).read().ordered():
+        if rec.get("status") != "ok" or rec["key"] not in listed:
             continue
         m = rec["metrics"]
         value = m.get(metric)

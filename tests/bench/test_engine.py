@@ -1,0 +1,253 @@
+"""The grid engine: keys, an append-only store that keeps every cell, resume, failures, torn lines, shards."""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+from pathlib import Path
+
+import pytest
+
+from tta_norm.bench.engine import RunOptions, run_grid
+from tta_norm.bench.grid import parse_shard, shard_cells
+from tta_norm.bench.merge import merge_dirs
+from tta_norm.bench.store import ResultStore
+from tta_norm.bench.validate import ConfigError
+
+from .toyjob import ToyConfig, ToyJob
+
+
+def lines(out: Path) -> list[str]:
+    return (out / "results.jsonl").read_text().splitlines()
+
+
+def values(outcome) -> dict[int, int]:
+    return {r["cell"]["value"]: r["metrics"]["value"] for r in outcome.records if r["status"] == "ok"}
+
+
+def test_existing_results_refuse_without_resume_or_overwrite(tmp_path):
+    cfg = ToyConfig(output=str(tmp_path / "run"))
+    first = run_grid(ToyJob(cfg), RunOptions(progress=False))
+    assert (first.cells, first.reused, first.ran, first.failed) == (4, 0, 4, 0)
+    before = (tmp_path / "run" / "results.jsonl").read_text()
+    with pytest.raises(ConfigError, match="--resume.*--overwrite"):
+        run_grid(ToyJob(cfg), RunOptions(progress=False))
+    assert (tmp_path / "run" / "results.jsonl").read_text() == before  # untouched
+    with pytest.raises(ConfigError, match="exclude each other"):
+        run_grid(ToyJob(cfg), RunOptions(resume=True, overwrite=True, progress=False))
+    again = run_grid(ToyJob(cfg), RunOptions(resume=True, progress=False))
+    assert (again.reused, again.ran) == (4, 0) and (tmp_path / "run" / "results.jsonl").read_text() == before
+    fresh = run_grid(ToyJob(cfg), RunOptions(overwrite=True, progress=False))
+    assert (fresh.reused, fresh.ran) == (0, 4) and len(lines(tmp_path / "run")) == 4
+
+
+def test_resume_reuses_only_full_key_matches_and_says_why(tmp_path, caplog):
+    out = str(tmp_path / "run")
+    run_grid(ToyJob(ToyConfig(output=out, scale=1)), RunOptions(progress=False))
+    caplog.set_level(logging.INFO, logger="tta_norm.bench")
+    other = run_grid(ToyJob(ToyConfig(output=out, scale=2, values=[1, 2, 3, 4, 5])), RunOptions(resume=True,
+                     progress=False))  # fmt: skip
+    assert (other.reused, other.ran) == (0, 5)
+    assert "4 params differ" in caplog.text and "1 not stored" in caplog.text
+    # the report and CSV hold this grid's records only; the other grid's stay in the append-only store
+    assert values(other) == {v: 2 * v for v in [1, 2, 3, 4, 5]}
+    assert len(lines(tmp_path / "run")) == 9
+    report = (tmp_path / "run" / "report.md").read_text().splitlines()
+    assert len(report) == 5 and all(json.loads(x)[2] == 2 * json.loads(x)[0] for x in report)
+    # the first grid is still reusable
+    back = run_grid(ToyJob(ToyConfig(output=out, scale=1)), RunOptions(resume=True, progress=False))
+    assert (back.reused, back.ran) == (4, 0) and values(back) == {v: v for v in [1, 2, 3, 4]}
+
+
+def test_failed_cells_are_recorded_the_grid_goes_on_and_resume_retries_them(tmp_path):
+    out = str(tmp_path / "run")
+    first = run_grid(ToyJob(ToyConfig(output=out, fail=[2])), RunOptions(progress=False))
+    assert (first.ran, first.failed, first.exit_status) == (4, 1, 1)
+    failed = [r for r in first.records if r["status"] == "failed"]
+    assert len(failed) == 1 and "fails on purpose" in failed[0]["error"] and "RuntimeError" in failed[0]["traceback"]
+    assert values(first) == {1: 1, 3: 3, 4: 4}
+    retry = run_grid(ToyJob(ToyConfig(output=out)), RunOptions(resume=True, progress=False))
+    assert (retry.reused, retry.ran, retry.failed, retry.exit_status) == (3, 1, 0, 0)
+    assert values(retry) == {1: 1, 2: 2, 3: 3, 4: 4} and len(retry.records) == 4
+
+
+def test_torn_last_line_is_reported_and_its_cell_runs_again(tmp_path, caplog):
+    out = tmp_path / "run"
+    run_grid(ToyJob(ToyConfig(output=str(out))), RunOptions(progress=False))
+    text = (out / "results.jsonl").read_text()
+    cut = text.rstrip("\n").rfind("\n") + 40
+    (out / "results.jsonl").write_text(text[:cut])  # the last record cut off mid-write
+    caplog.set_level(logging.INFO, logger="tta_norm.bench")
+    resumed = run_grid(ToyJob(ToyConfig(output=str(out))), RunOptions(resume=True, progress=False))
+    assert "the last line is torn" in caplog.text
+    assert (resumed.reused, resumed.ran) == (3, 1) and values(resumed) == {1: 1, 2: 2, 3: 3, 4: 4}
+    contents = ResultStore(out).read()
+    assert contents.bad_lines == [4] and len(contents.records) == 4  # the torn line did not swallow the new one
+
+
+def _append_many(directory: str, tag: int, n: int) -> None:
+    store = ResultStore(directory)
+    for i in range(n):
+        store.append({"key": f"{tag}-{i}", "status": "ok", "payload": "x" * 2000})
+
+
+def test_two_processes_appending_to_one_store_keep_every_record(tmp_path):
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_append_many, args=(str(tmp_path), tag, 150)) for tag in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    contents = ResultStore(tmp_path).read()
+    assert contents.bad_lines == [] and len(contents.records) == 300
+
+
+def _run_toy(out: str, shard: str | None, values: list[int]) -> None:
+    run_grid(ToyJob(ToyConfig(output=out, values=values, sleep=0.05)),
+             RunOptions(resume=True, shard=parse_shard(shard), progress=False))  # fmt: skip
+
+
+def test_two_grid_processes_on_one_directory_keep_all_cells(tmp_path):
+    out = str(tmp_path / "run")
+    ctx = mp.get_context("spawn")
+    vals = list(range(1, 13))
+    procs = [ctx.Process(target=_run_toy, args=(out, s, vals)) for s in ("1/2", "2/2")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    contents = ResultStore(out).read()
+    assert contents.bad_lines == [] and len(contents.records) == 12
+    assert sorted(r["metrics"]["value"] for r in contents.records.values()) == vals
+
+
+def test_shards_are_a_deterministic_partition():
+    cells = ToyJob(ToyConfig(output="x", values=list(range(10)))).cells()
+    parts = [shard_cells(cells, (k, 3)) for k in (1, 2, 3)]
+    assert sorted(c.index for p in parts for c in p) == list(range(10))
+    assert [c.index for c in parts[1]] == [1, 4, 7]
+    for bad in ("0/2", "3/2", "1", "a/b", "1/0"):
+        with pytest.raises(ConfigError, match="--shard"):
+            parse_shard(bad)
+
+
+def test_merge_combines_stores_and_reports_conflicts(tmp_path):
+    vals = [1, 2, 3, 4, 5]
+    for k in (1, 2):
+        run_grid(ToyJob(ToyConfig(output=str(tmp_path / f"s{k}"), values=vals)),
+                 RunOptions(shard=(k, 2), progress=False))  # fmt: skip
+    n, conflicts, _ = merge_dirs([tmp_path / "s1", tmp_path / "s2"], tmp_path / "m")
+    assert n == 5 and conflicts == []
+    merged = ResultStore(tmp_path / "m").read().ordered()
+    assert [r["metrics"]["value"] for r in merged] == vals
+    with pytest.raises(ConfigError, match="already holds results"):
+        merge_dirs([tmp_path / "s1"], tmp_path / "m")
+    # a store whose record for the same key disagrees is a conflict; the first directory's record is kept
+    bad = tmp_path / "bad"
+    rec = dict(merged[0])
+    rec["metrics"] = {**rec["metrics"], "value": 999}
+    ResultStore(bad).append(rec)
+    n, conflicts, _ = merge_dirs([tmp_path / "m", bad], tmp_path / "m2")
+    assert conflicts == [rec["key"]]
+    assert ResultStore(tmp_path / "m2").read().records[rec["key"]]["metrics"]["value"] == 1
+
+
+def test_provenance_and_log_file(tmp_path):
+    out = tmp_path / "run"
+    run_grid(ToyJob(ToyConfig(output=str(out))), RunOptions(progress=False))
+    prov = json.loads((out / "provenance.json").read_text())["runs"]
+    assert len(prov) == 1
+    run = prov[0]
+    assert run["status"] == "finished" and run["ran"] == 4 and run["config"]["scale"] == 1
+    assert run["started"] and run["ended"] and run["env"]["torch"] and run["device"].startswith("cpu")
+    assert "git" in run
+    assert "toy toy: 4 cells" in (out / "log.txt").read_text()
+
+
+def test_tensorboard_tracker_writes_scalars_per_cell(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    run_grid(ToyJob(ToyConfig(output=str(out), trackers=["tensorboard"])), RunOptions(progress=False))
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    assert sorted(acc.Tags()["scalars"]) == ["value/v1", "value/v2", "value/v3", "value/v4"]
+    assert acc.Scalars("value/v3")[0].value == 3.0
+
+
+def test_progress_bar_only_on_a_terminal(tmp_path, capsys):
+    run_grid(ToyJob(ToyConfig(output=str(tmp_path / "run"))), RunOptions())  # stderr is not a terminal here
+    assert "\r" not in capsys.readouterr().err
+
+
+class _WarmCheckJob(ToyJob):
+    def warm_up(self, state, device):
+        state["warm"] = True
+
+    def run_cell(self, cell, state, device, progress):
+        assert state.get("warm"), "warm_up must run before the cell"
+        return super().run_cell(cell, state, device, progress)
+
+
+def test_warm_up_runs_before_the_timed_cell(tmp_path):
+    outcome = run_grid(_WarmCheckJob(ToyConfig(output=str(tmp_path / "run"))), RunOptions(progress=False))
+    assert outcome.failed == 0
+
+
+def test_command_exit_status_counts_failures_and_user_errors(tmp_path, capsys):
+    import argparse
+
+    from tta_norm.bench.cli import GridCommand, add_grid_arguments, run_grid_command
+
+    parser = argparse.ArgumentParser()
+    add_grid_arguments(parser, "toy", "a toy grid")
+    command = GridCommand("toy", dict, lambda name, overrides: ToyConfig(output=str(tmp_path / "r"), fail=[2]), ToyJob)
+    assert run_grid_command(parser.parse_args([]), command) == 1
+    assert "4 cells: 0 reused, 4 run, 1 failed" in capsys.readouterr().out
+    assert run_grid_command(parser.parse_args([]), command) == 2  # results exist: --resume or --overwrite
+    assert "--resume" in capsys.readouterr().err
+    assert run_grid_command(parser.parse_args(["--resume"]), command) == 1  # the failing cell is retried, fails again
+    assert "3 reused, 1 run, 1 failed" in capsys.readouterr().out
+
+
+class _MissingModelJob(ToyJob):
+    def prepare(self, device):
+        raise ConfigError("model: no checkpoint for toy")
+
+
+def test_a_user_error_leaves_the_directory_untouched_even_with_overwrite(tmp_path):
+    out = tmp_path / "run"
+    run_grid(ToyJob(ToyConfig(output=str(out))), RunOptions(progress=False))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        run_grid(_MissingModelJob(ToyConfig(output=str(out))), RunOptions(overwrite=True, progress=False))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        run_grid(_MissingModelJob(ToyConfig(output=str(tmp_path / "new"))), RunOptions(progress=False))
+    assert not (tmp_path / "new").exists()
+
+
+def test_merging_different_grids_keeps_their_reports_apart(tmp_path):
+    from tta_norm.bench.merge import write_outputs
+    from tta_norm.bench.store import ResultStore
+
+    from .tinybench import bench_config, fake_benchmark, tiny_model
+
+    def bench_run(out, seed):
+        from tta_norm.bench.runner import BenchJob
+
+        cfg = bench_config(str(out), methods=["source"], seeds=[0])
+        return run_grid(BenchJob(cfg, model=tiny_model(seed), bench=fake_benchmark()), RunOptions(progress=False))
+
+    a, b = bench_run(tmp_path / "a", 0), bench_run(tmp_path / "b", 1)
+    n, conflicts, report = merge_dirs([a.out, b.out], tmp_path / "m")
+    assert n == 2 and conflicts == []
+    text = report.read_text()
+    assert "2 records of 2 grids" in text
+    subs = sorted((tmp_path / "m" / "grids").iterdir())
+    assert len(subs) == 2 and all((s / "report.md").is_file() and (s / "results.csv").is_file() for s in subs)
+    assert write_outputs(tmp_path / "m", ResultStore(a.out).read().ordered()).name == "report.md"

@@ -1,0 +1,178 @@
+"""Grids, cells and their keys: the part of the grid engine every kind of grid (bench, attack) shares.
+
+A grid is a list of :class:`GridCell`, each the coordinates (``axes``) of one independent run.  A *job*
+(:class:`GridJob`) knows how to list its cells, load what they need once (model, data), fingerprint it
+(:meth:`GridJob.identity`) and run one cell.  The key of a cell hashes its kind, its axes and that identity
+(model weights, data content, grid-wide parameters, package version), so a stored result is reused only for
+exactly the same computation.  :mod:`tta_norm.bench.engine` runs jobs, :mod:`tta_norm.bench.store` stores
+their records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tta_norm.bench.validate import ConfigError
+
+
+def digest(payload: Any, n: int = 20) -> str:
+    """Hex SHA-256 prefix of the canonical JSON of ``payload`` (sorted keys)."""
+    text = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+@dataclass(frozen=True)
+class GridCell:
+    """One point of a grid: its position, JSON coordinates (``axes``), a short label and the typed cell."""
+
+    index: int
+    axes: dict[str, Any]
+    label: str
+    payload: Any
+
+    def axes_key(self, kind: str) -> str:
+        """Hash of the coordinates only (the same cell of another model/data/version has the same one)."""
+        return digest({"kind": kind, "cell": self.axes})
+
+    def key(self, kind: str, identity: dict[str, Any]) -> str:
+        """Hash of everything the result depends on: kind, coordinates and the grid's identity."""
+        return digest({"kind": kind, "cell": self.axes, "identity": identity})
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"K/N"`` (1 <= K <= N) as ``(K, N)``; ``None`` for no sharding."""
+    if text is None:
+        return None
+    k, sep, n = str(text).partition("/")
+    try:
+        k_i, n_i = int(k), int(n)
+    except ValueError:
+        k_i = n_i = 0
+    if not sep or not 1 <= k_i <= n_i:
+        raise ConfigError(f"--shard: expected K/N with 1 <= K <= N (e.g. 2/4), got {text!r}")
+    return k_i, n_i
+
+
+def shard_cells(cells: Sequence[GridCell], shard: tuple[int, int] | None) -> list[GridCell]:
+    """The deterministic slice ``K/N`` of ``cells``: every N-th cell of the grid order, starting at the K-th."""
+    if shard is None:
+        return list(cells)
+    k, n = shard
+    return [c for c in cells if c.index % n == k - 1]
+
+
+def environment() -> dict[str, Any]:
+    """Versions and machine facts stored with every record (not part of the key)."""
+    import torch
+
+    import tta_norm
+
+    return {
+        "tta_norm": tta_norm.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "node": platform.node(),
+    }
+
+
+class GridJob:
+    """A grid to run: subclasses set ``kind`` and implement the hooks below.
+
+    Only :meth:`run_cell` runs per cell (possibly in another process: a job and its prepared state must
+    pickle); everything else runs once in the driver."""
+
+    kind: str = "grid"
+    config: Any = None
+
+    # ---- once, in the driver -------------------------------------------------------------------------
+    def cells(self) -> list[GridCell]:
+        raise NotImplementedError
+
+    def validate(self) -> None:
+        """Resolve and check everything a cell needs without loading it (``--dry-run``); raise ConfigError."""
+
+    def prepare(self, device: Any) -> Any:
+        """Load what every cell needs (model, data) once; return it as the job's state."""
+        raise NotImplementedError
+
+    def identity(self, state: Any) -> dict[str, Any]:
+        """Model identity, data identity, grid-wide parameters and the package version (part of every key)."""
+        raise NotImplementedError
+
+    def data_description(self, state: Any) -> str:
+        return ""
+
+    def work(self, cell: GridCell, state: Any) -> int:
+        """Progress units of ``cell`` (images, batches); 1 by default."""
+        return 1
+
+    def scalars(self, record: dict[str, Any]) -> dict[str, float]:
+        """Numbers of a finished record for trackers (TensorBoard)."""
+        return {}
+
+    def write_outputs(self, out: Path, records: list[dict[str, Any]]) -> Path:
+        """Derived files (CSV, report, plots) from the stored records only; returns the report path."""
+        raise NotImplementedError
+
+    # ---- per cell ------------------------------------------------------------------------------------
+    def run_cell(self, cell: GridCell, state: Any, device: Any, progress: Callable[[int], None] | None) -> dict:
+        """The metrics of one cell (JSON-friendly)."""
+        raise NotImplementedError
+
+    def warm_up(self, state: Any, device: Any) -> None:
+        """One-time per-process set-up outside any timed region (compiled kernels)."""
+        from tta_norm import kernels
+
+        kernels.available()
+
+    def record(
+        self,
+        cell: GridCell,
+        state: Any,
+        device: Any,
+        identity: dict[str, Any],
+        progress: Callable[[int], None] | None = None,
+    ) -> dict[str, Any]:
+        """Run ``cell`` and wrap its outcome in a record; an exception becomes a ``failed`` record."""
+        self.warm_up(state, device)
+        start = time.perf_counter()
+        rec = base_record(self.kind, cell, identity, self.data_description(state))
+        try:
+            rec["metrics"] = self.run_cell(cell, state, device, progress)
+            rec["status"] = "ok"
+        except Exception as err:  # noqa: BLE001 - any failure of one cell is recorded, the grid goes on
+            rec["status"] = "failed"
+            rec["error"] = f"{type(err).__name__}: {err}"
+            rec["traceback"] = traceback.format_exc(limit=4)
+        rec["seconds"] = time.perf_counter() - start
+        return rec
+
+
+def base_record(kind: str, cell: GridCell, identity: dict[str, Any], data: str) -> dict[str, Any]:
+    return {
+        "key": cell.key(kind, identity),
+        "axes_key": cell.axes_key(kind),
+        "kind": kind,
+        "index": cell.index,
+        "cell": cell.axes,
+        "identity": identity,
+        "data": data,
+        "env": environment(),
+    }
+
+
+def failed_record(
+    kind: str, cell: GridCell, identity: dict[str, Any], data: str, error: str, seconds: float = 0.0
+) -> dict[str, Any]:
+    """A record for a cell whose run did not return (an executor error)."""
+    return {**base_record(kind, cell, identity, data), "status": "failed", "error": error, "seconds": seconds}

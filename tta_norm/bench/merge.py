@@ -1,0 +1,146 @@
+"""``tta-norm bench merge DIR... -o OUT``: combine the stores of several runs (shards, machines) into one.
+
+Records are matched by their full key (model, data, parameters, version and coordinates).  Two ``ok``
+records with the same key must agree on every result (timings, memory and machine facts excepted); a
+disagreement is reported as a conflict and the first directory's record is kept.  An ``ok`` record wins over
+a failed one.  The merged directory gets the records appended to its store, then its CSV and report are
+derived from all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from tta_norm.bench.store import ResultStore
+
+log = logging.getLogger("tta_norm.bench")
+
+#: metrics that depend on the machine and its load, not on the computation
+TIMING_METRICS = ("latency", "memory", "samples_per_second")
+
+
+def comparable(record: dict[str, Any]) -> str:
+    """The part of a record that must be identical for the same key (canonical JSON; NaN equals NaN)."""
+    metrics = {k: v for k, v in (record.get("metrics") or {}).items() if k not in TIMING_METRICS}
+    part = {k: record.get(k) for k in ("key", "kind", "cell", "identity", "status", "error")}
+    return json.dumps({**part, "metrics": metrics}, sort_keys=True, default=str)
+
+
+def merge_records(stores: list[dict[str, dict[str, Any]]]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """One record per key from several stores (in order); and the keys whose ``ok`` records disagree."""
+    merged: dict[str, dict[str, Any]] = {}
+    conflicts: list[str] = []
+    for records in stores:
+        for key, rec in records.items():
+            old = merged.get(key)
+            if old is None or (old.get("status") != "ok" and rec.get("status") == "ok"):
+                merged[key] = rec
+            elif old.get("status") == "ok" and rec.get("status") == "ok" and comparable(old) != comparable(rec):
+                conflicts.append(key)
+    return merged, conflicts
+
+
+#: where the derived outputs of each grid kind are written from records
+OUTPUT_WRITERS = {
+    "bench": ("tta_norm.bench.runner", "write_bench_outputs"),
+    "attack": ("tta_norm.attacks.bench", "write_attack_outputs"),
+}
+
+
+def write_outputs(out: Path, records: list[dict[str, Any]], plots: bool = True) -> Path | None:
+    """CSV and report of stored records, by their kind (bench or attack); ``None`` for another kind.
+
+    Records of several grids (another model, data or parameters) never share a table: each grid gets its own
+    CSV and report in ``grids/<identity hash>/`` and ``report.md`` lists them."""
+    import importlib
+    from collections import defaultdict
+
+    from tta_norm.bench.grid import digest
+    from tta_norm.bench.store import atomic_write
+
+    kinds = {r.get("kind", "bench") for r in records}
+    if not records:
+        return None
+    if len(kinds) > 1:
+        raise ValueError(f"records of several grid kinds {sorted(kinds)} cannot share one report")
+    kind = kinds.pop()
+    if kind not in OUTPUT_WRITERS:
+        log.info(f"no report for grid kind {kind!r}; the records are in {out / 'results.jsonl'}")
+        return None
+    module, name = OUTPUT_WRITERS[kind]
+    writer = getattr(importlib.import_module(module), name)
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[digest(r.get("identity"), 12)].append(r)
+    if len(groups) == 1:
+        return writer(out, records, plots=plots)
+    lines = [f"# tta-norm {kind}: merged", "", f"{len(records)} records of {len(groups)} grids that differ in "
+             "model, data or parameters; each has its own CSV and report:", ""]  # fmt: skip
+    for key, recs in groups.items():
+        sub = out / "grids" / key
+        sub.mkdir(parents=True, exist_ok=True)
+        writer(sub, recs, plots=plots)
+        ident = recs[0].get("identity") or {}
+        model = ident.get("model") or {}
+        params = json.dumps(ident.get("params"), default=str)
+        lines.append(f"- [{model.get('name', '?')}, {len(recs)} records](grids/{key}/report.md): weights sha256 "
+                     f"{model.get('weights_sha256')}, parameters {params}")  # fmt: skip
+    (out / "results.csv").unlink(missing_ok=True)
+    path = out / "report.md"
+    atomic_write(path, "\n".join(lines) + "\n")
+    return path
+
+
+def merge_dirs(dirs: list[str | Path], out: str | Path, *, overwrite: bool = False, resume: bool = False):
+    """Merge the stores of ``dirs`` into ``out``; returns ``(merged record count, conflicting keys, report)``."""
+    from tta_norm.bench.validate import ConfigError
+
+    out = Path(out)
+    sources = []
+    for d in dirs:
+        store = ResultStore(d)
+        if not store.exists():
+            raise ConfigError(f"merge: {d} has no {store.path.name}")
+        sources.append(store.read().records)
+    target = ResultStore(out)
+    if target.exists() and not (overwrite or resume):
+        raise ConfigError(f"output: {out} already holds results; pass --resume to add to them or --overwrite")
+    if overwrite:
+        target.clear()
+    existing = target.read().records
+    merged, conflicts = merge_records([existing, *sources])
+    for key, rec in merged.items():
+        if existing.get(key) is not rec:
+            target.append(rec)
+    records = target.read().ordered()
+    try:
+        report = write_outputs(out, records)
+    except ValueError as err:
+        raise ConfigError(f"merge: {err}") from None
+    return len(merged), conflicts, report
+
+
+def merge_command(args: argparse.Namespace) -> int:
+    from tta_norm.bench.cli import configure_logging
+    from tta_norm.bench.validate import ConfigError
+
+    configure_logging("warning" if args.quiet else args.log_level)
+    if not args.dirs or not args.output:
+        print("tta-norm bench merge: give the run directories and -o OUT (tta-norm bench merge A B -o C)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        n, conflicts, report = merge_dirs(args.dirs, args.output, overwrite=args.overwrite, resume=args.resume)
+    except ConfigError as err:
+        print(f"tta-norm bench merge: {err}", file=sys.stderr)
+        return 2
+    for key in conflicts:
+        print(f"tta-norm bench merge: conflict: records with key {key} disagree; kept the first", file=sys.stderr)
+    extra = (f"; report {report}" if report else "") + (f"; {len(conflicts)} conflicts" if conflicts else "")
+    print(f"[tta-norm bench merge] {n} records from {len(args.dirs)} directories into {args.output}{extra}")
+    return 1 if conflicts else 0

@@ -1,0 +1,91 @@
+"""The Ray executor of the grid engine (``--executor ray``; needs the optional ``ray`` extra).
+
+Each cell is one Ray task declaring the config's per-cell ``resources`` (``num_cpus``, ``num_gpus``); the job
+and its prepared state (model, data) are put in the object store once.  A task sets its torch thread count to
+its CPU share, so N parallel tasks of one CPU each use the same total threads as a serial run with N threads.
+The driver keeps the store and the progress bar: records arrive as tasks finish and are appended there
+only, so each cell is recorded once.  A worker that dies mid-cell (killed, out of memory) makes Ray re-run
+the task (``max_retries``); a cell that still cannot finish is recorded as failed with Ray's error.
+``ray.init(address=...)`` joins a running cluster; without an address a local one is started and stopped, with
+its workers at normal priority (Ray starts workers at niceness 15 by default, which starves the cells on a
+shared machine; set ``RAY_worker_niceness`` to choose otherwise).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+from tta_norm.bench.grid import GridCell, GridJob, failed_record
+from tta_norm.bench.validate import ConfigError
+
+log = logging.getLogger("tta_norm.bench")
+
+#: how many times Ray re-runs a task whose worker process died
+MAX_RETRIES = 3
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError as err:
+        raise ConfigError(f"--executor ray needs the ray package ({err}); pip install 'tta-norm[ray]'") from None
+    return ray
+
+
+def _run_cell_task(job: GridJob, cell: GridCell, state: Any, device: str, identity: dict, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    return job.record(cell, state, torch.device(device), identity)
+
+
+def run_on_ray(
+    job: GridJob,
+    todo: list[GridCell],
+    state: Any,
+    device: Any,
+    identity: dict[str, Any],
+    on_record: Callable[[dict[str, Any], GridCell], None],
+    options: Any,
+) -> None:
+    """Run ``todo`` as Ray tasks; call ``on_record`` in the driver as each finishes."""
+    from tta_norm.bench.engine import _progress_bar
+
+    ray = import_ray()
+    started_here = False
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"address": options.ray_address} if options.ray_address else {}
+        if not options.ray_address:
+            os.environ.setdefault("RAY_worker_niceness", "0")
+        ray.init(log_to_driver=False, include_dashboard=False, **kwargs)
+        started_here = True
+    try:
+        res = dict(getattr(job.config, "resources", None) or {"num_cpus": 1, "num_gpus": 0})
+        threads = int(res.get("num_cpus", 1) or 1)
+        task = ray.remote(_run_cell_task).options(
+            num_cpus=res.get("num_cpus", 1), num_gpus=res.get("num_gpus", 0), max_retries=MAX_RETRIES,
+            retry_exceptions=False,
+        )  # fmt: skip
+        job_ref, state_ref = ray.put(job), ray.put(state)
+        pending = {task.remote(job_ref, cell, state_ref, str(device), identity, threads): cell for cell in todo}
+        log.info(f"ray: {len(pending)} tasks on {ray.cluster_resources().get('CPU', 0):g} CPUs, "
+                 f"{res.get('num_cpus', 1):g} CPU(s) and {res.get('num_gpus', 0):g} GPU(s) per cell")  # fmt: skip
+        with _progress_bar(len(todo), options.progress, f"{job.kind} (ray)") as bar:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                for ref in done:
+                    cell = pending.pop(ref)
+                    try:
+                        rec = ray.get(ref)
+                    except Exception as err:  # noqa: BLE001 - worker died MAX_RETRIES + 1 times, or Ray failed
+                        msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                        rec = failed_record(job.kind, cell, identity, job.data_description(state),
+                                            f"{type(err).__name__}: {msg}")  # fmt: skip
+                    on_record(rec, cell)
+                    bar.update(1)
+    finally:
+        if started_here:
+            ray.shutdown()

@@ -1,0 +1,221 @@
+"""Checks of grid configs before any work: types, ranges, method keyword arguments, device, model and data.
+
+Every check raises :class:`ConfigError` with a one-line message that starts with the key path of the bad
+value (``seeds[1]: expected an integer, got 1.5``) and, where it helps, says how to fix it.  ``bool`` is
+never accepted where an integer or a number is expected (YAML reads ``true`` as a bool, and Python would
+take it as 1).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+#: keyword arguments of :func:`tta_norm.adapt` itself that a method entry may set
+ADAPT_KWARGS = ("episodic", "reset_every", "window", "init_state")
+
+
+class ConfigError(ValueError):
+    """A grid config that cannot run: unknown key, bad value, unknown preset/method, missing model or data."""
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def check_int(path: str, value: Any, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    """``value`` as an ``int`` (not a ``bool``) within ``[minimum, maximum]``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{path}: expected an integer, got {value!r} ({_type_name(value)})")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{path}: must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{path}: must be <= {maximum}, got {value}")
+    return value
+
+
+def check_number(path: str, value: Any, *, positive: bool = False) -> float:
+    """``value`` as a ``float`` (an int or float, not a ``bool``); ``positive`` requires ``> 0``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{path}: expected a number, got {value!r} ({_type_name(value)})")
+    if positive and not value > 0:
+        raise ConfigError(f"{path}: must be > 0, got {value}")
+    return float(value)
+
+
+def check_bool(path: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{path}: expected true or false, got {value!r} ({_type_name(value)})")
+    return value
+
+
+def check_str(path: str, value: Any, choices: Sequence[str] | None = None) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{path}: expected a string, got {value!r} ({_type_name(value)})")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{path}: must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def as_list(path: str, value: Any) -> list[Any]:
+    """A scalar becomes a one-element list; an empty list is an error."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        value = [value]
+    if not isinstance(value, list):
+        raise ConfigError(f"{path}: expected a list, got {value!r} ({_type_name(value)})")
+    if not value:
+        raise ConfigError(f"{path}: must not be empty")
+    return list(value)
+
+
+def check_int_list(path: str, values: Iterable[Any], *, minimum: int | None = None, maximum: int | None = None):
+    return [check_int(f"{path}[{i}]", v, minimum=minimum, maximum=maximum) for i, v in enumerate(values)]
+
+
+def check_resources(path: str, value: Any) -> dict[str, float]:
+    """``{num_cpus: N, num_gpus: M}`` per cell (used by the Ray executor); defaults 1 CPU, 0 GPUs."""
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: expected a mapping like {{num_cpus: 1, num_gpus: 0}}, got {value!r}")
+    unknown = sorted(set(value) - {"num_cpus", "num_gpus"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; valid: num_cpus, num_gpus")
+    out = {"num_cpus": 1.0, "num_gpus": 0.0}
+    for k, v in value.items():
+        out[k] = check_number(f"{path}.{k}", v)
+        if out[k] < 0:
+            raise ConfigError(f"{path}.{k}: must be >= 0, got {v}")
+    if out["num_cpus"] == 0 and out["num_gpus"] == 0:
+        raise ConfigError(f"{path}: a cell needs num_cpus > 0 or num_gpus > 0")
+    return out
+
+
+TRACKERS = ("tensorboard",)
+
+
+def check_trackers(path: str, value: Any) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        value = [value]
+    return [check_str(f"{path}[{i}]", v, TRACKERS) for i, v in enumerate(value)]
+
+
+def check_device(path: str, name: Any) -> str:
+    """``auto``, ``cpu``, ``cuda``, ``cuda:1``, ``mps``...: parsed by torch and available on this machine."""
+    import torch
+
+    check_str(path, name)
+    if name == "auto":
+        return name
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{path}: unknown device {name!r}; use auto, cpu, cuda or cuda:<index>") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{path}: {name!r} requested but no CUDA device is available; use cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"{path}: {name!r} requested but only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError(f"{path}: 'mps' requested but not available; use cpu or auto")
+    elif device.type != "cpu":
+        raise ConfigError(f"{path}: device type {device.type!r} is not supported; use auto, cpu or cuda")
+    return name
+
+
+def accepted_method_kwargs(method: str) -> tuple[set[str], bool]:
+    """The keyword arguments the gradient method ``method`` accepts (following ``**kwargs`` to the base
+    classes), and whether it takes arbitrary ones."""
+    from tta_norm.methods import get_method_class
+
+    names: set[str] = set()
+    for cls in inspect.getmro(get_method_class(method)):
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = list(inspect.signature(init).parameters.values())[2:]  # self, model
+        names |= {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return names, False
+    return names, True
+
+
+def check_method_kwargs(path: str, label: str, method: str | None, kwargs: Iterable[str]) -> None:
+    """Every keyword of a method entry is a preset (NormSpec) field, an ``adapt`` option or a parameter of the
+    gradient method's constructor."""
+    from tta_norm.methods.entries import ENTRY_KEYS
+    from tta_norm.norm.spec import spec_fields
+
+    rest = [k for k in kwargs if k not in spec_fields() and k not in ADAPT_KWARGS and k not in ENTRY_KEYS]
+    if not rest:
+        return
+    if method is None:
+        raise ConfigError(f"{path} ({label}): {rest} are not preset fields and no gradient method is given")
+    accepted, open_ended = accepted_method_kwargs(method)
+    if open_ended:
+        return
+    for k in rest:
+        if k not in accepted:
+            valid = sorted(accepted | set(ADAPT_KWARGS))
+            close = difflib.get_close_matches(k, valid + list(spec_fields()), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"{path}.kwargs.{k} ({label}): not a parameter of method {method!r}{hint}; "
+                f"method parameters: {', '.join(valid)}; or a preset field"
+            )
+
+
+def check_model(name: Any, checkpoint: Any, *, weights: Any = None, random_init: Any = False) -> None:
+    """The model and its weights resolve (:func:`tta_norm.models.resolve_model_source`: no download, ever) and
+    the model builds on the CPU with them (which also checks that a checkpoint matches the architecture).
+    ``checkpoint: finetuned`` weights are trained on first use: only the name is checked."""
+    from tta_norm.models import load_model, resolve_model_source
+
+    check_str("model", name)
+    check_bool("random_init", random_init)
+    if weights is not None:
+        check_str("weights", weights)
+    if checkpoint is not None:
+        check_str("checkpoint", checkpoint)
+        is_dir_like = name.startswith("rb:")  # robustbench: checkpoint is the model directory
+        if checkpoint != "finetuned" and not is_dir_like and not Path(checkpoint).is_file():
+            raise ConfigError(f"checkpoint: no such file {checkpoint!r} (a path, null or 'finetuned')")
+    finetuned = checkpoint == "finetuned"
+    try:
+        resolve_model_source(name, None if finetuned else checkpoint, weights=weights,
+                             random_init=random_init or finetuned)  # fmt: skip
+        if not finetuned:
+            load_model(name, checkpoint, weights=weights, random_init=random_init, device="cpu")
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError, TypeError, ImportError) as err:
+        raise ConfigError(f"model: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+
+
+def check_data_available(
+    dataset: str,
+    data_dir: str | None,
+    source: str,
+    corruptions: Sequence[str] | None = None,
+    severities: Sequence[int] = (5,),
+    imagenet_ids: str | None = None,
+) -> None:
+    """The benchmark of ``dataset`` can be read (a release directory, a natural-shift folder, robustbench's
+    ImageNet list) or regenerated (a clean test set and the generator), checked without reading any image
+    (:func:`tta_norm.data.resolve_benchmark_source`)."""
+    from tta_norm.data.benchmark import CORRUPTIONS, resolve_benchmark_source
+
+    check_str("dataset", dataset)
+    if data_dir is not None:
+        check_str("data_dir", data_dir)
+        if not Path(data_dir).is_dir():
+            raise ConfigError(f"data_dir: no such directory {data_dir!r}")
+    try:
+        resolve_benchmark_source(dataset, list(corruptions or CORRUPTIONS), list(severities), data_dir=data_dir,
+                                 source=source, imagenet_ids=imagenet_ids)  # fmt: skip
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        raise ConfigError(f"data: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
