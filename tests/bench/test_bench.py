@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from tta_norm.bench import ConfigError, load_config, run_benchmark, shipped_configs
-from tta_norm.bench.cli import add_arguments
+from tta_norm.cli.bench import add_arguments
 from tta_norm.data.paths import find_dataset_dir
 
 MIRROR = find_dataset_dir(["cifar10-jpeg"], lambda p: (p / "test").is_dir())

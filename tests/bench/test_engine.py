@@ -201,7 +201,7 @@ def test_warm_up_runs_before_the_timed_cell(tmp_path):
 def test_command_exit_status_counts_failures_and_user_errors(tmp_path, capsys):
     import argparse
 
-    from tta_norm.bench.cli import GridCommand, add_grid_arguments, run_grid_command
+    from tta_norm.cli.grid import GridCommand, add_grid_arguments, run_grid_command
 
     parser = argparse.ArgumentParser()
     add_grid_arguments(parser, "toy", "a toy grid")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tta_norm.training.source as source_mod
-from tta_norm import train_cli
+from tta_norm.cli import train as train_cli
 from tta_norm.data.source import load_split
 from tta_norm.data.tensors import to_float_nchw
 from tta_norm.models import load_model

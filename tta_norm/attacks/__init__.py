@@ -5,7 +5,7 @@
   :func:`attack_batch` (instant / cumulative threat models).
 * :mod:`tta_norm.attacks.lp`: batch-aware PGD (Linf / L2) on the deployed adapted forward, frozen snapshots of
   adapted models, AutoAttack through the optional ``pyautoattack`` (Croce & Hein, ICML 2020).
-* :mod:`tta_norm.attacks.bench` / :mod:`tta_norm.attacks.cli`: the ``tta-norm attack`` grid.
+* :mod:`tta_norm.attacks.bench` (and :mod:`tta_norm.cli.attack`): the ``tta-norm attack`` grid.
 """
 
 from tta_norm.attacks.lp import deployed_forward, frozen_snapshot, pgd_attack, project, run_autoattack, threat_model

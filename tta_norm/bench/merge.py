@@ -126,8 +126,8 @@ def merge_dirs(dirs: list[str | Path], out: str | Path, *, overwrite: bool = Fal
 
 
 def merge_command(args: argparse.Namespace) -> int:
-    from tta_norm.bench.cli import configure_logging
     from tta_norm.bench.validate import ConfigError
+    from tta_norm.cli.grid import configure_logging
 
     configure_logging("warning" if args.quiet else args.log_level)
     if not args.dirs or not args.output:

@@ -4,7 +4,7 @@
 * :mod:`tta_norm.fitting.sabn`: SaBN heads training and test-time routing (Gong et al., WACV 2022).
 * :mod:`tta_norm.fitting.iew`: the inference-example-weighing sweep (Summers & Dinneen, ICLR 2020).
 * :mod:`tta_norm.fitting.augment`: the shift-simulating augmentations they share.
-* :mod:`tta_norm.fitting.cli`: the ``ttn-fit`` and ``sabn-train`` subcommands.
+* the ``ttn-fit`` and ``sabn-train`` subcommands: :mod:`tta_norm.cli.ttn_fit`, :mod:`tta_norm.cli.sabn_train`.
 
 Names are imported lazily, so that the command-line modules stay light.
 """

@@ -1,8 +1,9 @@
 """The ``tta-norm`` command line.
 
-Each subcommand lives next to the code it drives and exposes two functions:
-``add_arguments(parser)`` and ``run(args) -> int``. This module only wires them together. Subcommand
-modules keep heavy imports (torch, data) inside ``run`` so that ``tta-norm --help`` stays fast.
+One module per subcommand in this package (``corrupt`` lives in the independent ``corruptions`` package), each
+with two functions: ``add_arguments(parser)`` and ``run(args) -> int``. This module only wires them together.
+Subcommand modules keep heavy imports (data, models) inside ``run``; option defaults are read from the config
+dataclasses, so help strings cannot drift from them.
 """
 
 from __future__ import annotations
@@ -14,14 +15,25 @@ from collections.abc import Sequence
 
 # name -> (module path, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "presets": ("tta_norm.presets_cli", "list the adaptation presets and gradient methods"),
-    "bench": ("tta_norm.bench.cli", "run a benchmark grid (presets x methods x streams x batch sizes x seeds)"),
-    "train": ("tta_norm.train_cli", "fine-tune or train a source model on a source ImageFolder"),
+    "presets": ("tta_norm.cli.presets", "list the adaptation presets and gradient methods"),
+    "bench": ("tta_norm.cli.bench", "run a benchmark grid (presets x methods x streams x batch sizes x seeds)"),
+    "train": ("tta_norm.cli.train", "fine-tune or train a source model on a source ImageFolder"),
     "corrupt": ("corruptions.cli", "write CIFAR-10-C / ImageNet-C style corrupted datasets"),
-    "attack": ("tta_norm.attacks.cli", "run a malicious-sample attack grid against test-time adaptation"),
-    "ttn-fit": ("tta_norm.fitting.cli_ttn_fit", "fit TTN's channel-wise mixing weights on source data"),
-    "sabn-train": ("tta_norm.fitting.cli_sabn_train", "train SaBN per-domain affine heads on source data"),
+    "attack": ("tta_norm.cli.attack", "run a malicious-sample attack grid against test-time adaptation"),
+    "ttn-fit": ("tta_norm.cli.ttn_fit", "fit TTN's channel-wise mixing weights on source data"),
+    "sabn-train": ("tta_norm.cli.sabn_train", "train SaBN per-domain affine heads on source data"),
 }
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tta-norm")
+    except PackageNotFoundError:  # run from a source tree without installation
+        from tta_norm import __version__
+
+        return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tta-norm",
         description="Test-time adaptation of normalization layers: presets, benchmarks, corruptions.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)

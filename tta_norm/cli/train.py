@@ -115,19 +115,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_sabn(args: argparse.Namespace) -> int:
-    """``tta-norm train --sabn-domains ...``: delegate to ``tta-norm sabn-train`` with the matching options."""
+    """``tta-norm train --sabn-domains ...``: ``tta-norm sabn-train`` with the matching options."""
     import sys
 
-    from tta_norm.fitting.cli import sabn_train_run
+    from tta_norm.cli import sabn_train
 
     if args.init == "scratch" or not args.out:
         print("tta-norm train: --sabn-domains trains heads on a trained model: give --init release or a "
               "checkpoint path, and --out", file=sys.stderr)  # fmt: skip
         return 2
-    sabn_args = argparse.Namespace(
-        model=args.model, checkpoint=None if args.init == "release" else args.init, data_dir=args.data_dir,
-        source=args.source, n_images=args.max_train_samples or 4000, seed=args.seed or 0, device=args.device,
-        out=args.out, quiet=args.quiet, domains=args.sabn_domains, preset=None, epochs=args.epochs, lr=args.lr,
-        batch_size=args.batch_size, train=None,
-    )  # fmt: skip
-    return sabn_train_run(sabn_args)
+    argv = ["--model", args.model, "--source", args.source, "--out", args.out, "--domains", args.sabn_domains,
+            "--n-images", str(args.max_train_samples or 4000), "--seed", str(args.seed or 0)]  # fmt: skip
+    for flag, value in (("--checkpoint", None if args.init == "release" else args.init), ("--data-dir", args.data_dir),
+                        ("--device", args.device), ("--epochs", args.epochs), ("--lr", args.lr),
+                        ("--batch-size", args.batch_size)):  # fmt: skip
+        if value is not None:
+            argv += [flag, str(value)]
+    if args.quiet:
+        argv.append("--quiet")
+    return sabn_train.run(sabn_train.parse(argv))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tta_norm
-from tta_norm.fitting import cli
+from tta_norm.cli import sabn_train, ttn_fit
 
 
 @pytest.fixture()
@@ -46,12 +46,12 @@ def parse(add, argv):
 
 def test_ttn_fit_cli_saves_a_loadable_state(tiny_folder, resnet20, tmp_path, capsys):
     out = tmp_path / "ttn.pt"
-    args = parse(cli.ttn_fit_add_arguments, [
+    args = parse(ttn_fit.add_arguments, [
         "--data-dir", str(tiny_folder), "--source", "tiny-source", "--n-images", "12", "--prior-batches", "2",
         "--epochs", "1", "--batch-size", "6", "--fit-batch-sizes", "3,6", "--device", "cpu", "--out", str(out),
         "--quiet",
     ])  # fmt: skip
-    assert cli.ttn_fit_run(args) == 0
+    assert ttn_fit.run(args) == 0
     assert "init_state" in capsys.readouterr().out
     tta = tta_norm.adapt(resnet20, "ttn", init_state=out)
     payload = torch.load(out, weights_only=True)
@@ -61,8 +61,8 @@ def test_ttn_fit_cli_saves_a_loadable_state(tiny_folder, resnet20, tmp_path, cap
 
 
 def test_ttn_fit_cli_reports_missing_data(tmp_path, capsys):
-    args = parse(cli.ttn_fit_add_arguments, ["--data-dir", str(tmp_path), "--source", "nope", "--out", "x.pt"])
-    assert cli.ttn_fit_run(args) == 2
+    args = parse(ttn_fit.add_arguments, ["--data-dir", str(tmp_path), "--source", "nope", "--out", "x.pt"])
+    assert ttn_fit.run(args) == 2
     assert "not found" in capsys.readouterr().err
 
 
@@ -70,11 +70,11 @@ def test_sabn_train_cli_saves_state_and_bank(tiny_folder, resnet20, tmp_path):
     from tta_norm.fitting.sabn import SaBNRouter
 
     out = tmp_path / "sabn.pt"
-    args = parse(cli.sabn_train_add_arguments, [
+    args = parse(sabn_train.add_arguments, [
         "--data-dir", str(tiny_folder), "--source", "tiny-source", "--n-images", "12", "--domains", "clean,noise",
         "--epochs", "1", "--batch-size", "6", "--device", "cpu", "--out", str(out), "--quiet",
     ])  # fmt: skip
-    assert cli.sabn_train_run(args) == 0
+    assert sabn_train.run(args) == 0
     router = SaBNRouter.from_file(resnet20, out, "stats")
     assert router.bank.names == ["clean", "noise"] and router.capacity == 2
     x = torch.rand(4, 3, 32, 32)
@@ -83,13 +83,13 @@ def test_sabn_train_cli_saves_state_and_bank(tiny_folder, resnet20, tmp_path):
 
 
 def test_sabn_train_cli_rejects_bad_domains(capsys):
-    args = parse(cli.sabn_train_add_arguments, ["--domains", "clean,jpeg", "--out", "x.pt"])
-    assert cli.sabn_train_run(args) == 2
+    args = parse(sabn_train.add_arguments, ["--domains", "clean,jpeg", "--out", "x.pt"])
+    assert sabn_train.run(args) == 2
     assert "bad SaBN domains" in capsys.readouterr().err
 
 
 def test_train_command_trains_sabn_heads(tiny_folder, resnet20, tmp_path):
-    from tta_norm import train_cli
+    from tta_norm.cli import train as train_cli
     from tta_norm.fitting.sabn import SaBNRouter
 
     out = tmp_path / "sabn-via-train.pt"

@@ -1,7 +1,7 @@
 """``tta-norm attack``: run a malicious-sample attack grid from a YAML config with command-line overrides.
 
 The arguments and the driver are the grid engine's, shared with ``tta-norm bench``
-(:func:`tta_norm.bench.cli.add_grid_arguments`).  Light module-level imports only (the CLI dispatcher
+(:func:`tta_norm.cli.grid.add_grid_arguments`).  Light module-level imports only (the CLI dispatcher
 imports this module to build ``--help``).
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from tta_norm.bench.cli import GridCommand, add_grid_arguments, run_grid_command
+from tta_norm.cli.grid import GridCommand, add_grid_arguments, run_grid_command
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

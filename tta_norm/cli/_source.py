@@ -1,0 +1,38 @@
+"""Options and loading shared by the subcommands that fit on source data (``ttn-fit``, ``sabn-train``)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """Model, source data, seed, device and output options."""
+    parser.add_argument("--model", default="resnet20", help="model name as for load_model (default resnet20)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="source checkpoint path (default: the model's shared/released weights)")  # fmt: skip
+    parser.add_argument("--data-dir", default=None, help="data directory (default: the built-in search list)")
+    parser.add_argument("--source", default="cifar10-jpeg", help="source ImageFolder dataset (uses its train/)")
+    parser.add_argument("--n-images", type=int, default=4000,
+                        help="random source images to train on (seeded permutation; default 4000)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="seed of the subset, batches and augmentations")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto (default: auto)")
+    parser.add_argument("--out", required=True, help="output file (torch.save of {state_dict, meta, ...})")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def load_model_and_source(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """The source model and ``n_images`` seeded images + labels of the source's train split."""
+    from tta_norm.fitting._data import load_source_split
+    from tta_norm.models import load_model
+
+    model = load_model(args.model, args.checkpoint, device=args.device)
+    images, labels = load_source_split(
+        "train", args.n_images, seed=args.seed, data_dir=args.data_dir, source=args.source, progress=not args.quiet
+    )
+    return model, images, labels
+
+
+def given(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
+    """The options among ``names`` that were given on the command line (the others keep the config defaults)."""
+    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}

@@ -1,0 +1,68 @@
+"""``tta-norm ttn-fit``: fit TTN's channel-wise mixing weights on source data and save the adapted state.
+
+    tta-norm ttn-fit --model resnet20 --n-images 4000 --out runs/ttn/resnet20-ttn.pt
+
+then ``tta_norm.adapt(model, "ttn", init_state="runs/ttn/resnet20-ttn.pt")``.  Defaults come from
+:class:`tta_norm.fitting.ttn.TTNConfig`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tta_norm.cli._source import add_source_arguments, given, load_model_and_source
+
+OPTIONS = ("epochs", "lr", "lam", "batch_size", "prior_batches", "distance", "normalize", "prior_stats", "init",
+           "seed")  # fmt: skip
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from tta_norm.fitting.ttn import TTNConfig
+
+    d = TTNConfig()
+    add_source_arguments(parser)
+    parser.add_argument("--epochs", type=int, default=None, help=f"epochs over the images (default {d.epochs})")
+    parser.add_argument("--lr", type=float, default=None, help=f"Adam learning rate for a (default {d.lr})")
+    parser.add_argument("--lam", type=float, default=None, help=f"weight of MSE(a, prior) (default {d.lam})")
+    parser.add_argument("--batch-size", type=int, default=None, help=f"images per step (default {d.batch_size})")
+    parser.add_argument("--fit-batch-sizes", default=None,
+                        help="comma-separated test batch sizes simulated in the fit (default "
+                             f"{','.join(map(str, d.fit_batch_sizes))})")  # fmt: skip
+    parser.add_argument("--prior-batches", type=int, default=None,
+                        help=f"batches for the prior (default {d.prior_batches})")  # fmt: skip
+    parser.add_argument("--distance", choices=["cosine", "l2"], default=None,
+                        help=f"prior distance (default {d.distance})")  # fmt: skip
+    parser.add_argument("--normalize", choices=["model", "layer"], default=None,
+                        help=f"min-max normalisation of the prior scores (default {d.normalize})")  # fmt: skip
+    parser.add_argument("--prior-stats", choices=["source", "batch"], default=None,
+                        help=f"statistics the prior's gradients are taken with (default {d.prior_stats})")  # fmt: skip
+    parser.add_argument("--init", choices=["prior", "preset"], default=None, help=f"initial a (default {d.init})")
+    parser.add_argument("--ops", default=None, help=f"shift ops, comma-separated subset of {','.join(d.ops)}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Fit TTN's channel-wise weights and save the adapted state (see :func:`tta_norm.fitting.ttn.fit_ttn`)."""
+    import torch
+
+    from tta_norm.fitting.augment import parse_ops
+    from tta_norm.fitting.ttn import fit_ttn
+
+    overrides = given(args, OPTIONS)
+    try:
+        if args.fit_batch_sizes:
+            overrides["fit_batch_sizes"] = tuple(int(b) for b in args.fit_batch_sizes.split(","))
+        if args.ops:
+            overrides["ops"] = parse_ops(args.ops)
+        model, images, labels = load_model_and_source(args)
+        result = fit_ttn(model, images, labels, device=args.device, progress=not args.quiet, **overrides)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"tta-norm ttn-fit: {err}", file=sys.stderr)
+        return 2
+    result.meta.update({"model": args.model, "checkpoint": args.checkpoint, "source": args.source})
+    path = result.save(args.out)
+    a = torch.cat([v.flatten() for v in result.alpha.values()])
+    print(f"saved TTN state to {path} ({len(labels)} images, {result.meta['wall_time_s']} s); "
+          f"a: mean {a.mean():.3f}, min {a.min():.3f}, max {a.max():.3f}")  # fmt: skip
+    print(f'load it with tta_norm.adapt(model, "ttn", init_state="{path}")')
+    return 0
