@@ -37,6 +37,7 @@ import dataclasses
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ from torch import Tensor, nn
 from tta_norm.adaptation._data import ImageArray, as_image_tensor, as_labels, resolve_device, to_model_input
 from tta_norm.adaptation.augment import SHIFT_OPS, ShiftAugment
 from tta_norm.norm.adaptive import AdaptiveNorm
+from tta_norm.presets import UnfittedTTNWarning
 
 Distance = Literal["cosine", "l2"]
 ShiftFn = Callable[[Tensor, torch.Generator], Tensor]
@@ -403,7 +405,9 @@ def fit_ttn(
     config = dataclasses.replace(config or TTNConfig(), **overrides)
     device = resolve_device(device, model)
     t0 = time.perf_counter()
-    tta = tta_norm.adapt(model, "ttn", device=device)
+    with warnings.catch_warnings():  # the weights being fitted start unfitted, by definition
+        warnings.simplefilter("ignore", UnfittedTTNWarning)
+        tta = tta_norm.adapt(model, "ttn", device=device)
     net = tta.model
     layers = ttn_layers(net)
     prior = shift_sensitivity_prior(
