@@ -34,12 +34,30 @@ def test_augment_shapes_and_determinism():
 def test_craft_respects_budget_and_restores_mode():
     model = conv_bn_net().train()
     x, y = torch.rand(8, 3, 4, 4), torch.randint(0, 4, (8,))
-    cfg = AdvTrainConfig(kind="bn", steps=3)
+    cfg = AdvTrainConfig(kind="bn", steps=3, craft_mode="eval")
     x_adv = craft(model, x, y, cfg, torch.Generator().manual_seed(0), branch=None)
     assert (x_adv - x).abs().max() <= cfg.eps + 1e-6 and model.training
     running = model.bn.running_mean.clone()
     craft(model, x, y, cfg, torch.Generator().manual_seed(0), branch=None)
     assert torch.equal(running, model.bn.running_mean)  # eval-mode crafting leaves the statistics alone
+    model.eval()
+    official = AdvTrainConfig(kind="bn", steps=3)  # train mode: the statistics see the adversarial examples
+    craft(model, x, y, official, torch.Generator().manual_seed(0), branch=None)
+    assert not torch.equal(running, model.bn.running_mean) and not model.training
+    with pytest.raises(ValueError, match="craft_mode"):
+        AdvTrainConfig(craft_mode="test")
+
+
+def test_augment_draws_a_crop_offset_per_sample():
+    x = torch.rand(64, 3, 8, 8) + 1.0  # no zeros inside the image: zeros mark the padding
+    out = augment(x, torch.Generator().manual_seed(0))
+    pad_rows = (out == 0).all(dim=(1, 3)).sum(1)  # all-zero rows per sample = its vertical offset from 4
+    assert len(set(pad_rows.tolist())) > 1
+    for i in range(64):  # each sample is a crop of its own (possibly flipped) padded image
+        padded = torch.nn.functional.pad(x[i], (4, 4, 4, 4))
+        flipped = torch.nn.functional.pad(x[i].flip(2), (4, 4, 4, 4))
+        assert any(torch.equal(out[i], p[:, dy : dy + 8, dx : dx + 8])
+                   for p in (padded, flipped) for dy in range(9) for dx in range(9))  # fmt: skip
 
 
 @pytest.mark.parametrize("kind,cls", [("bn", torch.nn.BatchNorm2d), ("aux", AuxBatchNorm2d),

@@ -6,9 +6,12 @@ adversarial examples generated through the adversarial branch.  ``kind="bn"`` us
 BN (the baseline: only the normalisation differs); ``"aux"`` / ``"saaux"`` convert every ``BatchNorm2d`` with
 :func:`tta_norm.layers.convert_to_aux_bn` first (starting equal to the source model on both branches).
 
-Conventions: adversarial examples are crafted with the model in ``eval()`` mode (running statistics of the
-branch; the crafting does not move them), then the loss is computed in ``train()`` mode.  Augmentation: per-sample
-horizontal flips and one random 4-pixel-padded crop offset per batch (vectorised).  Evaluation
+Conventions: adversarial examples are crafted as the official SaBN code crafts them, with the model in ``train()``
+mode (``craft_mode="train"``, default): every PGD forward normalises with the batch statistics of the branch and
+moves its running statistics, so the adversarial branch's statistics see the adversarial examples;
+``craft_mode="eval"`` crafts against the branch's running statistics and leaves them alone.  The loss is computed
+in ``train()`` mode.  Augmentation: per-sample horizontal flips and per-sample random crop offsets after 4-pixel
+zero padding (vectorised).  Evaluation
 (:func:`evaluate_robustness`): clean and PGD-k accuracy (random start) per branch, in ``eval()`` mode.
 """
 
@@ -43,10 +46,13 @@ class AdvTrainConfig:
     weight_decay: float = 5e-4
     batch_size: int = 128
     seed: int = 0
+    craft_mode: str = "train"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.craft_mode not in ("train", "eval"):
+            raise ValueError(f"craft_mode must be 'train' (as the official code) or 'eval', got {self.craft_mode!r}")
         if self.epochs < 1 or self.batch_size < 2 or self.steps < 0:
             raise ValueError("epochs >= 1, batch_size >= 2 and steps >= 0 are required")
 
@@ -67,19 +73,25 @@ def _to_float(images: np.ndarray | Tensor, device: torch.device) -> Tensor:
 
 
 def augment(x: Tensor, generator: torch.Generator) -> Tensor:
-    """Per-sample horizontal flips and one random crop offset (padding 4) for the whole batch."""
-    flip = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device).view(-1, 1, 1, 1)
+    """Per-sample horizontal flips and per-sample random crop offsets (zero padding 4), as RandomCrop(32, 4) +
+    RandomHorizontalFlip draw them for each image."""
+    n, _, h, w = x.shape
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device).view(-1, 1, 1, 1)
     x = torch.where(flip, x.flip(3), x)
-    dy, dx = (int(v) for v in torch.randint(0, 9, (2,), generator=generator))
+    dy, dx = torch.randint(0, 9, (2, n), generator=generator).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (n, h, 1)
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (n, 1, w)
     padded = F.pad(x, (4, 4, 4, 4))
-    return padded[:, :, dy : dy + x.shape[2], dx : dx + x.shape[3]]
+    picked = padded[torch.arange(n, device=x.device)[:, None, None], :, rows, cols]  # (n, h, w, c)
+    return picked.permute(0, 3, 1, 2).contiguous()
 
 
 def craft(model: nn.Module, x: Tensor, y: Tensor, cfg: AdvTrainConfig, generator: torch.Generator,
           branch: int | None = 1) -> Tensor:  # fmt: skip
-    """PGD-``steps`` Linf examples through ``branch`` (``eval()`` mode, then the mode is restored)."""
+    """PGD-``steps`` Linf examples through ``branch``, in ``train()`` or ``eval()`` mode by ``cfg.craft_mode``
+    (then the mode is restored)."""
     was_training = model.training
-    model.eval()
+    model.train(cfg.craft_mode == "train")
     try:
         with _branch(model, branch):
             return pgd_attack(model, x, y, norm="Linf", eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
