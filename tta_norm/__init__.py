@@ -9,7 +9,7 @@
 from tta_norm.api import TTAModel, adapt
 from tta_norm.methods import methods
 from tta_norm.norm import AdaptiveNorm, AdaptiveNormAct, NormSpec, register_norm_converter
-from tta_norm.presets import get_preset, presets, register_preset
+from tta_norm.presets import UnfittedTTNWarning, get_preset, presets, register_preset
 
 __version__ = "0.1.0"
 
@@ -18,6 +18,7 @@ __all__ = [
     "AdaptiveNormAct",
     "NormSpec",
     "TTAModel",
+    "UnfittedTTNWarning",
     "__version__",
     "adapt",
     "get_preset",

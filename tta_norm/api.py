@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -16,7 +17,7 @@ from tta_norm.methods.base import optim_setting_names
 from tta_norm.norm.adaptive import AdaptiveNorm, adaptive_layers
 from tta_norm.norm.convert import convert_batchnorms, find_batchnorms, layer_attribute
 from tta_norm.norm.spec import NormSpec, spec_fields
-from tta_norm.presets import Preset, get_preset
+from tta_norm.presets import Preset, UnfittedTTNWarning, get_preset
 
 BadBatchPolicy = Literal["raise", "skip"]
 
@@ -280,6 +281,14 @@ def adapt(
             f"unknown keyword argument(s) {sorted(method_kwargs)}: not NormSpec fields, and no method was given"
         )
     method_cls = get_method_class(method) if method is not None else None
+    if spec.channelwise and init_state is None:
+        warnings.warn(
+            f"preset {name or 'channelwise'!r} without init_state: every channel mixes with alpha="
+            f"{spec.fixed_alpha(1)} (a plain mixture, not TTN); fit the weights with `tta-norm ttn-fit` and pass "
+            "init_state=<file>",
+            UnfittedTTNWarning,
+            stacklevel=2,
+        )
     target = model if inplace else copy.deepcopy(model)
     if device is not None:
         target = target.to(device)

@@ -11,6 +11,12 @@ from tta_norm.norm.spec import NormSpec
 from tta_norm.stats.mixing import DEFAULT_PSEUDO_COUNT
 
 
+class UnfittedTTNWarning(UserWarning):
+    """The ``ttn`` preset (channel-wise mixing) was used without fitted weights: every channel mixes with
+    ``alpha = 0.5``, which is a plain mixture, not TTN.  Fit it with ``tta-norm ttn-fit`` (or
+    :func:`tta_norm.fitting.fit_ttn`) and pass ``init_state=``."""
+
+
 @dataclass(frozen=True)
 class Preset:
     """A named spec with a one-line summary, its source and what it does at batch size 1."""
@@ -108,7 +114,8 @@ register_preset(
 register_preset(
     "iabn",
     NormSpec(mixing="source", instance="iabn", iabn_k=4.0),
-    "instance statistics soft-shrunk toward the source statistics, k=4 (NOTE's IABN)",
+    "NOTE's IABN layer only (instance statistics soft-shrunk toward the source statistics, k=4) on a "
+    "BN-trained source model; without NOTE's PBRS memory, its momentum-0.01 statistics and its entropy step",
     "Gong et al. (NOTE), NeurIPS 2022",
     "defined (per-instance; layers with one spatial position fall back to the source statistics)",
 )
@@ -122,7 +129,8 @@ register_preset(
 register_preset(
     "ttn",
     NormSpec(mixing="mixture", alpha=0.5, channelwise=True),
-    "mixture with a channel-wise test weight per layer (TTN); untrained layers start at alpha=0.5",
+    "mixture with a channel-wise test weight per layer (TTN); needs weights fitted by ttn-fit (init_state=), "
+    "without them every channel mixes with alpha=0.5 (a plain mixture; UnfittedTTNWarning)",
     "Lim et al. (TTN), ICLR 2023",
     _SINGLE_OK + " (alpha < 1)",
 )

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from tta_norm.attacks import bench as ab
-from tta_norm.attacks import cli
 from tta_norm.bench.config import ConfigError
+from tta_norm.cli import attack as cli
 from tta_norm.data.readers import ArrayDataset
 
 from .nets import pool_bn_net

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -51,3 +53,46 @@ def test_fisher_samples_become_cached_fisher_images(monkeypatch) -> None:
         resolve_entry_kwargs("tbn", "tent", {"fisher_samples": 10}, tiny_net())
     with pytest.raises(ValueError, match="ttn_fit fits the 'ttn' preset"):
         resolve_entry_kwargs("tbn", None, {"ttn_fit": {}}, tiny_net())
+
+
+def test_ttn_fit_is_fitted_once_per_model_and_cached(monkeypatch, tmp_path) -> None:
+    import numpy as np
+
+    import tta_norm
+    from tta_norm.fitting import _data, ttn
+
+    monkeypatch.setenv("TTA_NORM_CACHE", str(tmp_path))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (16, 6, 6, 3), dtype=np.uint8)
+    labels = rng.integers(0, 5, 16)
+    monkeypatch.setattr(_data, "load_source_split", lambda *a, **k: (images, labels))
+    fits = []
+    real_fit = ttn.fit_ttn
+
+    def counting_fit(*a, **k):
+        fits.append(k)
+        return real_fit(*a, **k)
+
+    monkeypatch.setattr(ttn, "fit_ttn", counting_fit)
+    entries._ttn_states.clear()
+    fit = {"n_images": 16, "prior_batches": 2, "prior_batch_size": 8, "epochs": 1, "batch_size": 8}
+    model = tiny_net()
+    first = resolve_entry_kwargs("ttn", None, {"ttn_fit": fit}, model)
+    second = resolve_entry_kwargs("ttn", "tent", {"ttn_fit": fit, "lr": 0.01}, model)
+    assert len(fits) == 1 and first["init_state"] is second["init_state"] and second["lr"] == 0.01
+    assert list((tmp_path / "ttn").glob("ttn-*.pt"))  # on disk for the next run
+    entries._ttn_states.clear()
+    resolve_entry_kwargs("ttn", None, {"ttn_fit": fit}, model)
+    assert len(fits) == 1  # read back from the file
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fitted ttn does not warn
+        tta_norm.adapt(model, "ttn", **first)
+
+
+def test_unfitted_ttn_warns_and_iabn_says_what_it_lacks() -> None:
+    import tta_norm
+
+    with pytest.warns(tta_norm.UnfittedTTNWarning, match="alpha=0.5"):
+        tta_norm.adapt(tiny_net(), "ttn")
+    summary = tta_norm.get_preset("iabn").summary
+    assert "without NOTE's PBRS memory" in summary and "momentum-0.01" in summary and "entropy step" in summary

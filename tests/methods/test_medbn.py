@@ -28,15 +28,14 @@ class ConvNet(nn.Module):
 
 
 def reference_mednorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """The official layer's arithmetic, written out (median and mean squared deviation over (C, N*H*W) rows)."""
-    y = x.transpose(0, 1)
-    shape = y.shape
-    y = y.contiguous().view(x.size(1), -1)
-    mu = y.median(dim=1)[0]
-    sigma2 = ((y - mu.repeat(y.shape[1], 1).T) ** 2).sum(dim=1) / y.shape[1]
-    y = (y - mu.view(-1, 1)) / torch.sqrt(sigma2.view(-1, 1) + eps)
-    y = weight.view(-1, 1) * y + bias.view(-1, 1)
-    return y.view(shape).transpose(0, 1)
+    """MedBN's layer arithmetic: per channel, over the contiguous (C, N*H*W) rows, the median m and
+    s2 = sum((row - m)^2) / count; output weight * ((x - m) / sqrt(s2 + eps)) + bias."""
+    c = x.shape[1]
+    rows = x.transpose(0, 1).contiguous().view(c, -1)
+    m = rows.median(dim=1).values
+    s2 = ((rows - m[:, None]) ** 2).sum(dim=1) / rows.shape[1]
+    out = weight[:, None] * ((rows - m[:, None]) / torch.sqrt(s2[:, None] + eps)) + bias[:, None]
+    return out.view(c, x.shape[0], *x.shape[2:]).transpose(0, 1)
 
 
 def test_median_gradient_goes_to_the_element_torch_median_picks() -> None:

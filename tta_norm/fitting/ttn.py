@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ from tta_norm.device import resolve_device
 from tta_norm.fitting._data import ImageArray, as_image_tensor, as_labels, to_model_input
 from tta_norm.fitting.augment import SHIFT_OPS, ShiftAugment
 from tta_norm.norm.adaptive import AdaptiveNorm
+from tta_norm.presets import UnfittedTTNWarning
 from tta_norm.training import fit
 
 Distance = Literal["cosine", "l2"]
@@ -390,7 +392,9 @@ def fit_ttn(
     config = dataclasses.replace(config or TTNConfig(), **overrides)
     device = resolve_device(device, model)
     t0 = time.perf_counter()
-    tta = tta_norm.adapt(model, "ttn", device=device)
+    with warnings.catch_warnings():  # the weights being fitted start unfitted, by definition
+        warnings.simplefilter("ignore", UnfittedTTNWarning)
+        tta = tta_norm.adapt(model, "ttn", device=device)
     net = tta.model
     layers = ttn_layers(net)
     prior = shift_sensitivity_prior(

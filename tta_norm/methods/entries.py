@@ -7,8 +7,8 @@ Two of those arguments need data the config cannot hold, and are resolved here o
   (``fisher_seed``, default 0, picks them), in batches of 64 (:mod:`tta_norm.methods.fisher`), memoised per
   model, preset and images.
 - ``ttn_fit: {...}`` (the ``ttn`` preset): TTN's channel-wise weights fitted on the labelled source split
-  (:func:`tta_norm.adaptation.ttn.fit_ttn`; keys ``n_images`` (default 4000), ``seed`` and any
-  :class:`~tta_norm.adaptation.ttn.TTNConfig` field), cached per model and fit settings in memory and under
+  (:func:`tta_norm.fitting.ttn.fit_ttn`; keys ``n_images`` (default 4000), ``seed`` and any
+  :class:`~tta_norm.fitting.ttn.TTNConfig` field), cached per model and fit settings in memory and under
   ``<cache>/ttn/``.
 
 :func:`method_label` names a row after what it runs: EATA without Fisher weights is ``eta``, ``ttn`` without
@@ -65,9 +65,9 @@ def clean_source_images(
     CIFAR-10: the ``cifar10-jpeg`` train split (Marsden & Doebler draw EATA's Fisher images from the source
     training data); other datasets: their clean test set (as ``mr-eggplant/EATA`` does on ImageNet).
     """
-    from tta_norm.adaptation._data import load_source_split, seeded_subset
     from tta_norm.data.benchmark import load_clean_test_set
     from tta_norm.data.tensors import to_float_nchw
+    from tta_norm.fitting._data import load_source_split, seeded_subset
 
     if n < 1:
         raise ValueError(f"fisher_samples must be >= 1, got {n}")
@@ -92,9 +92,9 @@ def fitted_ttn_state(
     model: nn.Module, fit: Mapping[str, Any], *, data_dir: str | None = None, device: torch.device | str | None = None
 ) -> dict[str, torch.Tensor]:
     """The ``ttn``-adapted state dict of ``model`` fitted with the ``ttn_fit`` settings, cached per model."""
-    from tta_norm.adaptation._data import load_source_split
-    from tta_norm.adaptation.ttn import fit_ttn
     from tta_norm.data.paths import cache_root
+    from tta_norm.fitting._data import load_source_split
+    from tta_norm.fitting.ttn import fit_ttn
 
     fit = dict(fit)
     n_images = int(fit.pop("n_images", 4000))
