@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "attack": ("tta_norm.attacks.cli", "run a malicious-sample attack grid against test-time adaptation"),
     "ttn-fit": ("tta_norm.adaptation.cli_ttn_fit", "fit TTN's channel-wise mixing weights on source data"),
     "sabn-train": ("tta_norm.adaptation.cli_sabn_train", "train SaBN per-domain affine heads on source data"),
+    "build-kernels": ("tta_norm.kernels.cli", "build and verify the compiled CPU kernel now (else: on first use)"),
 }
 
 

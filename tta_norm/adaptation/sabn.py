@@ -583,7 +583,7 @@ class SaBNRouter(nn.Module):
             for p in self._head_params:
                 p.requires_grad_(True)
             try:
-                logits = self.tta(x.clone(), domain=k)
+                logits = self.tta.differentiable_forward(x.clone(), domain=k, adapt=True)
                 lp = logits.log_softmax(1)
                 loss = -(lp.exp() * lp).sum(1).mean()
                 grads = torch.autograd.grad(loss, self._head_params, allow_unused=True)
