@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
 import os
 import threading
 from collections.abc import Mapping
@@ -138,6 +140,8 @@ class TTAModel(nn.Module):
         return list(adaptive_layers(self.model))
 
     def _device(self) -> torch.device | None:
+        if self._layers:  # (the cheap lookup: a forward's input check calls this)
+            return self._layers[0]._buffers["source_mean"].device
         for t in self.model.parameters():
             return t.device
         for t in self.model.buffers():
@@ -205,13 +209,15 @@ class TTAModel(nn.Module):
         model's device and detached: adaptation never reaches back into the caller's graph.
         """
         policy = self.on_bad_batch if on_bad_batch is None else _check_policy(on_bad_batch)
-        x = self._validate(x).detach()
+        x = self._validate(x)
+        if x.requires_grad:
+            x = x.detach()
         self._check_domain(domain, x.shape[0])
         if self.window is not None and isinstance(domain, Tensor):
             raise ValueError("per-sample domain indices cannot be combined with window=W; pass an int domain")
         with self._lock:
             self.num_batches += 1
-            if not bool(torch.isfinite(x).all()):
+            if not _all_finite(x):
                 if policy == "raise":
                     raise ValueError(
                         "the batch contains NaN or Inf values; nothing was adapted. Clean the input, or build the "
@@ -236,9 +242,9 @@ class TTAModel(nn.Module):
             if self.window is not None and xw.shape[0] < 2:
                 # nothing to normalise the very first sample with yet: predict with the current state
                 return self._predict_without_adapting(xw, domain)
-            with layer_options(self._layers, domain=_option(domain)):
+            with layer_options(self._layers, domain=domain) if domain is not None else _NO_FRAME:
                 logits = self.method.forward_and_adapt(xw) if self.method is not None else self.model(xw)
-            if not bool(torch.isfinite(logits).all()):
+            if not _all_finite(logits):
                 raise _NonFiniteOutput
         except _NonFiniteOutput:
             snapshot.restore()
@@ -264,7 +270,8 @@ class TTAModel(nn.Module):
         self.num_adapted += 1
         if self.method is not None and self.method.reset_requested:
             self._restore()  # model recovery (SAR); the method keeps its own state, as in the reference
-        return logits[-n:].detach()
+        logits = logits[-n:] if logits.shape[0] != n else logits
+        return logits.detach() if logits.requires_grad else logits
 
     def differentiable_forward(self, x: Tensor, domain: int | Tensor | None = None, *, adapt: bool = False) -> Tensor:
         """Logits of the adapting forward on ``x`` that keep their autograd graph (w.r.t. ``x`` and parameters).
@@ -308,8 +315,17 @@ class TTAModel(nn.Module):
         return f"preset={self.preset_name or self.spec!r}, method={method}, episodic={self.episodic}"
 
 
+_NO_FRAME = contextlib.nullcontext()  # domain=None sets no option: no frame (an enclosing block stays in charge)
+
+
 class _NonFiniteOutput(Exception):
     """An adapting forward gave non-finite logits (rolled back, then raised or skipped per the policy)."""
+
+
+def _all_finite(t: Tensor) -> bool:
+    """Whether every value of ``t`` is finite: one reduction, and the exact check only when the sum is not
+    finite (NaN/Inf, or finite values whose sum overflows)."""
+    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _option(domain: int | Tensor | None) -> Any:
