@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
+import threading
 import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -12,12 +14,15 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from tta_norm import kernels
 from tta_norm.methods import GradientMethod, get_method_class
 from tta_norm.methods.base import optim_setting_names
-from tta_norm.norm.adaptive import AdaptiveNorm, adaptive_layers
-from tta_norm.norm.convert import convert_batchnorms, find_batchnorms, layer_attribute
+from tta_norm.norm.adaptive import AdaptiveNorm, adaptive_layers, check_domain
+from tta_norm.norm.context import UNSET, layer_options
+from tta_norm.norm.convert import convert_batchnorms, find_batchnorms
 from tta_norm.norm.spec import NormSpec, spec_fields
 from tta_norm.presets import Preset, UnfittedTTNWarning, get_preset
+from tta_norm.transaction import MutableBuffers, Snapshot
 
 BadBatchPolicy = Literal["raise", "skip"]
 
@@ -27,15 +32,24 @@ class TTAModel(nn.Module):
 
     Build it with :func:`tta_norm.adapt`.  Reset policies: ``reset()`` (explicit), ``episodic=True`` (reset
     before every batch), ``reset_every=N`` (reset after every N adapted batches, RDumb), and never (continual;
-    the default).  ``reset()`` restores parameters, statistics buffers, optimiser and method state: the
-    outputs afterwards are bit-identical to those of a freshly built wrapper.
+    the default).  ``reset()`` restores parameters, statistics buffers, optimiser and method state, and the
+    layers' option defaults: the outputs afterwards are bit-identical to those of a freshly built wrapper.
 
-    Bad batches: a batch with NaN/Inf raises ``ValueError`` (``on_bad_batch="raise"``) or, with
-    ``on_bad_batch="skip"``, is predicted with the current state without adapting (``skipped_batches`` counts
-    them); adaptation state is never touched by it.  ``window=W`` normalises a batch smaller than W together
-    with the previous samples, up to W in all (a sliding window for batch size 1, as in Marsden & Doebler's
+    Transactions: a forward changes the adaptation state only if it succeeds as a whole (the model's
+    forward, the method's step and finite logits); otherwise every buffer, parameter, optimiser moment and
+    method attribute is restored bit for bit (:mod:`tta_norm.transaction`).  Bad batches: a batch with
+    NaN/Inf inputs, or whose adapting forward gives non-finite logits, raises ``ValueError``
+    (``on_bad_batch="raise"``) or, with ``on_bad_batch="skip"``, is predicted with the current state without
+    adapting (``skipped_batches`` counts them).  ``window=W`` normalises a batch smaller than W together with
+    the previous samples, up to W in all (a sliding window for batch size 1, as in Marsden & Doebler's
     benchmark); while the window holds a single sample, that sample is predicted with the current state
     without adapting.
+
+    Isolation: adaptation runs on a detached copy of the input and the returned logits carry no graph, so a
+    caller's autograd graph never receives gradients from a method's step.  Gradients of the adapting
+    forward w.r.t. its input go through :meth:`differentiable_forward`.  Per-call options (``domain``,
+    ``on_bad_batch``) travel with the call (:mod:`tta_norm.norm.context`); a wrapper adapts one stream, so
+    concurrent calls from several threads are serialised by a lock, in arrival order.
 
     Counters: ``num_batches`` (batches seen), ``num_adapted`` (batches adapted on since the last reset),
     ``skipped_batches``, ``num_resets``.
@@ -54,12 +68,17 @@ class TTAModel(nn.Module):
         window: int | None = None,
     ) -> None:
         super().__init__()
-        if on_bad_batch not in ("raise", "skip"):
-            raise ValueError(f"on_bad_batch must be 'raise' or 'skip', got {on_bad_batch!r}")
+        _check_policy(on_bad_batch)
         if reset_every is not None and reset_every < 1:
             raise ValueError(f"reset_every must be a positive number of batches, got {reset_every}")
         if window is not None and window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
+        meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if meta:
+            raise ValueError(
+                f"the model has tensors on the 'meta' device ({meta[0]!r}...), which hold no values to adapt; "
+                "materialise it first, e.g. model.to_empty(device='cpu') and load its weights"
+            )
         self.model = model
         self.spec = spec
         self.preset_name = preset_name
@@ -74,8 +93,27 @@ class TTAModel(nn.Module):
         self.num_resets = 0
         self._window_buffer: Tensor | None = None
         self._layers = [layer for _, layer in adaptive_layers(model)]
+        self._layer_defaults = [(layer.update_state, layer.use_batch, layer.domain) for layer in self._layers]
+        self._num_domains = max((layer.spec.num_domains for layer in self._layers), default=1)
+        ranks = [min(layer.expected_dims) for layer in self._layers if layer.expected_dims]
+        self._min_rank = min(ranks, default=2)
+        self._mutable_buffers = MutableBuffers(model)
+        self._lock = threading.RLock()
         self._initial_model_state = copy.deepcopy(model.state_dict())
         self._initial_optimizer_state = copy.deepcopy(method.optimizer.state_dict()) if method else None
+        device = self._device()
+        if device is None or device.type == "cpu":
+            kernels.kernel()  # build/load the compiled kernel now, never inside a (timed) forward
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else dict(self.__dict__)
+        state = dict(state)
+        state.pop("_lock", None)  # locks are not copyable; a copy gets its own
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._lock = threading.RLock()
 
     # -- reset ---------------------------------------------------------------------------------------------
     def _restore(self) -> None:
@@ -89,10 +127,14 @@ class TTAModel(nn.Module):
         self.num_resets += 1
 
     def reset(self) -> None:
-        """Back to the source model: parameters, statistics, optimiser and method state."""
-        self._restore()
-        if self.method is not None:
-            self.method.reset_method_state()
+        """Back to the source model: parameters, statistics, optimiser and method state, and the layers'
+        per-call option defaults (``update_state``, ``use_batch``, ``domain``) as they were at construction."""
+        with self._lock:
+            self._restore()
+            for layer, (update_state, use_batch, domain) in zip(self._layers, self._layer_defaults, strict=True):
+                layer.update_state, layer.use_batch, layer.domain = update_state, use_batch, domain
+            if self.method is not None:
+                self.method.reset_method_state()
 
     # -- helpers -------------------------------------------------------------------------------------------
     def norm_layers(self) -> list[tuple[str, AdaptiveNorm]]:
@@ -100,16 +142,27 @@ class TTAModel(nn.Module):
         return list(adaptive_layers(self.model))
 
     def _device(self) -> torch.device | None:
+        if self._layers:  # (the cheap lookup: a forward's input check calls this)
+            return self._layers[0]._buffers["source_mean"].device
         for t in self.model.parameters():
             return t.device
         for t in self.model.buffers():
             return t.device
         return None
 
-    def _domain(self, domain: int | Tensor | None) -> contextlib.AbstractContextManager[None]:
+    def _check_domain(self, domain: int | Tensor | None, batch_size: int) -> None:
         if domain is None:
-            return contextlib.nullcontext()
-        return layer_attribute(self._layers, "domain", domain)
+            return
+        try:
+            check_domain(domain, self._num_domains, batch_size)
+        except ValueError as err:
+            if self._num_domains > 1:
+                raise
+            raise ValueError(
+                f"domain={domain!r} given, but preset {self.preset_name or self.spec!r} has no SaBN heads (one "
+                "domain: index 0 only); build the wrapper with num_domains=K (e.g. the 'sabn' preset) or pass "
+                "domain=None"
+            ) from err
 
     def _validate(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):
@@ -121,6 +174,11 @@ class TTAModel(nn.Module):
             )
         if x.dim() < 2:
             raise ValueError(f"expected a batch of shape (N, ...), got shape {tuple(x.shape)}")
+        if x.dim() < self._min_rank:
+            raise ValueError(
+                f"expected a batch of {self._min_rank}-D inputs (N, C, ...), got shape {tuple(x.shape)}; for a "
+                "single sample add the batch dimension: x.unsqueeze(0)"
+            )
         if x.shape[0] == 0:
             raise ValueError("got an empty batch (N = 0); nothing to predict or adapt on")
         device = self._device()
@@ -135,52 +193,152 @@ class TTAModel(nn.Module):
             self._window_buffer = xw[-(self.window - 1) :].detach()
         return xw
 
+    def _predict_without_adapting(self, x: Tensor, domain: int | Tensor | None) -> Tensor:
+        with torch.no_grad(), layer_options(self._layers, use_batch=False, domain=_option(domain)):
+            return self.model(x)
+
+    def _reset_due(self) -> bool:
+        return self.episodic or (self.reset_every is not None and self.num_adapted >= self.reset_every)
+
     # -- forward -------------------------------------------------------------------------------------------
-    def forward(self, x: Tensor, domain: int | Tensor | None = None) -> Tensor:
-        """Adapt on the batch ``x`` (float, ``(N, C, ...)``) and return its logits.
+    def forward(
+        self, x: Tensor, domain: int | Tensor | None = None, *, on_bad_batch: BadBatchPolicy | None = None
+    ) -> Tensor:
+        """Adapt on the batch ``x`` (float, ``(N, C, ...)``) and return its logits (without autograd graph).
 
         ``domain`` selects SaBN heads (an int, or ``(N,)`` per-sample indices); ``None`` applies the shared
-        affine only.  The input is moved to the model's device.
+        affine only.  ``on_bad_batch`` overrides the wrapper's policy for this call.  The input is moved to the
+        model's device and detached: adaptation never reaches back into the caller's graph.
         """
+        policy = self.on_bad_batch if on_bad_batch is None else _check_policy(on_bad_batch)
         x = self._validate(x)
-        self.num_batches += 1
-        if not bool(torch.isfinite(x).all()):
-            if self.on_bad_batch == "raise":
-                raise ValueError(
-                    "the batch contains NaN or Inf values; nothing was adapted. Clean the input, or build the "
-                    "wrapper with on_bad_batch='skip' to predict such batches without adapting"
-                )
-            self.skipped_batches += 1
-            with torch.no_grad(), layer_attribute(self._layers, "use_batch", False), self._domain(domain):
-                return self.model(x)
-        if self.episodic or (self.reset_every is not None and self.num_adapted >= self.reset_every):
-            self.reset()
-        n = x.shape[0]
+        if x.requires_grad:
+            x = x.detach()
+        self._check_domain(domain, x.shape[0])
         if self.window is not None and isinstance(domain, Tensor):
             raise ValueError("per-sample domain indices cannot be combined with window=W; pass an int domain")
-        xw = self._windowed(x)
-        if self.window is not None and xw.shape[0] < 2:
-            # nothing to normalise the very first sample with yet: predict with the current state
-            with torch.no_grad(), layer_attribute(self._layers, "use_batch", False), self._domain(domain):
-                return self.model(xw)
+        with self._lock:
+            self.num_batches += 1
+            if not _all_finite(x):
+                if policy == "raise":
+                    raise ValueError(
+                        "the batch contains NaN or Inf values; nothing was adapted. Clean the input, or build the "
+                        "wrapper with on_bad_batch='skip' to predict such batches without adapting"
+                    )
+                self.skipped_batches += 1
+                return self._predict_without_adapting(x, domain)
+            return self._adapt(x, domain, policy)
+
+    def _adapt(self, x: Tensor, domain: int | Tensor | None, policy: BadBatchPolicy) -> Tensor:
+        """One transaction: (reset,) window, forward and step; everything is rolled back if any part fails."""
+        reset_due = self._reset_due()
+        snapshot = Snapshot(
+            self, self._mutable_buffers, self.method, full=reset_due,
+            owner_attributes=("_window_buffer", "num_adapted", "num_resets"),
+        )  # fmt: skip
         try:
-            with self._domain(domain):
+            if reset_due:
+                self.reset()
+            n = x.shape[0]
+            xw = self._windowed(x)
+            if self.window is not None and xw.shape[0] < 2:
+                # nothing to normalise the very first sample with yet: predict with the current state
+                return self._predict_without_adapting(xw, domain)
+            with layer_options(self._layers, domain=domain) if domain is not None else _NO_FRAME:
                 logits = self.method.forward_and_adapt(xw) if self.method is not None else self.model(xw)
+            if not _all_finite(logits):
+                raise _NonFiniteOutput
+        except _NonFiniteOutput:
+            snapshot.restore()
+            if policy == "raise":
+                raise ValueError(
+                    "the adapting forward gave NaN or Inf logits (e.g. inputs of extreme magnitude); nothing was "
+                    "adapted. Rescale the input, or use on_bad_batch='skip' to predict such batches without "
+                    "adapting"
+                ) from None
+            self.skipped_batches += 1
+            return self._predict_without_adapting(x, domain)
         except RuntimeError as err:
+            snapshot.restore()
             if "channel" in str(err) or "size" in str(err) or "shape" in str(err):
                 raise ValueError(
                     f"the model could not process a batch of shape {tuple(x.shape)}: {err}. "
                     "Check the channel count and image size the model expects."
                 ) from err
             raise
+        except BaseException:
+            snapshot.restore()
+            raise
         self.num_adapted += 1
         if self.method is not None and self.method.reset_requested:
             self._restore()  # model recovery (SAR); the method keeps its own state, as in the reference
-        return logits[-n:]
+        logits = logits[-n:] if logits.shape[0] != n else logits
+        return logits.detach() if logits.requires_grad else logits
+
+    def differentiable_forward(self, x: Tensor, domain: int | Tensor | None = None, *, adapt: bool = False) -> Tensor:
+        """Logits of the adapting forward on ``x`` that keep their autograd graph (w.r.t. ``x`` and parameters).
+
+        For attacks and for training heads through the wrapper: with ``adapt=False`` (default) the layers
+        compute their statistics from ``x`` exactly as an adapting forward does, but nothing is committed (no
+        EMA update, no method step, counters unchanged).  With ``adapt=True`` (statistics-only presets) the
+        forward also adapts, as one transaction like :meth:`forward`.  Gradients flow only if autograd is
+        enabled by the caller.  ``domain`` as in :meth:`forward`.
+        """
+        x = self._validate(x)
+        self._check_domain(domain, x.shape[0])
+        with self._lock:
+            if not adapt:
+                with layer_options(self._layers, update_state=False, domain=_option(domain)):
+                    return self.model(x)
+            if self.method is not None:
+                raise ValueError(
+                    "differentiable_forward(adapt=True) needs a statistics-only preset: a gradient method's "
+                    "step would change the parameters the returned graph depends on"
+                )
+            if self.window is not None:
+                raise ValueError("differentiable_forward(adapt=True) does not support window=W")
+            if not bool(torch.isfinite(x.detach()).all()):
+                raise ValueError("the batch contains NaN or Inf values; nothing was adapted")
+            self.num_batches += 1
+            snapshot = Snapshot(self, self._mutable_buffers, None, owner_attributes=("num_adapted",))
+            try:
+                with layer_options(self._layers, domain=_option(domain)):
+                    logits = self.model(x)
+                if not bool(torch.isfinite(logits.detach()).all()):
+                    raise ValueError("the adapting forward gave NaN or Inf logits; nothing was adapted")
+            except BaseException:
+                snapshot.restore()
+                raise
+            self.num_adapted += 1
+            return logits
 
     def extra_repr(self) -> str:
         method = self.method.name if self.method is not None else None
         return f"preset={self.preset_name or self.spec!r}, method={method}, episodic={self.episodic}"
+
+
+_NO_FRAME = contextlib.nullcontext()  # domain=None sets no option: no frame (an enclosing block stays in charge)
+
+
+class _NonFiniteOutput(Exception):
+    """An adapting forward gave non-finite logits (rolled back, then raised or skipped per the policy)."""
+
+
+def _all_finite(t: Tensor) -> bool:
+    """Whether every value of ``t`` is finite: one reduction, and the exact check only when the sum is not
+    finite (NaN/Inf, or finite values whose sum overflows)."""
+    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def _option(domain: int | Tensor | None) -> Any:
+    """``domain=None`` leaves an enclosing ``with_domain`` block in charge (the layers' default otherwise)."""
+    return UNSET if domain is None else domain
+
+
+def _check_policy(policy: str) -> BadBatchPolicy:
+    if policy not in ("raise", "skip"):
+        raise ValueError(f"on_bad_batch must be 'raise' or 'skip', got {policy!r}")
+    return policy  # type: ignore[return-value]
 
 
 def load_adapted_state(model: nn.Module, state: Mapping[str, Any] | str | os.PathLike) -> None:

@@ -311,7 +311,7 @@ def _unrolls(tta: TTAModel, attack: MaliciousAttack) -> bool:
 
 
 def _attacker_logits(tta: TTAModel, x: Tensor, attack: MaliciousAttack) -> Tensor:
-    return unrolled_logits(tta, x) if _unrolls(tta, attack) else tta.model(x)
+    return unrolled_logits(tta, x) if _unrolls(tta, attack) else tta.differentiable_forward(x)
 
 
 def victim_predict(victim: TTAModel, x: Tensor, attack: MaliciousAttack) -> Tensor:

@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "attack": ("tta_norm.cli.attack", "run a malicious-sample attack grid against test-time adaptation"),
     "ttn-fit": ("tta_norm.cli.ttn_fit", "fit TTN's channel-wise mixing weights on source data"),
     "sabn-train": ("tta_norm.cli.sabn_train", "train SaBN per-domain affine heads on source data"),
+    "build-kernels": ("tta_norm.cli.build_kernels", "build and verify the compiled CPU kernel now (else: at adapt)"),
 }
 
 

@@ -6,12 +6,21 @@ normalisation) where a plain BatchNorm spends one.  :func:`fused_norm` does esti
 in one call of ``cpu_norm.cpp`` (which documents the algorithms; medians are exact order statistics found by a
 sampled bracket instead of a full selection).  It is a pure speed-up: tests check it against the ATen path.
 
-The kernel is compiled on first use with the system C++ compiler (``$CXX``, ``c++``, ``g++`` or ``clang++``;
-about a second) into ``<cache>/kernels`` (``$TTA_NORM_CACHE``, default ``~/.cache/tta_norm``) and loaded with
-``ctypes``.  Without a compiler, or with ``TTA_NORM_KERNELS=0``, everything runs on the ATen path and gives
-the same numbers (to float rounding).  ``TTA_NORM_KERNELS=1`` makes a failed build an error instead of a
-silent fallback.  :func:`status` says which is in use.  GPUs, other dtypes and inputs that need gradients
-(TENT, attacks) always take the ATen path.
+The kernel is compiled with the system C++ compiler (``$CXX``, ``c++``, ``g++`` or ``clang++``; about a
+second) explicitly with ``tta-norm build-kernels``, or else on first use (by :func:`tta_norm.adapt`, before any
+timed forward), under a file lock so that concurrent processes never build it twice.  It goes into a private
+directory ``<cache>/kernels/private-<uid>`` (``$TTA_NORM_CACHE``, default ``~/.cache/tta_norm``) that must be a
+real directory owned by the user with mode 0700 (created so; anything else is refused).  The SHA-256 of the
+built library is recorded next to it and checked before the library is loaded with ``ctypes``; a file that
+does not match is rebuilt, never loaded.  Without a compiler, with ``TTA_NORM_KERNELS=0``, or when anything
+in building, verifying or loading fails (a refused directory, a missing symbol), everything runs on the ATen
+path and gives the same numbers (to float rounding); the reason is given once as a :class:`KernelWarning`
+and by :func:`status`.  ``TTA_NORM_KERNELS=1`` makes such a failure an error instead.  GPUs, other dtypes and
+inputs that need gradients (TENT, attacks) always take the ATen path.
+
+The argument codes (estimator, mixing rule, instance refinement) are defined once, in ``codes.h``, which the
+C++ source includes and this module parses.  The C entry point refuses a call whose declared shapes and
+element counts do not match its pointers (:data:`STATUS_CODES`).
 """
 
 from __future__ import annotations
@@ -20,9 +29,12 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
+import stat
 import subprocess
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,18 +42,46 @@ from torch import Tensor
 
 ENV_KERNELS = "TTA_NORM_KERNELS"
 
-#: codes of ``cpu_norm.cpp`` (``estimator`` and ``rule`` arguments)
-ESTIMATOR_CODES = {"mean_var": 0, "median_msd": 1, "median_mad": 2, "median_mad_normal": 3}
-RULE_CODES = {"test": 0, "linear": 1, "mixture": 2, "ema": 3, "source": 4}
-INSTANCE_CODES = {"none": 0, "iabn": 1, "example": 2}
-
 _SOURCE = Path(__file__).with_name("cpu_norm.cpp")
+_CODES_HEADER = Path(__file__).with_name("codes.h")
+
+
+def _parse_codes(text: str) -> dict[str, dict[str, int]]:
+    """``{"ESTIMATOR": {"mean_var": 0, ...}, "RULE": {...}, ...}`` from the enumerators of ``codes.h``."""
+    codes: dict[str, dict[str, int]] = {}
+    for group, name, value in re.findall(r"^\s*([A-Z]+)_(\w+)\s*=\s*(\d+)\s*,", text, flags=re.MULTILINE):
+        table = codes.setdefault(group, {})
+        if name in table:
+            raise RuntimeError(f"codes.h defines {group}_{name} twice")
+        table[name] = int(value)
+    return codes
+
+
+_CODES = _parse_codes(_CODES_HEADER.read_text())
+#: codes of ``cpu_norm.cpp`` (``estimator``, ``rule`` and ``instance`` arguments), parsed from ``codes.h``
+ESTIMATOR_CODES: dict[str, int] = _CODES["ESTIMATOR"]
+RULE_CODES: dict[str, int] = _CODES["RULE"]
+INSTANCE_CODES: dict[str, int] = _CODES["INSTANCE"]
+#: slots of the kernel's ``extents`` argument and the kernel's return codes
+ARG_SLOTS: dict[str, int] = {k: v for k, v in _CODES["ARG"].items() if k != "count"}
+STATUS_CODES: dict[str, int] = _CODES["STATUS"]
+_STATUS_NAMES = {v: k for k, v in STATUS_CODES.items()}
+_EMA = RULE_CODES["ema"]
+
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fassociative-math", "-fno-signed-zeros",
           "-fno-trapping-math", "-fno-math-errno")  # fmt: skip
 _lock = threading.Lock()
 _lib: _Kernel | None = None
 _tried = False
 _status = "not loaded yet"
+
+
+class KernelWarning(RuntimeWarning):
+    """The compiled kernel could not be built, verified or loaded: the ATen path runs instead."""
+
+
+class KernelDirectoryError(RuntimeError):
+    """The kernel directory is not private (a symlink, another owner, or group/world permissions)."""
 
 
 def status() -> str:
@@ -80,39 +120,96 @@ def _machine_tag() -> str:
     return tag
 
 
-def _build(cxx: str, extra_flags: tuple[str, ...] = ()) -> Path:
-    """Compile ``cpu_norm.cpp`` into the cache (once per source, compiler, flags and CPU); the path of the .so.
-    ``extra_flags`` builds a variant (tests build the portable, non-AVX-512 one with ``-mno-avx512f``)."""
+def private_dir() -> Path:
+    """The kernel directory ``<cache>/kernels/private-<uid>``, created with mode 0700 if missing.
+
+    Raises :class:`KernelDirectoryError` unless it is a real directory (not a symlink) owned by the current
+    user with no group or world permissions."""
     from tta_norm.data.paths import cache_root  # lazy: tta_norm.data is heavy and not needed otherwise
 
+    getuid = getattr(os, "getuid", None)
+    if getuid is None:
+        raise KernelDirectoryError("a private kernel directory needs a POSIX system (no os.getuid here)")
+    path = cache_root() / "kernels" / f"private-{getuid()}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        raise KernelDirectoryError(f"refusing kernel directory {path}: not a directory (a symlink?); remove it")
+    if info.st_uid != getuid():
+        raise KernelDirectoryError(f"refusing kernel directory {path}: owned by uid {info.st_uid}, not by you")
+    if info.st_mode & 0o077:
+        raise KernelDirectoryError(
+            f"refusing kernel directory {path}: mode {stat.S_IMODE(info.st_mode):o}, must be 700 "
+            f"(chmod 700 {path}, or remove it)"
+        )
+    return path
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _verified(target: Path) -> bool:
+    """Whether ``target`` exists, is a regular file owned by the user and matches its recorded SHA-256."""
+    record = target.with_name(target.name + ".sha256")
+    try:
+        info = os.lstat(target)
+        expected = record.read_text().strip()
+    except OSError:
+        return False
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        return False
+    return _sha256(target) == expected
+
+
+def _build(cxx: str, extra_flags: tuple[str, ...] = ()) -> Path:
+    """The verified library for this source, compiler, flags and CPU: built into :func:`private_dir` under a
+    file lock unless a verified build is there already.  ``extra_flags`` builds a variant (tests build the
+    portable, non-AVX-512 one with ``-mno-avx512f``)."""
+    from filelock import FileLock
+
     flags = (*_FLAGS, *extra_flags)
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha1(source + cxx.encode() + " ".join(flags).encode() + _machine_tag().encode()).hexdigest()[:12]
-    out_dir = cache_root() / "kernels"
-    target = out_dir / f"cpu_norm-{key}.so"
-    if target.is_file():
+    source = _SOURCE.read_bytes() + _CODES_HEADER.read_bytes()
+    key = hashlib.sha256(source + cxx.encode() + " ".join(flags).encode() + _machine_tag().encode()).hexdigest()
+    out_dir = private_dir()
+    target = out_dir / f"cpu_norm-{key[:16]}.so"
+    if _verified(target):
         return target
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    errors = []
-    for openmp in (("-fopenmp",), ()):  # OpenMP shares torch's libgomp (same soname); without it: one thread
-        cmd = [cxx, *flags, *openmp, str(_SOURCE), "-o", str(tmp)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode == 0:
-            os.replace(tmp, target)
+    with FileLock(str(out_dir / "build.lock")):
+        if _verified(target):  # another process built it while we waited
             return target
-        errors.append(f"{' '.join(cmd)}\n{proc.stderr.strip()[-2000:]}")
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        errors = []
+        for openmp in (("-fopenmp",), ()):  # OpenMP shares torch's libgomp (same soname); without: one thread
+            cmd = [cxx, *flags, *openmp, str(_SOURCE), "-o", str(tmp)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode == 0:
+                digest = _sha256(tmp)
+                record = target.with_name(target.name + ".sha256")
+                record_tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
+                record_tmp.write_text(digest + "\n")
+                os.replace(tmp, target)
+                os.replace(record_tmp, record)
+                if not _verified(target):
+                    raise RuntimeError(f"the built kernel {target} does not match its recorded SHA-256")
+                return target
+            errors.append(f"{' '.join(cmd)}\n{proc.stderr.strip()[-2000:]}")
+        tmp.unlink(missing_ok=True)
     raise RuntimeError("compiling the fused norm kernel failed:\n" + "\n".join(errors))
 
 
 class _Kernel:
     """The loaded library: ``call`` releases the GIL (large inputs: other Python threads, e.g. a prefetching
     loader, keep running), ``call_holding_gil`` does not (small inputs: releasing and re-taking the GIL costs
-    more than the kernel's own work at batch 1)."""
+    more than the kernel's own work at batch 1).  ``AttributeError`` if a symbol is missing."""
 
     def __init__(self, path: Path) -> None:
         p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
-        argtypes = [p, p, i64, i64, i64, i32, i32, i32, i32, p, f64, p, p, i32, p, p, f64, p, i32, f64, i32]
+        argtypes = [p, p, i64, i64, i64, i64, i32, i32, i32, i32, p, f64, p, p, i32, p, p, f64, p, i32, f64, i32, p]
         self.path = path
         self.call = ctypes.CDLL(str(path)).tta_fused_norm
         self.call_holding_gil = ctypes.PyDLL(str(path)).tta_fused_norm
@@ -127,7 +224,18 @@ class _Kernel:
 HOLD_GIL_BELOW = 1 << 16
 
 
-def _load() -> _Kernel | None:
+def build() -> str:
+    """Build (or find) and load the kernel now, e.g. at install time (``tta-norm build-kernels``); the status.
+
+    Raises ``RuntimeError`` when the kernel cannot be used (the reason), instead of falling back."""
+    global _tried
+    with _lock:
+        _tried = False
+    _load(strict=True)
+    return _status
+
+
+def _load(strict: bool = False) -> _Kernel | None:
     global _lib, _tried, _status
     if _tried:
         return _lib
@@ -135,6 +243,7 @@ def _load() -> _Kernel | None:
         if _tried:
             return _lib
         mode = os.environ.get(ENV_KERNELS, "auto").strip().lower()
+        strict = strict or mode in ("1", "on", "true", "yes")
         try:
             if mode in ("0", "off", "false", "no"):
                 _status = f"disabled ({ENV_KERNELS}={mode}): ATen path"
@@ -145,11 +254,13 @@ def _load() -> _Kernel | None:
                 path = _build(cxx)
                 _lib = _Kernel(path)
                 _status = f"compiled kernel {path}"
-        except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-            _status = f"unavailable ({err}): ATen path"
-            if mode in ("1", "on", "true", "yes"):
-                _tried = True
-                raise RuntimeError(f"{ENV_KERNELS}={mode} but the fused norm kernel is unavailable: {err}") from err
+        except Exception as err:  # any failure to build, verify or load: the ATen path
+            _lib = None
+            _status = f"unavailable ({type(err).__name__}: {err}): ATen path"
+            _tried = True
+            if strict:
+                raise RuntimeError(f"the fused norm kernel is unavailable: {err}") from err
+            warnings.warn(f"tta_norm fused norm kernel {_status}", KernelWarning, stacklevel=3)
         _tried = True
         return _lib
 
@@ -157,9 +268,31 @@ def _load() -> _Kernel | None:
 _F32 = torch.float32
 
 
-def _bad(t: Tensor | None, c: int) -> bool:
-    """Not usable as a ``(C,)`` argument (wrong dtype/device/size, or strided)."""
-    return t is not None and (t.dtype is not _F32 or not t.is_cpu or t.numel() != c or not t.is_contiguous())
+def extent(t: Tensor | None) -> int:
+    """What Python declares to the kernel for an optional argument: 0 when absent, its element count when it
+    is a contiguous float32 CPU tensor, else -1 (refused by the kernel)."""
+    if t is None:
+        return 0
+    return t.numel() if t.dtype is _F32 and t.is_cpu and t.is_contiguous() else -1
+
+
+class Arguments:
+    """The optional tensors of one kernel call as the kernel reads them: their addresses (``ptrs``, in the
+    order of :data:`ARG_SLOTS`) and declared element counts (``extents``, an int64 array whose address the
+    kernel receives).  Built once per layout and reused while the addresses stay the same
+    (:class:`tta_norm.norm.AdaptiveNorm` keeps one per layer)."""
+
+    __slots__ = ("ptrs", "extents", "extents_ptr", "ok")
+
+    def __init__(self, tensors: tuple[Tensor | None, ...], channels: int) -> None:
+        if len(tensors) != len(ARG_SLOTS):
+            raise ValueError(f"expected {len(ARG_SLOTS)} optional tensors, got {len(tensors)}")
+        self.ptrs = tuple(None if t is None else t.data_ptr() for t in tensors)
+        counts = [extent(t) for t in tensors]
+        self.extents = torch.tensor(counts, dtype=torch.int64)
+        self.extents_ptr = self.extents.data_ptr()
+        wants = [2 * channels if slot == ARG_SLOTS["stats_out"] else channels for slot in range(len(counts))]
+        self.ok = all(n == 0 or n == want for n, want in zip(counts, wants, strict=True))
 
 
 def fused_norm(
@@ -192,20 +325,23 @@ def fused_norm(
     lib = kernel()
     if lib is None or x.dtype is not _F32 or not x.is_cpu or x.dim() < 2 or not x.is_contiguous():
         return None
-    numel = x.numel()
-    if numel == 0:
+    if x.numel() == 0:
         return None
     c = x.shape[1]
     alpha_t = alpha if isinstance(alpha, Tensor) else None
-    if _bad(weight, c) or _bad(bias, c) or _bad(ref_mean, c) or _bad(ref_var, c) or _bad(alpha_t, c):
-        return None
     if rule and (ref_mean is None or ref_var is None):
         raise ValueError("mixing with reference statistics needs ref_mean and ref_var")
-    if stats_out is not None and _bad(stats_out, 2 * c):
+    if stats_out is not None and extent(stats_out) != 2 * c:
         raise ValueError("stats_out must be a contiguous float32 CPU tensor of shape (2, C)")
+    args = Arguments((alpha_t, ref_mean, ref_var, weight, bias, stats_out), c)
+    if not args.ok:
+        return None
+    if commit and rule == _EMA:
+        for t in (ref_mean, ref_var):
+            torch.autograd.graph.increment_version(t)
     return launch(
-        lib, x, estimator, rule, alpha_t, 0.0 if alpha_t is not None else alpha, ref_mean, ref_var, commit, weight,
-        bias, eps, unbiased, average_median, stats_out, instance, instance_param,
+        lib, x, estimator, rule, args, 0.0 if alpha_t is not None else alpha, commit, eps, unbiased,
+        average_median, instance, instance_param,
     )  # fmt: skip
 
 
@@ -219,35 +355,37 @@ def launch(
     x: Tensor,
     estimator: int,
     rule: int,
-    alpha_t: Tensor | None,
+    args: Arguments,
     alpha: float,
-    ref_mean: Tensor | None,
-    ref_var: Tensor | None,
     commit: bool,
-    weight: Tensor | None,
-    bias: Tensor | None,
     eps: float,
     unbiased: bool,
     average_median: bool,
-    stats_out: Tensor | None,
     instance: int,
     instance_param: float,
+    stats_out: Tensor | None = None,
 ) -> Tensor:
-    """The kernel call itself, without checks: every tensor must be float32, on the CPU and contiguous, ``x``
-    non-empty with ``C`` channels and the others of ``C`` elements (``stats_out``: ``2 C``).  For callers that
-    guarantee this cheaply (:class:`tta_norm.norm.AdaptiveNorm` checks its own tensors once per dtype/device);
-    everyone else uses :func:`fused_norm`."""
+    """The kernel call itself: ``x`` must be a non-empty contiguous float32 CPU tensor (the caller checks);
+    the optional tensors come as :class:`Arguments`, whose declared element counts the kernel checks against
+    the shape (a mismatch raises ``ValueError`` before any memory is touched).  For callers that keep their
+    :class:`Arguments` across calls (:class:`tta_norm.norm.AdaptiveNorm`); everyone else uses
+    :func:`fused_norm`.  ``stats_out`` replaces the address of the declared ``stats_out`` (a fresh ``(2, C)``
+    float32 tensor of the caller's)."""
     n, c = x.shape[0], x.shape[1]
     numel = x.numel()
     out = torch.empty_like(x)
+    alpha_p, mean_p, var_p, weight_p, bias_p, stats_p = args.ptrs
+    if stats_out is not None:
+        stats_p = stats_out.data_ptr()
     call = lib.call_holding_gil if numel < HOLD_GIL_BELOW else lib.call
     rc = call(
-        x.data_ptr(), out.data_ptr(), n, c, numel // (n * c), estimator, unbiased, average_median, rule,
-        None if alpha_t is None else alpha_t.data_ptr(), alpha,
-        None if ref_mean is None else ref_mean.data_ptr(), None if ref_var is None else ref_var.data_ptr(),
-        commit, None if weight is None else weight.data_ptr(), None if bias is None else bias.data_ptr(), eps,
-        None if stats_out is None else stats_out.data_ptr(), instance, instance_param, torch.get_num_threads(),
+        x.data_ptr(), out.data_ptr(), numel, n, c, numel // (n * c), estimator, unbiased, average_median, rule,
+        alpha_p, alpha, mean_p, var_p, commit, weight_p, bias_p, eps, stats_p, instance, instance_param,
+        torch.get_num_threads(), args.extents_ptr,
     )  # fmt: skip
     if rc != 0:
-        raise RuntimeError(f"fused norm kernel rejected its arguments (code {rc})")
+        raise ValueError(
+            f"fused norm kernel refused its arguments ({_STATUS_NAMES.get(rc, rc)}): shape {tuple(x.shape)}, "
+            f"declared element counts {args.extents.tolist()}"
+        )
     return out

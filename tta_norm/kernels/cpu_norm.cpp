@@ -4,19 +4,24 @@
 // statistics, mix them with the reference (source or EMA) statistics, optionally commit the EMA state, and
 // normalise with the affine.  Same formulas and conventions as tta_norm.stats (see its docstrings):
 //
-//   estimator 0  mean / variance (biased, or unbiased with `unbiased`)
-//             1  median / mean squared deviation from it (MedBN)
-//             2  median / MAD^2                3  median / (1.4826 MAD)^2
+//   codes (codes.h, shared with Python):
+//   estimator mean_var     mean / variance (biased, or unbiased with `unbiased`)
+//             median_msd   median / mean squared deviation from it (MedBN)
+//             median_mad   median / MAD^2         median_mad_normal   median / (1.4826 MAD)^2
 //   median       lower median (rank (n-1)/2), or with `average_median` the mean of the two middle values
-//   rule      0  test only      1  linear (alpha on test)      2  mixture (+ alpha (1-alpha) (mu_t - mu_s)^2)
-//             3  EMA (linear with alpha = momentum, state = ref_mean/ref_var; written back when `commit`,
-//                per channel only where the new mean and variance are finite)
-//             4  source only (the batch is not estimated; with an instance refinement)
-//   instance  0  none
-//             1  IABN (NOTE): each sample's spatial mean / unbiased variance soft-shrunk toward the channel
-//                statistics, threshold `instance_param` (k) standard errors
-//             2  inference example weighing: the mixture of each sample's own biased spatial statistics
-//                (weight `instance_param`) with the channel statistics
+//   rule      test     test only      linear   (alpha on test)      mixture  (+ alpha (1-alpha) (mu_t - mu_s)^2)
+//             ema      linear with alpha = momentum, state = ref_mean/ref_var; written back when `commit`,
+//                      per channel only where the new mean and variance are finite
+//             source   source only (the batch is not estimated; with an instance refinement)
+//   instance  none
+//             iabn     IABN (NOTE): each sample's spatial mean / unbiased variance soft-shrunk toward the
+//                      channel statistics, threshold `instance_param` (k) standard errors
+//             example  inference example weighing: the mixture of each sample's own biased spatial statistics
+//                      (weight `instance_param`) with the channel statistics
+//
+// The entry point trusts no pointer blindly: Python declares the element count of every tensor it passes
+// (`x_numel`, `extents`, see codes.h) and the call is refused (a non-zero Status, nothing read or written)
+// unless they match the shape (n, c, l) and the codes.
 //
 // Medians are exact order statistics found by a sampled bracket: a strided sample of the channel gives
 // bounds [lo, hi] that contain the wanted rank with overwhelming probability; one branch-free pass counts
@@ -35,6 +40,8 @@
 #include <cstdint>
 #include <limits>
 #include <vector>
+
+#include "codes.h"
 
 namespace {
 
@@ -263,34 +270,62 @@ void batch_moments(const float* x, int64_t n, int64_t c, int64_t l, int nthreads
 }
 
 
+// checks every argument against the shape and the declared element counts before touching memory
+int check_arguments(int64_t x_numel, int64_t n, int64_t c, int64_t l, int estimator, int rule, int instance,
+                    const int64_t* extents, const void* const* tensors) {
+  // (divisions first: no product of declared sizes can overflow)
+  if (n <= 0 || c <= 0 || l <= 0 || x_numel <= 0 || c > x_numel / n || l != x_numel / (n * c) ||
+      n * c * l != x_numel)
+    return STATUS_bad_shape;
+  if (estimator < ESTIMATOR_mean_var || estimator > ESTIMATOR_median_mad_normal || rule < RULE_test ||
+      rule > RULE_source || instance < INSTANCE_none || instance > INSTANCE_example)
+    return STATUS_bad_code;
+  if (extents == nullptr) return STATUS_bad_extent;
+  for (int a = 0; a < ARG_count; ++a) {
+    const int64_t want = a == ARG_stats_out ? 2 * c : c;
+    if (tensors[a] == nullptr ? extents[a] != 0 : extents[a] != want) return STATUS_bad_extent;
+  }
+  if (rule != RULE_test && (tensors[ARG_ref_mean] == nullptr || tensors[ARG_ref_var] == nullptr))
+    return STATUS_missing_tensor;
+  return STATUS_ok;
+}
+
 }  // namespace
 
 // number of median selections that fell back to a full selection since the library was loaded (for tests)
 extern "C" int64_t tta_median_fallbacks() { return g_median_fallbacks.load(); }
 
-extern "C" int tta_fused_norm(const float* x, float* out, int64_t n, int64_t c, int64_t l, int estimator,
-                              int unbiased, int average_median, int rule, const float* alpha_c, double alpha,
-                              float* ref_mean, float* ref_var, int commit, const float* weight, const float* bias,
-                              double eps, float* stats_out, int instance, double instance_param, int nthreads) {
-  if (n <= 0 || c <= 0 || l <= 0 || estimator < 0 || estimator > 3 || rule < 0 || rule > 4 || instance < 0 ||
-      instance > 2)
-    return 1;
+// x, out: (n, c, l) contiguous float32 with x_numel = n * c * l elements; extents: ARG_count declared element
+// counts of alpha_c, ref_mean, ref_var, weight, bias, stats_out (codes.h)
+extern "C" int tta_fused_norm(const float* x, float* out, int64_t x_numel, int64_t n, int64_t c, int64_t l,
+                              int estimator, int unbiased, int average_median, int rule, const float* alpha_c,
+                              double alpha, float* ref_mean, float* ref_var, int commit, const float* weight,
+                              const float* bias, double eps, float* stats_out, int instance, double instance_param,
+                              int nthreads, const int64_t* extents) {
+  const void* const tensors[ARG_count] = {alpha_c, ref_mean, ref_var, weight, bias, stats_out};
+  if (x == nullptr || out == nullptr) return STATUS_missing_tensor;
+  const int status = check_arguments(x_numel, n, c, l, estimator, rule, instance, extents, tensors);
+  if (status != STATUS_ok) return status;
   const double cnt = static_cast<double>(n * l);
   std::vector<double> mu(c, 0.0), var(c, 0.0);
 
   // mixing (and the EMA commit) of channel ch's test statistics (loc, sq) into mu[ch], var[ch]
   auto mix = [&](int64_t ch, double loc, double sq) {
+    // the test statistics are float32 on the ATen path: beyond float range (inputs ~1e20 and up) they are not
+    // finite there, so not here either (the outputs are then non-finite, or the EMA state is kept)
+    if (rule != RULE_source && !std::isfinite(static_cast<float>(loc) + static_cast<float>(sq)))
+      loc = sq = std::numeric_limits<double>::quiet_NaN();
     double m = loc, v = sq;
-    if (rule == 4) {
+    if (rule == RULE_source) {
       m = ref_mean[ch];
       v = ref_var[ch];
-    } else if (rule != 0) {
+    } else if (rule != RULE_test) {
       const double a = alpha_c ? std::clamp(static_cast<double>(alpha_c[ch]), 0.0, 1.0) : alpha;
       const double ms = ref_mean[ch], vs = ref_var[ch];
       m = ms + a * (loc - ms);
       v = vs + a * (sq - vs);
-      if (rule == 2) v += (m - ms) * (loc - m);  // alpha (1 - alpha) (mu_t - mu_s)^2
-      if (rule == 3 && commit) {
+      if (rule == RULE_mixture) v += (m - ms) * (loc - m);  // alpha (1 - alpha) (mu_t - mu_s)^2
+      if (rule == RULE_ema && commit) {
         if (std::isfinite(m + v)) {
           ref_mean[ch] = static_cast<float>(m);
           ref_var[ch] = static_cast<float>(v);
@@ -313,7 +348,7 @@ extern "C" int tta_fused_norm(const float* x, float* out, int64_t n, int64_t c, 
   auto finish_row = [&](int64_t r, int64_t ch) {
     const float* p = x + r * l;
     float* o = out + r * l;
-    if (instance == 0) {
+    if (instance == INSTANCE_none) {
       normalize_row(p, o, l, mu[ch], var[ch], weight, bias, ch, eps);
       return;
     }
@@ -323,7 +358,7 @@ extern "C" int tta_fused_norm(const float* x, float* out, int64_t n, int64_t c, 
     double mi, vi;
     row_moments(p, l, &mi, &vi);
     float m_out = mu_b, v_out = var_b;
-    if (instance == 1) {
+    if (instance == INSTANCE_iabn) {
       if (l > 1) {
         const float mf = static_cast<float>(mi), vf = static_cast<float>(vi * static_cast<double>(l) / (l - 1.0));
         const float t_mu = std::sqrt(scale_b) * static_cast<float>(k / std::sqrt(static_cast<double>(l)));
@@ -337,21 +372,22 @@ extern "C" int tta_fused_norm(const float* x, float* out, int64_t n, int64_t c, 
       m_out = static_cast<float>(m2);
       v_out = static_cast<float>(var[ch] + w * (vi - var[ch]) + (m2 - mu[ch]) * (mi - m2));
     }
+    if (!std::isfinite(m_out + v_out)) m_out = v_out = std::numeric_limits<float>::quiet_NaN();  // as in ATen
     normalize_row(p, o, l, m_out, v_out, weight, bias, ch, eps);
   };
 
-  if (rule != 4 && estimator != 0) {
+  if (rule != RULE_source && estimator != ESTIMATOR_mean_var) {
     // medians: channel by channel (selection needs the whole channel); then the rows in memory order, which
     // measured faster than normalising each channel right after its selection (1.28x vs 1.39x, ResNet-20 b200)
     parallel_for<true>(c, nthreads, n * c * l, [&](int64_t ch) {
       const Channel v{x, n, c, l, ch};
       const float med = channel_median(v, average_median != 0);
       double sq;
-      if (estimator == 1) {
+      if (estimator == ESTIMATOR_median_msd) {
         sq = channel_sq_dev(v, med) / cnt;
       } else {
         double mad = channel_median(v, average_median != 0, true, med);
-        if (estimator == 3) mad = static_cast<float>(mad * 1.4826f);
+        if (estimator == ESTIMATOR_median_mad_normal) mad = static_cast<float>(mad * 1.4826f);
         sq = mad * mad;
       }
       mix(ch, med, sq);
@@ -359,7 +395,7 @@ extern "C" int tta_fused_norm(const float* x, float* out, int64_t n, int64_t c, 
   } else {
     // moments (or source statistics): sample-major passes in memory order
     std::vector<double> loc(c, 0.0), sq(c, 0.0);
-    if (rule != 4) {
+    if (rule != RULE_source) {
       batch_moments(x, n, c, l, nthreads, loc.data(), sq.data());
       if (unbiased)
         for (auto& v : sq) v *= cnt / (cnt - 1.0);
@@ -367,5 +403,5 @@ extern "C" int tta_fused_norm(const float* x, float* out, int64_t n, int64_t c, 
     for (int64_t ch = 0; ch < c; ++ch) mix(ch, loc[ch], sq[ch]);
   }
   parallel_for<false>(n * c, nthreads, n * c * l, [&](int64_t r) { finish_row(r, r % c); });
-  return 0;
+  return STATUS_ok;
 }

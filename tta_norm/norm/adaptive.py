@@ -11,9 +11,13 @@ from torch.autograd.graph import increment_version
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from tta_norm import kernels
+from tta_norm.norm.context import UNSET, _local, effective
 from tta_norm.norm.functional import SINGLE_VALUE_HINT, batch_norm_eval, estimate, layer_statistics, normalize
 from tta_norm.norm.spec import NormSpec
 from tta_norm.stats.estimators import Stats, count_per_channel
+
+_EMA = kernels.RULE_CODES["ema"]
+_LINEAR_OR_MIXTURE = (kernels.RULE_CODES["linear"], kernels.RULE_CODES["mixture"])
 
 _EXPECTED_DIMS: dict[type, tuple[int, ...]] = {
     nn.BatchNorm1d: (2, 3),
@@ -31,9 +35,11 @@ class AdaptiveNorm(nn.Module):
     routine turns it on) and SaBN heads ``domain_weight``/``domain_bias`` of shape ``(K, C)``, initialised to
     the identity so that the layer equals the source BatchNorm until they are trained.
 
-    **Its behaviour comes from its spec, never from ``train()``/``eval()``.**  Three plain attributes steer a
-    forward pass (the wrapper in :mod:`tta_norm.api` sets them; context managers in :mod:`tta_norm.norm.convert`
-    set them for a whole model):
+    **Its behaviour comes from its spec, never from ``train()``/``eval()``.**  Three options steer a forward
+    pass.  Reading an attribute of the same name gives the value in effect in the calling thread; assigning it
+    sets the layer's default.  Per call, options travel with the calling thread
+    (:func:`tta_norm.norm.context.layer_options`, used by the wrapper in :mod:`tta_norm.api` and by the
+    context managers of :mod:`tta_norm.norm.convert`), never as flags flipped on the shared layer:
 
     * ``update_state`` (default ``True``): whether an EMA state commits the batch's update;
     * ``use_batch`` (default ``True``): ``False`` normalises with the current state without looking at the
@@ -68,7 +74,7 @@ class AdaptiveNorm(nn.Module):
         self.eps = spec.eps if spec.eps is not None else eps
         self.expected_dims = expected_dims
         self.name = name
-        self.update_state = True
+        self.update_state = True  # the defaults of the per-call options (properties below)
         self.use_batch = True
         plain = spec.instance == "none"
         self._plain_tbn = plain and spec.mixing == "test" and spec.estimator == "mean_var" and not spec.unbiased
@@ -87,9 +93,13 @@ class AdaptiveNorm(nn.Module):
             if not self._plain_source
             else None
         )
+        self._kernel_args: kernels.Arguments | None = None  # the kernel's declared arguments (see _fused_forward)
+        exact = spec.estimator in ("median_mad", "median_mad_normal") and spec.mixing == "test" and plain
+        # (2, C) declaration of the statistics the kernel returns when ATen normalises (see _fused_forward)
+        self._exact_stats = torch.empty(2, num_features, dtype=torch.float32) if exact else None
         # input ranks accepted without a closer look (the checks run in _check_input otherwise)
         self._dims = expected_dims if expected_dims is not None else tuple(range(2, 9))
-        self.domain: int | Tensor | None = None
+        self.domain = None
         mean = source_mean if source_mean is not None else torch.zeros(num_features, **factory)
         var = source_var if source_var is not None else torch.ones(num_features, **factory)
         self.register_buffer("source_mean", mean.detach().clone())
@@ -139,6 +149,50 @@ class AdaptiveNorm(nn.Module):
                 layer.bias.copy_(bn.bias)
         return layer
 
+    # -- per-call options (see tta_norm.norm.context) -----------------------------------------------------
+    @property
+    def update_state(self) -> bool:
+        return effective(self, "update_state")
+
+    @update_state.setter
+    def update_state(self, value: bool) -> None:
+        self.__dict__["_update_state_default"] = bool(value)
+
+    @property
+    def use_batch(self) -> bool:
+        return effective(self, "use_batch")
+
+    @use_batch.setter
+    def use_batch(self, value: bool) -> None:
+        self.__dict__["_use_batch_default"] = bool(value)
+
+    @property
+    def domain(self) -> int | Tensor | None:
+        return effective(self, "domain")
+
+    @domain.setter
+    def domain(self, value: int | Tensor | None) -> None:
+        self.__dict__["_domain_default"] = value
+
+    def _options(self) -> tuple[bool, bool, int | Tensor | None]:
+        """``(update_state, use_batch, domain)`` in effect for this forward in the calling thread."""
+        d = self.__dict__
+        frame = _local.frames.get(self)
+        if frame is None:
+            return d["_update_state_default"], d["_use_batch_default"], d["_domain_default"]
+        u, b, k = frame.update_state, frame.use_batch, frame.domain
+        return (
+            d["_update_state_default"] if u is UNSET else u,
+            d["_use_batch_default"] if b is UNSET else b,
+            d["_domain_default"] if k is UNSET else k,
+        )
+
+    def __setstate__(self, state: dict) -> None:
+        for name in ("update_state", "use_batch", "domain"):  # pickles of layers that kept plain attributes
+            if name in state:
+                state[f"_{name}_default"] = state.pop(name)
+        super().__setstate__(state)
+
     # -- state ---------------------------------------------------------------------------------------------
     def source_stats(self) -> Stats:
         return Stats(self.source_mean, self.source_var)
@@ -181,17 +235,13 @@ class AdaptiveNorm(nn.Module):
         if x.shape[0] == 0:
             raise ValueError(f"{label} got an empty batch")
 
-    def _affine(self, batch_size: int) -> tuple[Tensor | None, Tensor | None]:
+    def _affine(self, batch_size: int, domain: int | Tensor | None) -> tuple[Tensor | None, Tensor | None]:
         """The composed SaBN affine ``g_k * (g * x_hat + b) + b_k`` as one ``(weight, bias)`` pair."""
         weight, bias = self.weight, self.bias
-        if self.domain is None or self.spec.num_domains == 1:
+        if domain is None or self.spec.num_domains == 1:
             return weight, bias
-        domain = self.domain
         if isinstance(domain, Tensor):
-            if domain.shape != (batch_size,):
-                raise ValueError(
-                    f"per-sample domain indices must have shape ({batch_size},), got {tuple(domain.shape)}"
-                )
+            check_domain(domain, self.spec.num_domains, batch_size)
             domain = domain.to(self.domain_weight.device, torch.long)
         elif not 0 <= int(domain) < self.spec.num_domains:
             raise ValueError(f"domain index {domain} out of range for {self.spec.num_domains} SaBN heads")
@@ -203,15 +253,16 @@ class AdaptiveNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() not in self._dims or x.shape[1] != self.num_features or x.shape[0] == 0:
             self._check_input(x)
-        if self._fused is not None and x.is_cpu and self.use_batch and (self.domain is None or not self._heads):
-            out = self._fused_forward(x)
+        update_state, use_batch, domain = self._options()
+        if self._fused is not None and x.is_cpu and use_batch and (domain is None or not self._heads):
+            out = self._fused_forward(x, update_state)
             if out is not None:
                 return out
         weight, bias = self._parameters["weight"], self._parameters["bias"]  # (faster than __getattr__)
-        if self._heads and self.domain is not None:
-            weight, bias = self._affine(x.shape[0])
+        if self._heads and domain is not None:
+            weight, bias = self._affine(x.shape[0], domain)
         if weight is None or weight.dim() == 1:  # per-channel affine: fused ATen calls where they are exact
-            out = self._fast_forward(x, weight, bias)
+            out = self._fast_forward(x, weight, bias, update_state, use_batch)
             if out is not None:
                 return out
         stats, new_state = layer_statistics(
@@ -220,19 +271,25 @@ class AdaptiveNorm(nn.Module):
             self.source_stats(),
             ema_state=self.ema_state(),
             mix_weight=getattr(self, "mix_weight", None),
-            use_batch=self.use_batch,
+            use_batch=use_batch,
         )
-        if new_state is not None and self.update_state:
+        if new_state is not None and update_state:
             self._commit(new_state)
+        if use_batch and not self._plain_source and self.spec.mixing != "ema":
+            # a variance beyond float32 range normalises to NaN, as on the kernel path, not to a constant
+            # channel (1 / sqrt(inf) = 0): the wrapper then refuses the batch instead of adapting on it
+            stats = Stats(stats.mean, stats.var.masked_fill(stats.var.isinf(), float("nan")))
         return normalize(x, stats, weight, bias, self.eps)
 
-    def _fast_forward(self, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor | None:
+    def _fast_forward(
+        self, x: Tensor, weight: Tensor | None, bias: Tensor | None, update_state: bool, use_batch: bool
+    ) -> Tensor | None:
         """The common plain presets in as few kernel calls as possible (per-layer op overhead dominates small
         batches on CPU); ``None`` when the general path must run.  Each branch equals the general path."""
-        if self._plain_source or (self._plain_stateless and not self.use_batch):
+        if self._plain_source or (self._plain_stateless and not use_batch):
             buffers = self._buffers
             return batch_norm_eval(x, buffers["source_mean"], buffers["source_var"], weight, bias, self.eps)
-        if not self.use_batch:
+        if not use_batch:
             return None
         if self._plain_tbn:
             if count_per_channel(x) < 2:
@@ -244,13 +301,13 @@ class AdaptiveNorm(nn.Module):
             if x.device.type != "cpu" or _needs_grad(x, weight):
                 # fused statistics + normalisation (and its fused backward)
                 return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
-        if self._plain_ema and self.update_state and not _needs_grad(x, weight):
+        if self._plain_ema and update_state and not _needs_grad(x, weight):
             # no autograd: update the state in place and normalise with the buffers (fewer small ops)
             self._ema_step_(estimate(x, self.spec))
             return batch_norm_eval(x, self.ema_mean, self.ema_var, weight, bias, self.eps)
         return None
 
-    def _fused_forward(self, x: Tensor) -> Tensor | None:
+    def _fused_forward(self, x: Tensor, update_state: bool) -> Tensor | None:
         """Estimate + mix + commit + normalise in one call of the compiled CPU kernel (:mod:`tta_norm.kernels`);
         ``None`` when it does not apply (gradients needed, not float32, kernel unavailable...): the general
         path then gives the same numbers.  This is the hot path of every small-batch forward, so it reads
@@ -279,25 +336,69 @@ class AdaptiveNorm(nn.Module):
                 return None  # the general path raises its error
         estimator, rule, instance, instance_param = self._fused
         alpha_t, alpha = None, 0.0
-        if rule == 3:  # ema
+        if rule == _EMA:
             ref_mean, ref_var, alpha = buffers["ema_mean"], buffers["ema_var"], spec.momentum
         else:
             ref_mean, ref_var = source_mean, buffers["source_var"]
             if spec.channelwise:
                 alpha_t = params["mix_weight"]
-            elif rule == 1 or rule == 2:
+            elif rule in _LINEAR_OR_MIXTURE:
                 alpha = spec.fixed_alpha(x.shape[0])
-        commit = rule == 3 and self.update_state
+        stats_decl = self._exact_stats
+        args = self._kernel_args
+        if args is None or args.ptrs != (
+            None if alpha_t is None else alpha_t.data_ptr(),
+            ref_mean.data_ptr(),
+            ref_var.data_ptr(),
+            None if weight is None else weight.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            None if stats_decl is None else stats_decl.data_ptr(),
+        ):  # a new layout (first call, a tensor replaced or moved): declare it to the kernel again
+            tensors = (alpha_t, ref_mean, ref_var, weight, bias, stats_decl)
+            args = self._kernel_args = kernels.Arguments(tensors, self.num_features)
+        if not args.ok:
+            return None  # a tensor of another size, dtype or layout: the general path says what is wrong
+        commit = rule == _EMA and update_state
         if commit:  # the kernel writes the state through raw pointers: keep autograd's version check honest
             increment_version(ref_mean)
             increment_version(ref_var)
+        if stats_decl is not None:
+            # MAD statistics are exact order statistics, equal to the ATen path's bit for bit; normalising
+            # with ATen's own formula keeps the outputs equal too (a MAD near 0 scales by up to 1/sqrt(eps),
+            # which would amplify a 1-ulp difference of another formula layer after layer)
+            stats = torch.empty_like(stats_decl)
+            kernels.launch(
+                lib, x, estimator, rule, args, alpha, commit, self.eps, spec.unbiased, spec.median == "average",
+                instance, instance_param, stats,
+            )  # fmt: skip
+            return batch_norm_eval(x, stats[0], stats[1], weight, bias, self.eps)
         return kernels.launch(
-            lib, x, estimator, rule, alpha_t, alpha, ref_mean, ref_var, commit, weight, bias, self.eps,
-            spec.unbiased, spec.median == "average", None, instance, instance_param,
+            lib, x, estimator, rule, args, alpha, commit, self.eps, spec.unbiased, spec.median == "average",
+            instance, instance_param,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, spec={self.spec}"
+
+
+def check_domain(domain: int | Tensor, num_domains: int, batch_size: int | None = None) -> None:
+    """``ValueError`` unless ``domain`` is a head index in ``[0, num_domains)``, or a ``(batch_size,)`` integer
+    tensor of such indices."""
+    if isinstance(domain, Tensor):
+        if domain.is_floating_point() or domain.is_complex() or domain.dtype is torch.bool:
+            raise ValueError(f"per-sample domain indices must be an integer tensor, got dtype {domain.dtype}")
+        if batch_size is not None and domain.shape != (batch_size,):
+            raise ValueError(f"per-sample domain indices must have shape ({batch_size},), got {tuple(domain.shape)}")
+        if domain.numel() and not (0 <= int(domain.min()) and int(domain.max()) < num_domains):
+            raise ValueError(
+                f"per-sample domain indices must be in [0, {num_domains}) for {num_domains} SaBN heads, got "
+                f"values in [{int(domain.min())}, {int(domain.max())}]"
+            )
+        return
+    if isinstance(domain, bool) or not isinstance(domain, int):
+        raise ValueError(f"domain must be an int head index or a tensor of indices, got {type(domain).__name__}")
+    if not 0 <= domain < num_domains:
+        raise ValueError(f"domain index {domain} out of range for {num_domains} SaBN heads (0..{num_domains - 1})")
 
 
 def _needs_grad(x: Tensor, weight: Tensor | None) -> bool:

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _LazyNormBase
 
 from tta_norm.norm.adaptive import AdaptiveNorm, adaptive_layers
+from tta_norm.norm.context import layer_options
 from tta_norm.norm.registry import find_norm_converter, is_convertible
 from tta_norm.norm.spec import NormSpec
 
@@ -68,36 +69,34 @@ def convert_batchnorms(model: nn.Module, spec: NormSpec, *, allow_none: bool = F
     return [name for name, _ in found]
 
 
-def _set_all(model: nn.Module, attr: str, value: object) -> contextlib.AbstractContextManager[None]:
-    return layer_attribute([layer for _, layer in adaptive_layers(model)], attr, value)
+def _set_all(model: nn.Module, **options: object) -> contextlib.AbstractContextManager[None]:
+    return layer_options([layer for _, layer in adaptive_layers(model)], **options)
 
 
 @contextlib.contextmanager
 def layer_attribute(layers: list[AdaptiveNorm], attr: str, value: object) -> Iterator[None]:
-    """Within the block, set ``attr`` to ``value`` on the given adaptive layers; restore it afterwards."""
-    saved = [getattr(layer, attr) for layer in layers]
-    for layer in layers:
-        setattr(layer, attr, value)
-    try:
+    """Within the block, and in the calling thread only, option ``attr`` (``update_state``, ``use_batch`` or
+    ``domain``) is ``value`` for the given adaptive layers (:func:`tta_norm.norm.context.layer_options`)."""
+    if attr not in ("update_state", "use_batch", "domain"):
+        raise ValueError(f"unknown per-call option {attr!r}; use update_state, use_batch or domain")
+    with layer_options(layers, **{attr: value}):
         yield
-    finally:
-        for layer, old in zip(layers, saved, strict=True):
-            setattr(layer, attr, old)
 
 
 def keep_state(model: nn.Module) -> contextlib.AbstractContextManager[None]:
-    """Within the block, adaptive layers compute their statistics as usual but commit no EMA update.
+    """Within the block (in the calling thread), adaptive layers compute their statistics as usual but commit
+    no EMA update.
 
     For extra forward passes on the same batch (SAR's second pass, an attacker's surrogate passes).
     """
-    return _set_all(model, "update_state", False)
+    return _set_all(model, update_state=False)
 
 
 def without_batch(model: nn.Module) -> contextlib.AbstractContextManager[None]:
     """Within the block, adaptive layers normalise with their current state and never look at the batch."""
-    return _set_all(model, "use_batch", False)
+    return _set_all(model, use_batch=False)
 
 
 def with_domain(model: nn.Module, domain: int | Tensor | None) -> contextlib.AbstractContextManager[None]:
     """Within the block, SaBN layers apply the affine head ``domain`` (an int, or per-sample ``(N,)`` indices)."""
-    return _set_all(model, "domain", domain)
+    return _set_all(model, domain=domain)

@@ -174,7 +174,7 @@ class SaBNRouter(nn.Module):
             for p in self._head_params:
                 p.requires_grad_(True)
             try:
-                logits = self.tta(x.clone(), domain=k)
+                logits = self.tta.differentiable_forward(x.clone(), domain=k, adapt=True)
                 loss = softmax_entropy(logits).mean()
                 grads = torch.autograd.grad(loss, self._head_params, allow_unused=True)
             finally:
