@@ -136,6 +136,44 @@ class TTAModel(nn.Module):
             if self.method is not None:
                 self.method.reset_method_state()
 
+    # -- adaptation state -----------------------------------------------------------------------------------
+    COUNTERS = ("num_batches", "num_adapted", "skipped_batches", "num_resets")
+
+    def state(self) -> dict[str, Any]:
+        """Everything adaptation changes, deep-copied: the model's parameters and buffers, the method's
+        optimiser and own state, the counters and the window buffer.  :meth:`load_state` puts it back (on this
+        wrapper or on a copy of it: attacks and fitting fork a deployed model this way)."""
+        with self._lock:
+            return {
+                "model": copy.deepcopy(self.model.state_dict()),
+                "method": self.method.state_dict() if self.method is not None else None,
+                "counters": {k: getattr(self, k) for k in self.COUNTERS},
+                "window": None if self._window_buffer is None else self._window_buffer.clone(),
+            }
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Make this wrapper carry ``state`` (from :meth:`state` of this wrapper or of one built the same way)."""
+        with self._lock:
+            if (state["method"] is None) != (self.method is None):
+                raise ValueError("load_state: the state and this wrapper differ in having a gradient method")
+            self.model.load_state_dict(state["model"])
+            if self.method is not None:
+                self.method.load_state_dict(state["method"])
+            for key, value in state["counters"].items():
+                setattr(self, key, value)
+            window = state["window"]
+            self._window_buffer = None if window is None else window.clone()
+
+    @property
+    def device(self) -> torch.device | None:
+        """The device of the adapted model's parameters (``None`` for a model without any)."""
+        return self._device()
+
+    @property
+    def will_reset(self) -> bool:
+        """Whether the next adapting forward starts with a reset (``episodic``, or ``reset_every`` reached)."""
+        return self._reset_due()
+
     # -- helpers -------------------------------------------------------------------------------------------
     def norm_layers(self) -> list[tuple[str, AdaptiveNorm]]:
         """The ``(name, layer)`` pairs of the model's adaptive norm layers."""

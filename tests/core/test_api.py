@@ -210,3 +210,36 @@ def test_cli_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> 
         with pytest.raises(SystemExit):
             main([name, "--help"])
         assert capsys.readouterr().out.startswith("usage: tta-norm " + name)
+
+
+@pytest.mark.parametrize("method", [None, "tent", "eata", "sar"])
+def test_state_and_load_state_fork_a_wrapper_exactly(method: str | None) -> None:
+    """A wrapper that loads another's state() predicts and adapts exactly like it from then on."""
+    a = tta_norm.adapt(tiny_net(), "ema", method=method)
+    b = tta_norm.adapt(tiny_net(), "ema", method=method)
+    a(X)
+    a(X.flip(0))
+    b.load_state(a.state())
+    assert b.num_adapted == a.num_adapted == 2
+    for batch in (X, X * 0.5):
+        torch.testing.assert_close(b(batch), a(batch), rtol=0, atol=0)
+    for (name, p), q in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+    saved = a.state()
+    kept = {k: v.clone() for k, v in saved["model"].items()}
+    a(X)  # adapting further does not touch the saved copy
+    assert all(torch.equal(saved["model"][k], v) for k, v in kept.items())
+    assert any(not torch.equal(a.model.state_dict()[k], v) for k, v in kept.items())
+    with pytest.raises(ValueError, match="gradient method"):
+        tta_norm.adapt(tiny_net(), "ema", method=None if method else "tent").load_state(saved)
+
+
+def test_will_reset_and_device() -> None:
+    tta = tta_norm.adapt(tiny_net(), "tbn", reset_every=2)
+    assert not tta.will_reset and tta.device == torch.device("cpu")
+    tta(X)
+    tta(X)
+    assert tta.will_reset
+    tta(X)
+    assert tta.num_adapted == 1 and not tta.will_reset
+    assert tta_norm.adapt(tiny_net(), "tbn", episodic=True).will_reset

@@ -208,7 +208,7 @@ def _check_batch(tta: TTAModel, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError(f"y must be integer labels of shape ({x.shape[0]},), got {getattr(y, 'shape', y)}")
     if x.numel() and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
         raise ValueError("pixels must be in [0, 1] (the attack budget and clipping are on that scale)")
-    device = tta._device()
+    device = tta.device
     return x.to(device), y.to(device)
 
 
@@ -400,25 +400,13 @@ def craft_malicious(
     return Crafted(best.detach(), best_loss, attack.steps)
 
 
-def _will_reset(tta: TTAModel) -> bool:
-    return tta.episodic or (tta.reset_every is not None and tta.num_adapted >= tta.reset_every)
-
-
-_METHOD_SKIP = {"model", "named_params", "params", "optimizer"}
-
-
 def copy_state(dst: TTAModel, src: TTAModel) -> None:
-    """Make ``dst`` carry the adaptation state of ``src`` (a deep copy of it): parameters, buffers, optimiser
-    state, method state (EATA's moving average, SAR's loss EMA...) and the wrapper's counters."""
-    dst.model.load_state_dict(src.model.state_dict())
-    if dst.method is not None and src.method is not None:
-        dst.method.optimizer.load_state_dict(copy.deepcopy(src.method.optimizer.state_dict()))
-        for key, value in vars(src.method).items():
-            if key not in _METHOD_SKIP:
-                setattr(dst.method, key, copy.deepcopy(value))
-    for key in ("num_batches", "num_adapted", "skipped_batches", "num_resets"):
-        setattr(dst, key, getattr(src, key))
-    dst._window_buffer = None
+    """Make ``dst`` carry the adaptation state of ``src`` (:meth:`TTAModel.state` / :meth:`TTAModel.load_state`):
+    parameters, buffers, optimiser state, method state and the wrapper's counters; the window buffer is not
+    carried (a victim predicts the attacked batch on its own)."""
+    state = src.state()
+    state["window"] = None
+    dst.load_state(state)
 
 
 def attack_batch(
@@ -448,7 +436,7 @@ def attack_batch(
     victim = copy.deepcopy(tta)
     clean_logits = victim_predict(tta, x, attack)
     keep_labels = clean_logits[:nb].argmax(1)
-    if _will_reset(victim):
+    if victim.will_reset:
         victim.reset()
         victim.num_adapted = 0
     crafted = craft_malicious(victim, x, y, attack, generator=generator, keep_labels=keep_labels, progress=progress)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -179,3 +180,18 @@ class GradientMethod:
 
     def reset_method_state(self) -> None:
         """Forget method state kept outside parameters/optimiser (none by default)."""
+
+    #: attributes that are the method's wiring, not its state (see :meth:`state_dict`)
+    WIRING = frozenset({"model", "named_params", "params", "optimizer"})
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything adaptation changes in the method itself: the optimiser's state and the method's own
+        attributes (EATA's moving average, SAR's loss EMA and recovery flag...), deep-copied."""
+        attributes = {k: copy.deepcopy(v) for k, v in vars(self).items() if k not in self.WIRING}
+        return {"optimizer": copy.deepcopy(self.optimizer.state_dict()), "attributes": attributes}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (copies, so the source can go on adapting)."""
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        for key, value in state["attributes"].items():
+            setattr(self, key, copy.deepcopy(value))
