@@ -28,7 +28,7 @@ from typing import Any
 
 from tta_norm.attacks.malicious import ATTACK_PROTOCOLS, INITS, MODES, OBJECTIVES
 from tta_norm.bench.config import MethodEntry, parse_method, read_config_data, reject_unknown_keys, validate_common
-from tta_norm.bench.grid import GridCell, GridJob
+from tta_norm.bench.grid import GridCell, ModelDataJob
 from tta_norm.bench.store import atomic_write
 from tta_norm.bench.validate import ConfigError, check_int, check_int_list, check_number, check_str
 
@@ -334,10 +334,11 @@ ATTACK_PARAMS = ("dataset", "source", "corruptions", "severities", "n_batches", 
                  "stealth_weight", "protocol", "data_seed")  # fmt: skip
 
 
-class AttackJob(GridJob):
+class AttackJob(ModelDataJob):
     """The cells of an :class:`AttackConfig` for the grid engine."""
 
     kind = "attack"
+    PARAMS = ATTACK_PARAMS
 
     def __init__(self, cfg: AttackConfig) -> None:
         self.config = cfg
@@ -374,21 +375,6 @@ class AttackJob(GridJob):
                 raise ConfigError(f"n_batches: {cfg.n_batches} batches of {max(cfg.batch_sizes)} need {need} "
                                   f"images, domain {key} has {len(data)}")  # fmt: skip
         return {"model": model.to(device), "bench": bench}
-
-    def identity(self, state: dict[str, Any]) -> dict[str, Any]:
-        import tta_norm
-        from tta_norm.bench.identity import data_identity, model_identity
-
-        cfg = self.config
-        return {
-            "model": model_identity(cfg.model, cfg.checkpoint, state["model"]),
-            "data": data_identity(state["bench"]),
-            "params": {k: getattr(cfg, k) for k in ATTACK_PARAMS},
-            "version": tta_norm.__version__,
-        }
-
-    def data_description(self, state: dict[str, Any]) -> str:
-        return state["bench"].describe()
 
     def work(self, cell: GridCell, state: dict[str, Any]) -> int:
         return len(state["bench"].domains) * self.config.n_batches

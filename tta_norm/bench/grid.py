@@ -176,3 +176,25 @@ def failed_record(
 ) -> dict[str, Any]:
     """A record for a cell whose run did not return (an executor error)."""
     return {**base_record(kind, cell, identity, data), "status": "failed", "error": error, "seconds": seconds}
+
+
+class ModelDataJob(GridJob):
+    """A grid over one source model and one benchmark: its state is ``{"model", "bench"}``, its identity the
+    model's and the data's fingerprints with the config keys in ``PARAMS`` (the bench and attack grids)."""
+
+    PARAMS: tuple[str, ...] = ()
+
+    def identity(self, state: Any) -> dict[str, Any]:
+        import tta_norm
+        from tta_norm.bench.identity import data_identity, model_identity
+
+        cfg = self.config
+        return {
+            "model": model_identity(cfg.model, cfg.checkpoint, state["model"]),
+            "data": data_identity(state["bench"]),
+            "params": {k: getattr(cfg, k) for k in self.PARAMS},
+            "version": tta_norm.__version__,
+        }
+
+    def data_description(self, state: Any) -> str:
+        return state["bench"].describe()

@@ -18,8 +18,7 @@ import torch
 import tta_norm
 from tta_norm.bench.config import BenchConfig, Cell, ConfigError
 from tta_norm.bench.engine import GridOutcome, RunOptions, run_grid  # noqa: F401 - re-exported
-from tta_norm.bench.grid import GridCell, GridJob
-from tta_norm.bench.identity import data_identity, model_identity
+from tta_norm.bench.grid import GridCell, ModelDataJob
 from tta_norm.bench.store import atomic_write, records_to_csv
 from tta_norm.data.benchmark import CorruptionBenchmark, load_corruption_benchmark
 from tta_norm.methods.entries import resolve_entry_kwargs
@@ -123,11 +122,12 @@ def user_error(what: str, err: Exception) -> ConfigError:
     return ConfigError(f"{what}: {text}")
 
 
-class BenchJob(GridJob):
+class BenchJob(ModelDataJob):
     """The cells of a :class:`BenchConfig` for the grid engine.  ``model`` and ``bench`` skip loading them
     (a model and benchmark prepared by the caller, e.g. a random-subset benchmark)."""
 
     kind = "bench"
+    PARAMS = BENCH_PARAMS
 
     def __init__(self, cfg: BenchConfig, *, model: torch.nn.Module | None = None, bench: Any = None) -> None:
         self.config = cfg
@@ -159,18 +159,6 @@ class BenchJob(GridJob):
         except (FileNotFoundError, ValueError) as err:
             raise user_error("data", err) from None
         return {"model": model.to(device), "bench": bench}
-
-    def identity(self, state: dict[str, Any]) -> dict[str, Any]:
-        cfg = self.config
-        return {
-            "model": model_identity(cfg.model, cfg.checkpoint, state["model"]),
-            "data": data_identity(state["bench"]),
-            "params": {k: getattr(cfg, k) for k in BENCH_PARAMS},
-            "version": tta_norm.__version__,
-        }
-
-    def data_description(self, state: dict[str, Any]) -> str:
-        return state["bench"].describe()
 
     def work(self, cell: GridCell, state: dict[str, Any]) -> int:
         return len(cell_plan(cell.payload, state["bench"], self.config))
