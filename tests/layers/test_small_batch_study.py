@@ -36,8 +36,10 @@ def study(monkeypatch):
 
     monkeypatch.setattr(data_mod, "load_source_split", lambda split, n, **kw: train if split == "train" else test)
     monkeypatch.setattr(bench_mod, "subset_corruption_benchmark", lambda *a, **kw: bench)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    return module, test, domain
+    yield module, test, domain
+    torch.set_num_threads(threads)  # leave the process as found: later tests need the default thread count
 
 
 def test_init_row_is_the_released_model_and_resume_skips_cells(study, tmp_path, monkeypatch):

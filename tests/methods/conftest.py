@@ -1,4 +1,5 @@
-"""Fixtures of the methods tests: the CIFAR-10 JPEG slice and the ResNet-20 checkpoint of the harness tests."""
+"""Fixtures of the methods tests over the shared ones (tests/conftest.py): the released ResNet-20 and a corrupted
+CIFAR-10 stream; every test here writes to a throw-away cache."""
 
 from __future__ import annotations
 
@@ -6,24 +7,21 @@ import numpy as np
 import pytest
 import torch
 
-from tests.harness.conftest import (  # noqa: F401  (fixtures re-exported for this directory)
-    _isolated_cache,
-    _session_cache,
-    mirror_root,
-    mirror_test_small,
-    resnet20_checkpoint,
-)
+
+@pytest.fixture(autouse=True)
+def _methods_cache(_isolated_cache):
+    """Fisher and TTN caches written by these tests go to the throw-away cache."""
 
 
 @pytest.fixture(scope="session")
-def resnet20(resnet20_checkpoint):  # noqa: F811
+def resnet20(resnet20_checkpoint):
     from tta_norm.models import load_model
 
     return load_model("resnet20", resnet20_checkpoint, device="cpu").eval()
 
 
 @pytest.fixture(scope="session")
-def cifar_stream(mirror_test_small):  # noqa: F811
+def cifar_stream(mirror_test_small):
     """The 300 test images shuffled (seed 0) and corrupted with gaussian noise, severity 5: float NCHW + labels."""
     from corruptions import corrupt
     from tta_norm.data.tensors import to_float_nchw

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tta_norm
-from tests.core.nets import tiny_net
+from tests.nets import tiny_net
 from tta_norm.methods import eata_defaults
 from tta_norm.methods import fisher as fisher_mod
 

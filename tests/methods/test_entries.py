@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from tests.core.nets import tiny_net
+from tests.nets import tiny_net
 from tta_norm.bench.config import parse_method
 from tta_norm.methods import entries
 from tta_norm.methods import fisher as fisher_mod

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tta_norm
-from tests.core.nets import tiny_net
+from tests.nets import tiny_net
 from tta_norm.methods.base import OPTIM_DEFAULTS
 
 X = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(0))

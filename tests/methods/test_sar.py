@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import tta_norm
-from tests.core.nets import tiny_net
+from tests.nets import tiny_net
 from tta_norm.methods import SAR
 from tta_norm.methods.sar import is_sar_top_layer
 

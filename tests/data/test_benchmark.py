@@ -22,6 +22,8 @@ from tta_norm.data.readers import ArrayDataset
 
 from .test_data import _write_cifar_c, _write_png_tree
 
+pytestmark = pytest.mark.usefixtures("_isolated_cache")  # tests here write to the cache
+
 
 def _fake_corrupt(calls):
     def corrupt(images, name, severity=5, seed=0, preset="cifar"):

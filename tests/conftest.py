@@ -1,4 +1,5 @@
-"""Shared fixtures for the harness tests: a small slice of the JPEG mirror and the released checkpoints."""
+"""Fixtures shared across the test packages: a small slice of the JPEG mirror, the released checkpoints and a
+throw-away cache for tests that write decoded arrays, regenerated data or checkpoints (``_isolated_cache``)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ def _session_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tta-norm-cache")
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture()
 def _isolated_cache(_session_cache, monkeypatch):
     """Decoded arrays, regenerated data and checkpoints written by tests go to a temporary cache."""
     monkeypatch.setenv("TTA_NORM_CACHE", str(_session_cache))

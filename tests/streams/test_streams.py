@@ -19,6 +19,8 @@ from tta_norm.streams import (
 
 CORR = ["gaussian_noise", "fog", "jpeg_compression"]
 
+pytestmark = pytest.mark.usefixtures("_isolated_cache")  # tests here write to the cache
+
 
 def _labels(n=300, c=10, seed=0):
     return np.random.default_rng(seed).integers(0, c, size=n).astype(np.int64)

@@ -25,6 +25,8 @@ from tta_norm.data.readers import is_image_folder_split, npy_header
 
 # ---------------------------------------------------------------------------------------------------- search paths
 
+pytestmark = pytest.mark.usefixtures("_isolated_cache")  # tests here write to the cache
+
 
 def test_search_order(monkeypatch, tmp_path):
     monkeypatch.delenv("TTA_NORM_DATA", raising=False)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import tta_norm
-from tests.core.nets import tiny_net
+from tests.nets import tiny_net
 from tta_norm.methods import entropy_margin
 
 LR = 1e-3

@@ -7,6 +7,8 @@ import torch
 from tta_norm.models import cifar_resnet, load_model, read_checkpoint
 from tta_norm.models.cifar_resnet import IMAGENET_MEAN, IMAGENET_STD
 
+pytestmark = pytest.mark.usefixtures("_isolated_cache")  # tests here write to the cache
+
 
 def _n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -243,7 +243,7 @@ def _medbn_probe() -> float:
 
 def test_kernels_can_be_disabled_by_environment():
     code = (
-        "from tests.core.test_kernels import _medbn_probe\n"
+        "from tests.kernels.test_kernels import _medbn_probe\n"
         "from tta_norm import kernels\n"
         "print(kernels.available(), kernels.status())\n"
         "print(repr(_medbn_probe()))\n"

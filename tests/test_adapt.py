@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 
 import tta_norm
-from tests.core.nets import randomize_bn, resnet20, tiny_net
+from tests.nets import randomize_bn, resnet20, tiny_net
 from tta_norm.norm import AdaptiveNorm
 
 X = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(0))

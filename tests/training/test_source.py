@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import tta_norm.training.source as source_mod
+from tests.data.test_data import _write_png_tree
 from tta_norm.cli import train as train_cli
 from tta_norm.data.source import load_split
 from tta_norm.data.tensors import to_float_nchw
@@ -25,7 +26,7 @@ from tta_norm.training import (
     train_source_model,
 )
 
-from .test_data import _write_png_tree
+pytestmark = pytest.mark.usefixtures("_isolated_cache")  # tests here write to the cache
 
 
 def test_augment_batch_is_crop_of_padded_image_or_its_mirror():

@@ -23,6 +23,8 @@ from tta_norm.metrics import (
 )
 from tta_norm.streams import CLEAN, StreamLoader, StreamSpec, build_stream, domain_schedule
 
+pytestmark = pytest.mark.usefixtures("_isolated_cache")  # tests here write to the cache
+
 
 def test_error_rate_and_grouped_error():
     logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0], [0.0, 1.0]])
