@@ -16,18 +16,17 @@ overrides ``key=value``).
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import itertools
 import statistics
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tta_norm.attacks.malicious import ATTACK_PROTOCOLS, INITS, MODES, OBJECTIVES
-from tta_norm.bench.config import MethodEntry, parse_method, read_config_data, reject_unknown_keys, validate_common
+from tta_norm.bench.config import GridConfig, MethodEntry, read_config_data, validate_common
 from tta_norm.bench.grid import GridCell, ModelDataJob
 from tta_norm.bench.store import atomic_write
 from tta_norm.bench.validate import ConfigError, check_int, check_int_list, check_number, check_str
@@ -49,7 +48,7 @@ def parse_number(value: Any, name: str) -> float:
 
 
 @dataclass
-class AttackConfig:
+class AttackConfig(GridConfig):
     """All settings of one attack grid (see the shipped ``attack_*.yaml`` configs)."""
 
     name: str = "attack"
@@ -81,19 +80,6 @@ class AttackConfig:
     trackers: list[str] = field(default_factory=list)
 
     LIST_KEYS = ("objectives", "budgets", "fractions", "modes")  # list keys besides the ones every grid has
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], source: str = "config") -> AttackConfig:
-        reject_unknown_keys(cls, data, source)
-        cfg = cls(**dict(data))
-        cfg.validate()
-        return cfg
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def method_entries(self) -> list[MethodEntry]:
-        return [parse_method(m) for m in self.methods]
 
     def validate(self) -> None:
         """Check types and ranges of every key (one-line :class:`ConfigError` naming the key path)."""

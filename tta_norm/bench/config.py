@@ -68,8 +68,31 @@ class MethodEntry:
         return {"preset": self.preset, "method": self.method, "kwargs": dict(self.kwargs), "name": self.label}
 
 
+class GridConfig:
+    """What every grid config dataclass shares: construction from a mapping (unknown keys refused, then
+    validated), its dict form and its method entries."""
+
+    methods: list[Any]
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], source: str = "config") -> Any:
+        reject_unknown_keys(cls, data, source)
+        cfg = cls(**dict(data))
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def method_entries(self) -> list[MethodEntry]:
+        return [parse_method(m, f"methods[{i}]") for i, m in enumerate(self.methods)]
+
+    def validate(self) -> None:
+        raise NotImplementedError
+
+
 @dataclass
-class BenchConfig:
+class BenchConfig(GridConfig):
     """All settings of one benchmark run (see the shipped configs in ``tta_norm/configs``)."""
 
     LIST_KEYS = ("settings", "orders", "deltas")  # list keys besides the ones every grid config has
@@ -101,21 +124,7 @@ class BenchConfig:
     resources: dict[str, float] = field(default_factory=lambda: {"num_cpus": 1, "num_gpus": 0})
     trackers: list[str] = field(default_factory=list)
 
-    # ---- construction ----------------------------------------------------------------------------------
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], source: str = "config") -> BenchConfig:
-        reject_unknown_keys(cls, data, source)
-        cfg = cls(**dict(data))
-        cfg.validate()
-        return cfg
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     # ---- validation ------------------------------------------------------------------------------------
-    def method_entries(self) -> list[MethodEntry]:
-        return [parse_method(m, f"methods[{i}]") for i, m in enumerate(self.methods)]
-
     def validate(self) -> None:
         """Check types and ranges of every key (one-line :class:`ConfigError` naming the key path)."""
         validate_common(self)
