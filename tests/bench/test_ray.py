@@ -55,6 +55,14 @@ def test_a_killed_worker_cell_is_retried_and_recorded_once(cluster, tmp_path):
     assert retried["metrics"]["pid"] != int(marker.read_text())  # finished by another worker
 
 
+def test_ray_starts_the_costliest_cells_first(cluster, tmp_path):
+    cfg = toyjob.ToyConfig(output=str(tmp_path / "run"), values=[1, 2, 3, 4], sleep=1.0, record_start=True)
+    outcome = run_grid(toyjob.ToyJob(cfg), RunOptions(executor="ray", progress=False))
+    started = {r["cell"]["value"]: r["metrics"]["started"] for r in outcome.records}
+    # two CPUs: cells 4 and 3 (the costliest) run first, 2 and 1 after them
+    assert max(started[4], started[3]) < min(started[2], started[1])
+
+
 def test_a_failing_cell_on_ray_is_recorded_and_the_grid_goes_on(cluster, tmp_path):
     cfg = toyjob.ToyConfig(output=str(tmp_path / "run"), fail=[2])
     outcome = run_grid(toyjob.ToyJob(cfg), RunOptions(executor="ray", progress=False))

@@ -1,7 +1,8 @@
 """A small grid job for the engine tests: cells are numbers, a cell's metric is ``value * scale``.
 
 Options make a cell fail (``fail``), sleep (``sleep``), or kill its own process the first time it runs
-(``kill_marker``: a file created before the kill, so the retried task goes through)."""
+(``kill_marker``: a file created before the kill, so the retried task goes through).  A cell's cost is its
+number."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ class ToyConfig:
     sleep: float = 0.0
     kill_marker: str | None = None
     kill_value: int | None = None
+    record_start: bool = False  # metrics get the wall-clock time the cell started
     device: str = "cpu"
     plots: bool = False
     resources: dict[str, float] = field(default_factory=lambda: {"num_cpus": 1, "num_gpus": 0})
@@ -58,8 +60,12 @@ class ToyJob(GridJob):
     def warm_up(self, state: Any, device: Any) -> None:
         pass
 
+    def cost(self, cell: GridCell, state: Any) -> float:
+        return float(cell.payload)
+
     def run_cell(self, cell: GridCell, state: dict[str, Any], device: Any, progress: Any) -> dict[str, Any]:
         cfg = self.config
+        started = time.time()
         if cfg.kill_marker and cell.payload == cfg.kill_value and not Path(cfg.kill_marker).exists():
             Path(cfg.kill_marker).write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
@@ -67,7 +73,8 @@ class ToyJob(GridJob):
             time.sleep(cfg.sleep)
         if cell.payload in cfg.fail:
             raise RuntimeError(f"cell {cell.payload} fails on purpose")
-        return {"value": cell.payload * state["scale"], "pid": os.getpid()}
+        metrics = {"value": cell.payload * state["scale"], "pid": os.getpid()}
+        return {**metrics, "started": started} if cfg.record_start else metrics
 
     def scalars(self, record: dict[str, Any]) -> dict[str, float]:
         return {"value": float(record["metrics"]["value"])}

@@ -116,6 +116,11 @@ class GridJob:
         """Progress units of ``cell`` (images, batches); 1 by default."""
         return 1
 
+    def cost(self, cell: GridCell, state: Any) -> float:
+        """Relative compute of ``cell``, for scheduling only (parallel executors start the costliest cells
+        first); :meth:`work` by default.  Never part of a key or a result."""
+        return float(self.work(cell, state))
+
     def scalars(self, record: dict[str, Any]) -> dict[str, float]:
         """Numbers of a finished record for trackers (TensorBoard)."""
         return {}

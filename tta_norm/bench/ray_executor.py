@@ -4,7 +4,9 @@ Each cell is one Ray task declaring the config's per-cell ``resources`` (``num_c
 and its prepared state (model, data) are put in the object store once.  A task sets its torch thread count to
 its CPU share, so N parallel tasks of one CPU each use the same total threads as a serial run with N threads.
 The driver keeps the store and the progress bar: records arrive as tasks finish and are appended there
-only, so each cell is recorded once.  A worker that dies mid-cell (killed, out of memory) makes Ray re-run
+only, so each cell is recorded once.  Tasks are submitted longest first (:meth:`GridJob.cost`), the classic
+LPT rule: a grid with a few costly cells (gradient methods) does not end with one worker busy and the others
+idle.  A worker that dies mid-cell (killed, out of memory) makes Ray re-run
 the task (``max_retries``); a cell that still cannot finish is recorded as failed with Ray's error.
 ``ray.init(address=...)`` joins a running cluster; without an address a local one is started and stopped, with
 its workers at normal priority (Ray starts workers at niceness 15 by default, which starves the cells on a
@@ -70,7 +72,9 @@ def run_on_ray(
             retry_exceptions=False,
         )  # fmt: skip
         job_ref, state_ref = ray.put(job), ray.put(state)
-        pending = {task.remote(job_ref, cell, state_ref, str(device), identity, threads): cell for cell in todo}
+        # longest first: the cells queue in submission order, so the costliest ones must not be left for the end
+        order = sorted(todo, key=lambda cell: job.cost(cell, state), reverse=True)
+        pending = {task.remote(job_ref, cell, state_ref, str(device), identity, threads): cell for cell in order}
         log.info(f"ray: {len(pending)} tasks on {ray.cluster_resources().get('CPU', 0):g} CPUs, "
                  f"{res.get('num_cpus', 1):g} CPU(s) and {res.get('num_gpus', 0):g} GPU(s) per cell")  # fmt: skip
         with _progress_bar(len(todo), options.progress, f"{job.kind} (ray)") as bar:

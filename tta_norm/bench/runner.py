@@ -16,13 +16,14 @@ from typing import Any
 import torch
 
 import tta_norm
-from tta_norm.bench.config import BenchConfig, Cell, ConfigError
+from tta_norm.bench.config import BenchConfig, Cell, ConfigError, MethodEntry
 from tta_norm.bench.engine import GridOutcome, RunOptions, run_grid  # noqa: F401 - re-exported
 from tta_norm.bench.grid import GridCell, ModelDataJob
 from tta_norm.bench.store import atomic_write, records_to_csv
 from tta_norm.data.benchmark import CorruptionBenchmark, load_corruption_benchmark
 from tta_norm.methods.entries import resolve_entry_kwargs
 from tta_norm.metrics import BatchTimer, MetricsAccumulator, PeakMemory
+from tta_norm.presets import get_preset
 from tta_norm.streams import StreamLoader, StreamSpec, build_stream, domain_schedule
 from tta_norm.streams.plan import GRADUAL_SEVERITIES, StreamPlan
 
@@ -105,7 +106,7 @@ def run_cell(
 
 #: config keys (besides the cell's axes) that change a bench cell's result
 BENCH_PARAMS = ("dataset", "source", "corruptions", "n_examples", "clean_interleaved", "data_seed", "on_bad_batch",
-                "imagenet_ids")
+                "imagenet_ids")  # fmt: skip
 
 
 def load_bench_data(cfg: BenchConfig, progress: bool = False) -> CorruptionBenchmark:
@@ -120,6 +121,21 @@ def user_error(what: str, err: Exception) -> ConfigError:
     """A loader's error about missing or wrong model/data files as a one-line config error."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return ConfigError(f"{what}: {text}")
+
+
+#: rough compute per image relative to a norm-only forward (measured on the CIFAR ResNets): a gradient method
+#: adds a backward pass and an optimiser step; median statistics need a selection per channel
+GRADIENT_METHOD_COST = 2.5
+MEDIAN_STATISTICS_COST = 1.3
+
+
+def method_cost(entry: MethodEntry) -> float:
+    """Relative compute of one image through a method entry, for scheduling cells (longest first)."""
+    try:
+        median = get_preset(entry.preset).spec.estimator.startswith("median")
+    except KeyError:  # a preset only the cell knows (validated elsewhere)
+        median = False
+    return (GRADIENT_METHOD_COST if entry.method else 1.0) * (MEDIAN_STATISTICS_COST if median else 1.0)
 
 
 class BenchJob(ModelDataJob):
@@ -162,6 +178,10 @@ class BenchJob(ModelDataJob):
 
     def work(self, cell: GridCell, state: dict[str, Any]) -> int:
         return len(cell_plan(cell.payload, state["bench"], self.config))
+
+    def cost(self, cell: GridCell, state: dict[str, Any]) -> float:
+        """Images x the relative cost of the cell's method (:func:`method_cost`)."""
+        return self.work(cell, state) * method_cost(cell.payload.entry)
 
     def run_cell(self, cell: GridCell, state: dict[str, Any], device: Any, progress: Callable[[int], None] | None):
         return run_cell(cell.payload, state["model"], state["bench"], self.config, device, progress=progress)
