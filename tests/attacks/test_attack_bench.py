@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -97,6 +98,30 @@ def test_grid_runs_resumes_and_reports(tmp_path, patched):
     before = (out / "results.jsonl").read_text()
     ab.run_attack_grid(cfg, resume=True, progress=False)
     assert (out / "results.jsonl").read_text() == before
+
+
+def test_batches_per_objective(tmp_path, patched):
+    cfg = _tiny_cfg(tmp_path, methods=["tbn"], n_batches={"targeted": 3, "indiscriminate": 1})
+    out = ab.run_attack_grid(cfg, progress=False).out
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    batches = {r["cell"]["objective"]: r["metrics"]["batches"] for r in records}
+    assert batches == {"targeted": 3, "indiscriminate": 1}
+    assert {r["cell"]["objective"]: r["metrics"]["attacks"] for r in records} == {"targeted": 3, "indiscriminate": 0}
+    assert "3 (targeted) / 1 (indiscriminate) batches per domain" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("n_batches", "message"),
+    [
+        ({"targeted": 2}, "no count for objective(s) ['indiscriminate']"),
+        ({"targeted": 2, "indiscriminate": True}, "n_batches.indiscriminate: expected an integer"),
+        ({"targeted": 2, "indiscriminate": 1, "sneaky": 1}, "n_batches: must be one of"),
+        (0, "n_batches: must be >= 1"),
+    ],
+)
+def test_bad_batch_counts_are_refused(tmp_path, n_batches, message):
+    with pytest.raises(ab.ConfigError, match=re.escape(message)):
+        _tiny_cfg(tmp_path, n_batches=n_batches)
 
 
 def test_batch_size_table(tmp_path, patched):

@@ -3,7 +3,9 @@ batch size x mode x seed) as a job of the grid engine (:mod:`tta_norm.bench.engi
 resume, shards, executors), with a CSV, a Markdown report and plots derived from the stored records.
 
 Every cell adapts a fresh copy of the source model on each corruption (``corruptions: all`` = the 15
-standard ones) and attacks ``n_batches`` batches of it (:func:`tta_norm.attacks.attack_batch`).
+standard ones) and attacks ``n_batches`` batches of it (:func:`tta_norm.attacks.attack_batch`); ``n_batches``
+may differ per objective (``{targeted: 2, indiscriminate: 1}``: 30 targeted attacks and 15 indiscriminate
+batches per cell over the 15 corruptions).
 Every success rate and benign error in the report carries its denominator (attacks, benign samples) and a
 95 % Wilson interval; targeted attacks also report their mean steps to success.
 
@@ -59,7 +61,7 @@ class AttackConfig(GridConfig):
     source: str = "auto"
     corruptions: list[str] = field(default_factory=lambda: ["gaussian_noise"])
     severities: list[int] = field(default_factory=lambda: [5])
-    n_batches: int = 2
+    n_batches: int | dict[str, int] = 2
     methods: list[Any] = field(default_factory=lambda: ["source", "tbn", "medbn", "tbn+tent", "medbn+tent"])
     objectives: list[str] = field(default_factory=lambda: ["targeted", "indiscriminate"])
     budgets: list[Any] = field(default_factory=lambda: [1.0])
@@ -101,11 +103,23 @@ class AttackConfig(GridConfig):
             raise ConfigError(f"step_size: must be > 0, got {self.step_size}")
         check_number("stealth_weight", self.stealth_weight)
         self.batch_sizes = check_int_list("batch_sizes", self.batch_sizes, minimum=2)
-        check_int("n_batches", self.n_batches, minimum=1)
+        if isinstance(self.n_batches, dict):
+            missing = sorted(set(self.objectives) - set(self.n_batches))
+            if missing:
+                raise ConfigError(f"n_batches: no count for objective(s) {missing}; give an integer per objective")
+            for key, value in self.n_batches.items():
+                check_str("n_batches", key, OBJECTIVES)
+                check_int(f"n_batches.{key}", value, minimum=1)
+        else:
+            check_int("n_batches", self.n_batches, minimum=1)
         check_int("steps", self.steps, minimum=0)
         for bs, frac in itertools.product(self.batch_sizes, self.fractions):
             if round(frac * bs) >= bs:
                 raise ConfigError(f"fraction {frac} of batch {bs} leaves no benign sample")
+
+    def batches_for(self, objective: str) -> int:
+        """Attacked batches per domain for ``objective`` (``n_batches``, an int or a per-objective mapping)."""
+        return self.n_batches[objective] if isinstance(self.n_batches, dict) else self.n_batches
 
     def cells(self) -> list[AttackCell]:
         return [
@@ -245,6 +259,12 @@ def attack_records_to_csv(records: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def _batch_counts(n_batches: int | dict[str, int]) -> str:
+    if isinstance(n_batches, dict):
+        return " / ".join(f"{n} ({objective})" for objective, n in n_batches.items())
+    return str(n_batches)
+
+
 # --------------------------------------------------------------------------------------------------- runner
 def batch_indices(n_images: int, batch_size: int, n_batches: int, seed: int) -> list[Any]:
     """``n_batches`` disjoint index batches from a seeded permutation of ``range(n_images)``."""
@@ -264,7 +284,8 @@ def _mean(values: list[Any]) -> float | None:
 def run_attack_cell(
     cell: AttackCell, model: Any, bench: Any, cfg: AttackConfig, device: Any, progress: Callable[[int], None] | None
 ) -> dict[str, Any]:
-    """Attack ``n_batches`` batches of every domain with a fresh adapted copy of ``model`` per domain."""
+    """Attack ``n_batches`` (for the cell's objective) batches of every domain with a fresh adapted copy of
+    ``model`` per domain."""
     import copy
 
     import torch
@@ -284,7 +305,8 @@ def run_attack_cell(
         entry = cell.entry
         tta = tta_norm.adapt(model, entry.preset, entry.method, device=device, **dict(entry.kwargs))
         baseline = copy.deepcopy(tta) if cell.mode == "cumulative" else None
-        for i, idx in enumerate(batch_indices(len(data), cell.batch_size, cfg.n_batches, cfg.data_seed)):
+        batches = batch_indices(len(data), cell.batch_size, cfg.batches_for(cell.objective), cfg.data_seed)
+        for i, idx in enumerate(batches):
             x = to_float_nchw(torch.from_numpy(data.images[idx]).to(device))
             y = torch.from_numpy(data.labels[idx]).to(device)
             out = attack_batch(tta, x, y, attack, mode=cell.mode, generator=generator)
@@ -355,15 +377,16 @@ class AttackJob(ModelDataJob):
             )  # fmt: skip
         except (FileNotFoundError, ValueError) as err:
             raise runner.user_error("data", err) from None
+        most = max(cfg.batches_for(o) for o in cfg.objectives)
         for key, data in bench.domains.items():
-            need = cfg.n_batches * max(cfg.batch_sizes)
+            need = most * max(cfg.batch_sizes)
             if need > len(data):
-                raise ConfigError(f"n_batches: {cfg.n_batches} batches of {max(cfg.batch_sizes)} need {need} "
+                raise ConfigError(f"n_batches: {most} batches of {max(cfg.batch_sizes)} need {need} "
                                   f"images, domain {key} has {len(data)}")  # fmt: skip
         return {"model": model.to(device), "bench": bench}
 
     def work(self, cell: GridCell, state: dict[str, Any]) -> int:
-        return len(state["bench"].domains) * self.config.n_batches
+        return len(state["bench"].domains) * self.config.batches_for(cell.payload.objective)
 
     def run_cell(self, cell: GridCell, state: dict[str, Any], device: Any, progress: Callable[[int], None] | None):
         import torch
@@ -559,7 +582,8 @@ def threat_model(records: list[dict[str, Any]]) -> list[str]:
         "",
         f"Model {model['name']}" + (f" ({model['checkpoint']})" if model.get("checkpoint") else "")
         + f", weights sha256 {model['weights_sha256']}; domains {', '.join(p['corruptions'])} at severity "
-        f"{p['severities']}; {p['n_batches']} batches per domain (seeded permutation, data_seed {p['data_seed']}).",
+        f"{p['severities']}; {_batch_counts(p['n_batches'])} batches per domain (seeded permutation, "
+        f"data_seed {p['data_seed']}).",
         "",
     ]  # fmt: skip
 
