@@ -6,11 +6,11 @@ Source split: ``cifar10-jpeg/train`` (a seeded subset); test: a seeded subset of
 
     python scripts/adv_train_cifar.py --train 2048 --test 500 --epochs 1 --out runs/adv_train.jsonl
     python scripts/adv_train_cifar.py --train 8000 --epochs 2 --lr 0.05 --test 1000 \
-        --autoattack 200 --save-dir runs/adv_models      # + AutoAttack (pyautoattack) on the adversarial branch
+        --autoattack 200 --save-dir runs/adv_models      # + AutoAttack (pyautoattack) on the adversarial domain
 
 ``--autoattack N`` runs AutoAttack (``--aa-attacks``, default APGD-CE + APGD-T; ``standard`` for the full suite)
-on the first N test images through the adversarial branch (BN: the one branch) of each trained model, in
-``eval()`` mode with the branch fixed: a static model, so AutoAttack's sub-batching changes nothing.
+on the first N test images through the adversarial domain (BN: the one shared layer) of each trained model,
+in ``eval()`` mode with the domain fixed: a static model, so AutoAttack's sub-batching changes nothing.
 """
 
 from __future__ import annotations
@@ -98,10 +98,10 @@ def main() -> int:
                     saved.parent.mkdir(parents=True, exist_ok=True)
                     torch.save({"kind": kind, "config": config_dict(cfg), "state_dict": model.state_dict(),
                                 "train_minutes": minutes, "history": history}, saved)  # fmt: skip
-            for branch in (None,) if kind == "bn" else (0, 1):
-                res = evaluate_robustness(model, test.images[te], test.labels[te], branch=branch, pgd_steps=steps)
-                if args.autoattack > 0 and branch in (None, 1):
-                    res.update(_autoattack(model, branch, test.images[te], test.labels[te], args))
+            for domain in (None,) if kind == "bn" else (0, 1):
+                res = evaluate_robustness(model, test.images[te], test.labels[te], domain=domain, pgd_steps=steps)
+                if args.autoattack > 0 and domain in (None, 1):
+                    res.update(_autoattack(model, domain, test.images[te], test.labels[te], args))
                 rows.append({**res, "train_minutes": round(minutes, 1), "final_loss": history[-1]["loss"],
                              "config": config_dict(cfg), "train_images": args.train})  # fmt: skip
         with out.open("a") as f:
@@ -112,17 +112,17 @@ def main() -> int:
     return 0
 
 
-def _autoattack(model, branch, images, labels, args) -> dict:
-    """AutoAttack accuracy of ``model`` with every AuxBN layer fixed to ``branch``, on the first N images."""
+def _autoattack(model, domain, images, labels, args) -> dict:
+    """AutoAttack accuracy of ``model`` with every AuxBN layer fixed to ``domain``, on the first N images."""
     from tta_norm.attacks.lp import run_autoattack
     from tta_norm.data import to_float_nchw
-    from tta_norm.layers.aux_batch_norm import branch_layers, set_branch
+    from tta_norm.layers.aux_batch_norm import domain_layers, set_domain
 
     n = args.autoattack
     x = to_float_nchw(torch.from_numpy(np.asarray(images[:n]))).to(args.device)
     y = torch.from_numpy(np.asarray(labels[:n])).long().to(args.device)
-    if branch is not None and branch_layers(model):
-        set_branch(model, branch)
+    if domain is not None and domain_layers(model):
+        set_domain(model, domain)
     model.eval()
     kwargs = {"version": "standard"} if args.aa_attacks == "standard" else {
         "version": "custom", "attacks": args.aa_attacks.split(",")}  # fmt: skip

@@ -33,7 +33,7 @@ def test_craft_respects_budget_and_restores_mode(mode):
     for was_training in (True, False):
         model = conv_bn_net().train(was_training)
         running = model.bn.running_mean.clone()
-        x_adv = craft(model, x, y, cfg, torch.Generator().manual_seed(0), branch=None)
+        x_adv = craft(model, x, y, cfg, torch.Generator().manual_seed(0), domain=None)
         assert (x_adv - x).abs().max() <= cfg.eps + 1e-6 and model.training == was_training
         # train-mode crafting (official) moves the running statistics once per PGD forward; eval mode does not
         assert torch.equal(running, model.bn.running_mean) == (mode == "eval")
@@ -45,7 +45,7 @@ def test_craft_mode_train_uses_batch_statistics():
     x, y = torch.rand(8, 3, 4, 4), torch.randint(0, 4, (8,))
     cfg = AdvTrainConfig(kind="bn", steps=1, eps=0.1, step_size=0.1, craft_mode="train")
     g = torch.Generator().manual_seed(5)
-    x_adv = craft(model, x, y, cfg, g, branch=None)
+    x_adv = craft(model, x, y, cfg, g, domain=None)
     start = x + (torch.rand(x.shape, generator=torch.Generator().manual_seed(5)) * 2 - 1) * 0.1
     ref_model = conv_bn_net()
     ref_model.load_state_dict(model.state_dict())
@@ -58,7 +58,7 @@ def test_craft_mode_train_uses_batch_statistics():
 
 @pytest.mark.parametrize("kind,cls", [("bn", torch.nn.BatchNorm2d), ("aux", AuxBatchNorm2d),
                                       ("saaux", SaAuxBatchNorm2d)])  # fmt: skip
-def test_finetune_runs_and_separates_branches(kind, cls):
+def test_finetune_runs_and_separates_domains(kind, cls):
     images, labels = _data()
     model = conv_bn_net()
     cfg = AdvTrainConfig(kind=kind, steps=2, batch_size=8, epochs=1, lr=0.05)
@@ -67,7 +67,24 @@ def test_finetune_runs_and_separates_branches(kind, cls):
     assert all(np.isfinite(h["loss"]) for h in history)
     if kind != "bn":  # clean statistics from clean inputs, adversarial statistics from adversarial inputs
         assert not torch.equal(model.bn.bns[0].running_mean, model.bn.bns[1].running_mean)
-    for branch in (None,) if kind == "bn" else (0, 1):
-        res = evaluate_robustness(model, images, labels, branch=branch, pgd_steps=(2,), eps=0.3, step_size=0.1,
+    for domain in (None,) if kind == "bn" else (0, 1):
+        res = evaluate_robustness(model, images, labels, domain=domain, pgd_steps=(2,), eps=0.3, step_size=0.1,
                                   batch_size=16)  # fmt: skip
-        assert res["n"] == 32 and 0 <= res["pgd2"] <= res["clean"] <= 1
+        assert res["n"] == 32 and res["domain"] == domain and 0 <= res["pgd2"] <= res["clean"] <= 1
+
+
+def test_branch_keyword_warns_and_means_domain():
+    images, labels = _data(16)
+    model = conv_bn_net()
+    model, _ = adversarial_finetune(model, images, labels, AdvTrainConfig(kind="saaux", steps=1, batch_size=8),
+                                    progress=False)  # fmt: skip
+    x, y = torch.rand(8, 3, 4, 4), torch.randint(0, 4, (8,))
+    cfg = AdvTrainConfig(kind="saaux", steps=2)
+    new = craft(model, x, y, cfg, torch.Generator().manual_seed(0), domain=0)
+    with pytest.warns(DeprecationWarning, match=r"craft\(branch=\.\.\.\) is deprecated; use domain="):
+        old = craft(model, x, y, cfg, torch.Generator().manual_seed(0), branch=0)
+    assert torch.equal(old, new)
+    kwargs = {"pgd_steps": (1,), "eps": 0.3, "step_size": 0.1}
+    expect = evaluate_robustness(model, images, labels, domain=1, **kwargs)
+    with pytest.warns(DeprecationWarning, match="evaluate_robustness"):
+        assert evaluate_robustness(model, images, labels, branch=1, **kwargs) == expect

@@ -1,18 +1,19 @@
 """PGD adversarial training with BN, AuxBN or SaAuxBN (Madry et al., ICLR 2018; Gong et al., WACV 2022).
 
 Recipe (SaBN's ``Adv`` code, see ``REFERENCE.md`` part 2 section 3): PGD-7, Linf ``eps = 8/255``, step
-``2/255``, random start; loss ``0.5 * [CE(f(x; branch 0), y) + CE(f(x_adv; branch 1), y)]`` with the
-adversarial examples generated through the adversarial branch.  ``kind="bn"`` uses the same loss with one shared
+``2/255``, random start; loss ``0.5 * [CE(f(x; domain 0), y) + CE(f(x_adv; domain 1), y)]`` with the
+adversarial examples generated through the adversarial domain.  ``kind="bn"`` uses the same loss with one shared
 BN (the baseline: only the normalisation differs); ``"aux"`` / ``"saaux"`` convert every ``BatchNorm2d`` with
-:func:`tta_norm.layers.convert_to_aux_bn` first (starting equal to the source model on both branches).
+:func:`tta_norm.layers.convert_to_aux_bn` first (starting equal to the source model on both domains).
 
 Conventions: adversarial examples are crafted with the model in ``train()`` mode, as the official code does
-(``craft_mode="train"``: the adversarial branch normalises each PGD iterate with its batch statistics and its
+(``craft_mode="train"``: the adversarial domain normalises each PGD iterate with its batch statistics and its
 running statistics see the adversarial inputs); ``craft_mode="eval"`` crafts against the running statistics
 instead and leaves them untouched. The loss is computed in ``train()`` mode.  Augmentation: CIFAR crop of the
 4-pixel zero-padded image + horizontal flip, drawn per sample (:func:`tta_norm.training.augment_batch`).  The
 steps run in :func:`tta_norm.training.fit`. Evaluation (:func:`evaluate_robustness`): clean and PGD-k accuracy
-(random start) per branch, in ``eval()`` mode.
+(random start) per domain, in ``eval()`` mode.  ``domain`` selects the AuxBN/SaAuxBN domain (``None``: the
+model's layers as they are, e.g. plain BN); ``branch=`` is its deprecated name.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tta_norm._deprecation import renamed_keywords
 from tta_norm.attacks.lp import pgd_attack
 from tta_norm.data.tensors import to_float_nchw
-from tta_norm.layers.aux_batch_norm import branch_layers, convert_to_aux_bn, use_branch
+from tta_norm.layers.aux_batch_norm import convert_to_aux_bn, domain_layers, use_domain
 from tta_norm.training import augment_batch, fit
 
 KINDS = ("bn", "aux", "saaux")
@@ -60,8 +62,8 @@ class AdvTrainConfig:
             raise ValueError("epochs >= 1, batch_size >= 2 and steps >= 0 are required")
 
 
-def _branch(model: nn.Module, branch: int | None) -> contextlib.AbstractContextManager[Any]:
-    return use_branch(model, branch) if branch is not None and branch_layers(model) else contextlib.nullcontext()
+def _on_domain(model: nn.Module, domain: int | None) -> contextlib.AbstractContextManager[Any]:
+    return use_domain(model, domain) if domain is not None and domain_layers(model) else contextlib.nullcontext()
 
 
 def _as_input(images: np.ndarray | Tensor, device: torch.device) -> Tensor:
@@ -70,16 +72,17 @@ def _as_input(images: np.ndarray | Tensor, device: torch.device) -> Tensor:
     return to_float_nchw(t) if t.dtype == torch.uint8 else t
 
 
+@renamed_keywords(branch="domain")
 def craft(model: nn.Module, x: Tensor, y: Tensor, cfg: AdvTrainConfig, generator: torch.Generator,
-          branch: int | None = 1) -> Tensor:  # fmt: skip
-    """PGD-``steps`` Linf examples through ``branch`` with the model in ``cfg.craft_mode`` (the mode is restored).
+          domain: int | None = 1) -> Tensor:  # fmt: skip
+    """PGD-``steps`` Linf examples through ``domain`` with the model in ``cfg.craft_mode`` (the mode is restored).
 
-    ``"train"`` (official recipe) normalises with batch statistics and moves the branch's running statistics;
+    ``"train"`` (official recipe) normalises with batch statistics and moves the domain's running statistics;
     ``"eval"`` uses the running statistics and leaves them alone."""
     was_training = model.training
     model.train(cfg.craft_mode == "train")
     try:
-        with _branch(model, branch):
+        with _on_domain(model, domain):
             return pgd_attack(model, x, y, norm="Linf", eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
                               random_start=True, generator=generator)  # fmt: skip
     finally:
@@ -116,17 +119,17 @@ def adversarial_finetune(
     if steps_per_epoch < 1:
         raise ValueError(f"{n} training images are fewer than one batch of {cfg.batch_size}")
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * steps_per_epoch)
-    clean_branch, adv_branch = (None, None) if cfg.kind == "bn" else (0, 1)
+    clean_domain, adv_domain = (None, None) if cfg.kind == "bn" else (0, 1)
     history: list[dict[str, float]] = []
 
     def loss_fn(idx: Tensor) -> Tensor:
         x = _as_input(augment_batch(data[idx], g, pad=4, layout=layout), device)
         y = labels_t[idx].to(device)
-        x_adv = craft(model, x, y, cfg, g, adv_branch)
+        x_adv = craft(model, x, y, cfg, g, adv_domain)
         model.train()
-        with _branch(model, clean_branch):
+        with _on_domain(model, clean_domain):
             out_clean = model(x)
-        with _branch(model, adv_branch):
+        with _on_domain(model, adv_domain):
             out_adv = model(x_adv)
         history.append({"clean_acc": float((out_clean.argmax(1) == y).float().mean()),
                         "adv_acc": float((out_adv.argmax(1) == y).float().mean())})  # fmt: skip
@@ -140,12 +143,13 @@ def adversarial_finetune(
     return model.eval(), history
 
 
+@renamed_keywords(branch="domain")
 def evaluate_robustness(
     model: nn.Module,
     images: np.ndarray | Tensor,
     labels: np.ndarray | Tensor,
     *,
-    branch: int | None = None,
+    domain: int | None = None,
     pgd_steps: tuple[int, ...] = (10, 20),
     eps: float = 8 / 255,
     step_size: float = 2 / 255,
@@ -153,13 +157,13 @@ def evaluate_robustness(
     seed: int = 0,
     device: torch.device | str | None = None,
 ) -> dict[str, Any]:
-    """Clean and PGD-k accuracy (Linf, random start) of ``model`` in ``eval()`` mode on ``branch``."""
+    """Clean and PGD-k accuracy (Linf, random start) of ``model`` in ``eval()`` mode on ``domain``."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
     labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     correct = {"clean": 0, **{f"pgd{k}": 0 for k in pgd_steps}}
     g = torch.Generator().manual_seed(seed)
-    with _branch(model, branch):
+    with _on_domain(model, domain):
         for start in range(0, labels_t.shape[0], batch_size):
             x = _as_input(images[start : start + batch_size], device)
             y = labels_t[start : start + batch_size].to(device)
@@ -170,7 +174,7 @@ def evaluate_robustness(
                 with torch.no_grad():
                     correct[f"pgd{k}"] += int((model(x_adv).argmax(1) == y).sum())
     n = labels_t.shape[0]
-    return {"n": n, "branch": branch, **{k: v / n for k, v in correct.items()}}
+    return {"n": n, "domain": domain, **{k: v / n for k, v in correct.items()}}
 
 
 def config_dict(cfg: AdvTrainConfig) -> dict[str, Any]:

@@ -7,13 +7,23 @@
 * Proxy Normalization: ``ProxyNorm``, ``GroupNormProxyAct`` and the BN + activation -> GN + PN converter
   ``convert_to_gn_pn`` / ``find_bn_activations`` (Labatie et al., NeurIPS 2021).
 
-* Per-branch BN for adversarial training: ``AuxBatchNorm2d``, ``SaAuxBatchNorm2d`` (sandwich BN), the converter
-  ``convert_to_aux_bn`` and branch routing ``set_branch`` / ``use_branch`` (Gong et al., WACV 2022).
+* Per-domain BN for adversarial training: ``AuxBatchNorm2d``, ``SaAuxBatchNorm2d`` (sandwich BN), the converter
+  ``convert_to_aux_bn`` and domain routing ``set_domain`` / ``use_domain`` (Gong et al., WACV 2022; the earlier
+  names ``set_branch`` / ``use_branch`` still work, with a ``DeprecationWarning``).
 
 The optimizer parameter-group helper for weight decay on gamma/beta lives in ``tta_norm.training``.
 """
 
-from .aux_batch_norm import AuxBatchNorm2d, SaAuxBatchNorm2d, convert_to_aux_bn, set_branch, use_branch
+from .aux_batch_norm import (
+    AuxBatchNorm2d,
+    SaAuxBatchNorm2d,
+    convert_to_aux_bn,
+    domain_layers,
+    set_domain,
+    use_domain,
+)
+from .aux_batch_norm import set_branch as set_branch  # the deprecated names, importable but not listed
+from .aux_batch_norm import use_branch as use_branch
 from .batch_group_norm import BatchGroupNorm
 from .convert import (
     ACTIVATION_MODULES,
@@ -39,10 +49,11 @@ __all__ = [
     "convert_to_batch_group_norm",
     "convert_to_ghost_bn",
     "convert_to_gn_pn",
+    "domain_layers",
     "find_bn_activations",
     "ghost_chunk_sizes",
     "normal_quantiles",
     "relu_gaussian_moments",
-    "set_branch",
-    "use_branch",
+    "set_domain",
+    "use_domain",
 ]

@@ -1,99 +1,122 @@
-"""Per-branch batch normalization for adversarial training: AuxBN and SaAuxBN (Gong et al., WACV 2022, SaBN).
+"""Per-domain batch normalization for adversarial training: AuxBN and SaAuxBN (Gong et al., WACV 2022, SaBN).
 
-* :class:`AuxBatchNorm2d`: one ``BatchNorm2d`` per branch (statistics **and** affine separate), e.g. branch 0
-  for clean and branch 1 for adversarial inputs (Xie et al.'s auxiliary BN, the SaBN paper's baseline).
-* :class:`SaAuxBatchNorm2d`: separate statistics per branch (``BatchNorm2d(affine=False)``), then the shared
-  "sandwich" affine and then the branch's own affine:
+* :class:`AuxBatchNorm2d`: one ``BatchNorm2d`` per domain (statistics **and** affine separate), e.g. domain 0
+  for clean and domain 1 for adversarial inputs (Xie et al.'s auxiliary BN, the SaBN paper's baseline).
+* :class:`SaAuxBatchNorm2d`: separate statistics per domain (``BatchNorm2d(affine=False)``), then the shared
+  "sandwich" affine and then the domain's own affine:
   ``y = g_i * (g_sa * x_hat + b_sa) + b_i``.
 
-The branch is a plain attribute ``branch`` (an int) of every layer, set for a whole model by
-:func:`set_branch` or the :func:`use_branch` context manager; it must be known at inference (oracle routing,
+The domain is a plain attribute ``domain`` (an int) of every layer, set for a whole model by
+:func:`set_domain` or the :func:`use_domain` context manager; it must be known at inference (oracle routing,
 as in SaBN's code).  :func:`convert_to_aux_bn` replaces a trained model's ``BatchNorm2d`` layers so that the
-converted model starts equal to it on every branch (running statistics copied to every branch; AuxBN copies the
-affine to every branch; SaAuxBN puts it in the shared affine and starts the branch affines at the identity),
+converted model starts equal to it on every domain (running statistics copied to every domain; AuxBN copies the
+affine to every domain; SaAuxBN puts it in the shared affine and starts the domain affines at the identity),
 which makes fine-tuning from a BN checkpoint possible.  Fresh layers initialise the affine parameters as SaBN's
 code does: ``N(1, 0.02)`` weights and zero biases for the SaAuxBN embeddings, PyTorch's default for AuxBN.
+
+The names of the adaptive norm layer's SaBN heads are used throughout (``num_domains``, ``domain``,
+``domain_weight`` / ``domain_bias``).  The earlier names (``num_branches``, ``branch``, ``branch_weight`` /
+``branch_bias``, ``set_branch``, ``use_branch``, ``branch_layers``) still work, with a ``DeprecationWarning``;
+state dicts saved under them load.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from tta_norm._deprecation import renamed_attribute, renamed_keywords, warn_renamed
+
 from ._common import check_channels
 
 
-class _BranchNorm(nn.Module):
-    """``num_branches`` ``BatchNorm2d`` layers (``bns``) and the selected ``branch``; subclasses add affines."""
+class _DomainNorm(nn.Module):
+    """``num_domains`` ``BatchNorm2d`` layers (``bns``) and the selected ``domain``; subclasses add affines."""
 
-    def __init__(self, num_features: int, num_branches: int, eps: float, momentum: float | None, affine: bool):
+    def __init__(self, num_features: int, num_domains: int, eps: float, momentum: float | None, affine: bool):
         super().__init__()
-        if num_branches < 1:
-            raise ValueError(f"num_branches must be >= 1, got {num_branches}")
+        if num_domains < 1:
+            raise ValueError(f"num_domains must be >= 1, got {num_domains}")
         self.num_features = num_features
-        self.num_branches = num_branches
-        self.branch = 0
-        self.bns = nn.ModuleList(
-            nn.BatchNorm2d(num_features, eps, momentum, affine=affine) for _ in range(num_branches)
-        )
+        self.num_domains = num_domains
+        self.domain = 0
+        self.bns = nn.ModuleList(nn.BatchNorm2d(num_features, eps, momentum, affine=affine) for _ in range(num_domains))
 
-    def _check_branch(self) -> int:
-        b = int(self.branch)
-        if not 0 <= b < self.num_branches:
-            raise ValueError(f"{type(self).__name__}: branch {b} out of range for {self.num_branches} branches")
-        return b
+    num_branches = renamed_attribute("num_branches", "num_domains")
+    branch = renamed_attribute("branch", "domain")
+
+    def _check_domain(self) -> int:
+        k = int(self.domain)
+        if not 0 <= k < self.num_domains:
+            raise ValueError(f"{type(self).__name__}: domain {k} out of range for {self.num_domains} domains")
+        return k
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, num_domains={self.num_domains}, domain={self.domain}"
 
 
-class AuxBatchNorm2d(_BranchNorm):
-    """``num_branches`` independent ``BatchNorm2d`` layers; ``branch`` selects the one applied."""
+class AuxBatchNorm2d(_DomainNorm):
+    """``num_domains`` independent ``BatchNorm2d`` layers; ``domain`` selects the one applied."""
 
-    def __init__(self, num_features: int, num_branches: int = 2, eps: float = 1e-5, momentum: float | None = 0.1):
-        super().__init__(num_features, num_branches, eps, momentum, affine=True)
+    @renamed_keywords(num_branches="num_domains")
+    def __init__(self, num_features: int, num_domains: int = 2, eps: float = 1e-5, momentum: float | None = 0.1):
+        super().__init__(num_features, num_domains, eps, momentum, affine=True)
 
     def forward(self, x: Tensor) -> Tensor:
         check_channels(x, self.num_features, type(self).__name__)
-        return self.bns[self._check_branch()](x)
+        return self.bns[self._check_domain()](x)
 
     @classmethod
-    def from_batchnorm(cls, bn: nn.BatchNorm2d, num_branches: int = 2) -> AuxBatchNorm2d:
-        layer = cls(bn.num_features, num_branches, bn.eps, bn.momentum)
+    @renamed_keywords(num_branches="num_domains")
+    def from_batchnorm(cls, bn: nn.BatchNorm2d, num_domains: int = 2) -> AuxBatchNorm2d:
+        layer = cls(bn.num_features, num_domains, bn.eps, bn.momentum)
         for b in layer.bns:
             b.load_state_dict(bn.state_dict())
         return layer.to(bn.running_mean.device if bn.running_mean is not None else "cpu").train(bn.training)
 
-    def extra_repr(self) -> str:
-        return f"{self.num_features}, num_branches={self.num_branches}, branch={self.branch}"
 
+class SaAuxBatchNorm2d(_DomainNorm):
+    """Separate statistics per domain, shared sandwich affine ``(g_sa, b_sa)``, per-domain affine ``(g_i, b_i)``.
 
-class SaAuxBatchNorm2d(_BranchNorm):
-    """Separate statistics per branch, shared sandwich affine ``(g_sa, b_sa)``, per-branch affine ``(g_i, b_i)``.
-
-    Parameters: ``shared_weight``/``shared_bias`` ``(C,)`` and ``branch_weight``/``branch_bias``
-    ``(num_branches, C)``; buffers of the per-branch ``BatchNorm2d(affine=False)`` in ``bns``.
+    Parameters: ``shared_weight``/``shared_bias`` ``(C,)`` and ``domain_weight``/``domain_bias``
+    ``(num_domains, C)``; buffers of the per-domain ``BatchNorm2d(affine=False)`` in ``bns``.
     """
 
-    def __init__(self, num_features: int, num_branches: int = 2, eps: float = 1e-5, momentum: float | None = 0.1):
-        super().__init__(num_features, num_branches, eps, momentum, affine=False)
+    @renamed_keywords(num_branches="num_domains")
+    def __init__(self, num_features: int, num_domains: int = 2, eps: float = 1e-5, momentum: float | None = 0.1):
+        super().__init__(num_features, num_domains, eps, momentum, affine=False)
         self.shared_weight = nn.Parameter(torch.empty(num_features).normal_(1.0, 0.02))
         self.shared_bias = nn.Parameter(torch.zeros(num_features))
-        self.branch_weight = nn.Parameter(torch.empty(num_branches, num_features).normal_(1.0, 0.02))
-        self.branch_bias = nn.Parameter(torch.zeros(num_branches, num_features))
+        self.domain_weight = nn.Parameter(torch.empty(num_domains, num_features).normal_(1.0, 0.02))
+        self.domain_bias = nn.Parameter(torch.zeros(num_domains, num_features))
+
+    branch_weight = renamed_attribute("branch_weight", "domain_weight")
+    branch_bias = renamed_attribute("branch_bias", "domain_bias")
 
     def forward(self, x: Tensor) -> Tensor:
         check_channels(x, self.num_features, type(self).__name__)
-        b = self._check_branch()
-        x_hat = self.bns[b](x)
+        k = self._check_domain()
+        x_hat = self.bns[k](x)
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        weight = self.branch_weight[b] * self.shared_weight
-        bias = self.branch_weight[b] * self.shared_bias + self.branch_bias[b]
+        weight = self.domain_weight[k] * self.shared_weight
+        bias = self.domain_weight[k] * self.shared_bias + self.domain_bias[k]
         return torch.addcmul(bias.view(shape), x_hat, weight.view(shape))
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        for old, new in (("branch_weight", "domain_weight"), ("branch_bias", "domain_bias")):
+            if prefix + old in state_dict and prefix + new not in state_dict:
+                warn_renamed(f"state dict key {prefix + old!r}", repr(prefix + new), stacklevel=4)
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @classmethod
-    def from_batchnorm(cls, bn: nn.BatchNorm2d, num_branches: int = 2) -> SaAuxBatchNorm2d:
-        layer = cls(bn.num_features, num_branches, bn.eps, bn.momentum)
+    @renamed_keywords(num_branches="num_domains")
+    def from_batchnorm(cls, bn: nn.BatchNorm2d, num_domains: int = 2) -> SaAuxBatchNorm2d:
+        layer = cls(bn.num_features, num_domains, bn.eps, bn.momentum)
         device = bn.running_mean.device if bn.running_mean is not None else torch.device("cpu")
         layer = layer.to(device)
         with torch.no_grad():
@@ -108,18 +131,16 @@ class SaAuxBatchNorm2d(_BranchNorm):
             else:
                 layer.shared_weight.fill_(1.0)
                 layer.shared_bias.zero_()
-            layer.branch_weight.fill_(1.0)
-            layer.branch_bias.zero_()
+            layer.domain_weight.fill_(1.0)
+            layer.domain_bias.zero_()
         return layer.train(bn.training)
 
-    def extra_repr(self) -> str:
-        return f"{self.num_features}, num_branches={self.num_branches}, branch={self.branch}"
 
-
-def convert_to_aux_bn(model: nn.Module, kind: str = "saaux", num_branches: int = 2) -> list[str]:
+@renamed_keywords(num_branches="num_domains")
+def convert_to_aux_bn(model: nn.Module, kind: str = "saaux", num_domains: int = 2) -> list[str]:
     """Replace every ``nn.BatchNorm2d`` of ``model`` in place by an AuxBN (``kind="aux"``) or SaAuxBN
     (``"saaux"``) layer built from it, in the same train/eval mode (the model's function is unchanged on every
-    branch).  Returns the names of the replaced layers.  A ``BatchNorm2d`` subclass with its own ``forward``
+    domain).  Returns the names of the replaced layers.  A ``BatchNorm2d`` subclass with its own ``forward``
     (timm's ``BatchNormAct2d``) is refused before anything changes."""
     if kind not in ("aux", "saaux"):
         raise ValueError(f"kind must be 'aux' or 'saaux', got {kind!r}")
@@ -136,33 +157,52 @@ def convert_to_aux_bn(model: nn.Module, kind: str = "saaux", num_branches: int =
     if not found:
         raise ValueError(f"model {type(model).__name__} has no nn.BatchNorm2d layer to convert")
     for name, bn in found:
-        model.set_submodule(name, cls.from_batchnorm(bn, num_branches))
+        model.set_submodule(name, cls.from_batchnorm(bn, num_domains))
     return [n for n, _ in found]
 
 
-def branch_layers(model: nn.Module) -> list[_BranchNorm]:
-    return [m for m in model.modules() if isinstance(m, _BranchNorm)]
+def domain_layers(model: nn.Module) -> list[_DomainNorm]:
+    """Every AuxBN/SaAuxBN layer of ``model``."""
+    return [m for m in model.modules() if isinstance(m, _DomainNorm)]
 
 
-def set_branch(model: nn.Module, branch: int) -> None:
-    """Route every AuxBN/SaAuxBN layer of ``model`` to ``branch`` (0 = clean, 1 = adversarial by convention)."""
-    layers = branch_layers(model)
+def set_domain(model: nn.Module, domain: int) -> None:
+    """Route every AuxBN/SaAuxBN layer of ``model`` to ``domain`` (0 = clean, 1 = adversarial by convention)."""
+    layers = domain_layers(model)
     if not layers:
         raise ValueError("the model has no AuxBN/SaAuxBN layer")
     for m in layers:
-        if not 0 <= branch < m.num_branches:
-            raise ValueError(f"branch {branch} out of range for {m.num_branches} branches")
-        m.branch = branch
+        if not 0 <= domain < m.num_domains:
+            raise ValueError(f"domain {domain} out of range for {m.num_domains} domains")
+        m.domain = domain
 
 
 @contextlib.contextmanager
-def use_branch(model: nn.Module, branch: int) -> Iterator[None]:
-    """Within the block, every AuxBN/SaAuxBN layer of ``model`` uses ``branch``; restored afterwards."""
-    layers = branch_layers(model)
-    saved = [m.branch for m in layers]
-    set_branch(model, branch)
+def use_domain(model: nn.Module, domain: int) -> Iterator[None]:
+    """Within the block, every AuxBN/SaAuxBN layer of ``model`` uses ``domain``; restored afterwards."""
+    layers = domain_layers(model)
+    saved = [m.domain for m in layers]
+    set_domain(model, domain)
     try:
         yield
     finally:
-        for m, b in zip(layers, saved, strict=True):
-            m.branch = b
+        for m, k in zip(layers, saved, strict=True):
+            m.domain = k
+
+
+def branch_layers(model: nn.Module) -> list[_DomainNorm]:
+    """Deprecated name of :func:`domain_layers`."""
+    warn_renamed("branch_layers", "domain_layers")
+    return domain_layers(model)
+
+
+def set_branch(model: nn.Module, branch: int) -> None:
+    """Deprecated name of :func:`set_domain`."""
+    warn_renamed("set_branch", "set_domain")
+    set_domain(model, branch)
+
+
+def use_branch(model: nn.Module, branch: int) -> contextlib.AbstractContextManager[None]:
+    """Deprecated name of :func:`use_domain`."""
+    warn_renamed("use_branch", "use_domain")
+    return use_domain(model, branch)

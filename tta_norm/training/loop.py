@@ -2,7 +2,7 @@
 
 :func:`fit` owns what all of them share: a seeded permutation per epoch, mini-batches of indices, the learning
 rate per step, ``zero_grad`` / ``backward`` / ``step``, an optional scheduler, a time budget, progress and a
-per-epoch record. What differs (augmentation, adversarial examples, several branches, the loss) lives in the
+per-epoch record. What differs (augmentation, adversarial examples, several domains, the loss) lives in the
 caller's ``loss_fn``, which receives the batch's indices and returns the loss.
 """
 
