@@ -3,7 +3,8 @@
 * Ghost batch normalization: ``GhostBatchNorm1d/2d/3d`` (drop-in ``nn.BatchNormNd`` subclasses) and
   ``convert_to_ghost_bn`` (Hoffer et al. 2017; Summers & Dinneen, ICLR 2020).
 * Batch-group normalization (BN + GN for very small batches): ``BatchGroupNorm`` and
-  ``convert_to_batch_group_norm`` (Summers & Dinneen 2020; Zhou et al. 2020).
+  ``convert_to_batch_group_norm`` (Summers & Dinneen 2020; Zhou et al. 2020); plain GroupNorm in place of BN:
+  ``convert_to_group_norm``.
 * Proxy Normalization: ``ProxyNorm``, ``GroupNormProxyAct`` and the BN + activation -> GN + PN converter
   ``convert_to_gn_pn`` / ``find_bn_activations`` (Labatie et al., NeurIPS 2021).
 
@@ -30,6 +31,7 @@ from .convert import (
     convert_to_batch_group_norm,
     convert_to_ghost_bn,
     convert_to_gn_pn,
+    convert_to_group_norm,
     find_bn_activations,
 )
 from .ghost_batch_norm import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, ghost_chunk_sizes
@@ -49,6 +51,7 @@ __all__ = [
     "convert_to_batch_group_norm",
     "convert_to_ghost_bn",
     "convert_to_gn_pn",
+    "convert_to_group_norm",
     "domain_layers",
     "find_bn_activations",
     "ghost_chunk_sizes",

@@ -1,10 +1,11 @@
-"""Model converters: BatchNorm -> Ghost BN, BatchNorm -> batch-group norm, BN + activation -> GN + Proxy Norm.
+"""Model converters: BatchNorm -> Ghost BN, BatchNorm -> batch-group norm, BatchNorm -> GroupNorm, BN + activation
+-> GN + Proxy Norm.
 
-``convert_to_ghost_bn`` and ``convert_to_batch_group_norm`` replace modules in place (like
-``torch.nn.SyncBatchNorm.convert_sync_batchnorm``) and return the model (a new object only when the model
+``convert_to_ghost_bn``, ``convert_to_batch_group_norm`` and ``convert_to_group_norm`` replace modules in place
+(like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``) and return the model (a new object only when the model
 itself is a BatchNorm). They convert modules whose type is exactly ``nn.BatchNorm1d/2d/3d``; other
 ``_BatchNorm`` subclasses (SyncBatchNorm, lazy BN, adaptive wrappers, ghost BNs already converted) are left
-alone, with a warning for the ones that are not ghost BNs already.
+alone, with a warning (for ``convert_to_ghost_bn``: for the ones that are not ghost BNs already).
 
 ``convert_to_gn_pn`` turns every BatchNorm whose output goes straight into an elementwise activation into
 ``GroupNormProxyAct`` (GN without affine -> affine -> activation -> proxy normalization) and removes that
@@ -98,12 +99,32 @@ def _replace_in_place(
     return model, replaced
 
 
-def _skip_warning(kind: str, names: list[str], types: list[str]) -> None:
-    if names:
-        listing = ", ".join(f"{n or '<root>'} ({t})" for n, t in zip(names, types, strict=True))
+def _convert_plain_batchnorms(
+    model: nn.Module,
+    converter: str,
+    build: Callable[[str, _BatchNorm], nn.Module],
+    *,
+    quiet: type | tuple[type, ...] = (),
+) -> nn.Module:
+    """Replace, in place, every module whose type is exactly ``nn.BatchNorm1d/2d/3d`` by ``build(name, bn)``;
+    every other ``_BatchNorm`` is left unchanged and named in one warning, except instances of ``quiet``.
+    Returns the model (or the replacement when ``model`` itself is a BatchNorm)."""
+    skipped: list[str] = []
+
+    def make(name: str, module: nn.Module) -> nn.Module | None:
+        if type(module) in GHOST_BN_FOR:
+            return build(name, module)  # type: ignore[arg-type]
+        if isinstance(module, _BatchNorm) and not isinstance(module, quiet):
+            skipped.append(f"{name or '<root>'} ({type(module).__name__})")
+        return None
+
+    out, _ = _replace_in_place(model, make)
+    if skipped:
+        listing = ", ".join(skipped)
         warnings.warn(
-            f"{kind}: left unchanged (not exactly nn.BatchNorm1d/2d/3d): {listing}", UserWarning, stacklevel=3
+            f"{converter}: left unchanged (not exactly nn.BatchNorm1d/2d/3d): {listing}", UserWarning, stacklevel=3
         )
+    return out
 
 
 def _resolve_groups(num_groups: GroupSpec, channels: int, name: str) -> int:
@@ -140,7 +161,7 @@ def _factory(bn: _BatchNorm) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Ghost BN / batch-group norm
+# Ghost BN / batch-group norm / group norm
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -158,26 +179,12 @@ def convert_to_ghost_bn(
     """
     if isinstance(ghost_batch_size, bool) or not isinstance(ghost_batch_size, int) or ghost_batch_size <= 0:
         raise ValueError(f"ghost_batch_size must be a positive integer, got {ghost_batch_size!r}")
-    skipped: list[str] = []
-    skipped_types: list[str] = []
 
-    def make(name: str, module: nn.Module) -> nn.Module | None:
-        ghost_cls = GHOST_BN_FOR.get(type(module))
-        if ghost_cls is not None:
-            return ghost_cls.from_batchnorm(  # type: ignore[return-value]
-                module,  # type: ignore[arg-type]
-                ghost_batch_size,
-                scale_momentum=scale_momentum,
-                remainder=remainder,
-            )
-        if isinstance(module, _BatchNorm) and not isinstance(module, _GhostBatchNormMixin):
-            skipped.append(name)
-            skipped_types.append(type(module).__name__)
-        return None
+    def build(name: str, bn: _BatchNorm) -> nn.Module:
+        ghost_cls = GHOST_BN_FOR[type(bn)]
+        return ghost_cls.from_batchnorm(bn, ghost_batch_size, scale_momentum=scale_momentum, remainder=remainder)  # type: ignore[arg-type, return-value]
 
-    out, _ = _replace_in_place(model, make)
-    _skip_warning("convert_to_ghost_bn", skipped, skipped_types)
-    return out
+    return _convert_plain_batchnorms(model, "convert_to_ghost_bn", build, quiet=_GhostBatchNormMixin)
 
 
 def convert_to_batch_group_norm(
@@ -188,22 +195,27 @@ def convert_to_batch_group_norm(
     ``num_groups`` is an int or a callable ``channels -> groups``. Affine Parameters are reused; group running
     statistics are initialised from the channel ones (see ``BatchGroupNorm.from_batchnorm``).
     """
-    skipped: list[str] = []
-    skipped_types: list[str] = []
 
-    def make(name: str, module: nn.Module) -> nn.Module | None:
-        if type(module) in GHOST_BN_FOR:
-            bn: _BatchNorm = module  # type: ignore[assignment]
-            g = _resolve_groups(num_groups, bn.num_features, name) if grouping == "channel" else num_groups
-            return BatchGroupNorm.from_batchnorm(bn, g, grouping=grouping)
-        if isinstance(module, _BatchNorm):
-            skipped.append(name)
-            skipped_types.append(type(module).__name__)
-        return None
+    def build(name: str, bn: _BatchNorm) -> nn.Module:
+        g = _resolve_groups(num_groups, bn.num_features, name) if grouping == "channel" else num_groups
+        return BatchGroupNorm.from_batchnorm(bn, g, grouping=grouping)  # type: ignore[arg-type]
 
-    out, _ = _replace_in_place(model, make)
-    _skip_warning("convert_to_batch_group_norm", skipped, skipped_types)
-    return out
+    return _convert_plain_batchnorms(model, "convert_to_batch_group_norm", build)
+
+
+def convert_to_group_norm(model: nn.Module, num_groups: GroupSpec, *, copy_affine: bool = True) -> nn.Module:
+    """Replace every ``nn.BatchNorm1d/2d/3d`` in ``model`` (in place) by ``nn.GroupNorm`` (the BN's eps, affine,
+    device, dtype and train/eval mode).
+
+    ``num_groups`` is an int or a callable ``channels -> groups``. The affine values are copied from the BN
+    (``copy_affine=True``); running statistics are dropped (GN normalises every sample on its own).
+    """
+
+    def build(name: str, bn: _BatchNorm) -> nn.Module:
+        groups = _resolve_groups(num_groups, bn.num_features, name)
+        return _gn_from_bn(bn, groups, norm_eps=None, copy_affine=copy_affine)
+
+    return _convert_plain_batchnorms(model, "convert_to_group_norm", build)
 
 
 # ----------------------------------------------------------------------------------------------------------
