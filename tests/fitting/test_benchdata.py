@@ -1,15 +1,28 @@
-"""Random-subset corruption benchmarks and the grid runner over them (fake corruption, tiny model)."""
+"""Random-subset corruption benchmarks, the grid runner over them (fake corruption, tiny model), and the clean and
+corruption error of a model without the grid."""
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
+import tta_norm
 import tta_norm.data
 from tta_norm.bench import BenchConfig
 from tta_norm.data import ArrayDataset
 from tta_norm.fitting._data import seeded_subset
-from tta_norm.fitting.benchdata import error_table, run_grid, subset_corruption_benchmark
+from tta_norm.fitting.benchdata import (
+    classification_error,
+    corruption_errors,
+    error_table,
+    run_grid,
+    subset_corruption_benchmark,
+)
+from tta_norm.models import cifar_resnet
 
 from .nets import tiny_net
 
@@ -58,3 +71,48 @@ def test_run_grid_writes_the_harness_records(sorted_clean, tmp_path):
     assert all(0.0 <= v <= 1.0 for v in table.values())
     assert table[("source", 4)] == table[("source", 12)]  # the source model does not depend on the batch size
     assert (out / "report.md").is_file()
+
+
+CPU = torch.device("cpu")
+
+
+def _cifar_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n)
+
+
+class _Fixed(nn.Module):
+    """Predicts class ``k`` for every image and records the batch sizes it sees."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k, self.sizes = k, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(x.shape[0])
+        return nn.functional.one_hot(torch.full((x.shape[0],), self.k), 10).float()
+
+
+def test_classification_error_counts_in_batches_of_200_without_changing_the_mode():
+    images, _ = _cifar_images(450)
+    labels = np.array([3] * 300 + [4] * 150)
+    model = _Fixed(3).train()
+    assert classification_error(model, images, labels, CPU) == 150 / 450
+    assert model.sizes == [200, 200, 50] and model.training
+
+
+def test_corruption_errors_adds_tbn_for_models_with_batchnorm():
+    domains = {name: types.SimpleNamespace(images=_cifar_images(20, seed)[0], labels=_cifar_images(20, seed)[1])
+               for seed, name in enumerate(["fog-5", "gaussian_noise-5"])}  # fmt: skip
+    bench = types.SimpleNamespace(domains=domains)
+    torch.manual_seed(0)
+    bn_model = cifar_resnet(8).eval()
+    before = {k: v.clone() for k, v in bn_model.state_dict().items()}
+    errs = corruption_errors(bn_model, bench, CPU)
+    d = list(domains.values())
+    assert errs["source"] == float(np.mean([classification_error(bn_model, x.images, x.labels, CPU) for x in d]))
+    tbn = [classification_error(tta_norm.adapt(bn_model, "tbn"), x.images, x.labels, CPU) for x in d]
+    assert errs["tbn"] == float(np.mean(tbn))
+    assert all(torch.equal(before[k], v) for k, v in bn_model.state_dict().items())  # the model is not adapted
+    gn_model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(4 * 30 * 30, 10))
+    assert set(corruption_errors(gn_model, bench, CPU)) == {"source"}

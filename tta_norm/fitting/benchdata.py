@@ -5,7 +5,8 @@ class-sorted JPEG mirror are one class.  :func:`subset_corruption_benchmark` ins
 subset of the clean test set and regenerates the corruptions for those images only (with the harness's
 ``regenerate_domain``, cached in its own directory).  :func:`run_grid` runs the cells of a
 :class:`~tta_norm.bench.BenchConfig` over such a benchmark with the grid engine (the bench's job, store and
-report).
+report).  :func:`corruption_errors` is a quicker measurement without the grid: a model's mean error over the
+domains as it is and with test-batch statistics (the small-batch training study's).
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
+from tta_norm.data.tensors import to_float_nchw
 from tta_norm.fitting._data import seeded_subset
 
 
@@ -112,3 +116,29 @@ def error_table(out: str | os.PathLike, metric: str = "error") -> dict[tuple[str
             continue
         table[(rec["cell"]["method"]["name"], rec["cell"]["batch_size"])] = float(value)
     return table
+
+
+@torch.no_grad()
+def classification_error(
+    model: nn.Module, images: np.ndarray, labels: np.ndarray, device: torch.device, batch_size: int = 200
+) -> float:
+    """Top-1 error of ``model`` (called as it is: its mode is not changed) on uint8 NHWC ``images``, in batches."""
+    wrong = 0
+    for i in range(0, len(labels), batch_size):
+        x = to_float_nchw(torch.from_numpy(np.array(images[i : i + batch_size]))).to(device)
+        wrong += int((model(x).argmax(1).cpu().numpy() != labels[i : i + batch_size]).sum())
+    return wrong / len(labels)
+
+
+def corruption_errors(model: nn.Module, bench: Any, device: torch.device) -> dict[str, float]:
+    """Mean :func:`classification_error` over the domains of ``bench`` (a corruption benchmark): ``source``, the
+    model as it is, always; ``tbn``, a fresh ``tta_norm.adapt(model, "tbn")`` per domain (batches of 200, reset
+    per corruption), when the model has BatchNorm layers."""
+    import tta_norm
+
+    domains = bench.domains.values()
+    out = {"source": float(np.mean([classification_error(model, d.images, d.labels, device) for d in domains]))}
+    if any(isinstance(m, _BatchNorm) for m in model.modules()):
+        out["tbn"] = float(np.mean([classification_error(tta_norm.adapt(model, "tbn"), d.images, d.labels, device)
+                                    for d in domains]))  # fmt: skip
+    return out

@@ -7,6 +7,8 @@
 - :mod:`~tta_norm.training.schedule`: warm-up + cosine learning rate, weight averaging.
 - :mod:`~tta_norm.training.param_groups`: optimizer parameter groups with weight-decay control for gamma/beta
   and biases.
+- :mod:`~tta_norm.training.small_batch`: the small-batch training study (normalisation variants of a CIFAR
+  ResNet, their training recipe, clean and corruption error).
 """
 
 from .augment import CUTOUT_FILL, augment_batch, cutout_batch

@@ -1,4 +1,5 @@
-"""scripts/small_batch_study.py on tiny synthetic data: the untrained starting row, the training rows, resume."""
+"""scripts/small_batch_study.py on tiny synthetic data: the untrained starting row, the training rows, the report,
+resume (the study's functions themselves: ``test_small_batch.py``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from tta_norm.fitting.benchdata import classification_error
+from tta_norm.training import small_batch
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "small_batch_study.py"
 
@@ -53,15 +57,15 @@ def test_init_row_is_the_released_model_and_resume_skips_cells(study, tmp_path, 
     assert set(rows) == {("bn", 0), ("gn", 0), ("bn", 8), ("gn", 8)}
 
     released = load_model("resnet20")
-    expect = module.error(released, te_x, te_y, torch.device("cpu"))
+    expect = classification_error(released, te_x, te_y, torch.device("cpu"))
     assert rows["bn", 0]["clean_error"] == expect and rows["bn", 0]["steps"] == 0
-    assert rows["bn", 0]["corruption"]["source"] == module.error(released, domain.images, domain.labels,
-                                                                 torch.device("cpu"))  # fmt: skip
+    assert rows["bn", 0]["corruption"]["source"] == classification_error(released, domain.images, domain.labels,
+                                                                         torch.device("cpu"))  # fmt: skip
     assert "tbn" in rows["bn", 8]["corruption"] and "tbn" not in rows["gn", 8]["corruption"]
     assert rows["bn", 8]["steps"] == 2  # 16 images // 8, one epoch
     report = (tmp_path / "report.md").read_text()
     assert "| bn | init |" in report and "| gn | 8 |" in report
 
     # resume: every cell is cached, so nothing trains again (train would fail the test)
-    monkeypatch.setattr(module, "train", lambda *a, **kw: pytest.fail("a cached cell was retrained"))
+    monkeypatch.setattr(small_batch, "train_variant", lambda *a, **kw: pytest.fail("a cached cell was retrained"))
     assert module.main(argv) == 0
