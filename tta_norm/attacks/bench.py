@@ -30,6 +30,7 @@ from typing import Any
 from tta_norm.attacks.malicious import ATTACK_PROTOCOLS, INITS, MODES, OBJECTIVES
 from tta_norm.bench.config import GridConfig, MethodEntry, read_config_data, validate_common
 from tta_norm.bench.grid import GridCell, ModelDataJob
+from tta_norm.bench.report import method_order, pyplot, save_figure, write_markdown_report
 from tta_norm.bench.store import atomic_write
 from tta_norm.bench.validate import ConfigError, check_int, check_int_list, check_number, check_str
 
@@ -433,11 +434,6 @@ def _main_metric(objective: str) -> str:
     return "targeted attack success rate (%)"
 
 
-def _methods(records: list[dict[str, Any]]) -> list[str]:
-    ordered = sorted(records, key=lambda r: r.get("index", 0))
-    return list(dict.fromkeys(r["cell"]["method"]["name"] for r in ordered))
-
-
 def main_rate(objective: str, counts: dict[str, Any]) -> tuple[int, int]:
     """(successes, trials) of the figure a table shows: attack successes over targeted attacks, or benign
     errors under attack over benign samples."""
@@ -461,7 +457,7 @@ def cell_text(objective: str, counts: dict[str, Any]) -> str:
 def attack_tables(records: list[dict[str, Any]]) -> str:
     """One table per (objective, budget, batch size, mode): rows = method, columns = malicious fraction; every
     figure with its 95 % Wilson interval and denominator (attacks or benign samples), pooled over seeds."""
-    methods = _methods(records)
+    methods = method_order(records)
     parts = []
     for (objective, eps, bs, mode), rows in sorted(_groups(records).items(), key=lambda kv: str(kv[0])):
         fracs = sorted({r["cell"]["fraction"] for r in rows})
@@ -486,7 +482,7 @@ def batch_size_tables(records: list[dict[str, Any]]) -> str:
     ok = [r for r in records if r["status"] == "ok"]
     if len({r["cell"]["batch_size"] for r in ok}) < 2:
         return ""
-    methods = _methods(ok)
+    methods = method_order(ok)
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in ok:
         c = r["cell"]
@@ -515,19 +511,16 @@ def batch_size_tables(records: list[dict[str, Any]]) -> str:
 def make_attack_plots(out: Path, records: list[dict[str, Any]]) -> list[Path]:
     """PNG: the main figure vs malicious fraction with 95 % Wilson intervals as error bars, one line per
     method, one plot per table; the legend gives the number of attacks per point."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from tta_norm.metrics.functional import wilson_interval
+
+    plt = pyplot()
 
     plot_dir = out / "plots"
     plot_dir.mkdir(exist_ok=True)
     written = []
     for i, ((objective, eps, bs, mode), rows) in enumerate(sorted(_groups(records).items(), key=lambda kv: str(kv[0]))):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for m in _methods(rows):
+        for m in method_order(rows):
             fracs = sorted({r["cell"]["fraction"] for r in rows if r["cell"]["method"]["name"] == m})
             xs, ys, lo, hi, ns = [], [], [], [], []
             for f in fracs:
@@ -551,11 +544,7 @@ def make_attack_plots(out: Path, records: list[dict[str, Any]]) -> list[Path]:
         ax.set_title(f"{objective}, {eps_txt}, batch {bs}, {mode}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = plot_dir / f"{objective}_{i}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, plot_dir / f"{objective}_{i}.png"))
     return written
 
 
@@ -600,13 +589,6 @@ def write_attack_report(out: Path, records: list[dict[str, Any]], *, plots: bool
     sweep = batch_size_tables(records)
     if sweep:
         lines += ["", sweep]
-    if failed:
-        lines += ["", "### failed cells", ""]
-        lines += [f"- {r['cell']['method']['name']} {r['cell']['objective']} f={r['cell']['fraction']}: "
-                  f"{r.get('error')}" for r in failed]  # fmt: skip
-    if plots and ok:
-        written = make_attack_plots(out, records)
-        lines += ["", "### plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in written]
-    path = out / "report.md"
-    atomic_write(path, "\n".join(lines) + "\n")
-    return path
+    failed_cells = [f"- {r['cell']['method']['name']} {r['cell']['objective']} f={r['cell']['fraction']}: "
+                    f"{r.get('error')}" for r in failed]  # fmt: skip
+    return write_markdown_report(out, lines, failed_cells, make_attack_plots(out, records) if plots and ok else [])

@@ -1,5 +1,8 @@
 """Markdown report and PNG plots from stored benchmark records only (rows = method, columns = corruption,
-errors in %).  Rows follow the grid order of the records (their ``index``)."""
+errors in %).  Rows follow the grid order of the records (their ``index``).
+
+The attack grid's report (:mod:`tta_norm.attacks.bench`) is written with the same pieces: :func:`method_order`,
+:func:`pyplot` / :func:`save_figure` and :func:`write_markdown_report`."""
 
 from __future__ import annotations
 
@@ -46,15 +49,46 @@ def _fmt(values: Sequence[float]) -> str:
     return f"{mean:.1f}"
 
 
-def _method_order(records: list[dict[str, Any]]) -> list[str]:
+def method_order(records: list[dict[str, Any]]) -> list[str]:
+    """The method names of ``records`` in grid order (by ``index``), each once."""
     ordered = sorted(records, key=lambda r: r.get("index", 0))
     return list(dict.fromkeys(r["cell"]["method"]["name"] for r in ordered))
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (reports are written without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` (PNG, 120 dpi) and close it; returns ``path``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+    return path
+
+
+def write_markdown_report(out: Path, lines: list[str], failed: list[str], plots: list[Path]) -> Path:
+    """``out/report.md``: ``lines``, then a section listing the ``failed`` cells (one Markdown item each) and one
+    linking the ``plots`` (files in ``out/plots``), each only when there is something to list; returns its path."""
+    if failed:
+        lines = [*lines, "", "### failed cells", "", *failed]
+    if plots:
+        lines = [*lines, "", "### plots", "", *(f"![{p.stem}](plots/{p.name})" for p in plots)]
+    path = out / "report.md"
+    atomic_write(path, "\n".join(lines) + "\n")
+    return path
 
 
 def tables(records: list[dict[str, Any]]) -> str:
     """One Markdown table per (setting, order, batch size, severity) group, mean (± std over seeds)."""
     ok = [r for r in records if r["status"] == "ok"]
-    methods = _method_order(records)
+    methods = method_order(records)
     groups: dict[GroupKey, list[dict[str, Any]]] = defaultdict(list)
     for r in ok:
         groups[_group_key(r["cell"])].append(r)
@@ -85,7 +119,7 @@ def batch_size_table(records: list[dict[str, Any]]) -> str:
     sizes = sorted({r["cell"]["batch_size"] for r in ok})
     if len(sizes) < 2:
         return ""
-    methods = _method_order(records)
+    methods = method_order(records)
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in ok:
         c = r["cell"]
@@ -108,13 +142,9 @@ def batch_size_table(records: list[dict[str, Any]]) -> str:
 
 def make_plots(out: Path, records: list[dict[str, Any]]) -> list[Path]:
     """PNG plots: error vs batch size per method, per-corruption bars, online error curves."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ok = [r for r in records if r["status"] == "ok"]
-    methods = _method_order(records)
+    methods = method_order(records)
     written = []
     plot_dir = out / "plots"
     plot_dir.mkdir(exist_ok=True)
@@ -137,11 +167,7 @@ def make_plots(out: Path, records: list[dict[str, Any]]) -> list[Path]:
         ax.set_ylabel("mean corruption error (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = plot_dir / "error_vs_batch_size.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, plot_dir / "error_vs_batch_size.png"))
 
     groups: dict[GroupKey, list[dict[str, Any]]] = defaultdict(list)
     for r in ok:
@@ -160,11 +186,7 @@ def make_plots(out: Path, records: list[dict[str, Any]]) -> list[Path]:
         ax.set_ylabel("error (%)")
         ax.set_title(_group_title(key), fontsize=8)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = plot_dir / f"per_corruption_{i}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, plot_dir / f"per_corruption_{i}.png"))
 
         fig, ax = plt.subplots(figsize=(6, 4))
         for m in present:
@@ -177,11 +199,7 @@ def make_plots(out: Path, records: list[dict[str, Any]]) -> list[Path]:
         ax.set_title(_group_title(key), fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = plot_dir / f"online_error_{i}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, plot_dir / f"online_error_{i}.png"))
     return written
 
 
@@ -216,13 +234,6 @@ def write_report(
         head = "| method | setting | batch | median ms | p95 ms | samples/s | skipped |"
         lines += ["", "### latency per batch", "", head, "|---|---|---|---|---|---|---|"]
         lines += lat
-    if failed:
-        lines += ["", "### failed cells", ""]
-        lines += [f"- {r['cell']['method']['name']} {r['cell']['setting']} batch {r['cell']['batch_size']}: "
-                  f"{r.get('error')}" for r in failed]  # fmt: skip
-    if plots and ok:
-        written = make_plots(out, records)
-        lines += ["", "### plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in written]
-    path = out / "report.md"
-    atomic_write(path, "\n".join(lines) + "\n")
-    return path
+    failed_cells = [f"- {r['cell']['method']['name']} {r['cell']['setting']} batch {r['cell']['batch_size']}: "
+                    f"{r.get('error')}" for r in failed]  # fmt: skip
+    return write_markdown_report(out, lines, failed_cells, make_plots(out, records) if plots and ok else [])
