@@ -52,12 +52,15 @@ def test_ttn_fit_cli_saves_a_loadable_state(tiny_folder, resnet20, tmp_path, cap
         "--quiet",
     ])  # fmt: skip
     assert ttn_fit.run(args) == 0
-    assert "init_state" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"saved TTN state to {out} (12 images," in printed and "init_state" in printed
     tta = tta_norm.adapt(resnet20, "ttn", init_state=out)
     payload = torch.load(out, weights_only=True)
     for name, layer in tta.norm_layers():
         assert torch.equal(layer.mix_weight, payload["ttn"]["alpha"][name])
     assert payload["meta"]["n_images"] == 12
+    assert {k: payload["meta"][k] for k in ("model", "checkpoint", "source")} == {
+        "model": "resnet20", "checkpoint": None, "source": "tiny-source"}  # fmt: skip
 
 
 def test_ttn_fit_cli_reports_missing_data(tmp_path, capsys):
@@ -75,6 +78,7 @@ def test_sabn_train_cli_saves_state_and_bank(tiny_folder, resnet20, tmp_path):
         "--epochs", "1", "--batch-size", "6", "--device", "cpu", "--out", str(out), "--quiet",
     ])  # fmt: skip
     assert sabn_train.run(args) == 0
+    assert torch.load(out, weights_only=True)["meta"]["source"] == "tiny-source"
     router = SaBNRouter.from_file(resnet20, out, "stats")
     assert router.bank.names == ["clean", "noise"] and router.capacity == 2
     x = torch.rand(4, 3, 32, 32)

@@ -1,8 +1,12 @@
-"""Options and loading shared by the subcommands that fit on source data (``ttn-fit``, ``sabn-train``)."""
+"""Options, loading and the fit-and-save run shared by the subcommands that fit on source data (``ttn-fit``,
+``sabn-train``)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -36,3 +40,22 @@ def load_model_and_source(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 def given(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
     """The options among ``names`` that were given on the command line (the others keep the config defaults)."""
     return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+
+
+def fit_on_source(
+    args: argparse.Namespace, command: str, fit: Callable[..., Any], overrides: Callable[[], dict[str, Any]]
+) -> tuple[Any, Path] | None:
+    """Run ``fit(model, images, labels, device=..., progress=..., **overrides())`` on the model and source images
+    of ``args`` and save the result, with the model and source it was fitted on in its ``meta``, to ``--out``.
+
+    Returns the result and the saved file; ``None`` after printing ``tta-norm COMMAND: ...`` for a missing file
+    or a bad value (the command then exits with status 2)."""
+    try:
+        options = overrides()
+        model, images, labels = load_model_and_source(args)
+        result = fit(model, images, labels, device=args.device, progress=not args.quiet, **options)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"tta-norm {command}: {err}", file=sys.stderr)
+        return None
+    result.meta.update({"model": args.model, "checkpoint": args.checkpoint, "source": args.source})
+    return result, result.save(args.out)

@@ -10,9 +10,9 @@ from :class:`tta_norm.fitting.sabn.SaBNConfig`.
 from __future__ import annotations
 
 import argparse
-import sys
+from typing import Any
 
-from tta_norm.cli._source import add_source_arguments, given, load_model_and_source
+from tta_norm.cli._source import add_source_arguments, fit_on_source, given
 
 OPTIONS = ("epochs", "lr", "batch_size", "train", "seed", "preset")
 
@@ -37,17 +37,16 @@ def run(args: argparse.Namespace) -> int:
     """Train SaBN heads on source domains and save the state with its statistics bank."""
     from tta_norm.fitting.sabn import parse_domains, train_sabn
 
-    overrides = given(args, OPTIONS)
-    try:
+    def overrides() -> dict[str, Any]:
+        options = given(args, OPTIONS)
         if args.domains:
-            overrides["domains"] = parse_domains(args.domains)
-        model, images, labels = load_model_and_source(args)
-        result = train_sabn(model, images, labels, device=args.device, progress=not args.quiet, **overrides)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"tta-norm sabn-train: {err}", file=sys.stderr)
+            options["domains"] = parse_domains(args.domains)
+        return options
+
+    done = fit_on_source(args, "sabn-train", train_sabn, overrides)
+    if done is None:
         return 2
-    result.meta.update({"model": args.model, "checkpoint": args.checkpoint, "source": args.source})
-    path = result.save(args.out)
+    result, path = done
     print(f"saved SaBN state ({len(result.config.domains)} heads: {', '.join(result.config.domains)}) to {path}")
     return 0
 

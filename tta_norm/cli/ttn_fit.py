@@ -9,9 +9,9 @@ then ``tta_norm.adapt(model, "ttn", init_state="runs/ttn/resnet20-ttn.pt")``.  D
 from __future__ import annotations
 
 import argparse
-import sys
+from typing import Any
 
-from tta_norm.cli._source import add_source_arguments, given, load_model_and_source
+from tta_norm.cli._source import add_source_arguments, fit_on_source, given
 
 OPTIONS = ("epochs", "lr", "lam", "batch_size", "prior_batches", "distance", "normalize", "prior_stats", "init",
            "seed")  # fmt: skip
@@ -48,21 +48,20 @@ def run(args: argparse.Namespace) -> int:
     from tta_norm.fitting.augment import parse_ops
     from tta_norm.fitting.ttn import fit_ttn
 
-    overrides = given(args, OPTIONS)
-    try:
+    def overrides() -> dict[str, Any]:
+        options = given(args, OPTIONS)
         if args.fit_batch_sizes:
-            overrides["fit_batch_sizes"] = tuple(int(b) for b in args.fit_batch_sizes.split(","))
+            options["fit_batch_sizes"] = tuple(int(b) for b in args.fit_batch_sizes.split(","))
         if args.ops:
-            overrides["ops"] = parse_ops(args.ops)
-        model, images, labels = load_model_and_source(args)
-        result = fit_ttn(model, images, labels, device=args.device, progress=not args.quiet, **overrides)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"tta-norm ttn-fit: {err}", file=sys.stderr)
+            options["ops"] = parse_ops(args.ops)
+        return options
+
+    done = fit_on_source(args, "ttn-fit", fit_ttn, overrides)
+    if done is None:
         return 2
-    result.meta.update({"model": args.model, "checkpoint": args.checkpoint, "source": args.source})
-    path = result.save(args.out)
+    result, path = done
     a = torch.cat([v.flatten() for v in result.alpha.values()])
-    print(f"saved TTN state to {path} ({len(labels)} images, {result.meta['wall_time_s']} s); "
+    print(f"saved TTN state to {path} ({result.meta['n_images']} images, {result.meta['wall_time_s']} s); "
           f"a: mean {a.mean():.3f}, min {a.min():.3f}, max {a.max():.3f}")  # fmt: skip
     print(f'load it with tta_norm.adapt(model, "ttn", init_state="{path}")')
     return 0
