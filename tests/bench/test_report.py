@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from tta_norm.bench.report import method_order, pyplot, save_figure, write_markdown_report
+from tta_norm.bench.report import group_ok_records, method_order, pyplot, save_figure, write_markdown_report
 
 
 def test_method_order_is_the_grid_order_of_first_appearance():
     order = [(3, "tent"), (0, "tbn"), (2, "tbn"), (1, "src")]
     records = [{"index": i, "cell": {"method": {"name": m}}} for i, m in order]
     assert method_order(records) == ["tbn", "src", "tent"]
+
+
+def test_ok_records_grouped_by_cell_axes_in_order_of_appearance():
+    cells = [("a", 16, "ok"), ("b", 16, "ok"), ("a", 64, "error"), ("a", 16, "ok"), ("b", 64, "ok")]
+    records = [{"status": st, "cell": {"setting": s, "batch_size": b, "seed": i}} for i, (s, b, st) in enumerate(cells)]
+    groups = group_ok_records(records, ("setting", "batch_size"))
+    assert list(groups) == [("a", 16), ("b", 16), ("b", 64)]
+    assert [r["cell"]["seed"] for r in groups["a", 16]] == [0, 3]
 
 
 def test_markdown_report_sections_only_when_there_is_something_to_list(tmp_path):

@@ -21,7 +21,6 @@ import csv
 import io
 import itertools
 import statistics
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 from tta_norm.attacks.malicious import ATTACK_PROTOCOLS, INITS, MODES, OBJECTIVES
 from tta_norm.bench.config import GridConfig, MethodEntry, read_config_data, validate_common
 from tta_norm.bench.grid import GridCell, ModelDataJob
-from tta_norm.bench.report import method_order, pyplot, save_figure, write_markdown_report
+from tta_norm.bench.report import group_ok_records, method_order, pyplot, save_figure, write_markdown_report
 from tta_norm.bench.store import atomic_write
 from tta_norm.bench.validate import ConfigError, check_int, check_int_list, check_number, check_str
 
@@ -420,12 +419,7 @@ def run_attack_grid(cfg: AttackConfig, options: Any = None, **kwargs: Any):
 
 # --------------------------------------------------------------------------------------------------- report
 def _groups(records: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
-    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for r in records:
-        if r["status"] == "ok":
-            c = r["cell"]
-            groups[(c["objective"], c["eps"], c["batch_size"], c["mode"])].append(r)
-    return groups
+    return group_ok_records(records, ("objective", "eps", "batch_size", "mode"))
 
 
 def _main_metric(objective: str) -> str:
@@ -483,10 +477,7 @@ def batch_size_tables(records: list[dict[str, Any]]) -> str:
     if len({r["cell"]["batch_size"] for r in ok}) < 2:
         return ""
     methods = method_order(ok)
-    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for r in ok:
-        c = r["cell"]
-        groups[(c["objective"], c["eps"], c["mode"], c["fraction"])].append(r)
+    groups = group_ok_records(ok, ("objective", "eps", "mode", "fraction"))
     parts = []
     for (objective, eps, mode, frac), rows in sorted(groups.items(), key=lambda kv: str(kv[0])):
         sizes = sorted({r["cell"]["batch_size"] for r in rows})

@@ -2,7 +2,7 @@
 errors in %).  Rows follow the grid order of the records (their ``index``).
 
 The attack grid's report (:mod:`tta_norm.attacks.bench`) is written with the same pieces: :func:`method_order`,
-:func:`pyplot` / :func:`save_figure` and :func:`write_markdown_report`."""
+:func:`group_ok_records`, :func:`pyplot` / :func:`save_figure` and :func:`write_markdown_report`."""
 
 from __future__ import annotations
 
@@ -15,10 +15,16 @@ from typing import Any
 from tta_norm.bench.store import atomic_write
 
 GroupKey = tuple[str, str, Any, int, Any]  # setting, order, delta, batch size, severity
+GROUP_AXES = ("setting", "order", "delta", "batch_size", "severity")
 
 
-def _group_key(cell: dict[str, Any]) -> GroupKey:
-    return (cell["setting"], cell["order"], cell["delta"], cell["batch_size"], cell["severity"])
+def group_ok_records(records: list[dict[str, Any]], axes: Sequence[str]) -> dict[tuple, list[dict[str, Any]]]:
+    """The ``ok`` records grouped by the values of their cells' ``axes`` (groups in order of first appearance)."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        if r["status"] == "ok":
+            groups[tuple(r["cell"][a] for a in axes)].append(r)
+    return groups
 
 
 def _group_title(key: GroupKey) -> str:
@@ -87,11 +93,8 @@ def write_markdown_report(out: Path, lines: list[str], failed: list[str], plots:
 
 def tables(records: list[dict[str, Any]]) -> str:
     """One Markdown table per (setting, order, batch size, severity) group, mean (± std over seeds)."""
-    ok = [r for r in records if r["status"] == "ok"]
     methods = method_order(records)
-    groups: dict[GroupKey, list[dict[str, Any]]] = defaultdict(list)
-    for r in ok:
-        groups[_group_key(r["cell"])].append(r)
+    groups = group_ok_records(records, GROUP_AXES)
     parts = []
     for key in sorted(groups, key=lambda k: tuple(str(x) for x in k)):
         rows = groups[key]
@@ -120,12 +123,8 @@ def batch_size_table(records: list[dict[str, Any]]) -> str:
     if len(sizes) < 2:
         return ""
     methods = method_order(records)
-    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for r in ok:
-        c = r["cell"]
-        groups[(c["setting"], c["order"], c["delta"], c["severity"])].append(r)
     parts = []
-    for key, rows in groups.items():
+    for key, rows in group_ok_records(records, ("setting", "order", "delta", "severity")).items():
         lines = [f"### mean error vs batch size: {key[0]}, {key[1]}" + (f"(delta={key[2]})" if key[2] else "")
                  + f", severity {key[3]}", "", "| method | " + " | ".join(f"b{b}" for b in sizes) + " |",
                  "|" + "---|" * (len(sizes) + 1)]  # fmt: skip
@@ -169,9 +168,7 @@ def make_plots(out: Path, records: list[dict[str, Any]]) -> list[Path]:
         ax.legend(fontsize=7)
         written.append(save_figure(fig, plot_dir / "error_vs_batch_size.png"))
 
-    groups: dict[GroupKey, list[dict[str, Any]]] = defaultdict(list)
-    for r in ok:
-        groups[_group_key(r["cell"])].append(r)
+    groups = group_ok_records(records, GROUP_AXES)
     for i, (key, rows) in enumerate(sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0]))):
         columns = list(dict.fromkeys(c for r in rows for c in domain_errors(r["metrics"], key[0])))
         present = [m for m in methods if any(r["cell"]["method"]["name"] == m for r in rows)]
