@@ -43,17 +43,26 @@ def given(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
 
 
 def fit_on_source(
-    args: argparse.Namespace, command: str, fit: Callable[..., Any], overrides: Callable[[], dict[str, Any]]
+    args: argparse.Namespace,
+    command: str,
+    fit: Callable[..., Any],
+    options: tuple[str, ...],
+    parsed: dict[str, Callable[[str], Any]] | None = None,
 ) -> tuple[Any, Path] | None:
-    """Run ``fit(model, images, labels, device=..., progress=..., **overrides())`` on the model and source images
-    of ``args`` and save the result, with the model and source it was fitted on in its ``meta``, to ``--out``.
+    """Run ``fit(model, images, labels, device=..., progress=..., **config)`` on the model and source images of
+    ``args`` and save the result, with the model and source it was fitted on in its ``meta``, to ``--out``.
 
-    Returns the result and the saved file; ``None`` after printing ``tta-norm COMMAND: ...`` for a missing file
-    or a bad value (the command then exits with status 2)."""
+    ``config`` holds the ``options`` given on the command line, and the text options named in ``parsed``
+    converted by their function (``{"domains": parse_domains}``).  Returns the result and the saved file; ``None``
+    after printing ``tta-norm COMMAND: ...`` for a missing file or a bad value (the command then exits with
+    status 2)."""
     try:
-        options = overrides()
+        config = given(args, options)
+        for name, parse in (parsed or {}).items():
+            if getattr(args, name):
+                config[name] = parse(getattr(args, name))
         model, images, labels = load_model_and_source(args)
-        result = fit(model, images, labels, device=args.device, progress=not args.quiet, **options)
+        result = fit(model, images, labels, device=args.device, progress=not args.quiet, **config)
     except (FileNotFoundError, ValueError) as err:
         print(f"tta-norm {command}: {err}", file=sys.stderr)
         return None

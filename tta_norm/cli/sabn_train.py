@@ -10,9 +10,8 @@ from :class:`tta_norm.fitting.sabn.SaBNConfig`.
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
-from tta_norm.cli._source import add_source_arguments, fit_on_source, given
+from tta_norm.cli._source import add_source_arguments, fit_on_source
 
 OPTIONS = ("epochs", "lr", "batch_size", "train", "seed", "preset")
 
@@ -37,13 +36,7 @@ def run(args: argparse.Namespace) -> int:
     """Train SaBN heads on source domains and save the state with its statistics bank."""
     from tta_norm.fitting.sabn import parse_domains, train_sabn
 
-    def overrides() -> dict[str, Any]:
-        options = given(args, OPTIONS)
-        if args.domains:
-            options["domains"] = parse_domains(args.domains)
-        return options
-
-    done = fit_on_source(args, "sabn-train", train_sabn, overrides)
+    done = fit_on_source(args, "sabn-train", train_sabn, OPTIONS, {"domains": parse_domains})
     if done is None:
         return 2
     result, path = done

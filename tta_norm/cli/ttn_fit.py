@@ -9,9 +9,8 @@ then ``tta_norm.adapt(model, "ttn", init_state="runs/ttn/resnet20-ttn.pt")``.  D
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
-from tta_norm.cli._source import add_source_arguments, fit_on_source, given
+from tta_norm.cli._source import add_source_arguments, fit_on_source
 
 OPTIONS = ("epochs", "lr", "lam", "batch_size", "prior_batches", "distance", "normalize", "prior_stats", "init",
            "seed")  # fmt: skip
@@ -48,15 +47,10 @@ def run(args: argparse.Namespace) -> int:
     from tta_norm.fitting.augment import parse_ops
     from tta_norm.fitting.ttn import fit_ttn
 
-    def overrides() -> dict[str, Any]:
-        options = given(args, OPTIONS)
-        if args.fit_batch_sizes:
-            options["fit_batch_sizes"] = tuple(int(b) for b in args.fit_batch_sizes.split(","))
-        if args.ops:
-            options["ops"] = parse_ops(args.ops)
-        return options
+    def batch_sizes(text: str) -> tuple[int, ...]:
+        return tuple(int(b) for b in text.split(","))
 
-    done = fit_on_source(args, "ttn-fit", fit_ttn, overrides)
+    done = fit_on_source(args, "ttn-fit", fit_ttn, OPTIONS, {"fit_batch_sizes": batch_sizes, "ops": parse_ops})
     if done is None:
         return 2
     result, path = done
