@@ -50,10 +50,11 @@ def main() -> None:
 
     from tta_norm import kernels
     from tta_norm.bench import load_config
-    from tta_norm.bench.engine import RunOptions, resolve_device, run_locally
+    from tta_norm.bench.executors import CellRun, run_locally
     from tta_norm.bench.ray_executor import run_on_ray
     from tta_norm.bench.runner import BenchJob
     from tta_norm.bench.store import ResultStore
+    from tta_norm.device import resolve_device
 
     cfg = load_config(args.config, [*args.overrides, "device=cpu", "resources={num_cpus: 1}"])
     job = BenchJob(cfg)
@@ -72,13 +73,13 @@ def main() -> None:
     def timed(executor: str) -> float:
         out = Path(tempfile.mkdtemp(prefix=f"bench-ray-{executor}-"))
         store = ResultStore(out)
-        options = RunOptions(executor=executor, progress=False)
+        run = CellRun(job, cells, state, device, identity, lambda rec, cell: store.append(rec))
         torch.set_num_threads(args.threads)
         start = time.perf_counter()
         if executor == "ray":
-            run_on_ray(job, cells, state, device, identity, lambda rec, cell: store.append(rec), options)
+            run_on_ray(run, progress=False)
         else:
-            run_locally(job, cells, state, device, identity, lambda rec, cell: store.append(rec), options)
+            run_locally(run, progress=False)
         seconds = time.perf_counter() - start
         failed = [r for r in store.read().records.values() if r["status"] != "ok"]
         if failed:

@@ -8,8 +8,8 @@
    ``resume`` a cell is reused only if a record with its full key is ``ok`` (failed cells are retried), and
    the log says how many cells were reused and why the others were not;
 3. runs the remaining cells (this shard's slice of them) with the ``local`` executor (one after the other in
-   this process) or the ``ray`` executor (one Ray task per cell; the driver owns the store and the progress
-   bar, a task whose worker died is retried by Ray and recorded once);
+   this process, :mod:`tta_norm.bench.executors`) or the ``ray`` executor (one Ray task per cell; the driver
+   owns the store and the progress bar, a task whose worker died is retried by Ray and recorded once);
 4. appends each record as it arrives, then writes the CSV and report from the stored records only.
 
 ``provenance.json`` in the run directory lists every run into it: resolved config, git revision, versions,
@@ -24,12 +24,12 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tta_norm.bench.grid import GridCell, GridJob, environment, failed_record, shard_cells
+from tta_norm.bench.executors import CellRun, run_locally
+from tta_norm.bench.grid import GridCell, GridJob, environment, shard_cells
 from tta_norm.bench.store import ResultStore, StoreContents, atomic_write
 from tta_norm.bench.validate import ConfigError
 from tta_norm.device import resolve_device
@@ -154,14 +154,6 @@ class Trackers:
             w.close()
 
 
-def _progress_bar(total: int, enabled: bool | None, desc: str):
-    from tqdm.auto import tqdm
-
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, disable=not enabled, smoothing=0.05, file=sys.stderr)
-
-
 def write_provenance(out: Path, entry: dict[str, Any]) -> None:
     """Add or update this run's entry (by ``started``) in ``provenance.json``."""
     path = out / "provenance.json"
@@ -266,12 +258,13 @@ def _run(
     status = "interrupted"
     try:
         if todo:
+            run = CellRun(job, todo, state, device, identity, on_record)
             if options.executor == "ray":
                 from tta_norm.bench.ray_executor import run_on_ray
 
-                run_on_ray(job, todo, state, device, identity, on_record, options)
+                run_on_ray(run, options.progress, options.ray_address)
             else:
-                run_locally(job, todo, state, device, identity, on_record, options)
+                run_locally(run, options.progress)
         status = "finished"
     finally:
         trackers.close()
@@ -290,27 +283,3 @@ def _run(
         log.warning(f"{failed} of {len(todo)} cells failed (their errors are in {out / 'results.jsonl'}); "
                     "--resume retries them")  # fmt: skip
     return GridOutcome(out, len(mine), len(reused), len(todo), failed, records, report)
-
-
-def run_locally(
-    job: GridJob,
-    todo: list[GridCell],
-    state: Any,
-    device: Any,
-    identity: dict[str, Any],
-    on_record: Callable[[dict[str, Any], GridCell], None],
-    options: RunOptions,
-) -> None:
-    """Run the cells one after the other in this process, with a progress bar over their work units."""
-    total = sum(job.work(c, state) for c in todo)
-    with _progress_bar(total, options.progress, job.kind) as bar:
-        for cell in todo:
-            bar.set_postfix_str(cell.label)
-            try:
-                rec = job.record(cell, state, device, identity, progress=bar.update)
-            except KeyboardInterrupt:
-                raise
-            except BaseException as err:  # noqa: BLE001 - e.g. SystemExit from inside a cell
-                error = f"{type(err).__name__}: {err}"
-                rec = failed_record(job.kind, cell, identity, job.data_description(state), error)
-            on_record(rec, cell)

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from typing import Any
 
-from tta_norm.bench.grid import GridCell, GridJob, failed_record
+from tta_norm.bench.executors import CellRun, progress_bar
+from tta_norm.bench.grid import GridCell, GridJob
 from tta_norm.bench.validate import ConfigError
 
 log = logging.getLogger("tta_norm.bench")
@@ -44,40 +44,33 @@ def _run_cell_task(job: GridJob, cell: GridCell, state: Any, device: str, identi
     return job.record(cell, state, torch.device(device), identity)
 
 
-def run_on_ray(
-    job: GridJob,
-    todo: list[GridCell],
-    state: Any,
-    device: Any,
-    identity: dict[str, Any],
-    on_record: Callable[[dict[str, Any], GridCell], None],
-    options: Any,
-) -> None:
-    """Run ``todo`` as Ray tasks; call ``on_record`` in the driver as each finishes."""
-    from tta_norm.bench.engine import _progress_bar
-
+def run_on_ray(run: CellRun, progress: bool | None = None, address: str | None = None) -> None:
+    """Run the cells as Ray tasks (joining the cluster at ``address``, or a local one started and stopped here);
+    ``run.on_record`` is called in the driver as each finishes."""
     ray = import_ray()
     started_here = False
     if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"address": options.ray_address} if options.ray_address else {}
-        if not options.ray_address:
+        kwargs: dict[str, Any] = {"address": address} if address else {}
+        if not address:
             os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(log_to_driver=False, include_dashboard=False, **kwargs)
         started_here = True
     try:
+        job = run.job
         res = dict(getattr(job.config, "resources", None) or {"num_cpus": 1, "num_gpus": 0})
         threads = int(res.get("num_cpus", 1) or 1)
         task = ray.remote(_run_cell_task).options(
             num_cpus=res.get("num_cpus", 1), num_gpus=res.get("num_gpus", 0), max_retries=MAX_RETRIES,
             retry_exceptions=False,
         )  # fmt: skip
-        job_ref, state_ref = ray.put(job), ray.put(state)
+        job_ref, state_ref = ray.put(job), ray.put(run.state)
         # longest first: the cells queue in submission order, so the costliest ones must not be left for the end
-        order = sorted(todo, key=lambda cell: job.cost(cell, state), reverse=True)
-        pending = {task.remote(job_ref, cell, state_ref, str(device), identity, threads): cell for cell in order}
+        order = sorted(run.cells, key=lambda cell: job.cost(cell, run.state), reverse=True)
+        pending = {task.remote(job_ref, cell, state_ref, str(run.device), run.identity, threads): cell
+                   for cell in order}  # fmt: skip
         log.info(f"ray: {len(pending)} tasks on {ray.cluster_resources().get('CPU', 0):g} CPUs, "
                  f"{res.get('num_cpus', 1):g} CPU(s) and {res.get('num_gpus', 0):g} GPU(s) per cell")  # fmt: skip
-        with _progress_bar(len(todo), options.progress, f"{job.kind} (ray)") as bar:
+        with progress_bar(len(run.cells), progress, f"{job.kind} (ray)") as bar:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:
@@ -86,9 +79,8 @@ def run_on_ray(
                         rec = ray.get(ref)
                     except Exception as err:  # noqa: BLE001 - worker died MAX_RETRIES + 1 times, or Ray failed
                         msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
-                        rec = failed_record(job.kind, cell, identity, job.data_description(state),
-                                            f"{type(err).__name__}: {msg}")  # fmt: skip
-                    on_record(rec, cell)
+                        rec = run.failed(cell, f"{type(err).__name__}: {msg}")
+                    run.on_record(rec, cell)
                     bar.update(1)
     finally:
         if started_here:

@@ -1,0 +1,54 @@
+"""What the grid engine's executors share: the cells to run with what their records need (:class:`CellRun`),
+the progress bar, and the ``local`` executor (one cell after the other in this process).  The ``ray`` executor
+is :mod:`tta_norm.bench.ray_executor`; :mod:`tta_norm.bench.engine` chooses between them."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tta_norm.bench.grid import GridCell, GridJob, failed_record
+
+
+@dataclass
+class CellRun:
+    """The cells an executor runs, what every record needs (the job, its prepared state, the device, the grid's
+    identity) and ``on_record``, called in this process with each record as it arrives."""
+
+    job: GridJob
+    cells: list[GridCell]
+    state: Any
+    device: Any
+    identity: dict[str, Any]
+    on_record: Callable[[dict[str, Any], GridCell], None]
+
+    def failed(self, cell: GridCell, error: str) -> dict[str, Any]:
+        """The record of a cell that could not finish, with ``error`` as its message."""
+        return failed_record(self.job.kind, cell, self.identity, self.job.data_description(self.state), error)
+
+
+def progress_bar(total: int, enabled: bool | None, desc: str) -> Any:
+    """A tqdm bar on stderr; ``enabled=None`` shows it only when stderr is a terminal."""
+    from tqdm.auto import tqdm
+
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, disable=not enabled, smoothing=0.05, file=sys.stderr)
+
+
+def run_locally(run: CellRun, progress: bool | None = None) -> None:
+    """Run the cells one after the other in this process, with a progress bar over their work units."""
+    job = run.job
+    total = sum(job.work(c, run.state) for c in run.cells)
+    with progress_bar(total, progress, job.kind) as bar:
+        for cell in run.cells:
+            bar.set_postfix_str(cell.label)
+            try:
+                rec = job.record(cell, run.state, run.device, run.identity, progress=bar.update)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as err:  # noqa: BLE001 - e.g. SystemExit from inside a cell
+                rec = run.failed(cell, f"{type(err).__name__}: {err}")
+            run.on_record(rec, cell)
