@@ -253,6 +253,8 @@ def test_bad_ghost_batch_size(bad) -> None:
         GhostBatchNorm2d(3, bad)
     with pytest.raises(ValueError, match="ghost_batch_size"):
         convert_to_ghost_bn(nn.Sequential(nn.BatchNorm2d(3)), bad)
+    with pytest.raises(ValueError, match="ghost_batch_size must be a positive integer"):
+        convert_to_ghost_bn(nn.Sequential(nn.ReLU()), bad)  # checked before looking for layers
 
 
 def test_shape_errors() -> None:

@@ -50,7 +50,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from .batch_group_norm import BatchGroupNorm, Grouping
-from .ghost_batch_norm import GHOST_BN_FOR, Remainder, _GhostBatchNormMixin
+from .ghost_batch_norm import GHOST_BN_FOR, Remainder, _GhostBatchNormMixin, check_ghost_batch_size
 from .proxy_norm import GroupNormProxyAct, Moments, ProxyNorm, make_activation
 
 GroupSpec = int | Callable[[int], int]
@@ -177,8 +177,7 @@ def convert_to_ghost_bn(
     Affine Parameter objects are reused, running statistics copied, train/eval mode kept (see
     ``GhostBatchNorm2d.from_batchnorm``). Returns ``model`` (or the new module if ``model`` is a BatchNorm).
     """
-    if isinstance(ghost_batch_size, bool) or not isinstance(ghost_batch_size, int) or ghost_batch_size <= 0:
-        raise ValueError(f"ghost_batch_size must be a positive integer, got {ghost_batch_size!r}")
+    check_ghost_batch_size(ghost_batch_size)  # before any layer is replaced
 
     def build(name: str, bn: _BatchNorm) -> nn.Module:
         ghost_cls = GHOST_BN_FOR[type(bn)]

@@ -42,6 +42,12 @@ Remainder = Literal["merge", "separate", "error"]
 _REMAINDERS = ("merge", "separate", "error")
 
 
+def check_ghost_batch_size(ghost_batch_size: object) -> None:
+    """``ValueError`` unless ``ghost_batch_size`` is a positive ``int`` (a ``bool`` is not one)."""
+    if isinstance(ghost_batch_size, bool) or not isinstance(ghost_batch_size, int) or ghost_batch_size <= 0:
+        raise ValueError(f"ghost_batch_size must be a positive integer, got {ghost_batch_size!r}")
+
+
 def ghost_chunk_sizes(batch_size: int, ghost_batch_size: int, remainder: Remainder = "merge") -> list[int]:
     """Sizes of the consecutive ghost batches a batch of ``batch_size`` samples is split into (see module doc)."""
     if ghost_batch_size <= 0:
@@ -108,8 +114,7 @@ class _GhostBatchNormMixin:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        if isinstance(ghost_batch_size, bool) or not isinstance(ghost_batch_size, int) or ghost_batch_size <= 0:
-            raise ValueError(f"ghost_batch_size must be a positive integer, got {ghost_batch_size!r}")
+        check_ghost_batch_size(ghost_batch_size)
         if remainder not in _REMAINDERS:
             raise ValueError(f"remainder must be one of {_REMAINDERS}, got {remainder!r}")
         super().__init__(  # type: ignore[call-arg]
