@@ -20,12 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torchvision
+from _paired_timing import CLOCKS, paired_medians, time_call  # a sibling module: scripts/ is on sys.path
 
 import tta_norm
 from tta_norm import kernels
@@ -58,15 +57,7 @@ def variants(model: torch.nn.Module) -> dict[str, Callable[[torch.Tensor], torch
     return out
 
 
-CLOCK = time.process_time
-
-
-def time_call(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, inner: int, grad: bool) -> float:
-    with torch.set_grad_enabled(grad):
-        start = CLOCK()
-        for _ in range(inner):
-            fn(x)
-        return (CLOCK() - start) / inner
+CLOCK: Callable[[], float] = CLOCKS["process"]
 
 
 def bench_config(
@@ -80,21 +71,10 @@ def bench_config(
     fns = variants(model)
     # warm-up and choose the inner repeat count so one timing of the plain forward takes ~budget seconds
     for key, fn in fns.items():
-        time_call(fn, x, 2, grad=key == "tent")
-    t_plain = time_call(fns["plain"], x, 3, grad=False)
+        time_call(fn, x, 2, key == "tent", CLOCK)
+    t_plain = time_call(fns["plain"], x, 3, False, CLOCK)
     inner = max(1, int(budget / max(t_plain, 1e-6)))
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    ratios: dict[str, list[float]] = {k: [] for k in fns if k != "plain"}
-    for _ in range(rounds):
-        for key, fn in fns.items():
-            if key == "plain":
-                continue
-            reference = time_call(fns["plain"], x, inner, grad=False)
-            t = time_call(fn, x, inner, grad=key == "tent")
-            samples["plain"].append(reference)
-            samples[key].append(t)
-            ratios[key].append(t / reference)
-    return {k: statistics.median(v) for k, v in samples.items()}, {k: statistics.median(v) for k, v in ratios.items()}
+    return paired_medians(fns, x, inner=inner, rounds=rounds, clock=CLOCK)
 
 
 def main() -> None:
@@ -110,7 +90,7 @@ def main() -> None:
         os.environ[kernels.ENV_KERNELS] = "0"  # read on the kernel's first use, which comes below
     rounds = 3 if args.quick else 9
     global CLOCK
-    CLOCK = time.process_time if args.clock == "process" else time.perf_counter
+    CLOCK = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
     print(f"clock: {args.clock}, threads: {args.threads}, torch {torch.__version__}, kernel: {kernels.status()}")
     results, paired = {}, {}

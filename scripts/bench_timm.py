@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from _paired_timing import CLOCKS, paired_medians, time_call  # a sibling module: scripts/ is on sys.path
 
 import tta_norm
 from tta_norm import kernels
@@ -32,7 +31,7 @@ TARGETS = {"tbn": 1.15}
 DEFAULT_MODELS = ["efficientnet_b0", "mobilenetv3_large_100", "resnet50"]
 DEFAULT_PRESETS = ["source", "tbn", "alpha", "ema", "medbn", "iabn"]
 
-CLOCK: Callable[[], float] = time.process_time
+CLOCK: Callable[[], float] = CLOCKS["process"]
 
 
 def build(name: str) -> torch.nn.Module:
@@ -51,14 +50,6 @@ def variants(model: torch.nn.Module, presets: list[str], tent: bool) -> dict[str
     return out
 
 
-def time_call(fn: Callable[[torch.Tensor], object], x: torch.Tensor, inner: int, grad: bool) -> float:
-    with torch.set_grad_enabled(grad):
-        start = CLOCK()
-        for _ in range(inner):
-            fn(x)
-        return (CLOCK() - start) / inner
-
-
 def bench_model(
     name: str, batch: int, size: int, presets: list[str], tent: bool, rounds: int
 ) -> tuple[dict[str, float], dict[str, float]]:
@@ -67,19 +58,8 @@ def bench_model(
     x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
     fns = variants(model, presets, tent)
     for key, fn in fns.items():  # warm-up (the compiled kernel loads on first use)
-        time_call(fn, x, 1, grad=key == "tent")
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    ratios: dict[str, list[float]] = {k: [] for k in fns if k != "plain"}
-    for _ in range(rounds):
-        for key, fn in fns.items():
-            if key == "plain":
-                continue
-            reference = time_call(fns["plain"], x, 1, grad=False)
-            t = time_call(fn, x, 1, grad=key == "tent")
-            samples["plain"].append(reference)
-            samples[key].append(t)
-            ratios[key].append(t / reference)
-    return {k: statistics.median(v) for k, v in samples.items()}, {k: statistics.median(v) for k, v in ratios.items()}
+        time_call(fn, x, 1, key == "tent", CLOCK)
+    return paired_medians(fns, x, inner=1, rounds=rounds, clock=CLOCK)
 
 
 def main() -> None:
@@ -96,7 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     presets = tta_norm.presets() if args.presets == ["all"] else args.presets
     global CLOCK
-    CLOCK = time.process_time if args.clock == "process" else time.perf_counter
+    CLOCK = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
     rounds = 3 if args.quick else 9
     print(f"clock: {args.clock}, threads: {args.threads}, torch {torch.__version__}, kernel: {kernels.status()}, "
