@@ -183,8 +183,10 @@ def test_craft_leaves_state_untouched(preset, method):
     tta(batch(10, seed=9)[0])  # some history (EMA, Adam moments)
     before = _state(tta)
     counters = (tta.num_batches, tta.num_adapted)
+    flags = [p.requires_grad for p in tta.model.parameters()]
     craft_malicious(tta, x, y, MaliciousAttack(num_malicious=3, steps=3, step_size=0.05))
     _assert_same_state(before, _state(tta))
+    assert [p.requires_grad for p in tta.model.parameters()] == flags  # the surrogate's constants are a copy
     assert (tta.num_batches, tta.num_adapted) == counters
     assert all(p.grad is None for p in tta.model.parameters())
 

@@ -24,7 +24,10 @@ as MedBN's evaluation, Park et al., CVPR 2024):
   The no-attack reference is always computed exactly like the attacked prediction (same ``victim`` rule, from
   the same state), so with zero malicious samples nothing counts as changed.  All attacker forwards run under
   :func:`tta_norm.norm.keep_state` and differentiate w.r.t. the malicious pixels only: the victim's state
-  (parameters, EMA statistics, optimiser) is never touched and the model is never copied per step.
+  (parameters, EMA statistics, optimiser) is never touched.  The surrogate attacker is one copy of the victim
+  per attack whose parameters are constants, so ``medbn`` layers take their closed-form input-gradient path
+  (:func:`tta_norm.norm.functional.median_batch_norm`; the official code differentiates the textbook formula,
+  equal up to float rounding).
 * Iterates: DIA and MedBN keep the **last** iterate (``keep_best=False``, the default).  A targeted attack stops
   at the first step where the victim's prediction of the target flips (``stop_on_success``; with a surrogate
   attacker against an updated victim each candidate is confirmed on a copy of the victim), and the step count
@@ -340,6 +343,14 @@ def _confirmed_on_victim(tta: TTAModel, x: Tensor, y: Tensor, attack: MaliciousA
     return _target_hit(victim_predict(trial, x, attack), y, attack)
 
 
+def _surrogate(tta: TTAModel) -> TTAModel:
+    """The surrogate attacker: a copy of ``tta`` whose parameters are constants (it differentiates w.r.t. the
+    malicious pixels only, and adaptive layers then take their input-gradient paths)."""
+    attacker = copy.deepcopy(tta)
+    attacker.model.requires_grad_(False)
+    return attacker
+
+
 class Crafted(NamedTuple):
     """What :func:`craft_malicious` returns: the malicious samples, the attacker's final loss, the steps taken."""
 
@@ -372,15 +383,16 @@ def craft_malicious(
     if m == 0:
         return Crafted(x_mal, float("nan"), 0)
     benign = x[:nb].detach()
+    attacker = tta if _unrolls(tta, attack) else _surrogate(tta)
     best, best_loss = x_mal.clone(), math.inf
     sign = -1.0  # every objective is minimised
     stop_early = attack.stop_on_success and attack.objective == "targeted"
     from tqdm.auto import tqdm
 
-    with keep_state(tta.model), torch.enable_grad(), torch.inference_mode(False):
+    with keep_state(attacker.model), torch.enable_grad(), torch.inference_mode(False):
         for step in tqdm(range(attack.steps), desc="DIA", leave=False, disable=not progress):
             x_mal.requires_grad_(True)
-            logits = _attacker_logits(tta, torch.cat([benign, x_mal]), attack)
+            logits = _attacker_logits(attacker, torch.cat([benign, x_mal]), attack)
             loss = attack_loss(logits, y, nb, attack, keep_labels)
             (grad,) = torch.autograd.grad(loss, [x_mal])
             value = float(loss.detach())
@@ -393,7 +405,7 @@ def craft_malicious(
             grad = torch.nan_to_num(grad)
             x_mal = project_linf(x_mal + sign * attack.step_size * grad.sign(), x_own, attack.eps)
         with torch.enable_grad() if _unrolls(tta, attack) else torch.no_grad():
-            logits = _attacker_logits(tta, torch.cat([benign, x_mal]), attack)
+            logits = _attacker_logits(attacker, torch.cat([benign, x_mal]), attack)
             value = float(attack_loss(logits, y, nb, attack, keep_labels).detach())
         if value < best_loss or not attack.keep_best:
             best, best_loss = x_mal.clone(), value

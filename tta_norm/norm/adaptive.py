@@ -12,7 +12,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from tta_norm import kernels
 from tta_norm.norm.context import UNSET, _local, effective
-from tta_norm.norm.functional import SINGLE_VALUE_HINT, batch_norm_eval, estimate, layer_statistics, normalize
+from tta_norm.norm.functional import (
+    SINGLE_VALUE_HINT,
+    batch_norm_eval,
+    estimate,
+    layer_statistics,
+    median_batch_norm,
+    normalize,
+)
 from tta_norm.norm.spec import NormSpec
 from tta_norm.stats.estimators import Stats, count_per_channel
 
@@ -78,6 +85,8 @@ class AdaptiveNorm(nn.Module):
         self.use_batch = True
         plain = spec.instance == "none"
         self._plain_tbn = plain and spec.mixing == "test" and spec.estimator == "mean_var" and not spec.unbiased
+        lower_median = spec.median == "lower"
+        self._plain_medbn = plain and spec.mixing == "test" and spec.estimator == "median_msd" and lower_median
         self._plain_source = plain and spec.mixing == "source"
         self._plain_stateless = plain and spec.mixing != "ema"  # without the batch: the source statistics
         self._plain_ema = plain and spec.mixing == "ema"
@@ -301,6 +310,11 @@ class AdaptiveNorm(nn.Module):
             if x.device.type != "cpu" or _needs_grad(x, weight):
                 # fused statistics + normalisation (and its fused backward)
                 return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+        if self._plain_medbn and x.requires_grad and torch.is_grad_enabled() and count_per_channel(x) > 1:
+            if not ((weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)):
+                # differentiated w.r.t. the input only (an attacker, a saliency map): the closed-form backward.
+                # While a gradient method adapts the affine, the general path keeps the reference arithmetic.
+                return median_batch_norm(x, weight, bias, self.eps)
         if self._plain_ema and update_state and not _needs_grad(x, weight):
             # no autograd: update the state in place and normalise with the buffers (fewer small ops)
             self._ema_step_(estimate(x, self.spec))

@@ -63,7 +63,7 @@ def count_per_channel(x: Tensor) -> int:
     return x.numel() // x.shape[1] if x.shape[1] else 0
 
 
-def _channel_rows(x: Tensor) -> Tensor:
+def channel_rows(x: Tensor) -> Tensor:
     """``x`` as a contiguous ``(C, N * prod(spatial))`` matrix (one copy; selection needs it anyway)."""
     return x.transpose(0, 1).reshape(x.shape[1], -1).contiguous()
 
@@ -154,7 +154,7 @@ class _SelectKth(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, ks: tuple[int, ...]) -> Tensor:  # type: ignore[override]
-        rows = _channel_rows(x.detach())
+        rows = channel_rows(x.detach())
         if rows.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
             rows = rows.clone()  # one channel: the "copy" was a view; never partition the input in place
         arr = rows.numpy()
@@ -168,27 +168,38 @@ class _SelectKth(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         x, picked = ctx.saved_tensors
-        rows = _channel_rows(x)
+        rows = channel_rows(x)
         out = torch.zeros_like(rows)
         share = grad / picked.shape[1]
         lower_median = picked.shape[1] == 1 and ctx.ks[0] == (rows.shape[1] + 1) // 2
         for j in range(picked.shape[1]):
-            equal = rows == picked[:, j : j + 1]
-            idx = equal.to(torch.uint8).argmax(1, keepdim=True)
-            if lower_median:
-                tied = equal.sum(1) > 1
-                if bool(tied.any()):
-                    idx[tied] = rows[tied].median(dim=1, keepdim=True).indices
+            idx = subgradient_positions(rows, picked[:, j], lower_median=lower_median)
             out.scatter_add_(1, idx, share.unsqueeze(1))
         c, n = x.shape[1], x.shape[0]
         return out.view(c, n, *x.shape[2:]).transpose(0, 1), None
+
+
+def subgradient_positions(rows: Tensor, value: Tensor, *, lower_median: bool = True) -> Tensor:
+    """``(C, 1)`` positions, in the ``(C, N * prod(spatial))`` channel rows, of the element equal to ``value[c]``
+    that receives an order statistic's gradient: the one ``torch.median(dim=1)`` returns when ``value`` is the
+    lower median of a row with ties (MedBN's official rule), else the first equal element in row order."""
+    hits = (rows == value.unsqueeze(1)).nonzero()  # (row, column) pairs in row-major order
+    counts = torch.bincount(hits[:, 0], minlength=rows.shape[0])
+    if bool((counts == 0).any()):
+        raise ValueError("subgradient_positions: a value is not an element of its row")
+    idx = hits[counts.cumsum(0) - counts, 1].unsqueeze(1)  # the first hit of each row
+    if lower_median:
+        tied = counts > 1
+        if bool(tied.any()):
+            idx[tied] = rows[tied].median(dim=1, keepdim=True).indices
+    return idx
 
 
 def _kth_smallest(x: Tensor, ks: tuple[int, ...]) -> Tensor:
     """Mean over ``ks`` of each channel's k-th smallest value (O(n) selection, differentiable)."""
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
         return _SelectKth.apply(x, ks)
-    rows = _channel_rows(x)
+    rows = channel_rows(x)
     if ks == ((rows.shape[1] + 1) // 2,):  # the lower median: torch.median's tie rule for the gradient
         return rows.median(dim=1).values
     values = [rows.kthvalue(k, dim=1).values for k in ks]
@@ -222,7 +233,7 @@ def batch_median_msd(x: Tensor, *, median: MedianRule = "lower") -> Stats:
     """
     m = batch_median(x, median=median)
     if torch.is_grad_enabled():
-        rows = _channel_rows(x)
+        rows = channel_rows(x)
         return Stats(m, ((rows - m.unsqueeze(1)) ** 2).sum(1) / rows.shape[1])
     mean, var = batch_mean_var(x)
     return Stats(m, var + (mean - m).square())
