@@ -310,8 +310,9 @@ class AdaptiveNorm(nn.Module):
             if x.device.type != "cpu" or _needs_grad(x, weight):
                 # fused statistics + normalisation (and its fused backward)
                 return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
-        if self._plain_medbn and x.requires_grad and torch.is_grad_enabled() and count_per_channel(x) > 1:
-            if not ((weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)):
+        if self._plain_medbn and x.requires_grad and torch.is_grad_enabled() and x.dtype in _CLOSED_FORM_DTYPES:
+            frozen = not ((weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad))
+            if frozen and count_per_channel(x) > 1:
                 # differentiated w.r.t. the input only (an attacker, a saliency map): the closed-form backward.
                 # While a gradient method adapts the affine, the general path keeps the reference arithmetic.
                 return median_batch_norm(x, weight, bias, self.eps)
@@ -413,6 +414,10 @@ def check_domain(domain: int | Tensor, num_domains: int, batch_size: int | None 
         raise ValueError(f"domain must be an int head index or a tensor of indices, got {type(domain).__name__}")
     if not 0 <= domain < num_domains:
         raise ValueError(f"domain index {domain} out of range for {num_domains} SaBN heads (0..{num_domains - 1})")
+
+
+#: input dtypes of MedBN's closed-form input-gradient path (others take the general autograd path)
+_CLOSED_FORM_DTYPES = (torch.float32, torch.float64)
 
 
 def _needs_grad(x: Tensor, weight: Tensor | None) -> bool:
