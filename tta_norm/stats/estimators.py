@@ -186,7 +186,7 @@ def subgradient_positions(rows: Tensor, value: Tensor, *, lower_median: bool = T
     hits = (rows == value.unsqueeze(1)).nonzero()  # (row, column) pairs in row-major order
     counts = torch.bincount(hits[:, 0], minlength=rows.shape[0])
     if bool((counts == 0).any()):
-        raise ValueError("subgradient_positions: a value is not an element of its row")
+        raise ValueError("subgradient_positions: a value is not an element of its row (NaN in the activation?)")
     idx = hits[counts.cumsum(0) - counts, 1].unsqueeze(1)  # the first hit of each row
     if lower_median:
         tied = counts > 1
