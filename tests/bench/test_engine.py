@@ -251,3 +251,21 @@ def test_merging_different_grids_keeps_their_reports_apart(tmp_path):
     subs = sorted((tmp_path / "m" / "grids").iterdir())
     assert len(subs) == 2 and all((s / "report.md").is_file() and (s / "results.csv").is_file() for s in subs)
     assert write_outputs(tmp_path / "m", ResultStore(a.out).read().ordered()).name == "report.md"
+
+
+def test_progress_is_logged_when_stderr_is_a_file(caplog):
+    from tta_norm.bench.executors import LogProgress, progress_bar
+
+    assert isinstance(progress_bar(4, None, "bench"), LogProgress)  # stderr is not a terminal here
+    now = [0.0]
+    bar = LogProgress(10, "attack", interval=60.0, clock=lambda: now[0])
+    bar.set_postfix_str("medbn targeted")
+    with caplog.at_level("INFO", logger="tta_norm.bench"), bar:
+        now[0] = 30.0
+        bar.update(2)  # within the interval: quiet
+        now[0] = 120.0
+        bar.update(2)  # 4 of 10 after 2 minutes: 3 minutes left
+        now[0] = 150.0
+        bar.update(1)  # quiet again
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["attack: 4/10 work units (40 %), 2.0 min elapsed, about 3 min left; at medbn targeted"]

@@ -4,7 +4,9 @@ is :mod:`tta_norm.bench.ray_executor`; :mod:`tta_norm.bench.engine` chooses betw
 
 from __future__ import annotations
 
+import logging
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,12 +31,47 @@ class CellRun:
         return failed_record(self.job.kind, cell, self.identity, self.job.data_description(self.state), error)
 
 
+class LogProgress:
+    """Progress as log lines (``tta_norm.bench`` logger, INFO), at most one every ``interval`` seconds: for runs
+    whose stderr is a file (``nohup``, batch jobs), where a bar would be invisible until the end.  The subset
+    of tqdm's interface the executors use (``update``, ``set_postfix_str``, a context manager)."""
+
+    def __init__(self, total: int, desc: str, interval: float = 300.0, clock: Callable[[], float] = time.monotonic):
+        self.total, self.desc, self.interval, self.clock = total, desc, interval, clock
+        self.done, self.postfix = 0, ""
+        self.start = self.last = clock()
+
+    def __enter__(self) -> LogProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def set_postfix_str(self, text: str) -> None:
+        self.postfix = text
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = self.clock()
+        if now - self.last < self.interval or self.done >= self.total:
+            return
+        self.last = now
+        elapsed = now - self.start
+        left = elapsed * (self.total - self.done) / self.done if self.done else float("nan")
+        at = f"; at {self.postfix}" if self.postfix else ""
+        logging.getLogger("tta_norm.bench").info(
+            f"{self.desc}: {self.done}/{self.total} work units ({100 * self.done / max(self.total, 1):.0f} %), "
+            f"{elapsed / 60:.1f} min elapsed, about {left / 60:.0f} min left{at}"
+        )
+
+
 def progress_bar(total: int, enabled: bool | None, desc: str) -> Any:
-    """A tqdm bar on stderr; ``enabled=None`` shows it only when stderr is a terminal."""
+    """A tqdm bar on stderr; ``enabled=None`` shows it when stderr is a terminal and otherwise logs a progress
+    line every 5 minutes (:class:`LogProgress`); ``False`` shows nothing."""
     from tqdm.auto import tqdm
 
-    if enabled is None:
-        enabled = sys.stderr.isatty()
+    if enabled is None and not sys.stderr.isatty():
+        return LogProgress(total, desc)
     return tqdm(total=total, desc=desc, disable=not enabled, smoothing=0.05, file=sys.stderr)
 
 
