@@ -12,7 +12,6 @@ from tta_norm.norm.spec import NormSpec
 from tta_norm.stats.estimators import (
     Stats,
     batch_mean_var,
-    batch_median,
     batch_median_mad,
     batch_median_msd,
     channel_rows,
@@ -20,6 +19,7 @@ from tta_norm.stats.estimators import (
     example_stats,
     iabn_shrink,
     instance_mean_var,
+    median_msd_from_moments,
     subgradient_positions,
 )
 from tta_norm.stats.mixing import Weight, ema_update, mix
@@ -155,9 +155,7 @@ class _MedianBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:  # type: ignore[override]
-        mean, var = batch_mean_var(x)
-        median = batch_median(x)
-        msd = var + (mean - median).square()  # batch_median_msd's value without autograd, op for op
+        (median, msd), mean = median_msd_from_moments(x)  # batch_median_msd's value without autograd
         msd = msd.masked_fill(msd.isinf(), float("nan"))  # as the general path: an overflow is refused, not zeroed
         ctx.save_for_backward(x, weight, median, torch.rsqrt(msd + eps), mean)
         ctx.eps = eps

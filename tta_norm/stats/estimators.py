@@ -231,12 +231,20 @@ def batch_median_msd(x: Tensor, *, median: MedianRule = "lower") -> Stats:
     values and gradients follow the reference's float arithmetic; otherwise as ``var + (mean - m)^2`` (the same
     quantity, exact algebra), which avoids a second pass over the activation.
     """
-    m = batch_median(x, median=median)
     if torch.is_grad_enabled():
+        m = batch_median(x, median=median)
         rows = channel_rows(x)
         return Stats(m, ((rows - m.unsqueeze(1)) ** 2).sum(1) / rows.shape[1])
+    return median_msd_from_moments(x, median=median)[0]
+
+
+def median_msd_from_moments(x: Tensor, *, median: MedianRule = "lower") -> tuple[Stats, Tensor]:
+    """MedBN's statistics from the batch moments, ``(Stats(m, var + (mean - m)^2), mean)``: the mean squared
+    deviation from the median by exact algebra, without a second pass over ``x`` (what
+    :func:`batch_median_msd` returns without autograd; the mean is returned for closed-form gradients)."""
+    m = batch_median(x, median=median)
     mean, var = batch_mean_var(x)
-    return Stats(m, var + (mean - m).square())
+    return Stats(m, var + (mean - m).square()), mean
 
 
 def batch_median_mad(
