@@ -294,7 +294,8 @@ class AdaptiveNorm(nn.Module):
         self, x: Tensor, weight: Tensor | None, bias: Tensor | None, update_state: bool, use_batch: bool
     ) -> Tensor | None:
         """The common plain presets in as few kernel calls as possible (per-layer op overhead dominates small
-        batches on CPU); ``None`` when the general path must run.  Each branch equals the general path."""
+        batches on CPU); ``None`` when the general path must run.  Each branch equals the general path (MedBN's
+        input-gradient branch up to float rounding: a closed-form backward instead of autograd's)."""
         if self._plain_source or (self._plain_stateless and not use_batch):
             buffers = self._buffers
             return batch_norm_eval(x, buffers["source_mean"], buffers["source_var"], weight, bias, self.eps)
