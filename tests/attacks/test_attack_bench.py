@@ -178,6 +178,30 @@ def test_rate_text_and_counts_from_batches():
     assert ab.rate_text(0, 0) == "-"
 
 
+def _no_attack_record(fraction: float, errors: list[int], seed: int = 0, bs: int = 10) -> dict:
+    m = round(fraction * bs)
+    rows = [{"domain": "fog@5", "batch": i, "num_malicious": m, "no_attack_error": e / (bs - m)}
+            for i, e in enumerate(errors)]  # fmt: skip
+    return {"cell": {"batch_size": bs, "fraction": fraction, "seed": seed}, "metrics": {"per_batch": rows}}
+
+
+def test_no_attack_error_counts_each_image_once():
+    # two batches of 10; without attack the first 9 (f=0.1) or 8 (f=0.2) benign samples are predicted alike
+    records = [_no_attack_record(0.1, [3, 1]), _no_attack_record(0.2, [2, 1]), _no_attack_record(0.1, [3, 1], seed=1)]
+    assert ab.no_attack_counts(records) == (4, 18)  # the largest benign set of each batch, once over seeds
+    assert ab.no_attack_counts(records[1:2]) == (3, 16)
+    two_sizes = [_no_attack_record(0.1, [3]), _no_attack_record(0.1, [5], bs=20)]
+    assert ab.no_attack_counts(two_sizes) == (8, 27)  # different batch sizes are different batches
+
+
+def test_report_no_attack_column_counts_distinct_images(tmp_path, patched):
+    cfg = _tiny_cfg(tmp_path, methods=["tbn"], fractions=[0.125, 0.25], seeds=[0, 1], objectives=["targeted"])
+    outcome = ab.run_attack_grid(cfg, progress=False)
+    errors, samples = ab.no_attack_counts(outcome.records)
+    assert samples == 2 * (8 - 1)  # 2 batches of the one domain, on the benign set of the smaller fraction
+    assert f"| tbn | {ab.rate_text(errors, samples)} |" in (outcome.out / "report.md").read_text()
+
+
 def test_all_corruptions_is_a_config_value():
     from tta_norm.data.benchmark import CORRUPTIONS
 

@@ -182,16 +182,15 @@ def load_attack_config(path_or_name: str | None, overrides: Sequence[str] = ()) 
 def attack_counts(record: dict[str, Any]) -> dict[str, Any]:
     """Denominators of one record, from its per-batch rows: targeted ``attacks`` (batches with a target) and
     ``successes`` (and ``clean_hits``, ``success_steps``: the PGD steps of each success); benign ``samples``
-    (B - m per batch) with their ``errors_attacked`` / ``errors_no_attack``."""
+    (B - m per batch) with their ``errors_attacked``."""
     rows = (record.get("metrics") or {}).get("per_batch") or []
     bs = record["cell"]["batch_size"]
     out: dict[str, Any] = {"attacks": 0, "successes": 0, "clean_hits": 0, "success_steps": [], "samples": 0,
-                           "errors_attacked": 0, "errors_no_attack": 0, "batches": len(rows)}  # fmt: skip
+                           "errors_attacked": 0, "batches": len(rows)}  # fmt: skip
     for r in rows:
         nb = bs - int(r["num_malicious"])
         out["samples"] += nb
         out["errors_attacked"] += round(float(r["benign_error_attacked"]) * nb)
-        out["errors_no_attack"] += round(float(r["no_attack_error"]) * nb)
         if r.get("target_success") is not None:
             out["attacks"] += 1
             out["successes"] += int(bool(r["target_success"]))
@@ -204,11 +203,30 @@ def attack_counts(record: dict[str, Any]) -> dict[str, Any]:
 def pooled_counts(records: list[dict[str, Any]]) -> dict[str, Any]:
     """:func:`attack_counts` summed over records (seeds)."""
     total: dict[str, Any] = {"attacks": 0, "successes": 0, "clean_hits": 0, "success_steps": [], "samples": 0,
-                             "errors_attacked": 0, "errors_no_attack": 0, "batches": 0}  # fmt: skip
+                             "errors_attacked": 0, "batches": 0}  # fmt: skip
     for r in records:
         for k, v in attack_counts(r).items():
             total[k] = total[k] + v
     return total
+
+
+def no_attack_counts(records: list[dict[str, Any]]) -> tuple[int, int]:
+    """(errors, samples) of the no-attack benign error of one method's records, each image counted once.
+
+    The cells of a method predict the same clean batches without attack whatever their malicious fraction (and,
+    for a deterministic method, seed), and the benign samples of a smaller fraction contain those of a larger
+    one; so each ``(domain, batch)`` counts once, on its largest benign set.  Summing the cells instead would
+    count an image once per fraction and seed, with an interval too narrow by the square root of that factor.
+    """
+    best: dict[tuple[Any, Any], tuple[int, int]] = {}
+    for record in records:
+        bs = record["cell"]["batch_size"]
+        for r in (record.get("metrics") or {}).get("per_batch") or []:
+            nb = bs - int(r["num_malicious"])
+            key = (bs, r["domain"], r["batch"])
+            if key not in best or nb > best[key][1]:
+                best[key] = (round(float(r["no_attack_error"]) * nb), nb)
+    return sum(e for e, _ in best.values()), sum(n for _, n in best.values())
 
 
 def rate_text(successes: int, trials: int, unit: str = "n") -> str:
@@ -463,10 +481,9 @@ def attack_tables(records: list[dict[str, Any]]) -> str:
             mine = [r for r in rows if r["cell"]["method"]["name"] == m]
             if not mine:
                 continue
-            base = pooled_counts(mine)
             vals = [cell_text(objective, pooled_counts([r for r in mine if r["cell"]["fraction"] == f]))
                     for f in fracs]  # fmt: skip
-            lines.append(f"| {m} | {rate_text(base['errors_no_attack'], base['samples'])} | " + " | ".join(vals) + " |")
+            lines.append(f"| {m} | {rate_text(*no_attack_counts(mine))} | " + " | ".join(vals) + " |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 
@@ -558,7 +575,8 @@ def threat_model(records: list[dict[str, Any]]) -> list[str]:
         "batch; cumulative: the poisoned state carries over (no-attack error then from a separate clean stream).",
         "",
         "Every figure: value in %, [95 % Wilson interval], n = its denominator (targeted: attacks, one per "
-        "batch; errors: benign samples, which share batches, so the interval is optimistic), pooled over seeds.",
+        "batch; errors: benign samples, which share batches, so the interval is optimistic), pooled over seeds; "
+        "the no-attack error counts each benign image once (the cells of a row predict the same clean batches).",
         "",
         f"Model {model['name']}" + (f" ({model['checkpoint']})" if model.get("checkpoint") else "")
         + f", weights sha256 {model['weights_sha256']}; domains {', '.join(p['corruptions'])} at severity "
