@@ -202,6 +202,27 @@ def test_report_no_attack_column_counts_distinct_images(tmp_path, patched):
     assert f"| tbn | {ab.rate_text(errors, samples)} |" in (outcome.out / "report.md").read_text()
 
 
+def test_entries_with_fitted_ttn_and_fisher_run_as_in_the_bench(tmp_path, patched, monkeypatch):
+    import torch
+
+    from tta_norm.fitting import _data
+    from tta_norm.methods import entries
+
+    rng = np.random.default_rng(0)
+    monkeypatch.setenv("TTA_NORM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(_data, "load_source_split", lambda *a, **k: (
+        rng.integers(0, 256, (16, 4, 4, 3), dtype=np.uint8), rng.integers(0, 4, 16)))  # fmt: skip
+    monkeypatch.setattr(entries, "clean_source_images", lambda dataset, n, **k: torch.rand(n, 3, 4, 4))
+    entries._ttn_states.clear()
+    fit = {"n_images": 16, "prior_batches": 2, "prior_batch_size": 8, "epochs": 1, "batch_size": 8}
+    methods = [{"preset": "ttn", "kwargs": {"ttn_fit": fit}}, {"preset": "tbn", "method": "eata",
+               "kwargs": {"fisher_samples": 8}}]  # fmt: skip
+    records = ab.run_attack_grid(_tiny_cfg(tmp_path, methods=methods, objectives=["targeted"]), progress=False).records
+    assert [r["status"] for r in records] == ["ok", "ok"], [r.get("error") for r in records]
+    assert {r["cell"]["method"]["name"].split("(")[0] for r in records} == {"ttn", "tbn+eata"}
+    assert list((tmp_path / "cache" / "ttn").glob("ttn-*.pt"))  # fitted once, cached for the next cell
+
+
 def test_all_corruptions_is_a_config_value():
     from tta_norm.data.benchmark import CORRUPTIONS
 

@@ -303,7 +303,8 @@ def run_attack_cell(
     cell: AttackCell, model: Any, bench: Any, cfg: AttackConfig, device: Any, progress: Callable[[int], None] | None
 ) -> dict[str, Any]:
     """Attack ``n_batches`` (for the cell's objective) batches of every domain with a fresh adapted copy of
-    ``model`` per domain."""
+    ``model`` per domain; the entry's ``fisher_samples`` / ``ttn_fit`` are resolved once per cell
+    (:func:`tta_norm.methods.entries.resolve_entry_kwargs`, cached per model)."""
     import copy
 
     import torch
@@ -311,6 +312,7 @@ def run_attack_cell(
     import tta_norm
     from tta_norm.attacks.malicious import MaliciousAttack, attack_batch
     from tta_norm.data.tensors import to_float_nchw
+    from tta_norm.methods.entries import resolve_entry_kwargs
 
     attack = MaliciousAttack.from_protocol(
         cfg.protocol, objective=cell.objective, fraction=cell.fraction, eps=cell.eps, step_size=cfg.step_size,
@@ -318,10 +320,12 @@ def run_attack_cell(
     )  # fmt: skip
     generator = torch.Generator().manual_seed(cell.seed)
     per_batch: list[dict[str, Any]] = []
+    entry = cell.entry
+    kwargs = resolve_entry_kwargs(entry.preset, entry.method, dict(entry.kwargs), model, dataset=cfg.dataset,
+                                  data_dir=cfg.data_dir, device=device)  # fmt: skip
     for (corruption, severity), data in bench.domains.items():
         torch.manual_seed(cell.seed)
-        entry = cell.entry
-        tta = tta_norm.adapt(model, entry.preset, entry.method, device=device, **dict(entry.kwargs))
+        tta = tta_norm.adapt(model, entry.preset, entry.method, device=device, **kwargs)
         baseline = copy.deepcopy(tta) if cell.mode == "cumulative" else None
         batches = batch_indices(len(data), cell.batch_size, cfg.batches_for(cell.objective), cfg.data_seed)
         for i, idx in enumerate(batches):
