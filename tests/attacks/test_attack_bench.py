@@ -223,6 +223,31 @@ def test_entries_with_fitted_ttn_and_fisher_run_as_in_the_bench(tmp_path, patche
     assert list((tmp_path / "cache" / "ttn").glob("ttn-*.pt"))  # fitted once, cached for the next cell
 
 
+def test_every_config_key_is_in_the_cell_key_or_declared_result_neutral(tmp_path):
+    import dataclasses
+
+    axes = {"methods", "objectives", "budgets", "fractions", "batch_sizes", "modes", "seeds"}
+    content = {"model", "checkpoint", "data_dir"}  # keyed by the weights' and the images' content
+    neutral = {"name", "device", "output", "plots", "resources", "trackers"}
+    fields = {f.name for f in dataclasses.fields(ab.AttackConfig)}
+    assert fields == axes | set(ab.ATTACK_PARAMS) | content | neutral
+    state = {"model": pool_bn_net(), "bench": _fake_bench()}
+
+    def key(**change):
+        job = ab.AttackJob(_tiny_cfg(tmp_path, **change))
+        return job.cells()[0].key(job.kind, job.identity(state))
+
+    base = key()
+    changes = [{"protocol": "unrolled"}, {"steps": 4}, {"step_size": 0.1}, {"init": "random"}, {"data_seed": 1},
+               {"n_batches": 1}, {"stealth_weight": 2.0}, {"corruptions": ["fog"]}, {"severities": [3]},
+               {"source": "regenerate"}, {"dataset": "cifar100"}]  # fmt: skip
+    assert {next(iter(c)) for c in changes} == set(ab.ATTACK_PARAMS)
+    for change in changes:
+        assert key(**change) != base, change
+    for change in ({"output": str(tmp_path / "elsewhere")}, {"plots": False}, {"device": "auto"}, {"name": "other"}):
+        assert key(**change) == base, change
+
+
 def test_all_corruptions_is_a_config_value():
     from tta_norm.data.benchmark import CORRUPTIONS
 

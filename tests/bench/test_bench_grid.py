@@ -44,3 +44,31 @@ def test_keys_change_with_weights_and_data_content(tmp_path):
     assert set(ident) == {"model", "data", "params", "version"}
     assert ident["params"]["corruptions"] == ["fog", "gaussian_noise"] and "n_examples" in ident["params"]
     assert len(ident["data"]["domains"]) == 2 and ident["model"]["weights_sha256"]
+
+
+def test_every_config_key_is_in_the_cell_key_or_declared_result_neutral(tmp_path):
+    import dataclasses
+
+    from tta_norm.bench.config import BenchConfig
+    from tta_norm.bench.runner import BENCH_PARAMS
+
+    axes = {"methods", "settings", "orders", "deltas", "batch_sizes", "seeds"}
+    # keyed by the weights' and the images' content (the domains are named corruption@severity)
+    content = {"model", "checkpoint", "weights", "random_init", "data_dir", "severities"}
+    neutral = {"name", "device", "output", "plots", "resources", "trackers"}
+    assert {f.name for f in dataclasses.fields(BenchConfig)} == axes | set(BENCH_PARAMS) | content | neutral
+    model, bench = tiny_model(), fake_benchmark()
+
+    def key(output=str(tmp_path), **change):
+        job = BenchJob(bench_config(output, **change), model=model, bench=bench)
+        return job.cells()[0].key(job.kind, job.identity(job.prepare("cpu")))
+
+    base = key()
+    changes = [{"dataset": "cifar100"}, {"source": "regenerate"}, {"corruptions": ["fog"]}, {"n_examples": 12},
+               {"clean_interleaved": True}, {"data_seed": 1}, {"on_bad_batch": "raise"}]  # fmt: skip
+    assert {next(iter(c)) for c in changes} | {"imagenet_ids"} == set(BENCH_PARAMS)
+    for change in changes:
+        assert key(**change) != base, change
+    assert key(dataset="imagenet", imagenet_ids="ids.txt") != key(dataset="imagenet")
+    for change in ({"output": str(tmp_path / "elsewhere")}, {"plots": True}, {"device": "auto"}, {"name": "other"}):
+        assert key(**change) == base, change
