@@ -248,6 +248,14 @@ def test_every_config_key_is_in_the_cell_key_or_declared_result_neutral(tmp_path
         assert key(**change) == base, change
 
 
+def test_report_says_when_records_come_from_several_code_revisions(tmp_path, patched):
+    records = ab.run_attack_grid(_tiny_cfg(tmp_path, methods=["tbn"]), progress=False).records
+    assert "Mixed code" not in (tmp_path / "run" / "report.md").read_text()
+    records[0] = {**records[0], "env": {**records[0]["env"], "git": "0123abc"}}
+    report = ab.write_attack_outputs(tmp_path / "run", records, plots=False).read_text()
+    assert "**Mixed code:** these 2 records come from 2 code revisions (0123abc, " in report
+
+
 def test_all_corruptions_is_a_config_value():
     from tta_norm.data.benchmark import CORRUPTIONS
 

@@ -269,3 +269,20 @@ def test_progress_is_logged_when_stderr_is_a_file(caplog):
         bar.update(1)  # quiet again
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ["attack: 4/10 work units (40 %), 2.0 min elapsed, about 3 min left; at medbn targeted"]
+
+
+def test_records_carry_their_code_revision_and_a_mixed_resume_is_loud(tmp_path, caplog, monkeypatch):
+    import tta_norm.bench.grid as grid
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(grid, "git_revision", lambda: "aaaa")
+    first = run_grid(ToyJob(ToyConfig(output=str(out), values=[1, 2])), RunOptions(progress=False))
+    assert [r["env"]["git"] for r in first.records] == ["aaaa", "aaaa"]
+    caplog.set_level(logging.INFO, logger="tta_norm.bench")
+    again = run_grid(ToyJob(ToyConfig(output=str(out), values=[1, 2, 3])), RunOptions(resume=True, progress=False))
+    assert again.ran == 1 and "code revisions" not in caplog.text
+    monkeypatch.setattr(grid, "git_revision", lambda: "bbbb")
+    mixed = run_grid(ToyJob(ToyConfig(output=str(out), values=[1, 2, 3, 4])), RunOptions(resume=True, progress=False))
+    assert [r["env"]["git"] for r in mixed.records] == ["aaaa", "aaaa", "aaaa", "bbbb"]
+    assert "the 4 records come from 2 code revisions (aaaa, bbbb)" in caplog.text
+    assert grid.code_revisions([{"env": {}}, {"env": {"git": "cccc"}}]) == ["unrecorded", "cccc"]

@@ -604,4 +604,5 @@ def write_attack_report(out: Path, records: list[dict[str, Any]], *, plots: bool
         lines += ["", sweep]
     failed_cells = [f"- {r['cell']['method']['name']} {r['cell']['objective']} f={r['cell']['fraction']}: "
                     f"{r.get('error')}" for r in failed]  # fmt: skip
-    return write_markdown_report(out, lines, failed_cells, make_attack_plots(out, records) if plots and ok else [])
+    plot_files = make_attack_plots(out, records) if plots and ok else []
+    return write_markdown_report(out, lines, failed_cells, plot_files, records)

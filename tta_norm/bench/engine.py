@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tta_norm.bench.executors import CellRun, run_locally
-from tta_norm.bench.grid import GridCell, GridJob, environment, shard_cells
+from tta_norm.bench.grid import GridCell, GridJob, code_revisions, environment, git_revision, shard_cells
 from tta_norm.bench.store import ResultStore, StoreContents, atomic_write
 from tta_norm.bench.validate import ConfigError
 from tta_norm.device import resolve_device
@@ -73,19 +72,6 @@ class GridOutcome:
     def exit_status(self) -> int:
         """0 when every cell of this run is ok, 1 when some failed."""
         return 1 if self.failed else 0
-
-
-def git_revision() -> str | None:
-    root = Path(__file__).resolve().parents[2]
-    try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5)  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def _device_name(device: Any) -> str:
@@ -278,6 +264,11 @@ def _run(
     if others:
         log.info(f"{others} stored record(s) of other grids (another model, data, parameters or cells) stay in "
                  f"{store.path.name} but are not in this report")  # fmt: skip
+    revisions = code_revisions(records)
+    if len(revisions) > 1:
+        log.warning(f"the {len(records)} records come from {len(revisions)} code revisions "
+                    f"({', '.join(revisions)}): a resumed run mixed code versions under the same keys; "
+                    "--overwrite reruns every cell on one")  # fmt: skip
     report = job.write_outputs(out, records)
     if failed:
         log.warning(f"{failed} of {len(todo)} cells failed (their errors are in {out / 'results.jsonl'}); "

@@ -10,9 +10,11 @@ their records.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
+import subprocess
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -69,14 +71,31 @@ def shard_cells(cells: Sequence[GridCell], shard: tuple[int, int] | None) -> lis
     return [c for c in cells if c.index % n == k - 1]
 
 
+@functools.cache
+def git_revision() -> str | None:
+    """The git commit of the running package's checkout (``-dirty`` if tracked files changed), or ``None``;
+    read once per process, the code it has imported."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
 def environment() -> dict[str, Any]:
-    """Versions and machine facts stored with every record (not part of the key)."""
+    """Versions, code revision and machine facts stored with every record (not part of the key)."""
     import torch
 
     import tta_norm
 
     return {
         "tta_norm": tta_norm.__version__,
+        "git": git_revision(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
@@ -174,6 +193,13 @@ def base_record(kind: str, cell: GridCell, identity: dict[str, Any], data: str) 
         "data": data,
         "env": environment(),
     }
+
+
+def code_revisions(records: Sequence[dict[str, Any]]) -> list[str]:
+    """The distinct code revisions (``env.git``) that produced ``records``, in first-seen order; ``"unrecorded"``
+    for a record without one.  More than one means a resumed run mixed code versions under the same keys."""
+    revs = [str((r.get("env") or {}).get("git") or "unrecorded") for r in records]
+    return list(dict.fromkeys(revs))
 
 
 def failed_record(

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tta_norm.bench.grid import code_revisions
 from tta_norm.bench.store import atomic_write
 
 GroupKey = tuple[str, str, Any, int, Any]  # setting, order, delta, batch size, severity
@@ -79,9 +80,18 @@ def save_figure(fig: Any, path: Path) -> Path:
     return path
 
 
-def write_markdown_report(out: Path, lines: list[str], failed: list[str], plots: list[Path]) -> Path:
-    """``out/report.md``: ``lines``, then a section listing the ``failed`` cells (one Markdown item each) and one
-    linking the ``plots`` (files in ``out/plots``), each only when there is something to list; returns its path."""
+def write_markdown_report(
+    out: Path, lines: list[str], failed: list[str], plots: list[Path], records: Sequence[dict[str, Any]] = ()
+) -> Path:
+    """``out/report.md``: ``lines``, then a warning when ``records`` come from more than one code revision
+    (:func:`~tta_norm.bench.grid.code_revisions`), a section listing the ``failed`` cells (one Markdown item each)
+    and one linking the ``plots`` (files in ``out/plots``), each only when there is something to say; returns
+    its path."""
+    revisions = code_revisions(records)
+    if len(revisions) > 1:
+        lines = [*lines, "", f"**Mixed code:** these {len(records)} records come from {len(revisions)} code "
+                 f"revisions ({', '.join(revisions)}), a run resumed across code changes; `--overwrite` reruns "
+                 "every cell on one."]  # fmt: skip
     if failed:
         lines = [*lines, "", "### failed cells", "", *failed]
     if plots:
@@ -233,4 +243,4 @@ def write_report(
         lines += lat
     failed_cells = [f"- {r['cell']['method']['name']} {r['cell']['setting']} batch {r['cell']['batch_size']}: "
                     f"{r.get('error')}" for r in failed]  # fmt: skip
-    return write_markdown_report(out, lines, failed_cells, make_plots(out, records) if plots and ok else [])
+    return write_markdown_report(out, lines, failed_cells, make_plots(out, records) if plots and ok else [], records)
