@@ -39,12 +39,15 @@ def test_cifar10_stream_batches_after_the_first_update(resnet20, cifar_stream) -
 
 def test_weights_and_regulariser_use_the_official_arithmetic() -> None:
     model = tiny_net()
+    x = 3 * torch.randn(64, 3, 6, 6, generator=torch.Generator().manual_seed(1))
     fishers = {"bn.weight": (torch.rand(4), torch.zeros(4)), "bn.bias": (torch.rand(4), torch.ones(4))}
     tta = tta_norm.adapt(model, "tbn", "eata", e_margin=1.5, d_margin=1.0, fishers=fishers, fisher_alpha=3.0, lr=0.0)
-    logits = tta.model(X)
+    logits = tta.model(x)
     ent = -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
     sel = ent[torch.where(ent < 1.5)]
-    expected = sel.mul(1 / torch.exp(sel.detach() - 1.5)).mean(0)
+    weights = 1 / torch.exp(sel.detach() - 1.5)
+    assert len(sel) > 10 and not torch.equal(weights, torch.exp(1.5 - sel.detach()))  # the inputs tell them apart
+    expected = sel.mul(weights).mean(0)
     ewc = 0
     for name, p in tta.method.named_params:
         if name in fishers:
@@ -60,7 +63,7 @@ def test_weights_and_regulariser_use_the_official_arithmetic() -> None:
         return step(*a, **k)
 
     tta.method.optimizer.step = spy
-    tta(X)
+    tta(x)
     for g, ref in zip(captured["grads"], grads, strict=True):
         assert torch.equal(g, ref)
     assert tta.method.uses_fisher

@@ -60,6 +60,26 @@ def test_base_step_is_taken_when_no_sample_survives() -> None:
     assert any(not torch.equal(p, old) for p, old in zip(params_of(tta), before, strict=True))
 
 
+def test_base_step_is_taken_when_no_sample_survives_the_second_filter() -> None:
+    from tta_norm.methods.base import softmax_entropy
+    from tta_norm.norm import keep_state
+
+    opts = {"optimizer": "sgd", "optim": {"lr": 0.1, "momentum": 0.9}}
+    tta = tta_norm.adapt(tiny_net(), "tbn", "sar", e_margin=10.0, rho=5.0, **opts)
+    tta(X)
+    probe = copy.deepcopy(tta)
+    with torch.no_grad(), keep_state(probe.model):
+        ent = softmax_entropy(probe.model(X2)).sort().values
+    tta.method.e_margin = float(ent[0] + ent[1]) / 2  # one sample passes the first filter ...
+    ema = tta.method.loss_ema
+    bufs = [tta.method.optimizer.state[p]["momentum_buffer"].clone() for p in tta.method.params]
+    before = params_of(tta)
+    tta(X2)
+    assert tta.method.loss_ema == ema  # ... none the second (rho 5 raises its entropy): NaN loss, EMA kept
+    for p, old, buf in zip(params_of(tta), before, bufs, strict=True):
+        torch.testing.assert_close(p, old - 0.1 * 0.9 * buf)
+
+
 class LNNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
