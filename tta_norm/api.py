@@ -8,7 +8,7 @@ import math
 import os
 import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -405,6 +405,21 @@ def _resolve_spec(preset: str | NormSpec | Preset) -> tuple[NormSpec, str]:
     raise TypeError(f"preset must be a preset name, a NormSpec or a Preset, got {type(preset).__name__}")
 
 
+def check_ambiguous_kwargs(method: str | None, kwargs: Iterable[str]) -> None:
+    """Refuse, when a gradient ``method`` is given, a keyword that is both a NormSpec field and an optimiser
+    setting (``momentum``, ``eps``): a :class:`TypeError` saying where each of the two belongs."""
+    if method is None:
+        return
+    ambiguous = sorted(set(kwargs) & spec_fields() & optim_setting_names())
+    if ambiguous:
+        key = ambiguous[0]
+        raise TypeError(
+            f"{key}= is ambiguous with a gradient method: it is the NormSpec field (statistics {key}) and an "
+            f"optimiser setting; pass the optimiser's in optim={{{key!r}: ...}} and the statistics' in the "
+            f"preset (e.g. preset=tta_norm.get_preset('ema').spec.replace({key}=...))"
+        )
+
+
 def adapt(
     model: nn.Module,
     preset: str | NormSpec | Preset | None = None,
@@ -459,15 +474,7 @@ def adapt(
             "statistics presets need BatchNorm; a gradient method (method='tent', 'eata' or 'sar') adapts "
             "LayerNorm/GroupNorm affine parameters"
         )
-    if method is not None:
-        ambiguous = sorted(set(kwargs) & spec_fields() & optim_setting_names())
-        if ambiguous:
-            key = ambiguous[0]
-            raise TypeError(
-                f"{key}= is ambiguous with a gradient method: it is the NormSpec field (statistics {key}) and an "
-                f"optimiser setting; pass the optimiser's in optim={{{key!r}: ...}} and the statistics' in the "
-                f"preset (e.g. preset=tta_norm.get_preset('ema').spec.replace({key}=...))"
-            )
+    check_ambiguous_kwargs(method, kwargs)
     spec_overrides = {k: v for k, v in kwargs.items() if k in spec_fields()}
     method_kwargs = {k: v for k, v in kwargs.items() if k not in spec_fields()}
     if spec_overrides:

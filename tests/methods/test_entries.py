@@ -49,6 +49,8 @@ def test_fisher_samples_become_cached_fisher_images(monkeypatch) -> None:
     b = tta_norm.adapt(tiny_net(), "tbn", "eata", **kwargs)
     assert fisher_mod.cache_stats == {"hits": 1, "misses": 1} and a.method.uses_fisher and b.method.uses_fisher
     fisher_mod.clear_fisher_cache()
+    resolve_entry_kwargs("tbn", "eata", {"fisher_samples": True}, tiny_net())
+    assert seen[-1] == ("cifar10", 2000, 0)  # EATA's --fisher_size
     with pytest.raises(ValueError, match="fisher_samples is an EATA setting"):
         resolve_entry_kwargs("tbn", "tent", {"fisher_samples": 10}, tiny_net())
     with pytest.raises(ValueError, match="ttn_fit fits the 'ttn' preset"):
@@ -96,3 +98,22 @@ def test_unfitted_ttn_warns_and_iabn_says_what_it_lacks() -> None:
         tta_norm.adapt(tiny_net(), "ttn")
     summary = tta_norm.get_preset("iabn").summary
     assert "without NOTE's PBRS memory" in summary and "momentum-0.01" in summary and "entropy step" in summary
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"fisher_samples": None}, "fisher_samples: expected an integer"),
+        ({"fisher_samples": 0}, "fisher_samples: must be >= 1"),
+        ({"fisher_seed": -1}, "fisher_seed: must be >= 0"),
+        ({"momentum": 0.9}, "momentum= is ambiguous with a gradient method"),
+    ],
+)
+def test_entries_that_could_only_fail_per_cell_are_refused_by_the_config(kwargs, message) -> None:
+    from tta_norm.bench.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        parse_method({"preset": "ema", "method": "eata", "kwargs": kwargs})
+    assert parse_method({"preset": "ema", "kwargs": {"momentum": 0.2}}).preset == "ema"  # statistics only: no clash
+    default_size = parse_method({"preset": "tbn", "method": "eata", "kwargs": {"fisher_samples": True}})
+    assert default_size.label.startswith("tbn+eata")

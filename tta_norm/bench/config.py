@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from tta_norm.api import check_ambiguous_kwargs
 from tta_norm.bench.validate import (
     ConfigError,
     as_list,
@@ -292,6 +293,15 @@ def parse_method(item: Any, path: str = "methods") -> MethodEntry:
         raise ConfigError(f"{path}.kwargs ({entry.label}): fisher_samples/fisher_seed are EATA settings")
     if "ttn_fit" in keys and (entry.preset != "ttn" or "init_state" in keys):
         raise ConfigError(f"{path}.kwargs.ttn_fit ({entry.label}): fits the 'ttn' preset, without init_state")
+    values = dict(entry.kwargs)
+    if "fisher_samples" in values and values["fisher_samples"] is not True:
+        check_int(f"{path}.kwargs.fisher_samples", values["fisher_samples"], minimum=1)
+    if "fisher_seed" in values:
+        check_int(f"{path}.kwargs.fisher_seed", values["fisher_seed"], minimum=0)
+    try:
+        check_ambiguous_kwargs(entry.method, keys)
+    except TypeError as err:
+        raise ConfigError(f"{path}.kwargs ({entry.label}): {err}") from None
     spec_kwargs = {k: v for k, v in entry.kwargs if k in spec_fields()}
     try:
         get_preset(entry.preset).spec.replace(**spec_kwargs)
