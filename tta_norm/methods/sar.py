@@ -43,6 +43,8 @@ class SAR(GradientMethod):
     triggers a model recovery: parameters and statistics back to the source; as in the reference (whose
     ``SAM.load_state_dict`` restores only SAM's own state) the base optimiser's state (Adam moments and step
     count, SGD momentum) and the loss EMA survive it.  Returns the logits of the first forward pass.
+    Deviation: an explicit ``reset()`` (and ``episodic`` / ``reset_every``) returns to the source state with a
+    fresh optimiser, where the reference's ``reset`` (also its episodic mode) keeps the base optimiser's state.
 
     Trained parameters: the official selection (:func:`is_sar_top_layer` layers left out); ``freeze_top=False``
     adapts every norm layer.  Base optimiser: the toolkit default (Adam lr 1e-3, Marsden & Doebler's and MedBN's
