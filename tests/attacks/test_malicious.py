@@ -176,15 +176,16 @@ def test_tent_victim_is_attacked_too():
 
 
 # ------------------------------------------------------------------------------- state after the attack
+@pytest.mark.parametrize("attacker", ["surrogate", "unrolled"])
 @pytest.mark.parametrize("preset,method", [("tbn", None), ("ema", None), ("tbn", "tent"), ("medbn", "tent")])
-def test_craft_leaves_state_untouched(preset, method):
+def test_craft_leaves_state_untouched(preset, method, attacker):
     tta = tta_norm.adapt(conv_bn_net(), preset, method)
     x, y = batch(10)
     tta(batch(10, seed=9)[0])  # some history (EMA, Adam moments)
     before = _state(tta)
     counters = (tta.num_batches, tta.num_adapted)
     flags = [p.requires_grad for p in tta.model.parameters()]
-    craft_malicious(tta, x, y, MaliciousAttack(num_malicious=3, steps=3, step_size=0.05))
+    craft_malicious(tta, x, y, MaliciousAttack(num_malicious=3, steps=3, step_size=0.05, attacker=attacker))
     _assert_same_state(before, _state(tta))
     assert [p.requires_grad for p in tta.model.parameters()] == flags  # the surrogate's constants are a copy
     assert (tta.num_batches, tta.num_adapted) == counters

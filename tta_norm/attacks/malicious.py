@@ -29,10 +29,12 @@ as MedBN's evaluation, Park et al., CVPR 2024):
   (:func:`tta_norm.norm.functional.median_batch_norm`; the official code differentiates the textbook formula,
   equal up to float rounding).
 * Iterates: DIA and MedBN keep the **last** iterate (``keep_best=False``, the default).  A targeted attack stops
-  at the first step where the victim's prediction of the target flips (``stop_on_success``; with a surrogate
-  attacker against an updated victim each candidate is confirmed on a copy of the victim), and the step count
-  is recorded: success is success, and steps-to-success is a measure of its own.  Indiscriminate and stealthy
-  attacks use the whole budget.  ``ATTACK_PROTOCOLS["dia"]`` names the published setting.
+  at the first step whose iterate makes the attacker's forward predict the target and the victim confirm it
+  (``stop_on_success``; against an updated victim, or through an unrolled step, on a copy of the victim), and
+  the step count is recorded: success is success, and steps-to-success is a measure of its own.  This departs
+  from DIA's and MedBN's code, which run every step and score the last iterate (``stop_on_success=False``).
+  Indiscriminate and stealthy attacks use the whole budget.  ``ATTACK_PROTOCOLS["dia"]`` names the published
+  setting.
 * Objectives: ``"targeted"`` (the benign sample at ``target_index`` (0) to label ``(y + 1) mod C``: minimise
   its cross-entropy), ``"indiscriminate"`` (maximise the sum over benign samples of ``clamp(CE, 0, 5)``),
   ``"stealthy"`` (targeted plus ``stealth_weight`` times the mean cross-entropy of the other benign samples
@@ -88,7 +90,7 @@ class MaliciousAttack:
     unbounded).  ``clamp_ce`` is the cap of the indiscriminate per-sample loss.  ``victim`` / ``attacker``: see
     the module docstring (defaults: the ``dia`` protocol).  ``keep_best`` returns the iterate with the best
     attacker loss instead of the last one.  ``stop_on_success``: a targeted attack ends at the first step whose
-    victim prediction hits the target.
+    attacker forward hits the target and the victim confirms it.
     """
 
     objective: Objective = "targeted"
