@@ -91,10 +91,11 @@ def test_regeneration_missing_corrupt_is_clear(tmp_path, monkeypatch, jpeg_like_
         load_corruption_benchmark("cifar10", ["fog"], data_dir=jpeg_like_tree, cache_dir=tmp_path / "c")
 
 
-def test_regeneration_cached_seeded_and_reported(tmp_path, fake_corruptions, jpeg_like_tree):
+def test_regeneration_cached_seeded_and_reported(tmp_path, fake_corruptions, jpeg_like_tree, capsys):
     cache = tmp_path / "cache"
     kw = dict(data_dir=jpeg_like_tree, cache_dir=cache, progress=False)
     bench = load_corruption_benchmark("cifar10", ["fog", "snow"], (3, 5), include_clean=True, seed=7, **kw)
+    assert capsys.readouterr().err == ""  # progress=False: no bar while the clean set is decoded either
     assert bench.regenerated and bench.provenance[("fog", 3)] == "regenerated"
     assert bench.provenance[CLEAN] == "clean" and "imagefolder" in bench.clean_source
     assert "regenerated" in bench.describe()

@@ -101,15 +101,18 @@ class CorruptionBenchmark:
 # ------------------------------------------------------------------------------------------------ clean test sets
 
 
-def load_clean_test_set(dataset: str = "cifar10", data_dir: str | os.PathLike | None = None) -> ArrayDataset:
-    """The clean test split: ``cifar-10-batches-py`` / ``cifar-100-python``, else (CIFAR-10) the JPEG mirror."""
+def load_clean_test_set(
+    dataset: str = "cifar10", data_dir: str | os.PathLike | None = None, progress: bool = True
+) -> ArrayDataset:
+    """The clean test split: ``cifar-10-batches-py`` / ``cifar-100-python``, else (CIFAR-10) the JPEG mirror
+    (``progress``: a bar while its images are decoded)."""
     if dataset == "cifar10":
         root = find_dataset_dir(["cifar-10-batches-py"], is_cifar10_python, data_dir)
         if root is not None:
             return read_cifar10_python(root, "test")
         root = find_dataset_dir(["cifar10-jpeg"], is_image_folder_split, data_dir)
         if root is not None and (root / "test").is_dir():
-            return _interleave_classes(read_image_folder(root / "test"))
+            return _interleave_classes(read_image_folder(root / "test", progress=progress))
     elif dataset == "cifar100":
         root = find_dataset_dir(["cifar-100-python"], is_cifar100_python, data_dir)
         if root is not None:
@@ -296,7 +299,7 @@ def load_corruption_benchmark(
         notes.append(f"release {release}")
     else:
         corrupt = _get_corrupt()  # fail before loading anything if the generator is missing
-        clean = load_clean_test_set(dataset, data_dir)
+        clean = load_clean_test_set(dataset, data_dir, progress)
         known = _known_corruptions()
         unknown = [c for c in corruptions if known is not None and c not in known]
         if unknown:
@@ -321,7 +324,7 @@ def load_corruption_benchmark(
                     bar.update(len(clean))
         notes.append(f"regenerated from {clean.source} with seed {seed}, preset {preset!r}, cache {directory}")
     if include_clean:
-        clean = clean or load_clean_test_set(dataset, data_dir)
+        clean = clean or load_clean_test_set(dataset, data_dir, progress)
         domains[CLEAN] = clean.head(n_examples)
         provenance[CLEAN] = "clean"
     return CorruptionBenchmark(dataset, domains, provenance, clean.source if clean is not None else None, notes)

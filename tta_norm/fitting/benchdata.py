@@ -48,7 +48,7 @@ def subset_corruption_benchmark(
     from tta_norm.data.paths import data_cache_dir
 
     corruptions = list(corruptions or CORRUPTIONS)
-    clean_all = load_clean_test_set("cifar10", data_dir)
+    clean_all = load_clean_test_set("cifar10", data_dir, progress)
     idx = np.sort(seeded_subset(len(clean_all), n_per_domain, subset_seed))
     clean = clean_all.subset(idx)
     h = hashlib.sha1(np.ascontiguousarray(clean.images).data)

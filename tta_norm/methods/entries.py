@@ -74,7 +74,7 @@ def clean_source_images(
     if dataset == "cifar10":
         images, _ = load_source_split("train", n, seed=seed, data_dir=data_dir, progress=progress)
     else:
-        data = load_clean_test_set(dataset, data_dir)
+        data = load_clean_test_set(dataset, data_dir, progress)
         idx = np.sort(seeded_subset(len(data), n, seed))
         images = np.ascontiguousarray(data.images[idx])
     return to_float_nchw(torch.from_numpy(images))
