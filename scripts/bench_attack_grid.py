@@ -7,10 +7,14 @@ plain forward+backward of the same adapted model, then multiplies by what the gr
 batch ``steps + 3`` passes for indiscriminate attacks (the full budget: clean reference, crafting, attacked
 prediction) and for targeted ones the measured mean steps of a finished run (``--run DIR``: its records'
 ``mean_steps``) or the full budget (an upper bound).  It also prints the part that no normalisation layer can
-remove: the plain convolution work of the same passes (the source model's forward+backward).
+remove: the plain convolution work of the same passes (the source model's forward+backward).  With
+``--compiled-floor`` it also compiles that plain network (``torch.compile``, eval mode, so the compiler may fold
+the normalisation into the convolutions) and scales the floor by the median ratio of compiled to eager
+forward+backward over paired rounds: a lower bound for any implementation on this machine.
 
     python scripts/bench_attack_grid.py attack_medbn                  # the headline grid, upper bound
     python scripts/bench_attack_grid.py attack_medbn --run runs/attack_medbn --timing-steps 5
+    python scripts/bench_attack_grid.py attack_medbn --compiled-floor
 """
 
 from __future__ import annotations
@@ -31,6 +35,31 @@ def _seconds_per_step(fn, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def _compiled_ratio(model: torch.nn.Module, x: torch.Tensor, rounds: int) -> float:
+    """Median over ``rounds`` of (compiled / eager) seconds of one input-gradient forward+backward of ``model``."""
+    import copy
+    import statistics
+
+    eager = copy.deepcopy(model).eval().requires_grad_(False)
+    compiled = torch.compile(copy.deepcopy(model).eval().requires_grad_(False))
+
+    def step(net: torch.nn.Module) -> None:
+        with torch.enable_grad():
+            xi = x.clone().requires_grad_(True)
+            torch.autograd.grad(net(xi).sum(), [xi])
+
+    step(compiled)  # compile
+    step(eager)
+    ratios = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        step(eager)
+        mid = time.perf_counter()
+        step(compiled)
+        ratios.append((time.perf_counter() - mid) / (mid - start))
+    return statistics.median(ratios)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", default="attack_medbn")
@@ -38,6 +67,9 @@ def main() -> int:
     parser.add_argument("--run", default=None, help="a finished run of the grid: use its mean steps per attack")
     parser.add_argument("--timing-steps", type=int, default=5, help="attacker steps timed per method entry")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--compiled-floor", action="store_true",
+                        help="also scale the floor by torch.compile's speed-up of the plain network")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=15, help="paired rounds for --compiled-floor")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -68,6 +100,7 @@ def main() -> int:
     plain_step: dict[str, float] = {}
     total = conv_total = 0.0
     rows = defaultdict(float)
+    conv_by_batch: dict[int, float] = defaultdict(float)
     for cell in cfg.cells():
         entry, bs = cell.entry, cell.batch_size
         key = f"{entry.label} b{bs}"
@@ -100,11 +133,19 @@ def main() -> int:
         seconds = passes * per_step[key]
         total += seconds
         conv_total += passes * plain_step[key]
+        conv_by_batch[bs] += passes * plain_step[key]
         rows[(entry.label, cell.objective)] += seconds
+    compiled: dict[str, float] = {}
+    if args.compiled_floor:
+        ratios = {bs: _compiled_ratio(model, torch.rand(bs, 3, 32, 32, generator=g).to(device), args.rounds)
+                  for bs in conv_by_batch}  # fmt: skip
+        floor = sum(conv_by_batch[bs] * r for bs, r in ratios.items())
+        compiled = {"compiled_to_eager_ratio": {str(bs): round(r, 3) for bs, r in ratios.items()},
+                    "compiled_floor_minutes": round(floor / 60, 1)}  # fmt: skip
     print(json.dumps({"config": cfg.name, "cells": len(cfg.cells()), "threads": torch.get_num_threads(),
                       "targeted_steps": "measured" if mean_steps else f"full budget ({cfg.steps})",
                       "projected_minutes": round(total / 60, 1),
-                      "convolution_floor_minutes": round(conv_total / 60, 1),
+                      "convolution_floor_minutes": round(conv_total / 60, 1), **compiled,
                       "minutes_by_row": {f"{m} {o}": round(s / 60, 1) for (m, o), s in rows.items()}}))  # fmt: skip
     return 0
 
