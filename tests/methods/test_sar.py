@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -101,3 +102,24 @@ def test_default_selection_is_the_official_one() -> None:
     assert every == {f"blocks.{i}" for i in range(12)} | {"layer4", "norm"}
     assert not is_sar_top_layer("layer3.2.bn1") and is_sar_top_layer("layer4.0.bn1")
     assert len(tta_norm.adapt(tiny_net(), "tbn", "sar").method.params) == 4  # no top layer in a small net
+
+
+def test_a_rejected_batch_after_a_recovery_leaves_the_kept_optimiser_state_intact() -> None:
+    def stream(reject: bool) -> list[torch.Tensor]:
+        tta = tta_norm.adapt(tiny_net(), "ema", "sar", e_margin=10.0, lr=0.01, reset_constant=100.0)
+        out = [tta(X)]  # a recovery: the base optimiser's state is kept for the next batch
+        tta.method.reset_constant = -1.0  # no further recovery: the kept moments shape every later step
+        if reject:  # takes the kept state, fails after its step (in-place moment updates), is rolled back
+
+            def fail(*_: object) -> None:
+                raise RuntimeError("failed after the step")
+
+            handle = tta.method.optimizer.register_step_post_hook(fail)
+            with pytest.raises(RuntimeError, match="after the step"):
+                tta(X2)
+            handle.remove()
+        out += [tta(X2), tta(X), tta(X2)]
+        return out
+
+    for a, b in zip(stream(False), stream(True), strict=True):
+        assert torch.equal(a, b)

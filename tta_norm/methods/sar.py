@@ -83,7 +83,8 @@ class SAR(GradientMethod):
 
     def forward_and_adapt(self, x: Tensor) -> Tensor:
         if self._kept_optimizer_state is not None:  # after a model recovery: the base optimiser's state survives
-            self.optimizer.load_state_dict(self._kept_optimizer_state)
+            # a copy: load_state_dict aliases the tensors, and a rolled-back step must not change the kept state
+            self.optimizer.load_state_dict(copy.deepcopy(self._kept_optimizer_state))
             self._kept_optimizer_state = None
         return super().forward_and_adapt(x)
 
