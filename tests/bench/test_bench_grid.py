@@ -72,3 +72,43 @@ def test_every_config_key_is_in_the_cell_key_or_declared_result_neutral(tmp_path
     assert key(dataset="imagenet", imagenet_ids="ids.txt") != key(dataset="imagenet")
     for change in ({"output": str(tmp_path / "elsewhere")}, {"plots": True}, {"device": "auto"}, {"name": "other"}):
         assert key(**change) == base, change
+
+
+def test_files_and_source_data_an_entry_reads_are_in_its_cells_keys(tmp_path):
+    import pytest
+    import torch
+
+    import tta_norm
+    from tests.data.test_data import _write_png_tree
+    from tta_norm.bench.validate import ConfigError
+
+    model, bench = tiny_model(), fake_benchmark()
+    state_file = tmp_path / "ttn_state.pt"
+    with pytest.warns(UserWarning, match="without init_state"):
+        fitted = tta_norm.adapt(model, "ttn").model.state_dict()
+    torch.save(fitted, state_file)
+    for name, seed in (("a", 0), ("b", 1)):  # two source data directories with different training images
+        _write_png_tree(tmp_path / name / "cifar10-jpeg" / "train", ["x", "y"], 4, size=(8, 8), seed=seed)
+        _write_png_tree(tmp_path / name / "cifar10-jpeg" / "test", ["x", "y"], 2, size=(8, 8))
+    methods = ["tbn", {"preset": "ttn", "kwargs": {"init_state": str(state_file)}},
+               {"preset": "tbn", "method": "eata", "kwargs": {"fisher_samples": 4}}]  # fmt: skip
+
+    def keys(data_dir):
+        job = BenchJob(bench_config(str(tmp_path / "out"), methods=methods, data_dir=str(tmp_path / data_dir)),
+                       model=model, bench=bench)  # fmt: skip
+        identity = job.identity(job.prepare("cpu"))
+        return {c.payload.entry.preset + (c.payload.entry.method or ""): job.cell_key(c, identity)
+                for c in job.cells() if c.payload.seed == 0}  # fmt: skip
+
+    base = keys("a")
+    assert set(base) == {"tbn", "ttn", "tbneata"}
+    assert keys("a") == base  # fingerprints are stable
+    other_source = keys("b")  # other Fisher images: only the EATA entry's cells change
+    assert other_source["tbneata"] != base["tbneata"] and other_source["ttn"] == base["ttn"]
+    assert other_source["tbn"] == base["tbn"]  # an entry without inputs keeps its key (stored runs stay valid)
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in fitted.items()}, state_file)
+    changed = keys("a")  # the same path, other contents: only the ttn entry's cells change
+    assert changed["ttn"] != base["ttn"] and changed["tbneata"] == base["tbneata"]
+    state_file.unlink()
+    with pytest.raises(ConfigError, match="init_state file not found"):
+        keys("a")

@@ -103,7 +103,7 @@ def plan_cells(
     """Split ``cells`` into reused (an ``ok`` record with the full key) and to-run, counting the reasons."""
     reused, todo, reasons = [], [], Counter()
     for cell in cells:
-        rec = stored.records.get(cell.key(job.kind, identity))
+        rec = stored.records.get(job.cell_key(cell, identity))
         if rec is not None and rec.get("status") == "ok":
             reused.append(cell)
             continue
@@ -111,7 +111,7 @@ def plan_cells(
         if rec is not None:
             reasons["failed before, retried"] += 1
         else:
-            reasons[explain_stale(cell, job.kind, identity, stored) or "not stored"] += 1
+            reasons[explain_stale(cell, job.kind, job.cell_identity(cell, identity), stored) or "not stored"] += 1
     return reused, todo, reasons
 
 
@@ -257,7 +257,7 @@ def _run(
         entry.update(ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"), cells=len(mine), reused=len(reused),
                      ran=len(todo), failed=failed, status=status)  # fmt: skip
         write_provenance(out, entry)
-    keys = {c.key(job.kind, identity) for c in cells}  # the whole grid: other shards may share the directory
+    keys = {job.cell_key(c, identity) for c in cells}  # the whole grid: other shards may share the directory
     stored_now = store.read().ordered()
     records = [r for r in stored_now if r["key"] in keys]
     others = len(stored_now) - len(records)

@@ -28,7 +28,8 @@ class CellRun:
 
     def failed(self, cell: GridCell, error: str) -> dict[str, Any]:
         """The record of a cell that could not finish, with ``error`` as its message."""
-        return failed_record(self.job.kind, cell, self.identity, self.job.data_description(self.state), error)
+        identity = self.job.cell_identity(cell, self.identity)
+        return failed_record(self.job.kind, cell, identity, self.job.data_description(self.state), error)
 
 
 class LogProgress:

@@ -128,6 +128,13 @@ class GridJob:
         """Model identity, data identity, grid-wide parameters and the package version (part of every key)."""
         raise NotImplementedError
 
+    def cell_identity(self, cell: GridCell, identity: dict[str, Any]) -> dict[str, Any]:
+        """The part of ``identity`` that ``cell``'s key and record hold (all of it by default)."""
+        return identity
+
+    def cell_key(self, cell: GridCell, identity: dict[str, Any]) -> str:
+        return cell.key(self.kind, self.cell_identity(cell, identity))
+
     def data_description(self, state: Any) -> str:
         return ""
 
@@ -170,7 +177,7 @@ class GridJob:
         """Run ``cell`` and wrap its outcome in a record; an exception becomes a ``failed`` record."""
         self.warm_up(state, device)
         start = time.perf_counter()
-        rec = base_record(self.kind, cell, identity, self.data_description(state))
+        rec = base_record(self.kind, cell, self.cell_identity(cell, identity), self.data_description(state))
         try:
             rec["metrics"] = self.run_cell(cell, state, device, progress)
             rec["status"] = "ok"
@@ -216,16 +223,47 @@ class ModelDataJob(GridJob):
     PARAMS: tuple[str, ...] = ()
 
     def identity(self, state: Any) -> dict[str, Any]:
+        """The model's and data's fingerprints, the config keys in ``PARAMS``, the version and, for method
+        entries that read files or source data, their fingerprints by entry (``entry_inputs``)."""
         import tta_norm
         from tta_norm.bench.identity import data_identity, model_identity
 
         cfg = self.config
-        return {
+        identity = {
             "model": model_identity(cfg.model, cfg.checkpoint, state["model"]),
             "data": data_identity(state["bench"]),
             "params": {k: getattr(cfg, k) for k in self.PARAMS},
             "version": tta_norm.__version__,
         }
+        inputs = self.entry_inputs()
+        if inputs:
+            identity["entry_inputs"] = inputs
+        return identity
+
+    def entry_inputs(self) -> dict[str, dict[str, str]]:
+        """``{entry digest: fingerprints}`` of the entries that read an ``init_state`` file, Fisher images or
+        TTN's source split; a missing file is a config error."""
+        from tta_norm.methods.entries import entry_inputs
+
+        cfg, out = self.config, {}
+        for entry in cfg.method_entries():
+            try:
+                found = entry_inputs(entry.preset, entry.method, dict(entry.kwargs), dataset=cfg.dataset,
+                                     data_dir=cfg.data_dir)  # fmt: skip
+            except (FileNotFoundError, ValueError) as err:
+                raise ConfigError(f"methods: {entry.label}: {str(err).strip().splitlines()[0]}") from None
+            if found:
+                out[digest(entry.as_dict())] = found
+        return out
+
+    def cell_identity(self, cell: GridCell, identity: dict[str, Any]) -> dict[str, Any]:
+        """The grid's identity with only this cell's entry inputs (``inputs``): a changed file of one entry
+        reruns that entry's cells, not the whole grid."""
+        if "entry_inputs" not in identity:
+            return identity
+        own = identity["entry_inputs"].get(digest(cell.payload.entry.as_dict()))
+        base = {k: v for k, v in identity.items() if k != "entry_inputs"}
+        return {**base, "inputs": own} if own else base
 
     def data_description(self, state: Any) -> str:
         return state["bench"].describe()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -88,27 +89,74 @@ def _state_fingerprint(model: nn.Module, extra: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def _content_sha256(*arrays: np.ndarray | torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else a)
+        h.update(f"{a.dtype}:{a.shape};".encode())
+        h.update(a.data)
+    return h.hexdigest()[:16]
+
+
+def _ttn_source_settings(fit: Mapping[str, Any]) -> tuple[int, int, str]:
+    return int(fit.get("n_images", 4000)), int(fit.get("seed", 0)), str(fit.get("source", "cifar10-jpeg"))
+
+
+def ttn_source_data(fit: Mapping[str, Any], *, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The labelled source images (uint8 NHWC) and labels a ``ttn_fit`` entry is fitted on."""
+    from tta_norm.fitting._data import load_source_split
+
+    n_images, seed, source = _ttn_source_settings(fit)
+    return load_source_split("train", n_images, seed=seed, data_dir=data_dir, source=source, progress=False)
+
+
+def fisher_sample_count(value: Any) -> int:
+    """``fisher_samples`` as a count: ``true`` is the official 2000."""
+    return FISHER_SAMPLES if value is True else int(value)
+
+
+def entry_inputs(
+    preset: str, method: str | None, kwargs: Mapping[str, Any], *, dataset: str = "cifar10", data_dir: str | None = None
+) -> dict[str, str]:
+    """Content fingerprints of what an entry reads besides the model and the test data: an ``init_state``
+    file, the Fisher images of ``fisher_samples``, the source split of ``ttn_fit``.  They enter the entry's
+    cell keys, so a changed file or another source data directory never reuses a stored result."""
+    out: dict[str, str] = {}
+    state = kwargs.get("init_state")
+    if isinstance(state, (str, os.PathLike)):
+        path = Path(state).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"init_state file not found: {path}")
+        out["init_state_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    if "fisher_samples" in kwargs and method == "eata":
+        n = fisher_sample_count(kwargs["fisher_samples"])
+        seed = int(kwargs.get("fisher_seed", 0))
+        out["fisher_images_sha256"] = _content_sha256(clean_source_images(dataset, n, seed=seed, data_dir=data_dir))
+    fit = kwargs.get("ttn_fit") or {}
+    if "ttn_fit" in kwargs and preset == "ttn" and isinstance(fit, Mapping):
+        out["ttn_source_sha256"] = _content_sha256(*ttn_source_data(fit, data_dir=data_dir))
+    return out
+
+
 def fitted_ttn_state(
     model: nn.Module, fit: Mapping[str, Any], *, data_dir: str | None = None, device: torch.device | str | None = None
 ) -> dict[str, torch.Tensor]:
-    """The ``ttn``-adapted state dict of ``model`` fitted with the ``ttn_fit`` settings, cached per model."""
+    """The ``ttn``-adapted state dict of ``model`` fitted with the ``ttn_fit`` settings, cached per model, fit
+    settings and the content of the source images it is fitted on."""
     from tta_norm.data.paths import cache_root
-    from tta_norm.fitting._data import load_source_split
     from tta_norm.fitting.ttn import fit_ttn
 
-    fit = dict(fit)
-    n_images = int(fit.pop("n_images", 4000))
-    seed = int(fit.pop("seed", 0))
-    source = str(fit.pop("source", "cifar10-jpeg"))
-    key = _state_fingerprint(model, {"n_images": n_images, "seed": seed, "source": source, **fit})
+    images, labels = ttn_source_data(fit, data_dir=data_dir)
+    n_images, seed, source = _ttn_source_settings(fit)
+    fit = {k: v for k, v in fit.items() if k not in ("n_images", "seed", "source")}
+    key = _state_fingerprint(model, {"n_images": n_images, "seed": seed, "source": source, **fit,
+                                     "images": _content_sha256(images, labels)})  # fmt: skip
     if key in _ttn_states:
         return _ttn_states[key]
     path = Path(cache_root()) / "ttn" / f"ttn-{key}.pt"
     if path.is_file():
         state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     else:
-        images, labels = load_source_split("train", n_images, seed=seed, data_dir=data_dir, source=source,
-                                           progress=False)  # fmt: skip
         result = fit_ttn(model, images, labels, device=device, progress=False, seed=seed, **fit)
         result.save(path)
         state = result.state_dict
@@ -135,8 +183,7 @@ def resolve_entry_kwargs(
     if "fisher_samples" in kwargs:
         if method != "eata":
             raise ValueError(f"fisher_samples is an EATA setting; the entry's method is {method!r}")
-        n = kwargs["fisher_samples"]
-        n = FISHER_SAMPLES if n is True else int(n)
+        n = fisher_sample_count(kwargs["fisher_samples"])
         images = clean_source_images(dataset, n, seed=int(kwargs.get("fisher_seed", 0)), data_dir=data_dir)
         out["fisher_images"] = images.to(device) if device is not None else images
     if "ttn_fit" in kwargs:
