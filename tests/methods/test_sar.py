@@ -102,6 +102,13 @@ def test_default_selection_is_the_official_one() -> None:
     assert every == {f"blocks.{i}" for i in range(12)} | {"layer4", "norm"}
     assert not is_sar_top_layer("layer3.2.bn1") and is_sar_top_layer("layer4.0.bn1")
     assert len(tta_norm.adapt(tiny_net(), "tbn", "sar").method.params) == 4  # no top layer in a small net
+    # the rule reads the bare network's names through the package's wrappers (load_model's input normalisation,
+    # ImageNet-R/A's logit subset), where the final norm is ``model.model.norm``
+    from tta_norm.models import LogitSubset, NormalizedModel
+
+    wrapped = NormalizedModel(LogitSubset(LNNet(), range(2)))
+    inner = {n.rpartition(".")[0] for n, _ in SAR(wrapped).named_params}
+    assert inner == {f"model.model.blocks.{i}" for i in range(9)}
 
 
 def test_a_rejected_batch_after_a_recovery_leaves_the_kept_optimiser_state_intact() -> None:

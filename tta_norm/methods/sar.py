@@ -74,8 +74,12 @@ class SAR(GradientMethod):
         self._kept_optimizer_state: dict[str, Any] | None = None
 
     def select_params(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-        """The official ``collect_params`` selection, or every norm affine with ``freeze_top=False``."""
-        return collect_norm_params(model, skip=is_sar_top_layer if self.freeze_top else None)
+        """The official ``collect_params`` selection (on the names of the network inside the package's input and
+        logit wrappers), or every norm affine with ``freeze_top=False``."""
+        from tta_norm.models.wrappers import inner_name
+
+        skip = (lambda name: is_sar_top_layer(inner_name(model, name))) if self.freeze_top else None
+        return collect_norm_params(model, skip=skip)
 
     def reset_method_state(self) -> None:
         self.loss_ema = None

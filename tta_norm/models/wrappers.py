@@ -50,3 +50,17 @@ class LogitSubset(nn.Module):
                 "was requested (a 1,000-class ImageNet model is needed)"
             )
         return logits.index_select(-1, self.indices)
+
+
+def inner_name(model: nn.Module, name: str) -> str:
+    """``name`` (a submodule path of ``model``) relative to the network inside the package's wrappers
+    (:class:`NormalizedModel`, :class:`LogitSubset`, each holding it as ``model``): the name the bare network
+    gives that submodule, as rules written for it (SAR's top layers) expect."""
+    while isinstance(model, (NormalizedModel, LogitSubset)):
+        if name == "model":
+            return ""
+        if not name.startswith("model."):
+            return name
+        model, name = model.model, name[len("model."):]
+    return name
+
