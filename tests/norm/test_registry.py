@@ -52,6 +52,14 @@ def x_image(seed: int = 1, n: int = 4) -> torch.Tensor:
     return torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
 
 
+def shared_bn_net(seed: int = 0) -> nn.Module:
+    """One BatchNorm2d applied after two convolutions, registered under two names (indices 1 and 3)."""
+    torch.manual_seed(seed)
+    bn = nn.BatchNorm2d(4)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), bn, nn.Conv2d(4, 4, 3), bn, nn.Flatten(), nn.Linear(64, 5))
+    return randomize_batchnorms(net, seed)
+
+
 CASES = {
     "BatchNorm1d-2D": (
         lambda: randomize_batchnorms(nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)), 0),
@@ -67,6 +75,7 @@ CASES = {
         lambda: torch.randn(3, 2, 4, 4, 4, generator=torch.Generator().manual_seed(1)),
     ),
     "SyncBatchNorm": (lambda: conv_net(nn.SyncBatchNorm), x_image),
+    "one BatchNorm2d under two names": (shared_bn_net, x_image),
     "BatchNorm2d subclass keeping forward": (lambda: conv_net(QuietBatchNorm), x_image),
     # the test batch (4) fits in one ghost batch: train mode normalises with the whole batch's statistics
     "GhostBatchNorm2d": (lambda: convert_to_ghost_bn(conv_net(nn.BatchNorm2d), 8), x_image),
@@ -94,6 +103,12 @@ def test_timm_norm_act_layers_keep_source_and_train_outputs(sync: bool) -> None:
     assert_invariants(net, x_image())
     layer = tta_norm.adapt(net, "source").model[1]
     assert type(layer) is AdaptiveNormAct and isinstance(layer.drop, nn.Dropout) and isinstance(layer.act, nn.SiLU)
+
+
+def test_a_shared_layer_stays_one_adaptive_layer() -> None:
+    tta = tta_norm.adapt(shared_bn_net(), "tbn", "tent")
+    assert isinstance(tta.model[1], AdaptiveNorm) and tta.model[1] is tta.model[3]
+    assert len(tta.method.params) == 2  # one weight and one bias, trained through both uses
 
 
 def test_lookup_is_exact_type_then_mro() -> None:

@@ -17,10 +17,11 @@ from tta_norm.norm.spec import NormSpec
 def find_batchnorms(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every layer the converter replaces: any ``_BatchNorm`` (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, timm's
     ``BatchNormAct2d``...) and any instance of a class given to :func:`register_norm_converter`; the layers
-    inside a found layer are not listed (the replacement of the outer one decides about them)."""
+    inside a found layer are not listed (the replacement of the outer one decides about them).  A layer reachable
+    under several names (one module registered twice, ``nn.ModuleList([bn] * 3)``) is listed under each."""
     found: list[tuple[str, nn.Module]] = []
     inside: str | None = None  # prefix of the last found layer's submodules (contiguous in named_modules)
-    for name, module in model.named_modules():
+    for name, module in model.named_modules(remove_duplicate=False):
         if inside is not None and (inside == "" or name.startswith(inside)):
             continue
         if is_convertible(module):
@@ -33,9 +34,12 @@ def convert_batchnorms(model: nn.Module, spec: NormSpec, *, allow_none: bool = F
     """Replace, in place, every BatchNorm of ``model`` by its adaptive counterpart (an :class:`AdaptiveNorm`,
     or the replacement its registered converter builds, see :mod:`tta_norm.norm.registry`).
 
-    Returns the names of the replaced layers.  Raises ``ValueError`` if there is none (unless
-    ``allow_none=True``: then nothing is replaced and ``[]`` is returned), or for an uninitialised lazy
-    BatchNorm, and ``TypeError`` for a BatchNorm subclass with its own ``forward`` and no registered converter.
+    A layer shared under several names is replaced by one module installed under each (sharing is kept).
+
+    Returns the names of the replaced layers (the first name of a shared one).  Raises ``ValueError`` if there
+    is none (unless ``allow_none=True``: then nothing is replaced and ``[]`` is returned), or for an
+    uninitialised lazy BatchNorm, and ``TypeError`` for a BatchNorm subclass with its own ``forward`` and no
+    registered converter.
     Every replacement is built before the first one is installed: on error the model is unchanged.
     """
     found = find_batchnorms(model)
@@ -53,8 +57,10 @@ def convert_batchnorms(model: nn.Module, spec: NormSpec, *, allow_none: bool = F
         raise ValueError(
             f"the model itself is a norm layer ({type(model).__name__}); wrap it first, e.g. nn.Sequential(model)"
         )
-    replacements = []
+    replacements: dict[int, nn.Module] = {}
     for (name, bn), convert in zip(found, converters, strict=True):
+        if id(bn) in replacements:
+            continue
         if isinstance(bn, _LazyNormBase) and bn.has_uninitialized_params():
             raise ValueError(f"lazy BatchNorm {name!r} is uninitialised; run one forward pass before adapting")
         new = convert(bn, spec, name)
@@ -63,10 +69,13 @@ def convert_batchnorms(model: nn.Module, spec: NormSpec, *, allow_none: bool = F
                 f"the norm converter for {type(bn).__qualname__} returned {type(new).__name__} for layer "
                 f"{name!r}; it must return an AdaptiveNorm or a module containing one"
             )
-        replacements.append(new)
-    for (name, _), new in zip(found, replacements, strict=True):
-        model.set_submodule(name, new)
-    return [name for name, _ in found]
+        replacements[id(bn)] = new
+    for name, bn in found:
+        model.set_submodule(name, replacements[id(bn)])
+    firsts: dict[int, str] = {}
+    for name, bn in found:
+        firsts.setdefault(id(bn), name)
+    return list(firsts.values())
 
 
 def _set_all(model: nn.Module, **options: object) -> contextlib.AbstractContextManager[None]:
