@@ -103,3 +103,26 @@ def test_one_fisher_source_only() -> None:
     with pytest.raises(ValueError, match="one source of Fisher weights"):
         tta_norm.adapt(tiny_net(), "tbn", "eata", fisher_images=X, fisher_data=[X])
     assert math.isclose(eata_defaults(10)["d_margin"], 0.4)
+
+
+def test_bad_fisher_sources_are_refused_before_adapting() -> None:
+    images = torch.rand(6, 3, 6, 6, generator=torch.Generator().manual_seed(2))
+    with_nan = images.clone()
+    with_nan[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        tta_norm.adapt(tiny_net(), "tbn", "eata", fisher_images=with_nan)
+    with pytest.raises(ValueError, match="floating-point"):
+        tta_norm.adapt(tiny_net(), "tbn", "eata", fisher_images=(images * 255).to(torch.uint8))
+    good = tta_norm.adapt(tiny_net(), "tbn", "eata", fisher_images=images).method.fishers
+    name, (fisher, anchor) = next(iter(good.items()))
+    cases = [
+        ({**good, name: (fisher[:1], anchor)}, "shape"),
+        ({**good, "nope.weight": (fisher, anchor)}, "not an adapted parameter"),
+        ({**good, name: (fisher + float("inf"), anchor)}, "NaN or Inf"),
+    ]
+    for bad, match in cases:
+        with pytest.raises(ValueError, match=match):
+            tta_norm.adapt(tiny_net(), "tbn", "eata", fishers=bad)
+    nan_logits = [images * float("nan")]  # fisher_data is checked through the weights it gives
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        tta_norm.adapt(tiny_net(), "tbn", "eata", fisher_data=nan_logits)

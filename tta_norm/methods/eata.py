@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tta_norm.methods.base import GradientMethod, softmax_entropy
-from tta_norm.methods.fisher import FISHER_BATCH_SIZE, Fishers, cached_fishers, compute_fishers
+from tta_norm.methods.fisher import FISHER_BATCH_SIZE, Fishers, cached_fishers, check_fishers, compute_fishers
 
 
 def entropy_margin(num_classes: int, factor: float = 0.4) -> float:
@@ -79,6 +79,8 @@ class EATA(GradientMethod):
             fishers = cached_fishers(model, fisher_images, batch_size=fisher_batch_size, named_params=self.named_params)
         elif fisher_data is not None:
             fishers = compute_fishers(model, fisher_data, self.named_params)
+        if fishers is not None:
+            check_fishers(fishers, self.named_params)
         self.e_margin = e_margin
         self.d_margin = d_margin
         self.fisher_alpha = fisher_alpha

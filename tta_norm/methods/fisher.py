@@ -69,6 +69,32 @@ def compute_fishers(
     return {name: (total[name] / count, p.detach().clone()) for name, p in named}
 
 
+def check_fishers(fishers: Fishers, named_params: list[tuple[str, nn.Parameter]]) -> None:
+    """Fisher weights fit the adapted parameters: every name one of them, ``(fisher, anchor)`` tensors of its
+    shape, all finite (a NaN weight would silently turn every later loss, and so every step, into NaN)."""
+    shapes = {name: tuple(p.shape) for name, p in named_params}
+    for name, pair in fishers.items():
+        if name not in shapes:
+            raise ValueError(f"Fisher weights name {name!r}, which is not an adapted parameter ({len(shapes)} are)")
+        if not (isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(t, Tensor) for t in pair)):
+            raise ValueError(f"Fisher weights of {name!r} must be a (fisher, anchor) pair of tensors")
+        for what, t in zip(("fisher", "anchor"), pair, strict=True):
+            if tuple(t.shape) != shapes[name]:
+                raise ValueError(f"Fisher {what} of {name!r} has shape {tuple(t.shape)}, the parameter {shapes[name]}")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"Fisher {what} of {name!r} holds NaN or Inf (non-finite source images or logits?)")
+
+
+def check_fisher_images(images: Tensor) -> None:
+    """Fisher source images are a finite floating-point tensor with a batch dimension (images in [0, 1], as the
+    model is fed at test time: uint8 pixels would be read as 0-255)."""
+    if not isinstance(images, Tensor) or not images.is_floating_point() or images.ndim < 2:
+        kind = f"{images.dtype} tensor of shape {tuple(images.shape)}" if isinstance(images, Tensor) else type(images)
+        raise ValueError(f"fisher_images must be a floating-point (N, ...) tensor of images in [0, 1], got {kind}")
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError("fisher_images holds NaN or Inf")
+
+
 def image_batches(images: Tensor, batch_size: int = FISHER_BATCH_SIZE) -> list[Tensor]:
     """``images`` (float ``(N, C, H, W)``) cut into consecutive batches of ``batch_size`` (the last may be smaller)."""
     if batch_size < 1:
@@ -102,6 +128,7 @@ def cached_fishers(
     the images, so the same source model, preset and data reuse one computation (the last 8 are kept); the
     returned tensors are copies.  ``cache_stats`` counts hits and misses.
     """
+    check_fisher_images(images)
     named = named_params if named_params is not None else collect_norm_params(model)
     key = _fingerprint(model, named, images, batch_size)
     if key in _cache:
