@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import os
 import threading
 import warnings
@@ -16,7 +15,7 @@ from torch import Tensor, nn
 
 from tta_norm import kernels
 from tta_norm.methods import GradientMethod, get_method_class
-from tta_norm.methods.base import optim_setting_names
+from tta_norm.methods.base import NonFiniteLogits, all_finite, optim_setting_names
 from tta_norm.norm.adaptive import AdaptiveNorm, adaptive_layers, check_domain
 from tta_norm.norm.context import UNSET, layer_options
 from tta_norm.norm.convert import convert_batchnorms, find_batchnorms
@@ -257,7 +256,7 @@ class TTAModel(nn.Module):
             raise ValueError("per-sample domain indices cannot be combined with window=W; pass an int domain")
         with self._lock:
             self.num_batches += 1
-            if not _all_finite(x):
+            if not all_finite(x):
                 if policy == "raise":
                     raise ValueError(
                         "the batch contains NaN or Inf values; nothing was adapted. Clean the input, or build the "
@@ -284,9 +283,9 @@ class TTAModel(nn.Module):
                 return self._predict_without_adapting(xw, domain)
             with layer_options(self._layers, domain=domain) if domain is not None else _NO_FRAME:
                 logits = self.method.forward_and_adapt(xw) if self.method is not None else self.model(xw)
-            if not _all_finite(logits):
-                raise _NonFiniteOutput
-        except _NonFiniteOutput:
+            if not all_finite(logits):
+                raise NonFiniteLogits
+        except NonFiniteLogits:
             snapshot.restore()
             if policy == "raise":
                 raise ValueError(
@@ -358,14 +357,6 @@ class TTAModel(nn.Module):
 _NO_FRAME = contextlib.nullcontext()  # domain=None sets no option: no frame (an enclosing block stays in charge)
 
 
-class _NonFiniteOutput(Exception):
-    """An adapting forward gave non-finite logits (rolled back, then raised or skipped per the policy)."""
-
-
-def _all_finite(t: Tensor) -> bool:
-    """Whether every value of ``t`` is finite: one reduction, and the exact check only when the sum is not
-    finite (NaN/Inf, or finite values whose sum overflows)."""
-    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _option(domain: int | Tensor | None) -> Any:

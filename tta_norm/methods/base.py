@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -118,6 +119,17 @@ def grad_context(x: Tensor) -> Iterator[Tensor]:
         yield x.clone() if x.is_inference() else x
 
 
+class NonFiniteLogits(ArithmeticError):
+    """The adapting forward gave NaN or Inf logits: a step on them would poison the parameters, so none is
+    taken (:class:`~tta_norm.api.TTAModel` rolls the batch back and raises or skips it per its policy)."""
+
+
+def all_finite(t: Tensor) -> bool:
+    """Whether every value of ``t`` is finite: one reduction, and the exact check only when the sum is not
+    finite (NaN/Inf, or finite values whose sum overflows)."""
+    return math.isfinite(float(t.detach().sum())) or bool(torch.isfinite(t).all())
+
+
 class GradientMethod:
     """Base class: a thin adapter that updates the affine parameters of a model's norm layers.
 
@@ -171,6 +183,8 @@ class GradientMethod:
             for step in range(self.steps):
                 with keep_state(self.model) if step else contextlib.nullcontext():
                     logits = self.model(x)
+                if not step and not all_finite(logits):
+                    raise NonFiniteLogits
                 self.adapt_step(x, logits)
         return logits.detach()
 
