@@ -37,6 +37,25 @@ def test_adapt_copies_unless_inplace() -> None:
     assert tta_in.model is model and isinstance(model.bn, AdaptiveNorm)
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [{"reset_every": 0}, {"window": 0}, {"on_bad_batch": "ignore"}, {"method": "tent", "lrr": 1e-3},
+     {"method": "tent", "lr": -1.0}, {"method": "tent", "steps": 0}, {"init_state": {"bn.x": torch.zeros(1)}}],
+)  # fmt: skip
+def test_a_refused_inplace_adapt_leaves_the_model_as_it_was(bad: dict) -> None:
+    model = tiny_net().train()
+    kinds = [type(m) for m in model.modules()]
+    state = copy.deepcopy(model.state_dict())
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises((ValueError, TypeError)) as err:
+        tta_norm.adapt(model, "ema", inplace=True, **bad)
+    assert "\n" not in str(err.value)  # one line
+    assert [type(m) for m in model.modules()] == kinds and model.training
+    assert [p.requires_grad for p in model.parameters()] == flags
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
 def test_source_preset_equals_eval_model_and_spec_overrides() -> None:
     model = tiny_net()
     torch.testing.assert_close(tta_norm.adapt(model, "source")(X), model(X))

@@ -7,7 +7,7 @@ import copy
 import os
 import threading
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
@@ -376,13 +376,29 @@ def load_adapted_state(model: nn.Module, state: Mapping[str, Any] | str | os.Pat
         state = torch.load(state, map_location="cpu", weights_only=True)
         if isinstance(state, Mapping) and "state_dict" in state:
             state = state["state_dict"]
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
+    problem = state_dict_mismatch(model.state_dict(), state)
+    if problem is None:
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            problem = str(err).strip().splitlines()[0]
+    if problem is not None:
         raise ValueError(
-            f"init_state does not fit the adapted model ({err}); it must come from a model adapted with the "
+            f"init_state does not fit the adapted model ({problem}); it must come from a model adapted with the "
             "same architecture and preset (e.g. saved by ttn-fit for the 'ttn' preset)"
-        ) from err
+        )
+
+
+def state_dict_mismatch(expected: Mapping[str, Any], given: Mapping[str, Any]) -> str | None:
+    """One line saying how ``given`` does not fit a module whose state dict is ``expected`` (missing and
+    unexpected keys, shape mismatches), or ``None``; checked before loading, so nothing is half-loaded."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [k for k in expected if k in given and isinstance(given[k], Tensor)
+              and tuple(given[k].shape) != tuple(expected[k].shape)]  # fmt: skip
+    found = {"missing keys": missing, "unexpected keys": unexpected, "shape mismatches": shapes}
+    parts = [f"{len(keys)} {what} (e.g. {keys[0]!r})" for what, keys in found.items() if keys]
+    return ", ".join(parts) if parts else None
 
 
 def _resolve_spec(preset: str | NormSpec | Preset) -> tuple[NormSpec, str]:
@@ -484,27 +500,52 @@ def adapt(
             stacklevel=2,
         )
     target = model if inplace else copy.deepcopy(model)
-    if device is not None:
-        target = target.to(device)
-    convert_batchnorms(target, spec, allow_none=not has_batchnorm)
-    if init_state is not None:
-        load_adapted_state(target, init_state)
-    target.eval()
-    if method_cls is None:
-        target.requires_grad_(False)
-        method_obj = None
-    else:
-        try:
-            method_obj = method_cls(target, **method_kwargs)
-        except TypeError as err:
-            raise TypeError(f"method {method!r}: {err}") from err
-    return TTAModel(
-        target,
-        spec,
-        method_obj,
-        preset_name=name,
-        episodic=episodic,
-        reset_every=reset_every,
-        on_bad_batch=on_bad_batch,
-        window=window,
-    )
+    with _undone_on_error(target) if inplace else contextlib.nullcontext():  # a refused call leaves it as it was
+        if device is not None:
+            target = target.to(device)
+        convert_batchnorms(target, spec, allow_none=not has_batchnorm)
+        if init_state is not None:
+            load_adapted_state(target, init_state)
+        target.eval()
+        if method_cls is None:
+            target.requires_grad_(False)
+            method_obj = None
+        else:
+            try:
+                method_obj = method_cls(target, **method_kwargs)
+            except TypeError as err:
+                raise TypeError(f"method {method!r}: {err}") from err
+        return TTAModel(
+            target,
+            spec,
+            method_obj,
+            preset_name=name,
+            episodic=episodic,
+            reset_every=reset_every,
+            on_bad_batch=on_bad_batch,
+            window=window,
+        )
+
+
+@contextlib.contextmanager
+def _undone_on_error(model: nn.Module) -> Iterator[None]:
+    """Undo, if the block raises, what ``adapt(..., inplace=True)`` does to ``model``: replaced submodules,
+    moved parameters and buffers, train/eval flags and ``requires_grad``."""
+    modules = list(model.modules())
+    saved = [(m, dict(m._modules), dict(m._parameters), dict(m._buffers), m.training) for m in modules]
+    params = [(p, p.data, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    except BaseException:
+        for m, children, parameters, buffers, training in saved:
+            m._modules.clear()
+            m._modules.update(children)
+            m._parameters.clear()
+            m._parameters.update(parameters)
+            m._buffers.clear()
+            m._buffers.update(buffers)
+            m.training = training
+        for p, data, requires_grad in params:
+            p.data = data
+            p.requires_grad_(requires_grad)
+        raise
