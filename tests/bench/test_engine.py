@@ -286,3 +286,25 @@ def test_records_carry_their_code_revision_and_a_mixed_resume_is_loud(tmp_path, 
     assert [r["env"]["git"] for r in mixed.records] == ["aaaa", "aaaa", "aaaa", "bbbb"]
     assert "the 4 records come from 2 code revisions (aaaa, bbbb)" in caplog.text
     assert grid.code_revisions([{"env": {}}, {"env": {"git": "cccc"}}]) == ["unrecorded", "cccc"]
+
+
+def test_records_lost_during_a_run_and_missing_cells_are_loud(tmp_path, caplog, monkeypatch):
+    out = tmp_path / "run"
+    job = ToyJob(ToyConfig(output=str(out)))
+    real = ToyJob.run_cell
+
+    def cleared_by_another_process(self, cell, state, device, progress):
+        if cell.payload == 3:
+            ResultStore(out).clear()  # as a concurrent --overwrite of the same directory does
+        return real(self, cell, state, device, progress)
+
+    monkeypatch.setattr(ToyJob, "run_cell", cleared_by_another_process)
+    caplog.set_level(logging.INFO, logger="tta_norm.bench")
+    outcome = run_grid(job, RunOptions(progress=False))
+    assert outcome.exit_status == 1 and outcome.failed == 2  # cells 1 and 2 ran, then were deleted
+    assert "2 of this run's cells have no record" in caplog.text
+    assert (out / "report.md").read_text().splitlines()[-1] == "missing 2"
+    monkeypatch.undo()
+    part = run_grid(ToyJob(ToyConfig(output=str(tmp_path / "shard"))), RunOptions(shard=(1, 2), progress=False))
+    assert part.exit_status == 0  # the other shard's cells are missing from the report, not lost
+    assert (tmp_path / "shard" / "report.md").read_text().splitlines()[-1] == "missing 2"

@@ -36,3 +36,33 @@ def test_save_figure_writes_a_png_and_closes_the_figure(tmp_path):
     ax.plot([0, 1], [1, 0])
     path = save_figure(fig, tmp_path / "f.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not plt.fignum_exists(fig.number)
+
+
+def _bench_record(method, batch_size, severity, seed, error, index=0):
+    cell = {"method": {"name": method}, "setting": "continual", "order": "iid", "delta": None,
+            "batch_size": batch_size, "severity": severity, "seed": seed}  # fmt: skip
+    metrics = {"per_domain": {f"fog@{severity}": error}, "error": error, "ece": 0.1}
+    return {"index": index, "status": "ok", "cell": cell, "metrics": metrics, "data": "fake", "identity": {}}
+
+
+def test_bench_report_keeps_sweeps_apart_and_says_what_is_missing(tmp_path, monkeypatch):
+    from tta_norm.bench import report
+
+    records = [_bench_record("tbn", b, sev, 0, err) for b, sev, err in
+               ((10, 1, 0.31), (25, 1, 0.28), (10, 5, 0.47), (25, 5, 0.50))]  # fmt: skip
+    records += [_bench_record("tent", 10, 1, s, 0.3) for s in (0, 1)]
+    curves = []
+    real = report.save_figure
+
+    def keep_lines(fig, path):
+        curves.extend((path.name, tuple(round(float(y), 6) for y in line.get_ydata()))
+                      for ax in fig.axes for line in ax.get_lines())  # fmt: skip
+        return real(fig, path)
+
+    monkeypatch.setattr(report, "save_figure", keep_lines)
+    text = report.write_report(tmp_path, records, plots=True, missing=3).read_text()
+    # one error-vs-batch-size plot per severity, never a pooled flat line
+    sweeps = sorted((name, ys) for name, ys in curves if name.startswith("error_vs_batch_size"))
+    assert [ys for _, ys in sweeps if len(ys) == 2] == [(31.0, 28.0), (47.0, 50.0)]
+    assert "| tent (2 seeds) |" in text and "| tbn (1 seed) |" in text  # uneven seed counts are labelled
+    assert "**Incomplete:** 3 of the grid's 9 cells have no stored result" in text

@@ -79,9 +79,9 @@ class ToyJob(GridJob):
     def scalars(self, record: dict[str, Any]) -> dict[str, float]:
         return {"value": float(record["metrics"]["value"])}
 
-    def write_outputs(self, out: Path, records: list[dict[str, Any]]) -> Path:
+    def write_outputs(self, out: Path, records: list[dict[str, Any]], missing: int = 0) -> Path:
         lines = [json.dumps([r["cell"]["value"], r["status"], (r.get("metrics") or {}).get("value")]) for r in records]
         atomic_write(out / "results.csv", "\n".join(lines) + "\n")
         path = out / "report.md"
-        atomic_write(path, "\n".join(lines) + "\n")
+        atomic_write(path, "\n".join(lines + ([f"missing {missing}"] if missing else [])) + "\n")
         return path

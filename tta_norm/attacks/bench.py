@@ -421,14 +421,14 @@ class AttackJob(ModelDataJob):
         keys = ("attack_success", "benign_error_attacked", "no_attack_error", "changed")
         return {k: 100 * float(m[k]) for k in keys if m.get(k) is not None}
 
-    def write_outputs(self, out: Path, records: list[dict[str, Any]]) -> Path:
-        return write_attack_outputs(out, records, plots=self.config.plots)
+    def write_outputs(self, out: Path, records: list[dict[str, Any]], missing: int = 0) -> Path:
+        return write_attack_outputs(out, records, plots=self.config.plots, missing=missing)
 
 
-def write_attack_outputs(out: Path, records: list[dict[str, Any]], *, plots: bool = True) -> Path:
+def write_attack_outputs(out: Path, records: list[dict[str, Any]], *, plots: bool = True, missing: int = 0) -> Path:
     """``results.csv`` and ``report.md`` (and plots) from stored attack records."""
     atomic_write(out / "results.csv", attack_records_to_csv(records))
-    return write_attack_report(out, records, plots=plots)
+    return write_attack_report(out, records, plots=plots, missing=missing)
 
 
 def run_attack_grid(cfg: AttackConfig, options: Any = None, **kwargs: Any):
@@ -590,7 +590,7 @@ def threat_model(records: list[dict[str, Any]]) -> list[str]:
     ]  # fmt: skip
 
 
-def write_attack_report(out: Path, records: list[dict[str, Any]], *, plots: bool = True) -> Path:
+def write_attack_report(out: Path, records: list[dict[str, Any]], *, plots: bool = True, missing: int = 0) -> Path:
     """``report.md`` (threat model, tables, failed cells, plots) in ``out``, from the records only."""
     ok = [r for r in records if r["status"] == "ok"]
     failed = [r for r in records if r["status"] != "ok"]
@@ -605,4 +605,4 @@ def write_attack_report(out: Path, records: list[dict[str, Any]], *, plots: bool
     failed_cells = [f"- {r['cell']['method']['name']} {r['cell']['objective']} f={r['cell']['fraction']}: "
                     f"{r.get('error')}" for r in failed]  # fmt: skip
     plot_files = make_attack_plots(out, records) if plots and ok else []
-    return write_markdown_report(out, lines, failed_cells, plot_files, records)
+    return write_markdown_report(out, lines, failed_cells, plot_files, records, missing=missing)

@@ -269,7 +269,13 @@ def _run(
         log.warning(f"the {len(records)} records come from {len(revisions)} code revisions "
                     f"({', '.join(revisions)}): a resumed run mixed code versions under the same keys; "
                     "--overwrite reruns every cell on one")  # fmt: skip
-    report = job.write_outputs(out, records)
+    stored_keys = {r["key"] for r in records}
+    lost = sum(job.cell_key(c, identity) not in stored_keys for c in mine)
+    if lost:
+        log.warning(f"{lost} of this run's cells have no record in {store.path.name} now (another process cleared "
+                    "or replaced it?); they count as failed, --resume runs them")  # fmt: skip
+        failed += lost
+    report = job.write_outputs(out, records, missing=len(cells) - len(records))
     if failed:
         log.warning(f"{failed} of {len(todo)} cells failed (their errors are in {out / 'results.jsonl'}); "
                     "--resume retries them")  # fmt: skip

@@ -151,8 +151,9 @@ class GridJob:
         """Numbers of a finished record for trackers (TensorBoard)."""
         return {}
 
-    def write_outputs(self, out: Path, records: list[dict[str, Any]]) -> Path:
-        """Derived files (CSV, report, plots) from the stored records only; returns the report path."""
+    def write_outputs(self, out: Path, records: list[dict[str, Any]], missing: int = 0) -> Path:
+        """Derived files (CSV, report, plots) from the stored records only; returns the report path.  ``missing``:
+        cells of the grid without a stored record (the report says it is incomplete)."""
         raise NotImplementedError
 
     # ---- per cell ------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from tta_norm.bench.store import atomic_write
 
 GroupKey = tuple[str, str, Any, int, Any]  # setting, order, delta, batch size, severity
 GROUP_AXES = ("setting", "order", "delta", "batch_size", "severity")
+SWEEP_AXES = ("setting", "order", "delta", "severity")  # a batch-size sweep: everything but the batch size
 
 
 def group_ok_records(records: list[dict[str, Any]], axes: Sequence[str]) -> dict[tuple, list[dict[str, Any]]]:
@@ -32,6 +33,11 @@ def _group_title(key: GroupKey) -> str:
     setting, order, delta, bs, sev = key
     order_txt = order if delta is None else f"{order}(delta={delta})"
     return f"{setting}, {order_txt}, batch {bs}, severity {sev}"
+
+
+def _sweep_title(key: tuple) -> str:
+    setting, order, delta, sev = key
+    return f"{setting}, {order if delta is None else f'{order}(delta={delta})'}, severity {sev}"
 
 
 def domain_errors(metrics: dict[str, Any], setting: str) -> dict[str, float]:
@@ -81,12 +87,21 @@ def save_figure(fig: Any, path: Path) -> Path:
 
 
 def write_markdown_report(
-    out: Path, lines: list[str], failed: list[str], plots: list[Path], records: Sequence[dict[str, Any]] = ()
+    out: Path,
+    lines: list[str],
+    failed: list[str],
+    plots: list[Path],
+    records: Sequence[dict[str, Any]] = (),
+    missing: int = 0,
 ) -> Path:
-    """``out/report.md``: ``lines``, then a warning when ``records`` come from more than one code revision
-    (:func:`~tta_norm.bench.grid.code_revisions`), a section listing the ``failed`` cells (one Markdown item each)
-    and one linking the ``plots`` (files in ``out/plots``), each only when there is something to say; returns
-    its path."""
+    """``out/report.md``: ``lines``, then a warning when ``missing`` cells of the grid have no stored record and
+    one when ``records`` come from more than one code revision (:func:`~tta_norm.bench.grid.code_revisions`), a
+    section listing the ``failed`` cells (one Markdown item each) and one linking the ``plots`` (files in
+    ``out/plots``), each only when there is something to say; returns its path."""
+    if missing:
+        lines = [*lines, "", f"**Incomplete:** {missing} of the grid's {missing + len(records)} cells have no stored "
+                 "result (other shards not merged yet, an interrupted run, or a concurrent `--overwrite`): rows "
+                 "may be missing or averaged over fewer seeds; `--resume` runs them."]  # fmt: skip
     revisions = code_revisions(records)
     if len(revisions) > 1:
         lines = [*lines, "", f"**Mixed code:** these {len(records)} records come from {len(revisions)} code "
@@ -102,7 +117,8 @@ def write_markdown_report(
 
 
 def tables(records: list[dict[str, Any]]) -> str:
-    """One Markdown table per (setting, order, batch size, severity) group, mean (± std over seeds)."""
+    """One Markdown table per (setting, order, batch size, severity) group, mean (± std over seeds); when rows
+    rest on different numbers of seeds (an incomplete grid), each method name says its count."""
     methods = method_order(records)
     groups = group_ok_records(records, GROUP_AXES)
     parts = []
@@ -112,16 +128,20 @@ def tables(records: list[dict[str, Any]]) -> str:
         columns = list(dict.fromkeys(c for r in rows for c in domain_errors(r["metrics"], setting)))
         header = "| method | " + " | ".join(columns) + " | mean | all samples | ECE |"
         lines = [f"### {_group_title(key)}", "", header, "|" + "---|" * (len(columns) + 4)]
+        seeds = {m: len({r["cell"]["seed"] for r in rows if r["cell"]["method"]["name"] == m}) for m in methods}
+        uneven = len({n for n in seeds.values() if n}) > 1  # rows averaged over different numbers of seeds
         for m in methods:
             mine = [r for r in rows if r["cell"]["method"]["name"] == m]
             if not mine:
                 continue
+            label = f"{m} ({seeds[m]} seed{'s' if seeds[m] > 1 else ''})" if uneven else m
             per = [domain_errors(r["metrics"], setting) for r in mine]
             cells = [_fmt([p[c] for p in per if c in p]) for c in columns]
             means = [statistics.fmean(p.values()) for p in per if p]
             overall = [r["metrics"]["error"] for r in mine]
             ece = [r["metrics"]["ece"] for r in mine]
-            lines.append(f"| {m} | " + " | ".join(cells) + f" | **{_fmt(means)}** | {_fmt(overall)} | {_fmt(ece)} |")
+            tail = f" | **{_fmt(means)}** | {_fmt(overall)} | {_fmt(ece)} |"
+            lines.append(f"| {label} | " + " | ".join(cells) + tail)
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 
@@ -134,10 +154,9 @@ def batch_size_table(records: list[dict[str, Any]]) -> str:
         return ""
     methods = method_order(records)
     parts = []
-    for key, rows in group_ok_records(records, ("setting", "order", "delta", "severity")).items():
-        lines = [f"### mean error vs batch size: {key[0]}, {key[1]}" + (f"(delta={key[2]})" if key[2] else "")
-                 + f", severity {key[3]}", "", "| method | " + " | ".join(f"b{b}" for b in sizes) + " |",
-                 "|" + "---|" * (len(sizes) + 1)]  # fmt: skip
+    for key, rows in group_ok_records(records, SWEEP_AXES).items():
+        header = "| method | " + " | ".join(f"b{b}" for b in sizes) + " |"
+        lines = [f"### mean error vs batch size: {_sweep_title(key)}", "", header, "|" + "---|" * (len(sizes) + 1)]
         for m in methods:
             vals = []
             for b in sizes:
@@ -152,21 +171,22 @@ def batch_size_table(records: list[dict[str, Any]]) -> str:
 def make_plots(out: Path, records: list[dict[str, Any]]) -> list[Path]:
     """PNG plots: error vs batch size per method, per-corruption bars, online error curves."""
     plt = pyplot()
-    ok = [r for r in records if r["status"] == "ok"]
     methods = method_order(records)
     written = []
     plot_dir = out / "plots"
     plot_dir.mkdir(exist_ok=True)
 
-    sizes = sorted({r["cell"]["batch_size"] for r in ok})
-    if len(sizes) > 1:
+    sweeps = {key: rows for key, rows in group_ok_records(records, SWEEP_AXES).items()
+              if len({r["cell"]["batch_size"] for r in rows}) > 1}  # fmt: skip
+    for i, (key, rows) in enumerate(sweeps.items()):  # one plot per (setting, order, delta, severity)
+        sizes = sorted({r["cell"]["batch_size"] for r in rows})
         fig, ax = plt.subplots(figsize=(6, 4))
         for m in methods:
             xs, ys = [], []
             for b in sizes:
-                per = [domain_errors(r["metrics"], r["cell"]["setting"]) for r in ok
+                per = [domain_errors(r["metrics"], key[0]) for r in rows
                        if r["cell"]["method"]["name"] == m and r["cell"]["batch_size"] == b]  # fmt: skip
-                if per:
+                if any(per):
                     xs.append(b)
                     ys.append(100 * statistics.fmean(statistics.fmean(p.values()) for p in per if p))
             if xs:
@@ -174,9 +194,11 @@ def make_plots(out: Path, records: list[dict[str, Any]]) -> list[Path]:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("test batch size")
         ax.set_ylabel("mean corruption error (%)")
+        ax.set_title(_sweep_title(key), fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        written.append(save_figure(fig, plot_dir / "error_vs_batch_size.png"))
+        name = "error_vs_batch_size.png" if len(sweeps) == 1 else f"error_vs_batch_size_{i}.png"
+        written.append(save_figure(fig, plot_dir / name))
 
     groups = group_ok_records(records, GROUP_AXES)
     for i, (key, rows) in enumerate(sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0]))):
@@ -201,6 +223,9 @@ def make_plots(out: Path, records: list[dict[str, Any]]) -> list[Path]:
             curve = first["metrics"].get("online_error") or {}
             if curve.get("samples"):
                 ax.plot(curve["samples"], [100 * e for e in curve["error"]], label=m)
+        if not ax.get_lines():  # no record of this group kept an online curve
+            pyplot().close(fig)
+            continue
         ax.set_xlabel("samples seen")
         ax.set_ylabel("cumulative error (%)")
         ax.set_title(_group_title(key), fontsize=8)
@@ -211,7 +236,7 @@ def make_plots(out: Path, records: list[dict[str, Any]]) -> list[Path]:
 
 
 def write_report(
-    out: Path, records: list[dict[str, Any]], *, plots: bool = True
+    out: Path, records: list[dict[str, Any]], *, plots: bool = True, missing: int = 0
 ) -> Path:
     """Write ``report.md`` (and ``plots/*.png``) into ``out``; returns the report path."""
     failed = [r for r in records if r["status"] != "ok"]
@@ -243,4 +268,5 @@ def write_report(
         lines += lat
     failed_cells = [f"- {r['cell']['method']['name']} {r['cell']['setting']} batch {r['cell']['batch_size']}: "
                     f"{r.get('error')}" for r in failed]  # fmt: skip
-    return write_markdown_report(out, lines, failed_cells, make_plots(out, records) if plots and ok else [], records)
+    plot_files = make_plots(out, records) if plots and ok else []
+    return write_markdown_report(out, lines, failed_cells, plot_files, records, missing=missing)

@@ -190,16 +190,16 @@ class BenchJob(ModelDataJob):
         m = record.get("metrics") or {}
         return {k: 100 * float(m[k]) for k in ("error", "mean_domain_error", "ece") if m.get(k) is not None}
 
-    def write_outputs(self, out: Path, records: list[dict[str, Any]]) -> Path:
-        return write_bench_outputs(out, records, plots=self.config.plots)
+    def write_outputs(self, out: Path, records: list[dict[str, Any]], missing: int = 0) -> Path:
+        return write_bench_outputs(out, records, plots=self.config.plots, missing=missing)
 
 
-def write_bench_outputs(out: Path, records: list[dict[str, Any]], *, plots: bool = True) -> Path:
+def write_bench_outputs(out: Path, records: list[dict[str, Any]], *, plots: bool = True, missing: int = 0) -> Path:
     """``results.csv`` and ``report.md`` (and plots) from stored bench records."""
     from tta_norm.bench.report import write_report
 
     atomic_write(out / "results.csv", records_to_csv(records))
-    return write_report(out, records, plots=plots)
+    return write_report(out, records, plots=plots, missing=missing)
 
 
 def run_benchmark(cfg: BenchConfig, options: RunOptions | None = None, **kwargs: Any) -> GridOutcome:
