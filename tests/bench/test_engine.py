@@ -89,7 +89,7 @@ def test_torn_last_line_is_reported_and_its_cell_runs_again(tmp_path, caplog):
 def _append_many(directory: str, tag: int, n: int) -> None:
     store = ResultStore(directory)
     for i in range(n):
-        store.append({"key": f"{tag}-{i}", "status": "ok", "payload": "x" * 2000})
+        store.append({"key": f"{tag}-{i}", "status": "ok", "cell": {}, "metrics": {}, "payload": "x" * 2000})
 
 
 def test_two_processes_appending_to_one_store_keep_every_record(tmp_path):
@@ -153,6 +153,12 @@ def test_merge_combines_stores_and_reports_conflicts(tmp_path):
     n, conflicts, _ = merge_dirs([tmp_path / "m", bad], tmp_path / "m2")
     assert conflicts == [rec["key"]]
     assert ResultStore(tmp_path / "m2").read().records[rec["key"]]["metrics"]["value"] == 1
+    # records of another grid kind are refused before anything is written
+    other = tmp_path / "other"
+    ResultStore(other).append({**rec, "key": "other-kind", "kind": "attack"})
+    with pytest.raises(ConfigError, match="several grid kinds"):
+        merge_dirs([tmp_path / "m", other], tmp_path / "m3")
+    assert not ResultStore(tmp_path / "m3").exists()
 
 
 def test_provenance_and_log_file(tmp_path):
@@ -308,3 +314,22 @@ def test_records_lost_during_a_run_and_missing_cells_are_loud(tmp_path, caplog, 
     part = run_grid(ToyJob(ToyConfig(output=str(tmp_path / "shard"))), RunOptions(shard=(1, 2), progress=False))
     assert part.exit_status == 0  # the other shard's cells are missing from the report, not lost
     assert (tmp_path / "shard" / "report.md").read_text().splitlines()[-1] == "missing 2"
+
+
+def test_parseable_but_malformed_records_are_skipped_loudly_and_rerun(tmp_path, caplog):
+    out = tmp_path / "run"
+    run_grid(ToyJob(ToyConfig(output=str(out))), RunOptions(progress=False))
+    good = [json.loads(x) for x in lines(out)]
+    damaged = [
+        {**good[0], "metrics": None},
+        {k: v for k, v in good[1].items() if k != "cell"},
+        {"key": 123, "status": "ok"},
+        {**good[2], "metrics": {**good[2]["metrics"], "error": 7.5}},
+        {**good[3], "metrics": {**good[3]["metrics"], "per_domain": {"fog@5": "abc"}}},
+    ]
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in damaged))
+    caplog.set_level(logging.WARNING, logger="tta_norm.bench")
+    again = run_grid(ToyJob(ToyConfig(output=str(out))), RunOptions(resume=True, progress=False))
+    assert (again.reused, again.ran, again.failed) == (0, 4, 0)
+    assert all(f"line {i} is not a valid record" in caplog.text for i in range(1, 5))
+    assert "the last line is not a valid record" in caplog.text and "error = 7.5 is not a fraction" in caplog.text

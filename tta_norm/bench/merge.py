@@ -114,6 +114,9 @@ def merge_dirs(dirs: list[str | Path], out: str | Path, *, overwrite: bool = Fal
         target.clear()
     existing = target.read().records
     merged, conflicts = merge_records([existing, *sources])
+    kinds = sorted({r.get("kind", "bench") for r in merged.values()})
+    if len(kinds) > 1:  # refused before anything is written
+        raise ConfigError(f"merge: records of several grid kinds {kinds} cannot share one directory")
     for key, rec in merged.items():
         if existing.get(key) is not rec:
             target.append(rec)

@@ -3,7 +3,8 @@
 ``results.jsonl`` gets one line per finished cell, appended under ``filelock`` and flushed and fsynced before
 the next cell starts, so a crash loses at most the cell that was running, and two processes writing into the
 same directory both keep all their cells.  A line that does not parse (a write cut off by a crash) is
-reported and skipped, and that cell runs again; an append first ends such a torn line so it cannot swallow
+reported and skipped, and that cell runs again (as does a line that parses but is not a well-formed record:
+:func:`malformed`); an append first ends such a torn line so it cannot swallow
 the new record.  The same key may appear more than once (a failed cell retried with ``--resume``, two
 processes running the same cell): the last ``ok`` record wins, else the last failed one.  ``results.csv`` and
 the report are derived from the records and can always be rebuilt.
@@ -15,6 +16,7 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +45,7 @@ class StoreContents:
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
     bad_lines: list[int] = field(default_factory=list)
     lines: int = 0
+    reasons: dict[int, str] = field(default_factory=dict)  # why a parsed bad line is not a record
 
     def ordered(self) -> list[dict[str, Any]]:
         """Records in grid order (``index``), then key."""
@@ -56,6 +59,31 @@ def choose(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
     return new
 
 
+#: metrics of bench and attack records that are fractions: in [0, 1], or NaN (nothing to count)
+FRACTIONS = ("error", "mean_domain_error", "ece", "attack_success", "target_clean_hit", "benign_error_clean",
+             "benign_error_attacked", "no_attack_error", "changed")  # fmt: skip
+
+
+def malformed(rec: Any) -> str | None:
+    """Why a parsed line is not a usable record (no string key, an unknown status, no cell, an ``ok`` record
+    without metrics or with a fraction that is not a number in [0, 1]), or ``None``."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("key"), str):
+        return "no key"
+    if rec.get("status") not in ("ok", "failed") or not isinstance(rec.get("cell"), dict):
+        return "no status or cell"
+    if rec["status"] == "failed":
+        return None
+    metrics = rec.get("metrics")
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("per_domain", {}), dict):
+        return "no metrics"
+    values = [(k, metrics[k]) for k in FRACTIONS if metrics.get(k) is not None]
+    values += [(f"per_domain.{d}", v) for d, v in metrics.get("per_domain", {}).items()]
+    for name, v in values:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not (math.isnan(v) or 0 <= v <= 1):
+            return f"metrics.{name} = {v!r} is not a fraction"
+    return None
+
+
 def parse_lines(text: str) -> StoreContents:
     out = StoreContents()
     for i, line in enumerate(text.splitlines(), start=1):
@@ -64,11 +92,15 @@ def parse_lines(text: str) -> StoreContents:
             continue
         try:
             rec = json.loads(line)
-            key = rec["key"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except json.JSONDecodeError:
             out.bad_lines.append(i)
             continue
-        out.records[key] = choose(out.records.get(key), rec)
+        why = malformed(rec)
+        if why is not None:
+            out.bad_lines.append(i)
+            out.reasons[i] = why
+            continue
+        out.records[rec["key"]] = choose(out.records.get(rec["key"]), rec)
     return out
 
 
@@ -92,8 +124,9 @@ class ResultStore:
         contents = parse_lines(text)
         for i in contents.bad_lines:
             where = "the last line" if i == contents.lines else f"line {i}"
-            log.warning(f"{self.path}: {where} is torn or unreadable (an interrupted write); skipped, its cell "
-                        "runs again")  # fmt: skip
+            why = f"is not a valid record ({contents.reasons[i]})" if i in contents.reasons else (
+                "is torn or unreadable (an interrupted write)")  # fmt: skip
+            log.warning(f"{self.path}: {where} {why}; skipped, its cell runs again")
         return contents
 
     def append(self, record: dict[str, Any]) -> None:
