@@ -86,6 +86,30 @@ def test_checkpoint_mismatch_is_clear(tmp_path):
         read_checkpoint(tmp_path / "junk.pt")
 
 
+def test_a_bad_checkpoint_is_a_user_error_of_one_line_and_never_runs_code(tmp_path):
+    import os
+    import pickle
+
+    from tests.bench.tinybench import bench_config
+    from tta_norm.bench.runner import BenchJob
+    from tta_norm.bench.validate import ConfigError
+    from tta_norm.models import CheckpointError
+
+    marker = tmp_path / "ran"
+    with open(tmp_path / "evil.pkl", "wb") as f:
+        pickle.dump(type("Payload", (), {"__reduce__": lambda self: (os.system, (f"touch {marker}",))})(), f)
+    torch.save(cifar_resnet(32).state_dict(), tmp_path / "r32.pt")
+    for name in ("evil.pkl", "r32.pt"):
+        with pytest.raises(CheckpointError) as err:  # a ValueError: the commands report it as a config error
+            load_model("resnet20", tmp_path / name)
+        assert isinstance(err.value, ValueError) and "\n" not in str(err.value)
+        assert "weights_only=False" not in str(err.value) and "weights_only` set to `False" not in str(err.value)
+        job = BenchJob(bench_config(str(tmp_path / "out"), model="resnet20", checkpoint=str(tmp_path / name)))
+        with pytest.raises(ConfigError, match="^model: "):
+            job.prepare("cpu")
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
 def test_num_classes_from_checkpoint(tmp_path):
     torch.save(cifar_resnet(20, num_classes=100).state_dict(), tmp_path / "c100.pt")
     assert load_model("resnet20", tmp_path / "c100.pt").linear.out_features == 100

@@ -9,6 +9,7 @@ from tta_norm.models.cifar_resnet import (
     cifar_resnet,
 )
 from tta_norm.models.loading import (
+    CheckpointError,
     build_model,
     load_model,
     load_state,
@@ -25,6 +26,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "BasicBlock",
+    "CheckpointError",
     "CifarResNet",
     "InputNormalization",
     "LogitSubset",

@@ -9,6 +9,7 @@ strict except that missing ``num_batches_tracked`` buffers (absent in old checkp
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -38,6 +39,11 @@ __all__ = [
 ]
 
 
+class CheckpointError(ValueError, RuntimeError):
+    """A checkpoint file that cannot be read safely or does not fit the model (a user's file, not a bug: the
+    commands report it as a one-line error)."""
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The state dict stored in ``path`` (see the module docstring), with ``module.`` prefixes removed."""
     path = Path(path)
@@ -50,9 +56,13 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise RuntimeError(
-            f"could not read checkpoint {path} with torch.load(weights_only=True): {err}. "
-            "Only tensor state dicts (optionally inside a dict with plain metadata) are accepted."
+        if isinstance(err, pickle.UnpicklingError):  # torch's message suggests weights_only=False: never
+            first = "it holds Python objects other than tensors and plain containers (unpickling them could run code)"
+        else:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"could not read checkpoint {path} with torch.load(weights_only=True): {first}; "
+            "only tensor state dicts, optionally inside a dict with plain metadata, are accepted"
         ) from err
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model", "model_state_dict"):
@@ -60,7 +70,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 obj = obj[key]
                 break
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise RuntimeError(f"checkpoint {path} does not contain a state dict of tensors")
+        raise CheckpointError(f"checkpoint {path} does not contain a state dict of tensors")
     return _strip_prefix(dict(obj), "module.")
 
 
@@ -75,7 +85,7 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str 
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
     if missing or result.unexpected_keys:
-        raise RuntimeError(
+        raise CheckpointError(
             f"{source} does not match the model: missing keys {missing[:8]}"
             f"{'...' if len(missing) > 8 else ''}, "
             f"unexpected keys {result.unexpected_keys[:8]}"
