@@ -333,3 +333,17 @@ def test_parseable_but_malformed_records_are_skipped_loudly_and_rerun(tmp_path, 
     assert (again.reused, again.ran, again.failed) == (0, 4, 0)
     assert all(f"line {i} is not a valid record" in caplog.text for i in range(1, 5))
     assert "the last line is not a valid record" in caplog.text and "error = 7.5 is not a fraction" in caplog.text
+
+
+def test_a_cell_whose_plan_fails_fails_alone(tmp_path, monkeypatch):
+    real = ToyJob.work
+
+    def work(self, cell, state):
+        if cell.payload == 2:
+            raise ValueError("could not build a stream for this cell")  # as an infeasible Dirichlet order
+        return real(self, cell, state)
+
+    monkeypatch.setattr(ToyJob, "work", work)
+    outcome = run_grid(ToyJob(ToyConfig(output=str(tmp_path / "run"), fail=[2])), RunOptions(progress=False))
+    assert (outcome.ran, outcome.failed) == (4, 1)
+    assert values(outcome) == {1: 1, 3: 3, 4: 4}

@@ -76,10 +76,19 @@ def progress_bar(total: int, enabled: bool | None, desc: str) -> Any:
     return tqdm(total=total, desc=desc, disable=not enabled, smoothing=0.05, file=sys.stderr)
 
 
+def planned(measure: Callable[[GridCell, Any], float], cell: GridCell, state: Any) -> float:
+    """``measure(cell, state)`` (a job's ``work`` or ``cost``), or 0 when planning the cell fails (an infeasible
+    stream): that cell then fails on its own when it runs, with the reason in its record, and the grid goes on."""
+    try:
+        return measure(cell, state)
+    except Exception:  # noqa: BLE001 - reported by the cell's own run
+        return 0
+
+
 def run_locally(run: CellRun, progress: bool | None = None) -> None:
     """Run the cells one after the other in this process, with a progress bar over their work units."""
     job = run.job
-    total = sum(job.work(c, run.state) for c in run.cells)
+    total = int(sum(planned(job.work, c, run.state) for c in run.cells))
     with progress_bar(total, progress, job.kind) as bar:
         for cell in run.cells:
             bar.set_postfix_str(cell.label)

@@ -19,7 +19,7 @@ import logging
 import os
 from typing import Any
 
-from tta_norm.bench.executors import CellRun, progress_bar
+from tta_norm.bench.executors import CellRun, planned, progress_bar
 from tta_norm.bench.grid import GridCell, GridJob
 from tta_norm.bench.validate import ConfigError
 
@@ -65,7 +65,7 @@ def run_on_ray(run: CellRun, progress: bool | None = None, address: str | None =
         )  # fmt: skip
         job_ref, state_ref = ray.put(job), ray.put(run.state)
         # longest first: the cells queue in submission order, so the costliest ones must not be left for the end
-        order = sorted(run.cells, key=lambda cell: job.cost(cell, run.state), reverse=True)
+        order = sorted(run.cells, key=lambda cell: planned(job.cost, cell, run.state), reverse=True)
         pending = {task.remote(job_ref, cell, state_ref, str(run.device), run.identity, threads): cell
                    for cell in order}  # fmt: skip
         log.info(f"ray: {len(pending)} tasks on {ray.cluster_resources().get('CPU', 0):g} CPUs, "
