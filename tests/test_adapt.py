@@ -101,13 +101,14 @@ def test_nan_batch_raises_or_skips_without_touching_state(method: str | None) ->
     opt = copy.deepcopy(tta.method.optimizer.state_dict()) if method else None
     with pytest.raises(ValueError, match="NaN or Inf"):
         tta(bad)
+    assert tta.num_batches == 1  # a refused call is not counted
     skip = tta_norm.adapt(tiny_net(), "ema", method=method, on_bad_batch="skip")
     skip(X)
     out = skip(bad)
     bad_inf = X.clone()
     bad_inf[0, 0, 0, 0] = float("inf")
     skip(bad_inf)
-    assert skip.skipped_batches == 2
+    assert skip.skipped_batches == 2 and skip.num_batches == 3
     assert torch.isfinite(out[[0, 1, 3]]).all()  # the clean samples still get predictions
     for k, v in skip.model.state_dict().items():
         assert torch.equal(v, state[k]), k
@@ -115,6 +116,15 @@ def test_nan_batch_raises_or_skips_without_touching_state(method: str | None) ->
         assert torch.equal(v, state[k]), k
     if method:
         assert str(skip.method.optimizer.state_dict()["state"]) == str(opt["state"])
+
+
+def test_a_bundled_model_refuses_images_of_another_channel_count() -> None:
+    from tta_norm.models import cifar_resnet
+
+    tta = tta_norm.adapt(cifar_resnet(20), "tbn")
+    with pytest.raises(ValueError, match=r"expected images of shape \(N, 3, H, W\)"):
+        tta(torch.rand(2, 1, 32, 32))  # a grey image would broadcast to three channels
+    assert (tta.num_batches, tta.num_adapted) == (0, 0)
 
 
 def test_batch_size_one_per_preset() -> None:

@@ -50,8 +50,8 @@ class TTAModel(nn.Module):
     ``on_bad_batch``) travel with the call (:mod:`tta_norm.norm.context`); a wrapper adapts one stream, so
     concurrent calls from several threads are serialised by a lock, in arrival order.
 
-    Counters: ``num_batches`` (batches seen), ``num_adapted`` (batches adapted on since the last reset),
-    ``skipped_batches``, ``num_resets``.
+    Counters: ``num_batches`` (batches answered; a refused call is not counted), ``num_adapted`` (batches
+    adapted on since the last reset), ``skipped_batches``, ``num_resets``.
     """
 
     def __init__(
@@ -255,16 +255,18 @@ class TTAModel(nn.Module):
         if self.window is not None and isinstance(domain, Tensor):
             raise ValueError("per-sample domain indices cannot be combined with window=W; pass an int domain")
         with self._lock:
-            self.num_batches += 1
             if not all_finite(x):
                 if policy == "raise":
                     raise ValueError(
                         "the batch contains NaN or Inf values; nothing was adapted. Clean the input, or build the "
                         "wrapper with on_bad_batch='skip' to predict such batches without adapting"
                     )
+                logits = self._predict_without_adapting(x, domain)
                 self.skipped_batches += 1
-                return self._predict_without_adapting(x, domain)
-            return self._adapt(x, domain, policy)
+            else:
+                logits = self._adapt(x, domain, policy)
+            self.num_batches += 1  # a batch answered; a refused one changes nothing
+            return logits
 
     def _adapt(self, x: Tensor, domain: int | Tensor | None, policy: BadBatchPolicy) -> Tensor:
         """One transaction: (reset,) window, forward and step; everything is rolled back if any part fails."""
@@ -336,7 +338,6 @@ class TTAModel(nn.Module):
                 raise ValueError("differentiable_forward(adapt=True) does not support window=W")
             if not bool(torch.isfinite(x.detach()).all()):
                 raise ValueError("the batch contains NaN or Inf values; nothing was adapted")
-            self.num_batches += 1
             snapshot = Snapshot(self, self._mutable_buffers, None, owner_attributes=("num_adapted",))
             try:
                 with layer_options(self._layers, domain=_option(domain)):
@@ -347,6 +348,7 @@ class TTAModel(nn.Module):
                 snapshot.restore()
                 raise
             self.num_adapted += 1
+            self.num_batches += 1
             return logits
 
     def extra_repr(self) -> str:

@@ -37,6 +37,10 @@ class InputNormalization(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.mean.shape[1]:  # a 1-channel image would broadcast silently
+            raise ValueError(
+                f"expected images of shape (N, {self.mean.shape[1]}, H, W) in [0, 1], got {tuple(x.shape)}"
+            )
         return (x - self.mean) / self.std
 
 
