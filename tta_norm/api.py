@@ -151,17 +151,51 @@ class TTAModel(nn.Module):
             }
 
     def load_state(self, state: Mapping[str, Any]) -> None:
-        """Make this wrapper carry ``state`` (from :meth:`state` of this wrapper or of one built the same way)."""
+        """Make this wrapper carry ``state`` (from :meth:`state` of this wrapper or of one built the same way).
+        A state that does not fit (another architecture, preset or method, a missing part) is a ``ValueError``
+        and leaves this wrapper as it was."""
         with self._lock:
-            if (state["method"] is None) != (self.method is None):
-                raise ValueError("load_state: the state and this wrapper differ in having a gradient method")
-            self.model.load_state_dict(state["model"])
-            if self.method is not None:
-                self.method.load_state_dict(state["method"])
-            for key, value in state["counters"].items():
-                setattr(self, key, value)
-            window = state["window"]
-            self._window_buffer = None if window is None else window.clone()
+            self._check_state(state)
+            before = self.state()
+            try:
+                self._put_state(state)
+            except BaseException:
+                self._put_state(before)
+                raise
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict`` (the model's tensors), checked first when ``strict``: a state that does
+        not fit raises a one-line ``RuntimeError`` and loads nothing."""
+        problem = state_dict_mismatch(self.state_dict(), state_dict) if strict else None
+        if problem is not None:
+            raise RuntimeError(f"load_state_dict: the state does not fit this wrapper ({problem})")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _check_state(self, state: Mapping[str, Any]) -> None:
+        parts = ("model", "method", "counters", "window")
+        if not isinstance(state, Mapping) or any(k not in state for k in parts):
+            raise ValueError(f"load_state: a state has the parts {list(parts)} (from TTAModel.state())")
+        if (state["method"] is None) != (self.method is None):
+            raise ValueError("load_state: the state and this wrapper differ in having a gradient method")
+        if self.method is not None:
+            kind = state["method"].get("class") if isinstance(state["method"], Mapping) else None
+            if kind != type(self.method).__name__:
+                raise ValueError(f"load_state: the state is of method {kind!r}, this wrapper runs "
+                                 f"{type(self.method).__name__!r}")  # fmt: skip
+        problem = state_dict_mismatch(self.model.state_dict(), state["model"])
+        if problem is not None:
+            raise ValueError(f"load_state: the model state does not fit this wrapper ({problem})")
+        if not isinstance(state["counters"], Mapping) or set(state["counters"]) != set(self.COUNTERS):
+            raise ValueError(f"load_state: the counters must be {list(self.COUNTERS)}")
+
+    def _put_state(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.method is not None:
+            self.method.load_state_dict(state["method"])
+        for key, value in state["counters"].items():
+            setattr(self, key, value)
+        window = state["window"]
+        self._window_buffer = None if window is None else window.clone()
 
     @property
     def device(self) -> torch.device | None:

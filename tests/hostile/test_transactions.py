@@ -76,3 +76,30 @@ def test_a_gradient_method_never_steps_on_non_finite_logits(preset, method):
     skipping(x * 1e30)
     assert skipping.skipped_batches == 1
     _assert_same(kept, _state(skipping))
+
+
+def test_a_state_that_does_not_fit_is_refused_and_loads_nothing():
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    tent = tta_norm.adapt(_conv_net(), "ema", "tent")
+    tent(x)
+    sar = tta_norm.adapt(_conv_net(), "ema", "sar")
+    sar(x)
+    before = _state(sar)
+    with pytest.raises(ValueError, match="of method 'Tent'"):
+        sar.load_state(tent.state())  # another method's optimiser and attributes
+    broken = sar.state()
+    broken["model"] = {k: (v[:1] if k.endswith("ema_mean") else v) for k, v in broken["model"].items()}
+    with pytest.raises(ValueError, match="shape mismatches"):
+        sar.load_state(broken)
+    late = sar.state()
+    late["model"] = {k: v + 1 if v.is_floating_point() else v for k, v in late["model"].items()}
+    late["method"]["optimizer"]["param_groups"] = []  # fails after the model part was loaded: rolled back
+    with pytest.raises(ValueError):
+        sar.load_state(late)
+    no_counters = {k: v for k, v in sar.state().items() if k != "counters"}
+    with pytest.raises(ValueError, match="parts"):
+        sar.load_state(no_counters)
+    with pytest.raises(RuntimeError, match="does not fit") as err:
+        sar.load_state_dict({k: (v[:1] if k.endswith("ema_mean") else v) for k, v in sar.state_dict().items()})
+    assert "\n" not in str(err.value)
+    _assert_same(before, _state(sar))

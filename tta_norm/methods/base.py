@@ -202,7 +202,8 @@ class GradientMethod:
         """Everything adaptation changes in the method itself: the optimiser's state and the method's own
         attributes (EATA's moving average, SAR's loss EMA and recovery flag...), deep-copied."""
         attributes = {k: copy.deepcopy(v) for k, v in vars(self).items() if k not in self.WIRING}
-        return {"optimizer": copy.deepcopy(self.optimizer.state_dict()), "attributes": attributes}
+        return {"class": type(self).__name__, "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                "attributes": attributes}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (copies, so the source can go on adapting)."""
