@@ -264,6 +264,14 @@ class TTAModel(nn.Module):
             self._window_buffer = xw[-(self.window - 1) :].detach()
         return xw
 
+    def _frame(self, n: int, **options: Any) -> contextlib.AbstractContextManager[None]:
+        """The layer options of one forward on ``n`` samples (``samples`` only for pseudo-count mixing, where a
+        layer's rows need not be images); no frame when nothing is set."""
+        if self.spec.pseudo_count is not None:
+            options["samples"] = n
+        options = {k: v for k, v in options.items() if v is not UNSET}
+        return layer_options(self._layers, **options) if options else _NO_FRAME
+
     def _predict_without_adapting(self, x: Tensor, domain: int | Tensor | None) -> Tensor:
         with torch.no_grad(), layer_options(self._layers, use_batch=False, domain=_option(domain)):
             return self.model(x)
@@ -317,7 +325,7 @@ class TTAModel(nn.Module):
             if self.window is not None and xw.shape[0] < 2:
                 # nothing to normalise the very first sample with yet: predict with the current state
                 return self._predict_without_adapting(xw, domain)
-            with layer_options(self._layers, domain=domain) if domain is not None else _NO_FRAME:
+            with self._frame(xw.shape[0], domain=_option(domain)):
                 logits = self.method.forward_and_adapt(xw) if self.method is not None else self.model(xw)
             if not all_finite(logits):
                 raise NonFiniteLogits
@@ -361,7 +369,7 @@ class TTAModel(nn.Module):
         self._check_domain(domain, x.shape[0])
         with self._lock:
             if not adapt:
-                with layer_options(self._layers, update_state=False, domain=_option(domain)):
+                with self._frame(x.shape[0], update_state=False, domain=_option(domain)):
                     return self.model(x)
             if self.method is not None:
                 raise ValueError(
@@ -374,7 +382,7 @@ class TTAModel(nn.Module):
                 raise ValueError("the batch contains NaN or Inf values; nothing was adapted")
             snapshot = Snapshot(self, self._mutable_buffers, None, owner_attributes=("num_adapted",))
             try:
-                with layer_options(self._layers, domain=_option(domain)):
+                with self._frame(x.shape[0], domain=_option(domain)):
                     logits = self.model(x)
                 if not bool(torch.isfinite(logits.detach()).all()):
                     raise ValueError("the adapting forward gave NaN or Inf logits; nothing was adapted")

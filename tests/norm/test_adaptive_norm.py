@@ -103,6 +103,30 @@ def test_prior_uses_pseudo_count() -> None:
     torch.testing.assert_close(layer("prior", bn, prior=0.7)(X), layer("alpha", bn, alpha=0.3)(X))
 
 
+class TokenNet(nn.Module):
+    """A BatchNorm1d over flattened tokens, as LeViT / EfficientViT-MSRA: the layer sees images x tokens rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.bn, self.head = nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)
+        self.bn.running_mean.uniform_(-0.5, 0.5)
+        self.bn.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, T, 3)
+        t = self.embed(x)
+        return self.head(self.bn(t.flatten(0, 1)).view_as(t).mean(1))
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["statistics", "with-tent"])
+def test_prior_counts_images_not_the_rows_of_a_token_layer(grad: bool) -> None:
+    x = torch.randn(4, 9, 3, generator=torch.Generator().manual_seed(1))  # 4 images of 9 tokens: 36 rows
+    method = "tent" if grad else None
+    prior = tta_norm.adapt(TokenNet().eval(), "prior", method, **({"lr": 0.0} if grad else {}))(x)
+    alpha = tta_norm.adapt(TokenNet().eval(), "alpha", method, alpha=4 / (16 + 4), **({"lr": 0.0} if grad else {}))
+    torch.testing.assert_close(prior, alpha(x))
+
+
 def test_unbiased_variance_by_name() -> None:
     bn = make_bn()
     r = rows(X)

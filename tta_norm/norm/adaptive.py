@@ -196,6 +196,14 @@ class AdaptiveNorm(nn.Module):
             d["_domain_default"] if k is UNSET else k,
         )
 
+    def _sample_count(self, x: Tensor) -> int:
+        """Test samples in the batch (``n`` of pseudo-count mixing): the ``samples`` option the wrapper sets for
+        the whole model, else the rows the layer sees (the same for convolutional BatchNorm; not for a
+        BatchNorm1d over flattened tokens, whose rows are images x tokens)."""
+        frame = _local.frames.get(self)
+        n = UNSET if frame is None else frame.samples
+        return int(x.shape[0]) if n is UNSET or n is None else int(n)
+
     def __setstate__(self, state: dict) -> None:
         for name in ("update_state", "use_batch", "domain"):  # pickles of layers that kept plain attributes
             if name in state:
@@ -281,6 +289,7 @@ class AdaptiveNorm(nn.Module):
             ema_state=self.ema_state(),
             mix_weight=getattr(self, "mix_weight", None),
             use_batch=use_batch,
+            samples=self._sample_count(x) if self.spec.pseudo_count is not None else None,
         )
         if new_state is not None and update_state:
             self._commit(new_state)
@@ -359,7 +368,7 @@ class AdaptiveNorm(nn.Module):
             if spec.channelwise:
                 alpha_t = params["mix_weight"]
             elif rule in _LINEAR_OR_MIXTURE:
-                alpha = spec.fixed_alpha(x.shape[0])
+                alpha = spec.fixed_alpha(self._sample_count(x) if spec.pseudo_count is not None else x.shape[0])
         stats_decl = self._exact_stats
         args = self._kernel_args
         if args is None or args.ptrs != (

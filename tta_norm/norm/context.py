@@ -1,8 +1,9 @@
 """Per-call options of adaptive norm layers, carried by the calling thread instead of flags on shared layers.
 
-A forward pass of :class:`~tta_norm.norm.AdaptiveNorm` reads three options: ``update_state`` (commit the EMA
-update), ``use_batch`` (look at the batch at all) and ``domain`` (SaBN head).  Their defaults are the layer's
-own attributes of the same names.  :func:`layer_options` overrides them for a set of layers **in the calling
+A forward pass of :class:`~tta_norm.norm.AdaptiveNorm` reads ``update_state`` (commit the EMA update),
+``use_batch`` (look at the batch at all), ``domain`` (SaBN head) and ``samples`` (test samples in the batch, for
+pseudo-count mixing; the layer's row count when unset).  The first three default to the layer's own attributes
+of the same names.  :func:`layer_options` overrides them for a set of layers **in the calling
 thread only** and for the duration of a ``with`` block: frames nest (the innermost wins per option), are
 restored on exit even on an exception, and are invisible to other threads, so two threads running the same
 model with different options never see each other's settings.  ``keep_state``, ``without_batch`` and
@@ -25,12 +26,15 @@ UNSET: Any = type("Unset", (), {"__repr__": lambda self: "UNSET", "__slots__": (
 class LayerOptions:
     """One frame's options for the layers it covers; a field left :data:`UNSET` defers to the enclosing one."""
 
-    __slots__ = ("update_state", "use_batch", "domain")
+    __slots__ = ("update_state", "use_batch", "domain", "samples")
 
-    def __init__(self, update_state: Any = UNSET, use_batch: Any = UNSET, domain: Any = UNSET) -> None:
+    def __init__(
+        self, update_state: Any = UNSET, use_batch: Any = UNSET, domain: Any = UNSET, samples: Any = UNSET
+    ) -> None:
         self.update_state = update_state
         self.use_batch = use_batch
         self.domain = domain
+        self.samples = samples
 
     def over(self, parent: LayerOptions | None) -> LayerOptions:
         """These options on top of ``parent``'s (``self`` where set, else ``parent``)."""
@@ -40,10 +44,12 @@ class LayerOptions:
             parent.update_state if self.update_state is UNSET else self.update_state,
             parent.use_batch if self.use_batch is UNSET else self.use_batch,
             parent.domain if self.domain is UNSET else self.domain,
+            parent.samples if self.samples is UNSET else self.samples,
         )
 
     def __repr__(self) -> str:
-        return f"LayerOptions(update_state={self.update_state}, use_batch={self.use_batch}, domain={self.domain})"
+        return (f"LayerOptions(update_state={self.update_state}, use_batch={self.use_batch}, domain={self.domain}, "
+                f"samples={self.samples})")  # fmt: skip
 
 
 class _ThreadOptions(threading.local):
@@ -73,9 +79,13 @@ def layer_options(
     update_state: bool | Any = UNSET,
     use_batch: bool | Any = UNSET,
     domain: int | Tensor | None | Any = UNSET,
+    samples: int | Any = UNSET,
 ) -> Iterator[None]:
-    """Within the block and in this thread only, the given options for ``layers`` (others unchanged)."""
-    frame = LayerOptions(update_state, use_batch, domain)
+    """Within the block and in this thread only, the given options for ``layers`` (others unchanged).
+
+    ``samples``: the number of test samples (images) in the batch, for pseudo-count mixing (the ``prior``
+    preset), where a layer's rows are not images (a BatchNorm1d over the flattened tokens of a LeViT)."""
+    frame = LayerOptions(update_state, use_batch, domain, samples)
     old = _local.frames
     if not old:
         new = dict.fromkeys(layers, frame)

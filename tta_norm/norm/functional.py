@@ -59,13 +59,15 @@ def layer_statistics(
     ema_state: Stats | None = None,
     mix_weight: Tensor | None = None,
     use_batch: bool = True,
+    samples: int | None = None,
 ) -> tuple[Stats, Stats | None]:
     """The statistics an adaptive norm layer normalises ``x`` with, and its new EMA state.
 
     Returns ``(stats, new_ema_state)``.  ``stats`` has shapes ``(C,)``, or ``(N, C)`` with an ``instance``
     refinement.  ``new_ema_state`` is ``None`` unless ``spec.mixing == "ema"`` and the batch was used.
     With ``use_batch=False`` the batch is not looked at: the result is the current state (the EMA state for
-    ``"ema"``, else the source statistics).  See :class:`NormSpec` for the three steps.
+    ``"ema"``, else the source statistics).  ``samples``: the number of test samples ``n`` of pseudo-count
+    mixing (default: the rows of ``x``).  See :class:`NormSpec` for the three steps.
     """
     reference_state = ema_state if spec.mixing == "ema" else source
     if reference_state is None:
@@ -85,7 +87,8 @@ def layer_statistics(
         elif spec.mixing == "ema":
             stats = new_state = ema_update(reference_state, batch, spec.momentum)
         else:
-            stats = mix(batch, source, test_weight(spec, x.shape[0], mix_weight), spec.mixing)
+            n = x.shape[0] if samples is None else samples
+            stats = mix(batch, source, test_weight(spec, n, mix_weight), spec.mixing)
 
     if spec.instance == "iabn":
         spatial = math.prod(x.shape[2:])
