@@ -127,6 +127,18 @@ def test_a_bundled_model_refuses_images_of_another_channel_count() -> None:
     assert (tta.num_batches, tta.num_adapted) == (0, 0)
 
 
+def test_inputs_take_the_model_dtype_and_unusable_devices_are_named() -> None:
+    tta = tta_norm.adapt(tiny_net(), "tbn")
+    torch.testing.assert_close(tta(X.double()), tta(X), rtol=0, atol=0)  # float64 images, float32 model
+    with pytest.raises(ValueError, match="meta tensor"):
+        tta(torch.empty(X.shape, device="meta"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA device"):
+            tta_norm.adapt(tiny_net(), "tbn", device="cuda")
+    with pytest.raises(ValueError, match="unknown device"):
+        tta_norm.adapt(tiny_net(), "tbn", device="bogus")
+
+
 def test_batch_size_one_per_preset() -> None:
     """TinyNet ends in a BatchNorm1d: one value per channel at batch size 1."""
     x1 = X[:1]

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from tta_norm import kernels
+from tta_norm.device import available_device
 from tta_norm.methods import GradientMethod, get_method_class
 from tta_norm.methods.base import NonFiniteLogits, all_finite, optim_setting_names
 from tta_norm.norm.adaptive import AdaptiveNorm, adaptive_layers, check_domain
@@ -212,6 +213,15 @@ class TTAModel(nn.Module):
         """The ``(name, layer)`` pairs of the model's adaptive norm layers."""
         return list(adaptive_layers(self.model))
 
+    def _dtype(self) -> torch.dtype | None:
+        """The floating dtype the model computes in (its statistics, else its first floating parameter)."""
+        if self._layers:
+            return self._layers[0]._buffers["source_mean"].dtype
+        for t in self.model.parameters():
+            if t.is_floating_point():
+                return t.dtype
+        return None
+
     def _device(self) -> torch.device | None:
         if self._layers:  # (the cheap lookup: a forward's input check calls this)
             return self._layers[0]._buffers["source_mean"].device
@@ -252,8 +262,12 @@ class TTAModel(nn.Module):
             )
         if x.shape[0] == 0:
             raise ValueError("got an empty batch (N = 0); nothing to predict or adapt on")
-        device = self._device()
-        return x.to(device) if device is not None and x.device != device else x
+        if x.is_meta:
+            raise ValueError("got a meta tensor (shapes without data); pass a batch of values")
+        device, dtype = self._device(), self._dtype()
+        if (device is not None and x.device != device) or (dtype is not None and x.dtype != dtype):
+            x = x.to(device=device, dtype=dtype)
+        return x
 
     def _windowed(self, x: Tensor) -> Tensor:
         if self.window is None or x.shape[0] >= self.window:
@@ -287,7 +301,7 @@ class TTAModel(nn.Module):
 
         ``domain`` selects SaBN heads (an int, or ``(N,)`` per-sample indices); ``None`` applies the shared
         affine only.  ``on_bad_batch`` overrides the wrapper's policy for this call.  The input is moved to the
-        model's device and detached: adaptation never reaches back into the caller's graph.
+        model's device and dtype and detached: adaptation never reaches back into the caller's graph.
         """
         policy = self.on_bad_batch if on_bad_batch is None else _check_policy(on_bad_batch)
         x = self._validate(x)
@@ -543,6 +557,8 @@ def adapt(
             UnfittedTTNWarning,
             stacklevel=2,
         )
+    if device is not None:
+        device = available_device(device)
     target = model if inplace else copy.deepcopy(model)
     with _undone_on_error(target) if inplace else contextlib.nullcontext():  # a refused call leaves it as it was
         if device is not None:

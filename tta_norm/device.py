@@ -20,3 +20,16 @@ def resolve_device(device: torch.device | str | None = None, model: nn.Module | 
         for t in (*model.parameters(), *model.buffers()):
             return t.device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def available_device(device: torch.device | str) -> torch.device:
+    """``device`` as a ``torch.device`` that exists on this machine: an unknown name, or a CUDA / MPS device
+    that is not there, is a ``ValueError`` saying so (``"auto"`` picks CUDA when available, else CPU)."""
+    dev = resolve_device(device)
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device {str(device)!r} requested but this machine has {torch.cuda.device_count()} CUDA "
+                         "device(s); use 'cpu' or 'auto'")  # fmt: skip
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("device 'mps' requested but MPS is not available; use 'cpu' or 'auto'")
+    return dev
+

@@ -37,7 +37,8 @@ class InputNormalization(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != self.mean.shape[1]:  # a 1-channel image would broadcast silently
+        # a 1-channel image would broadcast silently (the check is skipped while torch.fx traces the model)
+        if not isinstance(x, torch.fx.Proxy) and (x.dim() != 4 or x.shape[1] != self.mean.shape[1]):
             raise ValueError(
                 f"expected images of shape (N, {self.mean.shape[1]}, H, W) in [0, 1], got {tuple(x.shape)}"
             )
