@@ -40,6 +40,10 @@ LN_GN_MODELS = {
     "convnext_atto": {},
     "resnet50_gn": {},
 }
+HYBRID_MODELS = {  # attention with BatchNorm instead of LayerNorm: LeViT's BatchNorm1d over flattened tokens
+    "levit_128s": {"img_size": 96},
+    "efficientvit_m0": {"img_size": 96},
+}
 TENT_LR = 0.05
 
 
@@ -126,3 +130,22 @@ def test_layernorm_groupnorm_model_source_is_eval_mode_and_tent_steps_as_by_hand
     off = max((p.detach() - q).abs().max().item() for p, q in zip(params, adapted, strict=True))
     assert step > 1e-6, "the TENT step moved no parameter: the comparison could not fail"
     assert off <= 1e-3 * step + 1e-7, f"TENT update off by {off:.3g} (step size {step:.3g})"
+
+
+@pytest.mark.parametrize("name", list(HYBRID_MODELS))
+def test_token_batchnorm_models_are_exact_and_prior_counts_images(name: str) -> None:
+    """Attention networks normalised by BatchNorm (LeViT: BatchNorm1d over images x tokens rows; EfficientViT-MSRA:
+    BatchNorm2d, a BatchNorm1d head): the conversion is exact, and the ``prior`` preset mixes with n / (N + n)
+    for the n images of the batch in every layer.  (Four
+    96-pixel images: with two 64-pixel ones the last stage normalises two rows, where a random-init network
+    turns float rounding into differences of the order of the outputs, in float64 too.)"""
+    size = HYBRID_MODELS[name]["img_size"]
+    images = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+    model = build(name, **HYBRID_MODELS[name])
+    assert any(type(m) is nn.BatchNorm1d for m in model.modules())
+    assert_invariants(model, images, atol=1e-4)  # float32 rounding grows through random-init attention stages
+    n = images.shape[0]
+    with torch.no_grad():
+        prior = tta_norm.adapt(model, "prior")(images)
+        alpha = tta_norm.adapt(model, "alpha", alpha=n / (16 + n))(images)
+    torch.testing.assert_close(prior, alpha, rtol=0, atol=0)
