@@ -109,6 +109,6 @@ def test_files_and_source_data_an_entry_reads_are_in_its_cells_keys(tmp_path):
     torch.save({k: v + 1 if v.is_floating_point() else v for k, v in fitted.items()}, state_file)
     changed = keys("a")  # the same path, other contents: only the ttn entry's cells change
     assert changed["ttn"] != base["ttn"] and changed["tbneata"] == base["tbneata"]
-    state_file.unlink()
+    state_file.unlink()  # a config may name a file a previous step writes: a missing one stops the run at its start
     with pytest.raises(ConfigError, match="init_state file not found"):
         keys("a")
