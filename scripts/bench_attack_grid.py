@@ -10,7 +10,7 @@ prediction) and for targeted ones the measured mean steps of a finished run (``-
 remove: the plain convolution work of the same passes (the source model's forward+backward).  With
 ``--compiled-floor`` it also compiles that plain network (``torch.compile``, eval mode, so the compiler may fold
 the normalisation into the convolutions) and scales the floor by the median ratio of compiled to eager
-forward+backward over paired rounds: a lower bound for any implementation on this machine.
+forward+backward over paired rounds: the convolution work alone, compiled.
 
     python scripts/bench_attack_grid.py attack_medbn                  # the headline grid, upper bound
     python scripts/bench_attack_grid.py attack_medbn --run runs/attack_medbn --timing-steps 5
