@@ -31,10 +31,11 @@ def model_identity(name: str, checkpoint: str | None, model: torch.nn.Module) ->
     return {"name": name, "checkpoint": checkpoint, "weights_sha256": model_fingerprint(model)}
 
 
-def array_fingerprint(*arrays: np.ndarray) -> str:
+def array_fingerprint(*arrays: np.ndarray | torch.Tensor) -> str:
+    """SHA-256 (first 16 hex digits) of arrays or tensors: dtype, shape and bytes of each, in order."""
     h = hashlib.sha256()
     for a in arrays:
-        a = np.ascontiguousarray(a)
+        a = np.ascontiguousarray(a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else a)
         h.update(f"{a.dtype}:{a.shape};".encode())
         h.update(a.data)
     return h.hexdigest()[:16]

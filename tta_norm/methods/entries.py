@@ -89,15 +89,6 @@ def _state_fingerprint(model: nn.Module, extra: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def _content_sha256(*arrays: np.ndarray | torch.Tensor) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else a)
-        h.update(f"{a.dtype}:{a.shape};".encode())
-        h.update(a.data)
-    return h.hexdigest()[:16]
-
-
 def _ttn_source_settings(fit: Mapping[str, Any]) -> tuple[int, int, str]:
     return int(fit.get("n_images", 4000)), int(fit.get("seed", 0)), str(fit.get("source", "cifar10-jpeg"))
 
@@ -121,6 +112,8 @@ def entry_inputs(
     """Content fingerprints of what an entry reads besides the model and the test data: an ``init_state``
     file, the Fisher images of ``fisher_samples``, the source split of ``ttn_fit``.  They enter the entry's
     cell keys, so a changed file or another source data directory never reuses a stored result."""
+    from tta_norm.bench.identity import array_fingerprint
+
     out: dict[str, str] = {}
     state = kwargs.get("init_state")
     if isinstance(state, (str, os.PathLike)):
@@ -131,10 +124,10 @@ def entry_inputs(
     if "fisher_samples" in kwargs and method == "eata":
         n = fisher_sample_count(kwargs["fisher_samples"])
         seed = int(kwargs.get("fisher_seed", 0))
-        out["fisher_images_sha256"] = _content_sha256(clean_source_images(dataset, n, seed=seed, data_dir=data_dir))
+        out["fisher_images_sha256"] = array_fingerprint(clean_source_images(dataset, n, seed=seed, data_dir=data_dir))
     fit = kwargs.get("ttn_fit") or {}
     if "ttn_fit" in kwargs and preset == "ttn" and isinstance(fit, Mapping):
-        out["ttn_source_sha256"] = _content_sha256(*ttn_source_data(fit, data_dir=data_dir))
+        out["ttn_source_sha256"] = array_fingerprint(*ttn_source_data(fit, data_dir=data_dir))
     return out
 
 
@@ -143,6 +136,7 @@ def fitted_ttn_state(
 ) -> dict[str, torch.Tensor]:
     """The ``ttn``-adapted state dict of ``model`` fitted with the ``ttn_fit`` settings, cached per model, fit
     settings and the content of the source images it is fitted on."""
+    from tta_norm.bench.identity import array_fingerprint
     from tta_norm.data.paths import cache_root
     from tta_norm.fitting.ttn import fit_ttn
 
@@ -150,7 +144,7 @@ def fitted_ttn_state(
     n_images, seed, source = _ttn_source_settings(fit)
     fit = {k: v for k, v in fit.items() if k not in ("n_images", "seed", "source")}
     key = _state_fingerprint(model, {"n_images": n_images, "seed": seed, "source": source, **fit,
-                                     "images": _content_sha256(images, labels)})  # fmt: skip
+                                     "images": array_fingerprint(images, labels)})  # fmt: skip
     if key in _ttn_states:
         return _ttn_states[key]
     path = Path(cache_root()) / "ttn" / f"ttn-{key}.pt"
