@@ -56,6 +56,20 @@ def test_a_refused_inplace_adapt_leaves_the_model_as_it_was(bad: dict) -> None:
         assert torch.equal(v, state[k]), k
 
 
+def test_a_refused_inplace_adapt_undoes_a_loaded_init_state(tmp_path) -> None:
+    donor = tta_norm.adapt(tiny_net(seed=1), "ema")  # a valid adapted state with other weights
+    model = tiny_net().train()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="window"):
+        tta_norm.adapt(model, "ema", inplace=True, init_state=donor.model.state_dict(), window=0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    torch.save({"state_dict": 5}, tmp_path / "bad.pt")
+    for bad in (torch.zeros(3), [1, 2], tmp_path / "bad.pt"):
+        with pytest.raises(ValueError, match="init_state must be a state dict"):
+            tta_norm.adapt(model, "ema", init_state=bad)
+
+
 def test_source_preset_equals_eval_model_and_spec_overrides() -> None:
     model = tiny_net()
     torch.testing.assert_close(tta_norm.adapt(model, "source")(X), model(X))

@@ -165,12 +165,15 @@ class TTAModel(nn.Module):
                 raise
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """``nn.Module.load_state_dict`` (the model's tensors), checked first when ``strict``: a state that does
-        not fit raises a one-line ``RuntimeError`` and loads nothing."""
-        problem = state_dict_mismatch(self.state_dict(), state_dict) if strict else None
-        if problem is not None:
-            raise RuntimeError(f"load_state_dict: the state does not fit this wrapper ({problem})")
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        """``nn.Module.load_state_dict`` (the model's tensors; layers' own key migrations included), all or
+        nothing: a state that does not fit raises a one-line ``RuntimeError`` and leaves every tensor as it was."""
+        before = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as err:
+            super().load_state_dict(before)
+            raise RuntimeError(f"load_state_dict: the state does not fit this wrapper "
+                               f"({_describe_misfit(self, state_dict, err)}); nothing was loaded") from None
 
     def _check_state(self, state: Mapping[str, Any]) -> None:
         parts = ("model", "method", "counters", "window")
@@ -179,18 +182,23 @@ class TTAModel(nn.Module):
         if (state["method"] is None) != (self.method is None):
             raise ValueError("load_state: the state and this wrapper differ in having a gradient method")
         if self.method is not None:
-            kind = state["method"].get("class") if isinstance(state["method"], Mapping) else None
+            if not isinstance(state["method"], Mapping):
+                raise ValueError("load_state: the method part must be a mapping (from TTAModel.state())")
+            kind = state["method"].get("class", type(self.method).__name__)  # (states saved before it was kept)
             if kind != type(self.method).__name__:
                 raise ValueError(f"load_state: the state is of method {kind!r}, this wrapper runs "
                                  f"{type(self.method).__name__!r}")  # fmt: skip
-        problem = state_dict_mismatch(self.model.state_dict(), state["model"])
-        if problem is not None:
-            raise ValueError(f"load_state: the model state does not fit this wrapper ({problem})")
+        if not isinstance(state["model"], Mapping):
+            raise ValueError("load_state: the model part must be a state dict")
         if not isinstance(state["counters"], Mapping) or set(state["counters"]) != set(self.COUNTERS):
             raise ValueError(f"load_state: the counters must be {list(self.COUNTERS)}")
 
     def _put_state(self, state: Mapping[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as err:
+            raise ValueError(f"load_state: the model state does not fit this wrapper "
+                             f"({_describe_misfit(self.model, state['model'], err)})") from None
         if self.method is not None:
             self.method.load_state_dict(state["method"])
         for key, value in state["counters"].items():
@@ -430,26 +438,35 @@ def _check_policy(policy: str) -> BadBatchPolicy:
 
 def load_adapted_state(model: nn.Module, state: Mapping[str, Any] | str | os.PathLike) -> None:
     """Load the state dict of an adapted model (strict: the same architecture and spec-dependent tensors)."""
-    if not isinstance(state, Mapping):
+    if isinstance(state, (str, os.PathLike)):
         state = torch.load(state, map_location="cpu", weights_only=True)
         if isinstance(state, Mapping) and "state_dict" in state:
             state = state["state_dict"]
-    problem = state_dict_mismatch(model.state_dict(), state)
-    if problem is None:
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as err:
-            problem = str(err).strip().splitlines()[0]
-    if problem is not None:
+    if not isinstance(state, Mapping):
+        raise ValueError(f"init_state must be a state dict (names to tensors), got {type(state).__name__}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
         raise ValueError(
-            f"init_state does not fit the adapted model ({problem}); it must come from a model adapted with the "
-            "same architecture and preset (e.g. saved by ttn-fit for the 'ttn' preset)"
-        )
+            f"init_state does not fit the adapted model ({_describe_misfit(model, state, err)}); it must come from "
+            "a model adapted with the same architecture and preset (e.g. saved by ttn-fit for the 'ttn' preset)"
+        ) from None
+
+
+def _describe_misfit(module: nn.Module, state: Any, err: Exception) -> str:
+    """One line on why ``state`` did not load into ``module``: its key and shape differences, else the error's
+    first line."""
+    if isinstance(state, Mapping):
+        found = state_dict_mismatch(module.state_dict(), state)
+        if found:
+            return found
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def state_dict_mismatch(expected: Mapping[str, Any], given: Mapping[str, Any]) -> str | None:
-    """One line saying how ``given`` does not fit a module whose state dict is ``expected`` (missing and
-    unexpected keys, shape mismatches), or ``None``; checked before loading, so nothing is half-loaded."""
+    """One line saying how ``given`` differs from a module's state dict ``expected`` (missing and unexpected
+    keys, shape mismatches), or ``None``."""
     missing = [k for k in expected if k not in given]
     unexpected = [k for k in given if k not in expected]
     shapes = [k for k in expected if k in given and isinstance(given[k], Tensor)
@@ -560,7 +577,8 @@ def adapt(
     if device is not None:
         device = available_device(device)
     target = model if inplace else copy.deepcopy(model)
-    with _undone_on_error(target) if inplace else contextlib.nullcontext():  # a refused call leaves it as it was
+    undo = _undone_on_error(target, values=init_state is not None) if inplace else contextlib.nullcontext()
+    with undo:  # a refused call leaves the caller's model as it was
         if device is not None:
             target = target.to(device)
         convert_batchnorms(target, spec, allow_none=not has_batchnorm)
@@ -588,15 +606,21 @@ def adapt(
 
 
 @contextlib.contextmanager
-def _undone_on_error(model: nn.Module) -> Iterator[None]:
+def _undone_on_error(model: nn.Module, *, values: bool = False) -> Iterator[None]:
     """Undo, if the block raises, what ``adapt(..., inplace=True)`` does to ``model``: replaced submodules,
-    moved parameters and buffers, train/eval flags and ``requires_grad``."""
+    moved parameters and buffers, train/eval flags and ``requires_grad``; with ``values`` also the values of
+    every parameter and buffer (kept as copies: an ``init_state`` is loaded into them in place)."""
     modules = list(model.modules())
     saved = [(m, dict(m._modules), dict(m._parameters), dict(m._buffers), m.training) for m in modules]
     params = [(p, p.data, p.requires_grad) for p in model.parameters()]
+    tensors = [t.data for t in (*model.parameters(), *model.buffers())] if values else []
+    copies = [t.clone() for t in tensors]
     try:
         yield
     except BaseException:
+        with torch.no_grad():
+            for t, kept in zip(tensors, copies, strict=True):
+                t.copy_(kept)
         for m, children, parameters, buffers, training in saved:
             m._modules.clear()
             m._modules.update(children)

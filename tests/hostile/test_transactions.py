@@ -204,6 +204,9 @@ def test_a_state_that_does_not_fit_is_refused_and_loads_nothing():
     before = _state(sar)
     with pytest.raises(ValueError, match="of method 'Tent'"):
         sar.load_state(tent.state())  # another method's optimiser and attributes
+    unnamed = sar.state()
+    del unnamed["method"]["class"]  # a state saved before states named their method still loads
+    sar.load_state(unnamed)
     broken = sar.state()
     broken["model"] = {k: (v[:1] if k.endswith("ema_mean") else v) for k, v in broken["model"].items()}
     with pytest.raises(ValueError, match="shape mismatches"):
@@ -220,3 +223,20 @@ def test_a_state_that_does_not_fit_is_refused_and_loads_nothing():
         sar.load_state_dict({k: (v[:1] if k.endswith("ema_mean") else v) for k, v in sar.state_dict().items()})
     assert "\n" not in str(err.value)
     _assert_same(before, _state(sar))
+
+
+def test_loading_keeps_the_layers_own_key_migrations():
+    """An adapted SaAuxBN state with the old ``branch_*`` key names still loads, through the wrapper's
+    ``load_state_dict`` and as an ``init_state`` (the layer renames them when it loads)."""
+    from tta_norm.layers import SaAuxBatchNorm2d
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), SaAuxBatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    tta = tta_norm.adapt(net, "tbn")
+    old = {k.replace("domain_weight", "branch_weight").replace("domain_bias", "branch_bias"): v
+           for k, v in tta.state_dict().items()}  # fmt: skip
+    assert any("branch_weight" in k for k in old)
+    with pytest.warns(DeprecationWarning):
+        tta.load_state_dict(old)
+    with pytest.warns(DeprecationWarning):
+        tta_norm.adapt(net, "tbn", init_state={k[len("model."):]: v for k, v in old.items()})
