@@ -112,3 +112,20 @@ def test_files_and_source_data_an_entry_reads_are_in_its_cells_keys(tmp_path):
     state_file.unlink()  # a config may name a file a previous step writes: a missing one stops the run at its start
     with pytest.raises(ConfigError, match="init_state file not found"):
         keys("a")
+
+
+def test_shards_of_a_grid_with_entry_inputs_merge_into_one_report(tmp_path):
+    import torch
+
+    import tta_norm
+
+    state_file = tmp_path / "ttn_state.pt"
+    torch.save(tta_norm.adapt(tiny_model(), "source").model.state_dict(), state_file)
+    methods = ["tbn", {"preset": "source", "kwargs": {"init_state": str(state_file)}, "name": "fitted"}]
+    for k in (1, 2):
+        job = BenchJob(bench_config(str(tmp_path / f"s{k}"), methods=methods, seeds=[0]), model=tiny_model(),
+                       bench=fake_benchmark())  # fmt: skip
+        run_grid(job, RunOptions(shard=(k, 2), progress=False))
+    n, conflicts, report = merge_dirs([tmp_path / "s1", tmp_path / "s2"], tmp_path / "merged")
+    assert (n, conflicts) == (2, []) and (tmp_path / "merged" / "results.csv").is_file()
+    assert not (tmp_path / "merged" / "grids").exists()  # one grid: its entries' own inputs do not split it

@@ -159,6 +159,9 @@ def test_merge_combines_stores_and_reports_conflicts(tmp_path):
     with pytest.raises(ConfigError, match="several grid kinds"):
         merge_dirs([tmp_path / "m", other], tmp_path / "m3")
     assert not ResultStore(tmp_path / "m3").exists()
+    with pytest.raises(ConfigError, match="several grid kinds"):  # --overwrite: refused before clearing
+        merge_dirs([tmp_path / "m2", other], tmp_path / "m", overwrite=True)
+    assert len(ResultStore(tmp_path / "m").read().records) == 5
 
 
 def test_provenance_and_log_file(tmp_path):

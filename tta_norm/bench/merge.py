@@ -75,8 +75,9 @@ def write_outputs(out: Path, records: list[dict[str, Any]], plots: bool = True) 
     module, name = OUTPUT_WRITERS[kind]
     writer = getattr(importlib.import_module(module), name)
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in records:
-        groups[digest(r.get("identity"), 12)].append(r)
+    for r in records:  # a grid's identity; an entry's own inputs (files it reads) do not split it
+        grid = {k: v for k, v in (r.get("identity") or {}).items() if k != "inputs"}
+        groups[digest(grid, 12)].append(r)
     if len(groups) == 1:
         return writer(out, records, plots=plots)
     lines = [f"# tta-norm {kind}: merged", "", f"{len(records)} records of {len(groups)} grids that differ in "
@@ -110,13 +111,13 @@ def merge_dirs(dirs: list[str | Path], out: str | Path, *, overwrite: bool = Fal
     target = ResultStore(out)
     if target.exists() and not (overwrite or resume):
         raise ConfigError(f"output: {out} already holds results; pass --resume to add to them or --overwrite")
-    if overwrite:
-        target.clear()
-    existing = target.read().records
+    existing = {} if overwrite else target.read().records
     merged, conflicts = merge_records([existing, *sources])
     kinds = sorted({r.get("kind", "bench") for r in merged.values()})
-    if len(kinds) > 1:  # refused before anything is written
+    if len(kinds) > 1:  # refused before anything is cleared or written
         raise ConfigError(f"merge: records of several grid kinds {kinds} cannot share one directory")
+    if overwrite:
+        target.clear()
     for key, rec in merged.items():
         if existing.get(key) is not rec:
             target.append(rec)
