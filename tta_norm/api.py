@@ -286,9 +286,11 @@ class TTAModel(nn.Module):
             self._window_buffer = xw[-(self.window - 1) :].detach()
         return xw
 
-    def _frame(self, n: int, **options: Any) -> contextlib.AbstractContextManager[None]:
-        """The layer options of one forward on ``n`` samples (``samples`` only for pseudo-count mixing, where a
-        layer's rows need not be images); no frame when nothing is set."""
+    def layer_frame(self, n: int, **options: Any) -> contextlib.AbstractContextManager[None]:
+        """The layer options (:func:`~tta_norm.norm.context.layer_options`) of one forward of this wrapper on
+        ``n`` samples: ``samples`` for pseudo-count mixing (a layer's rows need not be images), plus ``options``;
+        no frame when nothing is set.  Code that calls ``tta.model`` directly (attacks) enters it to see what
+        the wrapper's forward gives the layers."""
         if self.spec.pseudo_count is not None:
             options["samples"] = n
         options = {k: v for k, v in options.items() if v is not UNSET}
@@ -347,7 +349,7 @@ class TTAModel(nn.Module):
             if self.window is not None and xw.shape[0] < 2:
                 # nothing to normalise the very first sample with yet: predict with the current state
                 return self._predict_without_adapting(xw, domain)
-            with self._frame(xw.shape[0], domain=_option(domain)):
+            with self.layer_frame(xw.shape[0], domain=_option(domain)):
                 logits = self.method.forward_and_adapt(xw) if self.method is not None else self.model(xw)
             if not all_finite(logits):
                 raise NonFiniteLogits
@@ -391,7 +393,7 @@ class TTAModel(nn.Module):
         self._check_domain(domain, x.shape[0])
         with self._lock:
             if not adapt:
-                with self._frame(x.shape[0], update_state=False, domain=_option(domain)):
+                with self.layer_frame(x.shape[0], update_state=False, domain=_option(domain)):
                     return self.model(x)
             if self.method is not None:
                 raise ValueError(
@@ -404,7 +406,7 @@ class TTAModel(nn.Module):
                 raise ValueError("the batch contains NaN or Inf values; nothing was adapted")
             snapshot = Snapshot(self, self._mutable_buffers, None, owner_attributes=("num_adapted",))
             try:
-                with self._frame(x.shape[0], domain=_option(domain)):
+                with self.layer_frame(x.shape[0], domain=_option(domain)):
                     logits = self.model(x)
                 if not bool(torch.isfinite(logits.detach()).all()):
                     raise ValueError("the adapting forward gave NaN or Inf logits; nothing was adapted")

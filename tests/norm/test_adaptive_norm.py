@@ -122,9 +122,18 @@ class TokenNet(nn.Module):
 def test_prior_counts_images_not_the_rows_of_a_token_layer(grad: bool) -> None:
     x = torch.randn(4, 9, 3, generator=torch.Generator().manual_seed(1))  # 4 images of 9 tokens: 36 rows
     method = "tent" if grad else None
-    prior = tta_norm.adapt(TokenNet().eval(), "prior", method, **({"lr": 0.0} if grad else {}))(x)
-    alpha = tta_norm.adapt(TokenNet().eval(), "alpha", method, alpha=4 / (16 + 4), **({"lr": 0.0} if grad else {}))
-    torch.testing.assert_close(prior, alpha(x))
+    from tta_norm.attacks.lp import deployed_forward
+    from tta_norm.attacks.malicious import unrolled_logits
+
+    kw = {"lr": 1e-3} if grad else {}
+    prior = tta_norm.adapt(TokenNet().eval(), "prior", method, **kw)
+    alpha = tta_norm.adapt(TokenNet().eval(), "alpha", method, alpha=4 / (16 + 4), **kw)
+    # the attackers' forwards (which call the adapted network directly) see the same mixing as the wrapper's
+    torch.testing.assert_close(deployed_forward(prior)(x), deployed_forward(alpha)(x))
+    torch.testing.assert_close(prior.differentiable_forward(x), alpha.differentiable_forward(x))
+    if grad:
+        torch.testing.assert_close(unrolled_logits(prior, x), unrolled_logits(alpha, x))
+    torch.testing.assert_close(prior(x), alpha(x))
 
 
 def test_unbiased_variance_by_name() -> None:

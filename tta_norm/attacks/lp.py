@@ -60,7 +60,7 @@ def deployed_forward(model: nn.Module) -> Callable[[Tensor], Tensor]:
     if isinstance(model, TTAModel):
 
         def forward(x: Tensor) -> Tensor:
-            with keep_state(model.model):
+            with keep_state(model.model), model.layer_frame(x.shape[0]):
                 return model.model(x)
 
         return forward

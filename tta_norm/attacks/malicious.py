@@ -273,6 +273,11 @@ def unrolled_logits(tta: TTAModel, x: Tensor) -> Tensor:
     forward with the update held fixed.  Other methods (EATA, SAR) are not unrolled: their updates have
     sample selection and SAM steps; the attacker then uses the adapting forward (DIA's surrogate).
     """
+    with tta.layer_frame(x.shape[0]):
+        return _unrolled_logits(tta, x)
+
+
+def _unrolled_logits(tta: TTAModel, x: Tensor) -> Tensor:
     method = tta.method
     if not isinstance(method, Tent):
         return tta.model(x)
@@ -327,7 +332,7 @@ def victim_predict(victim: TTAModel, x: Tensor, attack: MaliciousAttack) -> Tens
     with torch.enable_grad() if victim.method is not None else torch.no_grad():
         logits = victim(x)
     if attack.victim == "updated" and victim.method is not None:
-        with torch.no_grad(), keep_state(victim.model):
+        with torch.no_grad(), keep_state(victim.model), victim.layer_frame(x.shape[0]):
             logits = victim.model(x)
     return logits.detach()
 
