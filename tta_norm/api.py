@@ -222,9 +222,8 @@ class TTAModel(nn.Module):
         return list(adaptive_layers(self.model))
 
     def _dtype(self) -> torch.dtype | None:
-        """The floating dtype the model computes in (its statistics, else its first floating parameter)."""
-        if self._layers:
-            return self._layers[0]._buffers["source_mean"].dtype
+        """The dtype inputs are cast to: that of the model's first floating parameter (its input layer's, also in a
+        reduced-precision network that keeps its norm layers in float32)."""
         for t in self.model.parameters():
             if t.is_floating_point():
                 return t.dtype
