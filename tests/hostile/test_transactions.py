@@ -175,17 +175,21 @@ def test_window_buffer_is_rolled_back(path):
 
 
 @pytest.mark.parametrize("method", ["tent", "eata", "sar"])
-@pytest.mark.parametrize("preset", ["medbn", "medbn-mad"])
+@pytest.mark.parametrize("preset", ["medbn", "medbn-mad", "alpha"])
 def test_a_gradient_method_never_steps_on_non_finite_logits(preset, method):
-    """A ResNet's overflowing median statistics: no backward through them (SAR's used to fail inside it)."""
+    """Overflowing statistics (median or mixed) of a ResNet: no step at all (TENT and EATA already skipped a
+    non-finite loss; SAR used to fail inside the median's backward or step on NaN)."""
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     torch.manual_seed(0)
     net = cifar_resnet(20).eval()
     raising = tta_norm.adapt(net, preset, method)
     raising(x)
     before = _state(raising)
+    steps = []
+    raising.method.optimizer.register_step_pre_hook(lambda *_: steps.append(1))
     with pytest.raises(ValueError, match="NaN or Inf logits"):
         raising(x * 1e30)  # finite input whose statistics overflow (float32)
+    assert steps == []  # no step was taken (not only rolled back)
     _assert_same(before, _state(raising))
     skipping = tta_norm.adapt(net, preset, method, on_bad_batch="skip")
     skipping(x)
