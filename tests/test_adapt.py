@@ -146,11 +146,13 @@ def test_inputs_take_the_model_dtype_and_unusable_devices_are_named() -> None:
     torch.testing.assert_close(tta(X.double()), tta(X), rtol=0, atol=0)  # float64 images, float32 model
     with pytest.raises(ValueError, match="meta tensor"):
         tta(torch.empty(X.shape, device="meta"))
-    # a bfloat16 network that keeps its BatchNorm in float32: inputs follow the input layer, not the norm
+    # a bfloat16 network that keeps its BatchNorm in float32: bfloat16 images stay as they are (the model has
+    # parameters of their dtype), float64 ones take the model's most common dtype
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 3)).to(torch.bfloat16)
     net[1].float()
     x = torch.rand(2, 3, 6, 6)
-    assert tta_norm.adapt(net, "source")(x).dtype == torch.bfloat16
+    source = tta_norm.adapt(net, "source")
+    assert source(x.bfloat16()).dtype == source(x.double()).dtype == torch.bfloat16
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA device"):
             tta_norm.adapt(tiny_net(), "tbn", device="cuda")

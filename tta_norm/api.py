@@ -102,7 +102,7 @@ class TTAModel(nn.Module):
         self._initial_model_state = copy.deepcopy(model.state_dict())
         self._initial_optimizer_state = copy.deepcopy(method.optimizer.state_dict()) if method else None
         device = self._device()
-        if device is None or device.type == "cpu":
+        if self._layers and (device is None or device.type == "cpu"):
             kernels.kernel()  # build/load the compiled kernel now, never inside a (timed) forward
 
     def __getstate__(self) -> dict[str, Any]:
@@ -167,11 +167,10 @@ class TTAModel(nn.Module):
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """``nn.Module.load_state_dict`` (the model's tensors; layers' own key migrations included), all or
         nothing: a state that does not fit raises a one-line ``RuntimeError`` and leaves every tensor as it was."""
-        before = {k: v.detach().clone() for k, v in self.state_dict().items()}
         try:
-            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+            with _undone_on_error(self, values=True):  # the tensor objects (assign=True swaps them) and values
+                return super().load_state_dict(state_dict, strict=strict, assign=assign)
         except RuntimeError as err:
-            super().load_state_dict(before)
             raise RuntimeError(f"load_state_dict: the state does not fit this wrapper "
                                f"({_describe_misfit(self, state_dict, err)}); nothing was loaded") from None
 
@@ -221,13 +220,17 @@ class TTAModel(nn.Module):
         """The ``(name, layer)`` pairs of the model's adaptive norm layers."""
         return list(adaptive_layers(self.model))
 
-    def _dtype(self) -> torch.dtype | None:
-        """The dtype inputs are cast to: that of the model's first floating parameter (its input layer's, also in a
-        reduced-precision network that keeps its norm layers in float32)."""
+    def _input_dtype(self, given: torch.dtype) -> torch.dtype | None:
+        """The dtype an input of dtype ``given`` is cast to: ``given`` itself when some floating parameter of the
+        model has it (mixed-precision networks keep working as they are), else the most common floating
+        parameter dtype (float64 images on a float32 model); ``None`` (no cast) for a model without any."""
+        counts: dict[torch.dtype, int] = {}
         for t in self.model.parameters():
             if t.is_floating_point():
-                return t.dtype
-        return None
+                if t.dtype == given:
+                    return given
+                counts[t.dtype] = counts.get(t.dtype, 0) + 1
+        return max(counts, key=counts.__getitem__) if counts else None
 
     def _device(self) -> torch.device | None:
         if self._layers:  # (the cheap lookup: a forward's input check calls this)
@@ -271,7 +274,7 @@ class TTAModel(nn.Module):
             raise ValueError("got an empty batch (N = 0); nothing to predict or adapt on")
         if x.is_meta:
             raise ValueError("got a meta tensor (shapes without data); pass a batch of values")
-        device, dtype = self._device(), self._dtype()
+        device, dtype = self._device(), self._input_dtype(x.dtype)
         if (device is not None and x.device != device) or (dtype is not None and x.dtype != dtype):
             x = x.to(device=device, dtype=dtype)
         return x
@@ -310,7 +313,8 @@ class TTAModel(nn.Module):
 
         ``domain`` selects SaBN heads (an int, or ``(N,)`` per-sample indices); ``None`` applies the shared
         affine only.  ``on_bad_batch`` overrides the wrapper's policy for this call.  The input is moved to the
-        model's device and dtype and detached: adaptation never reaches back into the caller's graph.
+        model's device (and, unless some of its parameters have the input's dtype, to the model's dtype) and
+        detached: adaptation never reaches back into the caller's graph.
         """
         policy = self.on_bad_batch if on_bad_batch is None else _check_policy(on_bad_batch)
         x = self._validate(x)

@@ -129,3 +129,12 @@ def test_shards_of_a_grid_with_entry_inputs_merge_into_one_report(tmp_path):
     n, conflicts, report = merge_dirs([tmp_path / "s1", tmp_path / "s2"], tmp_path / "merged")
     assert (n, conflicts) == (2, []) and (tmp_path / "merged" / "results.csv").is_file()
     assert not (tmp_path / "merged" / "grids").exists()  # one grid: its entries' own inputs do not split it
+
+    # the same entry run on other contents of its init_state file: kept apart, never averaged as seeds
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in torch.load(state_file).items()}, state_file)
+    job = BenchJob(bench_config(str(tmp_path / "s3"), methods=methods, seeds=[0]), model=tiny_model(),
+                   bench=fake_benchmark())  # fmt: skip
+    run_grid(job, RunOptions(shard=(2, 2), progress=False))
+    merge_dirs([tmp_path / "s1", tmp_path / "s2", tmp_path / "s3"], tmp_path / "merged2")
+    report = (tmp_path / "merged2" / "report.md").read_text()
+    assert "3 records of 3 grids" in report and report.count("entry inputs") == 2

@@ -39,6 +39,8 @@ CASES = [
     (["bench", "quick", "-s", "methods=[{preset: ema, kwargs: {reset_every: 0}}]"], "reset_every must be a positive"),
     (["attack", "attack_quick", "-s", "methods=[{preset: tbn, method: tent, kwargs: {optimizer: rmsprop}}]"],
      "unknown optimizer 'rmsprop'"),
+    (["bench", "quick", "-s", "methods=[{preset: sabn, kwargs: {num_domains: 2.0}}]"],
+     "num_domains must be an integer, got 2.0"),
 ]
 
 
@@ -85,3 +87,13 @@ def test_checks_reject_bool_and_check_ranges():
 def test_method_kwargs_follow_the_constructor_chain():
     eata, open_ended = accepted_method_kwargs("eata")
     assert {"d_margin", "fisher_alpha", "lr", "steps"} <= eata and not open_ended
+
+
+def test_entries_with_data_arguments_are_checked_with_the_real_model():
+    import torch
+
+    from tta_norm.bench.config import parse_method
+
+    images = torch.rand(4, 3, 32, 32)  # Fisher images of a Python config: not pushed through the probe network
+    entry = parse_method({"preset": "tbn", "method": "eata", "kwargs": {"fisher_images": images, "lr": 1e-4}})
+    assert entry.method == "eata"

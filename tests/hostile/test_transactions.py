@@ -226,6 +226,13 @@ def test_a_state_that_does_not_fit_is_refused_and_loads_nothing():
     with pytest.raises(RuntimeError, match="does not fit") as err:
         sar.load_state_dict({k: (v[:1] if k.endswith("ema_mean") else v) for k, v in sar.state_dict().items()})
     assert "\n" not in str(err.value)
+    given = {k: v.clone() + (1 if v.is_floating_point() else 0) for k, v in sar.state_dict().items()}
+    given[next(k for k in given if k.endswith("ema_mean"))] = torch.zeros(1)
+    kept = {k: v.clone() for k, v in given.items()}
+    with pytest.raises(RuntimeError, match="does not fit"):
+        sar.load_state_dict(given, assign=True)  # swaps tensors in before it fails: the wrapper's come back
+    assert all(torch.equal(given[k], kept[k]) for k in given)  # and the caller's are left alone
+    assert all(p is q for p, q in zip(sar.method.params, [p for _, p in sar.method.named_params], strict=True))
     _assert_same(before, _state(sar))
 
 

@@ -122,7 +122,7 @@ class TokenNet(nn.Module):
 def test_prior_counts_images_not_the_rows_of_a_token_layer(grad: bool) -> None:
     x = torch.randn(4, 9, 3, generator=torch.Generator().manual_seed(1))  # 4 images of 9 tokens: 36 rows
     method = "tent" if grad else None
-    from tta_norm.attacks.lp import deployed_forward
+    from tta_norm.attacks.lp import deployed_forward, frozen_snapshot
     from tta_norm.attacks.malicious import unrolled_logits
 
     kw = {"lr": 1e-3} if grad else {}
@@ -130,6 +130,7 @@ def test_prior_counts_images_not_the_rows_of_a_token_layer(grad: bool) -> None:
     alpha = tta_norm.adapt(TokenNet().eval(), "alpha", method, alpha=4 / (16 + 4), **kw)
     # the attackers' forwards (which call the adapted network directly) see the same mixing as the wrapper's
     torch.testing.assert_close(deployed_forward(prior)(x), deployed_forward(alpha)(x))
+    torch.testing.assert_close(frozen_snapshot(prior, x)(x), frozen_snapshot(alpha, x)(x))
     torch.testing.assert_close(prior.differentiable_forward(x), alpha.differentiable_forward(x))
     if grad:
         torch.testing.assert_close(unrolled_logits(prior, x), unrolled_logits(alpha, x))

@@ -139,6 +139,7 @@ def frozen_snapshot(tta: TTAModel, x_ref: Tensor) -> nn.Module:
         stats, _ = layer_statistics(
             captured[name], spec.replace(instance="none"), layer.source_stats(), ema_state=layer.ema_state(),
             mix_weight=getattr(layer, "mix_weight", None), use_batch=True,
+            samples=x_ref.shape[0] if spec.pseudo_count is not None else None,
         )  # fmt: skip
         # a norm + act layer keeps its dropout and activation modules
         extra = {"drop": layer.drop, "act": layer.act} if isinstance(layer, AdaptiveNormAct) else {}

@@ -313,21 +313,22 @@ def parse_method(item: Any, path: str = "methods") -> MethodEntry:
 
 def check_entry_builds(path: str, entry: MethodEntry) -> None:
     """The entry's method and wrapper settings are accepted: they are built on a tiny LayerNorm network (learning
-    rate, optimiser, steps, reset and window settings... checked by the code that uses them), so a bad value is
-    a config error and not a failure of every cell.  Preset fields are checked by the preset's spec; entry keys
-    resolved from data (:data:`ENTRY_KEYS`) and ``init_state`` (checked by content when the grid runs) are
-    left out.  Nothing is compiled and no warning is hidden."""
+    rate, optimiser, steps, reset and window settings... checked by the code that uses them), so
+    a bad value is a config error and not a failure of every cell.  Preset fields are checked by the preset's
+    spec; data-dependent keys (``init_state``, Fisher sources, :data:`ENTRY_KEYS`) are checked with the real
+    model.  Nothing is compiled and no warning is hidden."""
     import torch
     from torch import nn
 
     import tta_norm
     from tta_norm.methods.entries import ENTRY_KEYS
 
-    kwargs = {k: v for k, v in entry.kwargs if k not in ENTRY_KEYS and k != "init_state" and k not in spec_fields()}
+    data = {"init_state", "fishers", "fisher_images", "fisher_data", *ENTRY_KEYS}  # checked with the real model
+    kwargs = {k: v for k, v in entry.kwargs if k not in data and k not in spec_fields()}
     if not kwargs:
         return
     rng = torch.random.get_rng_state()
-    net = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 3))
+    net = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 3))  # no BatchNorm: no kernel to load
     torch.random.set_rng_state(rng)  # building the probe leaves the caller's random stream alone
     try:
         tta_norm.adapt(net, "source", entry.method, **kwargs)

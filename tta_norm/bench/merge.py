@@ -75,9 +75,16 @@ def write_outputs(out: Path, records: list[dict[str, Any]], plots: bool = True) 
     module, name = OUTPUT_WRITERS[kind]
     writer = getattr(importlib.import_module(module), name)
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in records:  # a grid's identity; an entry's own inputs (files it reads) do not split it
+    for r in records:  # a grid's identity; an entry's own inputs (files it reads) do not split it ...
         grid = {k: v for k, v in (r.get("identity") or {}).items() if k != "inputs"}
         groups[digest(grid, 12)].append(r)
+    for key in list(groups):  # ... unless one cell holds results of different inputs: never averaged together
+        inputs_by_cell = defaultdict(set)
+        for r in groups[key]:
+            inputs_by_cell[r.get("axes_key")].add(digest((r.get("identity") or {}).get("inputs"), 12))
+        if any(len(found) > 1 for found in inputs_by_cell.values()):
+            for r in groups.pop(key):
+                groups[digest(r.get("identity"), 12)].append(r)
     if len(groups) == 1:
         return writer(out, records, plots=plots)
     lines = [f"# tta-norm {kind}: merged", "", f"{len(records)} records of {len(groups)} grids that differ in "
@@ -89,8 +96,9 @@ def write_outputs(out: Path, records: list[dict[str, Any]], plots: bool = True) 
         ident = recs[0].get("identity") or {}
         model = ident.get("model") or {}
         params = json.dumps(ident.get("params"), default=str)
+        inputs = f", entry inputs {json.dumps(ident['inputs'])}" if ident.get("inputs") else ""
         lines.append(f"- [{model.get('name', '?')}, {len(recs)} records](grids/{key}/report.md): weights sha256 "
-                     f"{model.get('weights_sha256')}, parameters {params}")  # fmt: skip
+                     f"{model.get('weights_sha256')}, parameters {params}{inputs}")  # fmt: skip
     (out / "results.csv").unlink(missing_ok=True)
     path = out / "report.md"
     atomic_write(path, "\n".join(lines) + "\n")

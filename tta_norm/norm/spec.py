@@ -93,6 +93,8 @@ class NormSpec:
             raise ValueError(f"example_weight must be in [0, 1], got {self.example_weight}")
         if self.iabn_k < 0:
             raise ValueError(f"iabn_k must be >= 0, got {self.iabn_k}")
+        if isinstance(self.num_domains, bool) or not isinstance(self.num_domains, int):
+            raise ValueError(f"num_domains must be an integer, got {self.num_domains!r}")
         if self.num_domains < 1:
             raise ValueError(f"num_domains must be >= 1, got {self.num_domains}")
         if self.eps is not None and self.eps < 0:
