@@ -93,6 +93,8 @@ class TTAModel(nn.Module):
         self.num_resets = 0
         self._window_buffer: Tensor | None = None
         self._layers = [layer for _, layer in adaptive_layers(model)]
+        # (a tuple: a plain attribute, not a registered parameter) the usual answer of _input_dtype in one lookup
+        self._first_float = tuple(p for p in model.parameters() if p.is_floating_point())[:1]
         self._layer_defaults = [(layer.update_state, layer.use_batch, layer.domain) for layer in self._layers]
         self._num_domains = max((layer.spec.num_domains for layer in self._layers), default=1)
         ranks = [min(layer.expected_dims) for layer in self._layers if layer.expected_dims]
@@ -224,6 +226,8 @@ class TTAModel(nn.Module):
         """The dtype an input of dtype ``given`` is cast to: ``given`` itself when some floating parameter of the
         model has it (mixed-precision networks keep working as they are), else the most common floating
         parameter dtype (float64 images on a float32 model); ``None`` (no cast) for a model without any."""
+        if self._first_float and self._first_float[0].dtype == given:
+            return given
         counts: dict[torch.dtype, int] = {}
         for t in self.model.parameters():
             if t.is_floating_point():
