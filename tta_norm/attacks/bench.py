@@ -31,7 +31,7 @@ from tta_norm.bench.config import GridConfig, MethodEntry, read_config_data, val
 from tta_norm.bench.grid import GridCell, ModelDataJob
 from tta_norm.bench.report import group_ok_records, method_order, pyplot, save_figure, write_markdown_report
 from tta_norm.bench.store import atomic_write
-from tta_norm.bench.validate import ConfigError, check_int, check_int_list, check_number, check_str
+from tta_norm.bench.validate import ConfigError, check_int, check_int_list, check_number, check_str, user_error
 
 
 def parse_number(value: Any, name: str) -> float:
@@ -391,14 +391,14 @@ class AttackJob(ModelDataJob):
         try:
             model = runner.load_source_model(cfg, device)  # type: ignore[arg-type]  # model/checkpoint/data_dir
         except (FileNotFoundError, ValueError, KeyError) as err:
-            raise runner.user_error("model", err) from None
+            raise user_error("model", err) from None
         try:
             bench = benchmark.load_corruption_benchmark(
                 cfg.dataset, cfg.corruptions, cfg.severities, data_dir=cfg.data_dir, source=cfg.source,
                 n_examples=None, progress=False,
             )  # fmt: skip
         except (FileNotFoundError, ValueError) as err:
-            raise runner.user_error("data", err) from None
+            raise user_error("data", err) from None
         most = max(cfg.batches_for(o) for o in cfg.objectives)
         for key, data in bench.domains.items():
             need = most * max(cfg.batch_sizes)

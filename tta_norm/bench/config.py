@@ -37,6 +37,7 @@ from tta_norm.bench.validate import (
     check_resources,
     check_str,
     check_trackers,
+    user_error,
 )
 from tta_norm.data.benchmark import CORRUPTIONS, DATASETS, EXTRA_CORRUPTIONS
 from tta_norm.data.natural import natural_shift
@@ -333,8 +334,7 @@ def check_entry_builds(path: str, entry: MethodEntry) -> None:
     try:
         tta_norm.adapt(net, "source", entry.method, **kwargs)
     except (TypeError, ValueError, RuntimeError) as err:
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"{path}.kwargs ({entry.label}): {text}") from None
+        raise user_error(f"{path}.kwargs ({entry.label})", err) from None
 
 
 def shipped_configs() -> dict[str, Path]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tta_norm.bench.validate import ConfigError
+from tta_norm.bench.validate import ConfigError, user_error
 
 
 def digest(payload: Any, n: int = 20) -> str:
@@ -252,7 +252,7 @@ class ModelDataJob(GridJob):
                 found = entry_inputs(entry.preset, entry.method, dict(entry.kwargs), dataset=cfg.dataset,
                                      data_dir=cfg.data_dir)  # fmt: skip
             except (FileNotFoundError, ValueError) as err:
-                raise ConfigError(f"methods: {entry.label}: {str(err).strip().splitlines()[0]}") from None
+                raise user_error(f"methods: {entry.label}", err) from None
             if found:
                 out[digest(entry.as_dict())] = found
         return out

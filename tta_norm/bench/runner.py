@@ -16,10 +16,11 @@ from typing import Any
 import torch
 
 import tta_norm
-from tta_norm.bench.config import BenchConfig, Cell, ConfigError, MethodEntry
+from tta_norm.bench.config import BenchConfig, Cell, MethodEntry
 from tta_norm.bench.engine import GridOutcome, RunOptions, run_grid  # noqa: F401 - re-exported
 from tta_norm.bench.grid import GridCell, ModelDataJob
 from tta_norm.bench.store import atomic_write, records_to_csv
+from tta_norm.bench.validate import user_error
 from tta_norm.data.benchmark import CorruptionBenchmark, load_corruption_benchmark
 from tta_norm.methods.entries import resolve_entry_kwargs
 from tta_norm.metrics import BatchTimer, MetricsAccumulator, PeakMemory
@@ -115,12 +116,6 @@ def load_bench_data(cfg: BenchConfig, progress: bool = False) -> CorruptionBench
         include_clean=cfg.clean_interleaved, n_examples=cfg.n_examples, seed=cfg.data_seed, progress=progress,
         imagenet_ids=cfg.imagenet_ids,
     )  # fmt: skip
-
-
-def user_error(what: str, err: Exception) -> ConfigError:
-    """A loader's error about missing or wrong model/data files as a one-line config error."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return ConfigError(f"{what}: {text}")
 
 
 #: rough compute per image relative to a norm-only forward (measured on the CIFAR ResNets): a gradient method

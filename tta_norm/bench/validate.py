@@ -22,6 +22,13 @@ class ConfigError(ValueError):
     """A grid config that cannot run: unknown key, bad value, unknown preset/method, missing model or data."""
 
 
+def user_error(what: str, err: Exception) -> ConfigError:
+    """``err`` (a loader's or builder's error about the user's files or values) as a one-line config error
+    about ``what``: its first line, or its type when it has no message."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ConfigError(f"{what}: {text}")
+
+
 def _type_name(value: Any) -> str:
     return type(value).__name__
 
