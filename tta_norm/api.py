@@ -160,10 +160,14 @@ class TTAModel(nn.Module):
         with self._lock:
             self._check_state(state)
             before = self.state()
+            attributes = None if self.method is None else dict(vars(self.method))
             try:
                 self._put_state(state)
             except BaseException:
                 self._put_state(before)
+                if attributes is not None:  # also drops attributes only the refused state had
+                    vars(self.method).clear()
+                    vars(self.method).update(attributes)
                 raise
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
@@ -193,6 +197,8 @@ class TTAModel(nn.Module):
             raise ValueError("load_state: the model part must be a state dict")
         if not isinstance(state["counters"], Mapping) or set(state["counters"]) != set(self.COUNTERS):
             raise ValueError(f"load_state: the counters must be {list(self.COUNTERS)}")
+        if state["window"] is not None and not isinstance(state["window"], Tensor):
+            raise ValueError("load_state: the window part must be a tensor or None (from TTAModel.state())")
 
     def _put_state(self, state: Mapping[str, Any]) -> None:
         try:

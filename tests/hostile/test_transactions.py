@@ -220,6 +220,15 @@ def test_a_state_that_does_not_fit_is_refused_and_loads_nothing():
     late["method"]["optimizer"]["param_groups"] = []  # fails after the model part was loaded: rolled back
     with pytest.raises(ValueError):
         sar.load_state(late)
+    stray = sar.state()
+    stray["method"]["attributes"] = {"stray": 1, **stray["method"]["attributes"], "uncopyable": (i for i in ())}
+    with pytest.raises(TypeError):
+        sar.load_state(stray)  # fails after it set an attribute the method did not have: that one goes too
+    assert not hasattr(sar.method, "stray") and not hasattr(sar.method, "uncopyable")
+    no_window = sar.state()
+    no_window["window"] = [1.0]
+    with pytest.raises(ValueError, match="window"):
+        sar.load_state(no_window)
     no_counters = {k: v for k, v in sar.state().items() if k != "counters"}
     with pytest.raises(ValueError, match="parts"):
         sar.load_state(no_counters)
