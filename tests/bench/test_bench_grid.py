@@ -88,8 +88,8 @@ def test_files_and_source_data_an_entry_reads_are_in_its_cells_keys(tmp_path):
         fitted = tta_norm.adapt(model, "ttn").model.state_dict()
     torch.save(fitted, state_file)
     for name, seed in (("a", 0), ("b", 1)):  # two source data directories with different training images
-        _write_png_tree(tmp_path / name / "cifar10-jpeg" / "train", ["x", "y"], 4, size=(8, 8), seed=seed)
-        _write_png_tree(tmp_path / name / "cifar10-jpeg" / "test", ["x", "y"], 2, size=(8, 8))
+        _write_png_tree(tmp_path / name / "cifar10-jpeg" / "train", ["cat", "dog"], 4, size=(8, 8), seed=seed)
+        _write_png_tree(tmp_path / name / "cifar10-jpeg" / "test", ["cat", "dog"], 2, size=(8, 8))
     methods = ["tbn", {"preset": "ttn", "kwargs": {"init_state": str(state_file)}},
                {"preset": "tbn", "method": "eata", "kwargs": {"fisher_samples": 4}}]  # fmt: skip
 

@@ -36,6 +36,7 @@ import numpy as np
 from tta_norm.data.natural import NaturalShift, find_natural_shift, natural_shift, read_natural_shift
 from tta_norm.data.paths import data_cache_dir, describe_search, find_dataset_dir
 from tta_norm.data.readers import (
+    CIFAR10_CLASSES,
     ArrayDataset,
     DataFormatError,
     _atomic_save,
@@ -64,6 +65,7 @@ CORRUPTIONS = (
 EXTRA_CORRUPTIONS = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 
 DATASETS = ("cifar10", "cifar100", "imagenet", "imagenet_r", "imagenet_a", "imagenet_sketch")
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
 RELEASE_DIRS = {
     "cifar10": ("CIFAR-10-C", "cifar10-c", "cifar10_c"),
     "cifar100": ("CIFAR-100-C", "cifar100-c", "cifar100_c"),
@@ -112,7 +114,8 @@ def load_clean_test_set(
             return read_cifar10_python(root, "test")
         root = find_dataset_dir(["cifar10-jpeg"], is_image_folder_split, data_dir)
         if root is not None and (root / "test").is_dir():
-            return _interleave_classes(read_image_folder(root / "test", progress=progress))
+            named = {c: i for i, c in enumerate(CIFAR10_CLASSES)}  # labelled by folder name, not position
+            return _interleave_classes(read_image_folder(root / "test", class_index=named, progress=progress))
     elif dataset == "cifar100":
         root = find_dataset_dir(["cifar-100-python"], is_cifar100_python, data_dir)
         if root is not None:
@@ -262,7 +265,7 @@ def load_corruption_benchmark(
 
     release = None
     if source != "regenerate":
-        release = find_dataset_dir(RELEASE_DIRS[dataset], _release_check(dataset), data_dir)
+        release = _find_release(dataset, data_dir)
         if release is None and download:
             if dataset == "imagenet":
                 raise ValueError("ImageNet-C download is not supported; place ImageNet-C/ in a data directory")
@@ -327,6 +330,7 @@ def load_corruption_benchmark(
         clean = clean or load_clean_test_set(dataset, data_dir, progress)
         domains[CLEAN] = clean.head(n_examples)
         provenance[CLEAN] = "clean"
+    _check_label_range(dataset, domains)
     return CorruptionBenchmark(dataset, domains, provenance, clean.source if clean is not None else None, notes)
 
 
@@ -355,7 +359,7 @@ def resolve_benchmark_source(
         raise ValueError(f"source must be 'auto', 'release' or 'regenerate', got {source!r}")
     release = None
     if source != "regenerate":
-        release = find_dataset_dir(RELEASE_DIRS[dataset], _release_check(dataset), data_dir)
+        release = _find_release(dataset, data_dir)
     if dataset == "imagenet":
         if release is None:
             raise FileNotFoundError(f"imagenet corruption release ({'/'.join(RELEASE_DIRS[dataset])}) not found; "
@@ -408,6 +412,21 @@ def _load_natural_shift_benchmark(
     n_classes = len(shift.wnids)
     return CorruptionBenchmark(shift.name, domains, provenance, None,
                                [f"release {root}, {n_classes} classes, {data.info.get('subset', 'all images')}"])
+
+
+def _check_label_range(dataset: str, domains: dict[DomainKey, ArrayDataset]) -> None:
+    """Labels outside ``0..classes-1`` would be scored as plain errors: refuse them (another dataset's files)."""
+    n_classes = NUM_CLASSES[dataset]
+    for key, data in domains.items():
+        labels = np.asarray(data.labels)
+        if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
+            raise DataFormatError(f"{dataset} {key[0]}: labels span {labels.min()}..{labels.max()}, outside "
+                                  f"0..{n_classes - 1} ({data.source}); are these files of another dataset?")  # fmt: skip
+
+
+def _find_release(dataset: str, data_dir: str | os.PathLike | None) -> Path | None:
+    others = [n for d, names in RELEASE_DIRS.items() if d != dataset for n in names]
+    return find_dataset_dir(RELEASE_DIRS[dataset], _release_check(dataset), data_dir, others=others)
 
 
 def _release_check(dataset: str):

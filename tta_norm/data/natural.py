@@ -86,7 +86,8 @@ def find_natural_shift(name: str, data_dir: str | os.PathLike | None = None) -> 
     shift = natural_shift(name)
     if shift is None:
         raise ValueError(f"unknown natural-shift dataset {name!r}; choose from {', '.join(NATURAL_SHIFTS)}")
-    root = find_dataset_dir(shift.folders, _is_wnid_folder, data_dir)
+    others = [f for other in NATURAL_SHIFTS.values() if other is not shift for f in other.folders]
+    root = find_dataset_dir(shift.folders, _is_wnid_folder, data_dir, others=others)
     if root is None:
         raise FileNotFoundError(
             f"{shift.name} release folder ({' / '.join(shift.folders)} with <wnid>/ class folders) not found; "

@@ -110,20 +110,29 @@ def model_search_dirs() -> list[Path]:
     return _unique(dirs)
 
 
+def folder_key(name: str) -> str:
+    """A dataset folder name compared loosely: ``CIFAR-10-C``, ``cifar10_c`` and ``cifar-10-c`` alike."""
+    return name.rsplit("/", 1)[-1].lower().replace("_", "-").replace("-", "")
+
+
 def find_dataset_dir(
     names: Sequence[str],
     is_dataset: Callable[[Path], bool],
     data_dir: PathLike | None = None,
+    *,
+    others: Iterable[str] = (),
 ) -> Path | None:
     """First directory in the search list that is a dataset (``is_dataset(path)``) under one of its
     conventional ``names``, or itself when the directory was given explicitly (``data_dir`` or
-    ``$TTA_NORM_DATA``; default directories such as ``./data`` are only containers). ``None`` if nothing
-    matches."""
+    ``$TTA_NORM_DATA``; default directories such as ``./data`` are only containers), unless it is named
+    as another dataset (``others``: their conventional names; ``CIFAR-10-C`` is never read as CIFAR-100-C).
+    ``None`` if nothing matches."""
     explicit = data_dir is not None or bool(os.environ.get(ENV_DATA))
+    refused = {folder_key(n) for n in others} - {folder_key(n) for n in names}
     for base in data_search_dirs(data_dir):
         if not base.is_dir():
             continue
-        if explicit and is_dataset(base):
+        if explicit and folder_key(base.name) not in refused and is_dataset(base):
             return base
         for name in names:
             cand = base / name

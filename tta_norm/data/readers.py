@@ -248,14 +248,20 @@ def list_image_folder(
     ``ids`` restricts to files given as ``"<class>/<file name>"`` and returns them in the order of ``ids``;
     ``max_per_class`` keeps the first files of each class.  ``class_index`` maps class folder names to labels
     (e.g. wnid -> ImageNet index; every folder must be in it; ``classes`` is then its names by label); by
-    default the label is the position of the folder among the sorted folders."""
+    default the label is the position of the folder among the sorted folders, and (as torchvision's
+    ImageFolder) a folder without images is an error, since it would shift every later label.  Hidden folders
+    (``.ipynb_checkpoints``...) are never classes."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
-    folders = tuple(sorted(e.name for e in os.scandir(root) if e.is_dir()))
+    folders = tuple(sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")))
     if not folders:
         raise DataFormatError(f"{root} has no class sub-directories (expected <root>/<class>/<image>)")
     if class_index is None:
+        empty = [c for c in folders if not any(_is_image_entry(e) for e in os.scandir(root / c))]
+        if empty:
+            raise DataFormatError(f"{root}: class folders {empty[:5]} hold no images; labels are folder positions, "
+                                  "so remove them (or the folders that are not classes)")  # fmt: skip
         label_of = {c: i for i, c in enumerate(folders)}
         classes = folders
     else:
@@ -274,11 +280,7 @@ def list_image_folder(
     files: list[Path] = []
     labels: list[int] = []
     for cls in folders:
-        names = sorted(
-            e.name
-            for e in os.scandir(root / cls)
-            if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
-        )
+        names = sorted(e.name for e in os.scandir(root / cls) if _is_image_entry(e))
         if wanted is not None:
             names = [n for n in names if n in wanted.get(cls, ())]
         if max_per_class is not None:
@@ -296,6 +298,10 @@ def list_image_folder(
     if not files:
         raise DataFormatError(f"{root}: no image files found")
     return files, np.asarray(labels, dtype=np.int64), classes
+
+
+def _is_image_entry(entry: os.DirEntry) -> bool:
+    return entry.is_file() and not entry.name.startswith(".") and entry.name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def _decode(path: Path, size: int | None, crop: int | None = None) -> np.ndarray:
@@ -512,6 +518,13 @@ def check_cifar_c(
             )
     if total % CIFAR_C_SEVERITIES:
         raise DataFormatError(f"{root}: {total} rows is not 5 severity blocks of equal size")
+    n = total // CIFAR_C_SEVERITIES
+    blocks = np.load(root / "labels.npy", mmap_mode="r").reshape(CIFAR_C_SEVERITIES, n)
+    if not (blocks == blocks[:1]).all():
+        raise DataFormatError(
+            f"{root / 'labels.npy'}: its {total} labels are not one block of {n} repeated for the 5 severities "
+            "(the release layout); a file with fewer severities (e.g. severity 5 only) cannot be read as this one"
+        )
     manifest = root / "manifest.json"
     if manifest.is_file():
         try:
@@ -525,7 +538,7 @@ def check_cifar_c(
                     f"{root / (c + '.npy')} holds severities {sorted(present[c])} only (manifest.json); "
                     f"requested {sorted(wanted)}"
                 )
-    return total // CIFAR_C_SEVERITIES
+    return n
 
 
 def read_cifar_c(
@@ -570,9 +583,9 @@ def read_imagenet_c(
 ) -> ArrayDataset:
     """``<root>/<corruption>/<severity>/<wnid>/*`` decoded (and cached) like :func:`read_image_folder`.
 
-    Labels are ImageNet-1k indices of the wnid folders (:mod:`tta_norm.data.imagenet_classes`) when every
-    folder is an ImageNet wnid, else the position among the sorted folders (torchvision's ImageFolder
-    convention).  ``ids``: ``"wnid/file"`` strings, read in their order (robustbench's id list);
+    Labels are the ImageNet-1k indices of the wnid folders (:mod:`tta_norm.data.imagenet_classes`); a folder
+    that is not an ImageNet wnid is an error (hidden folders are skipped).  ``ids``: ``"wnid/file"`` strings,
+    read in their order (robustbench's id list);
     ``n_examples``: the first n ids, or without ids a seeded class-stratified subset, chosen before decoding."""
     from tta_norm.data.imagenet_classes import imagenet_index
 
@@ -581,11 +594,8 @@ def read_imagenet_c(
         raise FileNotFoundError(
             f"ImageNet-C folder not found: {folder} (layout <root>/<corruption>/<1..5>/<wnid>/)"
         )
-    index = imagenet_index()
-    wnids = [e.name for e in os.scandir(folder) if e.is_dir()]
-    class_index = index if wnids and all(w in index for w in wnids) else None
-    ds = read_image_folder(folder, size=size, ids=ids, n_examples=n_examples, seed=seed, class_index=class_index,
-                           cache=cache, cache_dir=cache_dir, progress=progress)  # fmt: skip
+    ds = read_image_folder(folder, size=size, ids=ids, n_examples=n_examples, seed=seed,
+                           class_index=imagenet_index(), cache=cache, cache_dir=cache_dir, progress=progress)
     ds.source = f"release:{folder}"
     ds.info["severity"] = int(severity)
     return ds

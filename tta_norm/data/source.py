@@ -11,9 +11,12 @@ import os
 from pathlib import Path
 
 from tta_norm.data.paths import describe_search, find_dataset_dir
-from tta_norm.data.readers import ArrayDataset, is_image_folder_split, read_image_folder
+from tta_norm.data.readers import CIFAR10_CLASSES, ArrayDataset, is_image_folder_split, read_image_folder
 
 DEFAULT_SOURCE = "cifar10-jpeg"
+
+#: source directories whose class folders are labelled by name (in the dataset's label order), not by position
+NAMED_CLASSES: dict[str, tuple[str, ...]] = {"cifar10-jpeg": CIFAR10_CLASSES}
 
 
 def find_source_root(data_dir: str | os.PathLike | None = None, source: str = DEFAULT_SOURCE) -> Path:
@@ -28,8 +31,11 @@ def find_source_root(data_dir: str | os.PathLike | None = None, source: str = DE
 
 def load_split(root: Path, split: str, progress: bool = True) -> ArrayDataset:
     """Split ``split`` (``"train"`` or ``"test"``) of the source directory ``root``, decoded once and cached as
-    uint8 NHWC (:func:`tta_norm.data.read_image_folder`)."""
+    uint8 NHWC (:func:`tta_norm.data.read_image_folder`).  A directory named in :data:`NAMED_CLASSES` is
+    labelled by folder name (a folder that is not one of its classes is an error), any other by folder position."""
     path = root / split
     if not path.is_dir():
         raise FileNotFoundError(f"{path} not found (expected {root}/{{train,test}}/<class>/<image>)")
-    return read_image_folder(path, progress=progress)
+    names = NAMED_CLASSES.get(root.name)
+    class_index = None if names is None else {c: i for i, c in enumerate(names)}
+    return read_image_folder(path, class_index=class_index, progress=progress)
