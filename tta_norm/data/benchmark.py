@@ -421,7 +421,7 @@ def _check_label_range(dataset: str, domains: dict[DomainKey, ArrayDataset]) -> 
         labels = np.asarray(data.labels)
         if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
             raise DataFormatError(f"{dataset} {key[0]}: labels span {labels.min()}..{labels.max()}, outside "
-                                  f"0..{n_classes - 1} ({data.source}); are these files of another dataset?")  # fmt: skip
+                                  f"0..{n_classes - 1} ({data.source}); files of another dataset?")  # fmt: skip
 
 
 def _find_release(dataset: str, data_dir: str | os.PathLike | None) -> Path | None:
