@@ -136,3 +136,33 @@ def test_mixed_model_adapts_batchnorm_statistics_and_every_norm_affine() -> None
     reference = copy.deepcopy(model).train()  # test-batch statistics = train-mode BatchNorm
     torch.testing.assert_close(tta(x), reference(x))
     assert all(not torch.equal(p, model.get_parameter(n)) for n, p in tta.method.named_params)
+
+
+def test_a_norm_affine_two_layers_share_takes_one_step() -> None:
+    torch.manual_seed(0)
+    first, second = nn.LayerNorm(8), nn.LayerNorm(8)
+    second.weight, second.bias = first.weight, first.bias  # tied: one parameter, two layers
+    with torch.no_grad():
+        first.weight.uniform_(0.5, 1.5)
+    model = nn.Sequential(nn.Linear(4, 8), first, nn.Linear(8, 8), second, nn.Linear(8, 5)).eval()
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+    weight = first.weight.detach().clone()
+    logits = model(x)
+    (grad,) = torch.autograd.grad(entropy(logits).mean(0), [first.weight])  # both uses, summed once
+    tta = tta_norm.adapt(model, method="tent", optimizer="sgd", optim={"lr": 0.1, "momentum": 0.0})
+    assert [n for n, _ in tta.method.named_params] == ["1.weight", "1.bias"]
+    tta(x)
+    torch.testing.assert_close(tta.model[1].weight.detach(), weight - 0.1 * grad)
+    assert tta.model[3].weight is tta.model[1].weight
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method", ["tent", "eata", "sar"])
+def test_gradient_methods_refuse_reduced_precision_parameters(dtype: torch.dtype, method: str) -> None:
+    model = convnext().to(dtype)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=f"{str(dtype)[6:]}, too coarse") as err:
+        tta_norm.adapt(model, method=method, inplace=True)
+    assert "\n" not in str(err.value)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(p.requires_grad is False for p in model.parameters())  # flags untouched

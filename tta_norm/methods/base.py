@@ -42,6 +42,19 @@ def optim_setting_names() -> frozenset[str]:
     return frozenset(k for keys in OPTIM_SETTINGS.values() for k in keys)
 
 
+def _check_trainable_dtypes(named_params: list[tuple[str, nn.Parameter]]) -> None:
+    """Refuse float16/bfloat16 trainable parameters: Adam's ``eps`` 1e-8 and SAR's norm guard are 0 in float16
+    (a first step of 0/0 = NaN weights, with finite logits), and bfloat16 cannot hold a 1e-3 step at 1.0."""
+    low = [name for name, p in named_params if p.dtype in (torch.float16, torch.bfloat16)]
+    if low:
+        dtype = dict(named_params)[low[0]].dtype
+        raise ValueError(
+            f"the parameters to adapt ({low[0]}, {len(low)} in all) are {str(dtype).removeprefix('torch.')}, too "
+            "coarse for an optimiser step; keep the norm layers in float32 (a reduced-precision network can run "
+            "its forward under torch.autocast)"
+        )
+
+
 def softmax_entropy(logits: Tensor) -> Tensor:
     """Per-sample Shannon entropy of ``softmax(logits)`` in nats: ``-(p * log p).sum(1)``, shape ``(N,)``."""
     return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
@@ -54,15 +67,18 @@ def collect_norm_params(
 
     Adaptable layers (:data:`ADAPTABLE_NORMS`): the adaptive BatchNorm layers and every ``nn.LayerNorm`` /
     ``nn.GroupNorm`` (TENT as run by Marsden & Doebler, EATA, SAR: the papers adapt the norm affine of BN, GN and
-    LN networks).  ``skip(module_name) -> bool`` leaves out layers (SAR's top layers).
+    LN networks).  ``skip(module_name) -> bool`` leaves out layers (SAR's top layers).  A parameter two layers
+    share is listed once (under its first name), as ``named_parameters()`` does: it takes one step, not two.
     """
     params = []
+    seen: set[int] = set()
     for name, layer in model.named_modules():
         if not isinstance(layer, ADAPTABLE_NORMS) or (skip is not None and skip(name)):
             continue
         for pname in ("weight", "bias"):
             p = getattr(layer, pname, None)
-            if isinstance(p, nn.Parameter):
+            if isinstance(p, nn.Parameter) and id(p) not in seen:
+                seen.add(id(p))
                 params.append((f"{name}.{pname}" if name else pname, p))
     if not params:
         raise ValueError(
@@ -165,6 +181,7 @@ class GradientMethod:
         settings = optimizer_settings(optimizer, optim, lr=lr, betas=betas, weight_decay=weight_decay)
         self.model = model
         self.named_params = self.select_params(model)
+        _check_trainable_dtypes(self.named_params)
         model.requires_grad_(False)
         for _, p in self.named_params:
             p.requires_grad_(True)
