@@ -1,4 +1,4 @@
-"""TTN vs source vs TBN across test batch sizes on regenerated CIFAR-10-C (severity 5): the issue-5 claim.
+"""TTN vs source vs TBN across test batch sizes on regenerated CIFAR-10-C (severity 5): the claim below.
 
 Claim checked: at every test batch size in {1, 2, 4, 16, 64, 200}, TTN's error <= min(source, tbn) + 1 point,
 and TTN beats both at small batches (1, 2, 4).

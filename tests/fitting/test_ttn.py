@@ -146,6 +146,28 @@ def test_alpha_stays_in_unit_interval():
         torch.testing.assert_close(res.state_dict[f"{name}.mix_weight"], v)
 
 
+def test_a_weight_on_the_boundary_still_gets_the_gradient_that_moves_it():
+    """Projected gradient descent needs the gradient of the unclamped weight: at 0 (where the min-max prior
+    puts a channel of every layer) ``clamp``'s own gradient is 0, and such a channel would never move."""
+    net = tta_norm.adapt(tiny_net(0).double(), "ttn").model
+    layer = next(m for m in net.modules() if hasattr(m, "mix_weight"))
+    x, y = tiny_data(6, seed=2)
+    x = x.double()
+    with torch.no_grad():
+        layer.mix_weight.copy_(torch.linspace(0.0, 1.0, layer.mix_weight.numel(), dtype=torch.float64))
+    layer.mix_weight.requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(net(x), y), layer.mix_weight)
+    with torch.no_grad():
+        base, eps = layer.mix_weight.detach().clone(), 1e-7
+        loss = F.cross_entropy(net(x), y).item()
+        for c, inward in ((0, eps), (base.numel() - 1, -eps)):  # one-sided, into [0, 1]
+            layer.mix_weight.copy_(base)
+            layer.mix_weight[c] += inward
+            slope = (F.cross_entropy(net(x), y).item() - loss) / inward
+            assert grad[c].item() != 0.0
+            assert abs(grad[c].item() - slope) < 1e-4 * max(1.0, abs(slope)), (c, grad[c].item(), slope)
+
+
 def _ce(model, x, y, group: int) -> float:
     with torch.no_grad():
         logits = torch.cat([model(x[i : i + group]) for i in range(0, len(x), group)])

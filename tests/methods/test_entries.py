@@ -86,6 +86,12 @@ def test_ttn_fit_is_fitted_once_per_model_and_cached(monkeypatch, tmp_path) -> N
     entries._ttn_states.clear()
     resolve_entry_kwargs("ttn", None, {"ttn_fit": fit}, model)
     assert len(fits) == 1  # read back from the file
+    inputs = entries.entry_inputs("ttn", None, {"ttn_fit": fit})
+    monkeypatch.setattr(ttn, "FIT_VERSION", ttn.FIT_VERSION + 1)  # the fit's arithmetic changed:
+    assert entries.entry_inputs("ttn", None, {"ttn_fit": fit}) != inputs  # other cells,
+    entries._ttn_states.clear()
+    resolve_entry_kwargs("ttn", None, {"ttn_fit": fit}, model)
+    assert len(fits) == 2  # and a new fit, not the cached one
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a fitted ttn does not warn
         tta_norm.adapt(model, "ttn", **first)

@@ -58,6 +58,11 @@ ShiftFn = Callable[[Tensor, torch.Generator], Tensor]
 Normalization = Literal["model", "layer"]
 
 
+#: The version of the fit's arithmetic: cached fits and benchmark cells of another version are not reused.
+#: 2: the clamp of the weights passes the gradient through (a channel on the boundary moves again).
+FIT_VERSION = 2
+
+
 @dataclass
 class TTNConfig:
     """Hyper-parameters of the TTN post-training (our choices; the paper's are unverified)."""

@@ -110,8 +110,9 @@ def entry_inputs(
     preset: str, method: str | None, kwargs: Mapping[str, Any], *, dataset: str = "cifar10", data_dir: str | None = None
 ) -> dict[str, str]:
     """Content fingerprints of what an entry reads besides the model and the test data: an ``init_state``
-    file, the Fisher images of ``fisher_samples``, the source split of ``ttn_fit``.  They enter the entry's
-    cell keys, so a changed file or another source data directory never reuses a stored result."""
+    file, the Fisher images of ``fisher_samples``, the source split of ``ttn_fit`` (and the fit's version).
+    They enter the entry's cell keys, so a changed file or another source data directory never reuses a stored
+    result."""
     from tta_norm.bench.identity import array_fingerprint
 
     out: dict[str, str] = {}
@@ -128,6 +129,9 @@ def entry_inputs(
     fit = kwargs.get("ttn_fit") or {}
     if "ttn_fit" in kwargs and preset == "ttn" and isinstance(fit, Mapping):
         out["ttn_source_sha256"] = array_fingerprint(*ttn_source_data(fit, data_dir=data_dir))
+        from tta_norm.fitting.ttn import FIT_VERSION
+
+        out["ttn_fit_version"] = str(FIT_VERSION)
     return out
 
 
@@ -138,13 +142,13 @@ def fitted_ttn_state(
     settings and the content of the source images it is fitted on."""
     from tta_norm.bench.identity import array_fingerprint
     from tta_norm.data.paths import cache_root
-    from tta_norm.fitting.ttn import fit_ttn
+    from tta_norm.fitting.ttn import FIT_VERSION, fit_ttn
 
     images, labels = ttn_source_data(fit, data_dir=data_dir)
     n_images, seed, source = _ttn_source_settings(fit)
     fit = {k: v for k, v in fit.items() if k not in ("n_images", "seed", "source")}
     key = _state_fingerprint(model, {"n_images": n_images, "seed": seed, "source": source, **fit,
-                                     "images": array_fingerprint(images, labels)})  # fmt: skip
+                                     "images": array_fingerprint(images, labels), "version": FIT_VERSION})  # fmt: skip
     if key in _ttn_states:
         return _ttn_states[key]
     path = Path(cache_root()) / "ttn" / f"ttn-{key}.pt"

@@ -43,11 +43,18 @@ def estimate(x: Tensor, spec: NormSpec) -> Stats:
 
 
 def test_weight(spec: NormSpec, batch_size: int, mix_weight: Tensor | None) -> Weight:
-    """The weight on the test statistics: the channel-wise parameter (clamped to [0, 1]) or the spec's scalar."""
+    """The weight on the test statistics: the channel-wise parameter (clamped to [0, 1]) or the spec's scalar.
+
+    The clamp passes the gradient straight through (its value is the clamp, its gradient the identity): the TTN
+    fit is projected gradient descent, and a channel at 0 or 1 must still see which way the loss moves it
+    (``clamp``'s own gradient is 0 there, so a channel the projection put on the boundary would stay forever)."""
     if spec.channelwise:
         if mix_weight is None:
             raise ValueError("a channelwise spec needs the layer's channel-wise mixing weight")
-        return mix_weight.clamp(0.0, 1.0)
+        clamped = mix_weight.clamp(0.0, 1.0)
+        if mix_weight.requires_grad and torch.is_grad_enabled():
+            return clamped + (mix_weight - mix_weight.detach())
+        return clamped
     return spec.fixed_alpha(batch_size)
 
 
