@@ -53,11 +53,12 @@ def test_trained_single_domain_sabn_is_a_batchnorm_with_new_affine():
         assert not torch.allclose(bn(x), net(x))  # the affine was trained
 
 
-def test_trained_heads_fold_into_batchnorm_and_differ():
+@pytest.mark.parametrize("train", ["affine", "all"])
+def test_trained_heads_fold_into_batchnorm_and_differ(train):
     net = tiny_net(1)
     x, y = tiny_data(36)
     res = train_sabn(net, x, y, domains=("clean", "color", "noise"), epochs=2, batch_size=6, lr=0.05,
-                     bank_batches=2, progress=False)  # fmt: skip
+                     bank_batches=2, train=train, progress=False)  # fmt: skip
     sabn = tta_norm.adapt(net, "sabn", num_domains=3, init_state=res.state_dict)
     with torch.no_grad():
         outs = [sabn(x, domain=k) for k in range(3)]

@@ -168,11 +168,16 @@ def export_head(model: nn.Module, state: dict[str, Tensor], k: int | None) -> nn
     """A copy of the source ``model`` (plain BatchNorms) whose BN affine is SaBN head ``k`` folded in:
     ``gamma' = g_k gamma``, ``beta' = g_k beta + b_k`` (``k=None``: the shared affine).  Valid for a state
     trained with source statistics (the ``sabn`` preset), where SaBN with head k *is* this BatchNorm in eval
-    mode -- for deployment with a known domain."""
+    mode -- for deployment with a known domain.  Every other tensor of the model is taken from ``state`` too
+    (a state trained with ``train="all"`` also changed the convolutions)."""
     import copy
 
     out = copy.deepcopy(model).eval()
+    norms = {name for name, m in out.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     with torch.no_grad():
+        for key, tensor in out.state_dict().items():
+            if key.rpartition(".")[0] not in norms and key in state:
+                tensor.copy_(state[key])
         for name, bn in out.named_modules():
             if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
                 continue
