@@ -36,6 +36,33 @@ def test_from_batchnorm_equals_the_source_on_every_domain(cls, train):
         assert torch.allclose(layer(x), ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("cls", [AuxBatchNorm2d, SaAuxBatchNorm2d])
+@pytest.mark.parametrize("variant", [{"affine": False}, {"track_running_stats": False}, {"dtype": torch.float64}])
+def test_from_batchnorm_keeps_the_source_kind_of_batchnorm(cls, variant):
+    """A BatchNorm without running statistics (batch statistics in eval too), without affine, or in float64
+    converts into a layer that computes the same, in its dtype."""
+    variant = dict(variant)  # (the parameter dict is shared between the cases)
+    dtype = variant.pop("dtype", torch.float32)
+    bn = nn.BatchNorm2d(3, **variant).to(dtype)
+    if bn.affine:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-1.0, 1.0)
+    if bn.track_running_stats:
+        with torch.no_grad():
+            bn.running_mean.uniform_(-1.0, 1.0)
+    x = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    for train in (False, True):
+        bn.train(train)
+        layer = cls.from_batchnorm(bn, 2)
+        assert layer.training is train
+        for k in range(2):
+            layer.domain = k
+            out = layer(x)
+            assert out.dtype == dtype
+            torch.testing.assert_close(out, bn(x), atol=1e-6, rtol=1e-6)
+
+
 def test_saaux_formula_by_hand():
     layer = SaAuxBatchNorm2d(2, 2).eval()
     with torch.no_grad():

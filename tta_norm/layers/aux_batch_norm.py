@@ -34,17 +34,27 @@ from tta_norm._deprecation import renamed_attribute, renamed_keywords, warn_rena
 from ._common import check_channels
 
 
+def _placement(bn: nn.BatchNorm2d) -> dict[str, Any]:
+    """The device and floating dtype of ``bn``'s tensors (a converted layer computes where and as it did)."""
+    tensors = [t for t in (*bn.parameters(), *bn.buffers()) if t.is_floating_point()]
+    return {"device": tensors[0].device, "dtype": tensors[0].dtype} if tensors else {}
+
+
 class _DomainNorm(nn.Module):
     """``num_domains`` ``BatchNorm2d`` layers (``bns``) and the selected ``domain``; subclasses add affines."""
 
-    def __init__(self, num_features: int, num_domains: int, eps: float, momentum: float | None, affine: bool):
+    def __init__(
+        self, num_features: int, num_domains: int, eps: float, momentum: float | None, affine: bool,
+        track_running_stats: bool = True,
+    ) -> None:  # fmt: skip
         super().__init__()
         if num_domains < 1:
             raise ValueError(f"num_domains must be >= 1, got {num_domains}")
         self.num_features = num_features
         self.num_domains = num_domains
         self.domain = 0
-        self.bns = nn.ModuleList(nn.BatchNorm2d(num_features, eps, momentum, affine=affine) for _ in range(num_domains))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(num_features, eps, momentum, affine, track_running_stats)
+                                 for _ in range(num_domains))  # fmt: skip
 
     num_branches = renamed_attribute("num_branches", "num_domains")
     branch = renamed_attribute("branch", "domain")
@@ -63,8 +73,11 @@ class AuxBatchNorm2d(_DomainNorm):
     """``num_domains`` independent ``BatchNorm2d`` layers; ``domain`` selects the one applied."""
 
     @renamed_keywords(num_branches="num_domains")
-    def __init__(self, num_features: int, num_domains: int = 2, eps: float = 1e-5, momentum: float | None = 0.1):
-        super().__init__(num_features, num_domains, eps, momentum, affine=True)
+    def __init__(
+        self, num_features: int, num_domains: int = 2, eps: float = 1e-5, momentum: float | None = 0.1,
+        affine: bool = True, track_running_stats: bool = True,
+    ) -> None:  # fmt: skip
+        super().__init__(num_features, num_domains, eps, momentum, affine, track_running_stats)
 
     def forward(self, x: Tensor) -> Tensor:
         check_channels(x, self.num_features, type(self).__name__)
@@ -73,10 +86,11 @@ class AuxBatchNorm2d(_DomainNorm):
     @classmethod
     @renamed_keywords(num_branches="num_domains")
     def from_batchnorm(cls, bn: nn.BatchNorm2d, num_domains: int = 2) -> AuxBatchNorm2d:
-        layer = cls(bn.num_features, num_domains, bn.eps, bn.momentum)
+        layer = cls(bn.num_features, num_domains, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        layer = layer.to(**_placement(bn))
         for b in layer.bns:
             b.load_state_dict(bn.state_dict())
-        return layer.to(bn.running_mean.device if bn.running_mean is not None else "cpu").train(bn.training)
+        return layer.train(bn.training)
 
 
 class SaAuxBatchNorm2d(_DomainNorm):
@@ -87,8 +101,11 @@ class SaAuxBatchNorm2d(_DomainNorm):
     """
 
     @renamed_keywords(num_branches="num_domains")
-    def __init__(self, num_features: int, num_domains: int = 2, eps: float = 1e-5, momentum: float | None = 0.1):
-        super().__init__(num_features, num_domains, eps, momentum, affine=False)
+    def __init__(
+        self, num_features: int, num_domains: int = 2, eps: float = 1e-5, momentum: float | None = 0.1,
+        track_running_stats: bool = True,
+    ) -> None:  # fmt: skip
+        super().__init__(num_features, num_domains, eps, momentum, False, track_running_stats)
         self.shared_weight = nn.Parameter(torch.empty(num_features).normal_(1.0, 0.02))
         self.shared_bias = nn.Parameter(torch.zeros(num_features))
         self.domain_weight = nn.Parameter(torch.empty(num_domains, num_features).normal_(1.0, 0.02))
@@ -116,9 +133,8 @@ class SaAuxBatchNorm2d(_DomainNorm):
     @classmethod
     @renamed_keywords(num_branches="num_domains")
     def from_batchnorm(cls, bn: nn.BatchNorm2d, num_domains: int = 2) -> SaAuxBatchNorm2d:
-        layer = cls(bn.num_features, num_domains, bn.eps, bn.momentum)
-        device = bn.running_mean.device if bn.running_mean is not None else torch.device("cpu")
-        layer = layer.to(device)
+        layer = cls(bn.num_features, num_domains, bn.eps, bn.momentum, bn.track_running_stats)
+        layer = layer.to(**_placement(bn))
         with torch.no_grad():
             for b in layer.bns:
                 if bn.running_mean is not None:
