@@ -50,7 +50,7 @@ def _staging_ratio(tta: tta_norm.TTAModel, x: torch.Tensor, reps: int) -> float:
 
 
 def _snapshot_cost(tta: tta_norm.TTAModel, reps: int = 1000) -> float:
-    attrs = ("_window_buffer", "num_adapted", "num_resets")
+    attrs = ("_window_buffer", "_window_samples", "num_adapted", "num_resets")
     start = time.process_time()
     for _ in range(reps):
         Snapshot(tta, tta._mutable_buffers, tta.method, owner_attributes=attrs)

@@ -11,6 +11,7 @@ from torch import nn
 
 import tta_norm
 from tests.nets import randomize_bn, resnet20, tiny_net
+from tta_norm.methods.base import softmax_entropy
 from tta_norm.norm import AdaptiveNorm
 
 X = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(0))
@@ -177,6 +178,48 @@ def test_batch_size_one_per_preset() -> None:
         else:
             out = tta(x1)
             assert out.shape == (1, 5) and torch.isfinite(out).all(), name
+
+
+def test_a_window_steps_a_gradient_method_once_per_w_samples() -> None:
+    """Marsden & Doebler's sliding window (``TTAMethod.forward``): a step when the window holds W samples it
+    has not stepped on, the samples in between predicted from the window without a step."""
+    W, lr = 4, 0.1
+    stream = torch.randn(10, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    tta = tta_norm.adapt(tiny_net(), "tbn", "tent", window=W, optimizer="sgd", optim={"lr": lr, "momentum": 0.0})
+    ref = tta_norm.adapt(tiny_net(), "tbn")  # the same network, stepped by hand
+    names = [n for n, _ in tta.method.named_params]
+    steps = 0
+    for i in range(len(stream)):
+        out = tta(stream[i : i + 1])
+        window = stream[max(0, i - W + 1) : i + 1]
+        if i == 0:
+            continue  # a single sample: predicted with the current state
+        logits = ref(window)
+        torch.testing.assert_close(out, logits[-1:], msg=f"sample {i}")
+        if (i + 1) % W == 0:  # samples 4 and 8: a full window of new samples
+            steps += 1
+            ref.model.requires_grad_(False)
+            for name in names:
+                ref.model.get_parameter(name).requires_grad_(True)
+            loss = softmax_entropy(ref.model(window)).mean()
+            grads = torch.autograd.grad(loss, [ref.model.get_parameter(n) for n in names])
+            with torch.no_grad():
+                for name, g in zip(names, grads, strict=True):
+                    ref.model.get_parameter(name).sub_(lr * g)
+        for name in names:
+            torch.testing.assert_close(tta.model.get_parameter(name), ref.model.get_parameter(name), msg=name)
+    assert steps == 2
+
+
+def test_a_reset_keeps_the_window() -> None:
+    """The window holds test inputs: ``episodic`` at batch size 1 still normalises with the last W samples."""
+    stream = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+    episodic = tta_norm.adapt(tiny_net(), "tbn", window=4, episodic=True)
+    outs = [episodic(stream[i : i + 1]) for i in range(6)]
+    assert episodic.num_resets == 6 and episodic.num_adapted == 1
+    torch.testing.assert_close(outs[5], tta_norm.adapt(tiny_net(), "tbn")(stream[2:6])[-1:])
+    episodic.reset()
+    assert episodic.state()["window"].shape[0] == 3
 
 
 def test_spatial_batch_one_is_defined_for_tbn() -> None:

@@ -42,8 +42,11 @@ class TTAModel(nn.Module):
     (``on_bad_batch="raise"``) or, with ``on_bad_batch="skip"``, is predicted with the current state without
     adapting (``skipped_batches`` counts them).  ``window=W`` normalises a batch smaller than W together with
     the previous samples, up to W in all (a sliding window for batch size 1, as in Marsden & Doebler's
-    benchmark); while the window holds a single sample, that sample is predicted with the current state
-    without adapting.
+    benchmark, ``TTAMethod.forward``): the statistics adapt at every call, a gradient method takes its step
+    once per W samples (when the window holds W samples it has not stepped on) and predicts the calls in
+    between from the window without a step; while the window holds a single sample, that sample is predicted
+    with the current state without adapting.  The window holds test inputs, not adaptation state: a reset
+    (``episodic``, ``reset_every``, SAR's recovery, :meth:`reset`) keeps it, as in that benchmark.
 
     Isolation: adaptation runs on a detached copy of the input and the returned logits carry no graph, so a
     caller's autograd graph never receives gradients from a method's step.  Gradients of the adapting
@@ -92,6 +95,7 @@ class TTAModel(nn.Module):
         self.skipped_batches = 0
         self.num_resets = 0
         self._window_buffer: Tensor | None = None
+        self._window_samples = 0  # samples that went through the window (its step clock)
         self._layers = [layer for _, layer in adaptive_layers(model)]
         # (a tuple: a plain attribute, not a registered parameter) the usual answer of _input_dtype in one lookup
         self._first_float = tuple(p for p in model.parameters() if p.is_floating_point())[:1]
@@ -124,13 +128,13 @@ class TTAModel(nn.Module):
             self.method.optimizer.load_state_dict(copy.deepcopy(self._initial_optimizer_state))
             self.method.optimizer.zero_grad(set_to_none=True)
             self.method.reset_requested = False
-        self._window_buffer = None
         self.num_adapted = 0
         self.num_resets += 1
 
     def reset(self) -> None:
         """Back to the source model: parameters, statistics, optimiser and method state, and the layers'
-        per-call option defaults (``update_state``, ``use_batch``, ``domain``) as they were at construction."""
+        per-call option defaults (``update_state``, ``use_batch``, ``domain``) as they were at construction.
+        The window's samples stay: they are test inputs, not adaptation state."""
         with self._lock:
             self._restore()
             for layer, (update_state, use_batch, domain) in zip(self._layers, self._layer_defaults, strict=True):
@@ -151,6 +155,7 @@ class TTAModel(nn.Module):
                 "method": self.method.state_dict() if self.method is not None else None,
                 "counters": {k: getattr(self, k) for k in self.COUNTERS},
                 "window": None if self._window_buffer is None else self._window_buffer.clone(),
+                "window_samples": self._window_samples,
             }
 
     def load_state(self, state: Mapping[str, Any]) -> None:
@@ -212,6 +217,7 @@ class TTAModel(nn.Module):
             setattr(self, key, value)
         window = state["window"]
         self._window_buffer = None if window is None else window.clone()
+        self._window_samples = int(state.get("window_samples", 0))  # (states saved before it was kept: 0)
 
     @property
     def device(self) -> torch.device | None:
@@ -289,14 +295,20 @@ class TTAModel(nn.Module):
             x = x.to(device=device, dtype=dtype)
         return x
 
-    def _windowed(self, x: Tensor) -> Tensor:
-        if self.window is None or x.shape[0] >= self.window:
+    def _windowed(self, x: Tensor) -> tuple[Tensor, bool]:
+        """The batch to normalise ``x`` with (``x`` and the window's previous samples), and whether a gradient
+        method steps on it (always without a window or for a batch of W or more; else once per W samples)."""
+        n = x.shape[0]
+        if self.window is None or n >= self.window:
             xw = x
         else:
             xw = x if self._window_buffer is None else torch.cat([self._window_buffer, x])[-self.window :]
         if self.window is not None and self.window > 1:
             self._window_buffer = xw[-(self.window - 1) :].detach()
-        return xw
+        if self.window is None or n >= self.window:
+            return xw, True
+        before, self._window_samples = self._window_samples, self._window_samples + n
+        return xw, self._window_samples // self.window > before // self.window
 
     def layer_frame(self, n: int, **options: Any) -> contextlib.AbstractContextManager[None]:
         """The layer options (:func:`~tta_norm.norm.context.layer_options`) of one forward of this wrapper on
@@ -352,18 +364,22 @@ class TTAModel(nn.Module):
         reset_due = self._reset_due()
         snapshot = Snapshot(
             self, self._mutable_buffers, self.method, full=reset_due,
-            owner_attributes=("_window_buffer", "num_adapted", "num_resets"),
+            owner_attributes=("_window_buffer", "_window_samples", "num_adapted", "num_resets"),
         )  # fmt: skip
         try:
             if reset_due:
                 self.reset()
             n = x.shape[0]
-            xw = self._windowed(x)
+            xw, step = self._windowed(x)
             if self.window is not None and xw.shape[0] < 2:
                 # nothing to normalise the very first sample with yet: predict with the current state
                 return self._predict_without_adapting(xw, domain)
             with self.layer_frame(xw.shape[0], domain=_option(domain)):
-                logits = self.method.forward_and_adapt(xw) if self.method is not None else self.model(xw)
+                if self.method is not None and step:
+                    logits = self.method.forward_and_adapt(xw)
+                else:  # statistics only (no method, or a window between two of the method's steps)
+                    with torch.no_grad() if self.method is not None else contextlib.nullcontext():
+                        logits = self.model(xw)
             if not all_finite(logits):
                 raise NonFiniteLogits
         except NonFiniteLogits:
