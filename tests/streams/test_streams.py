@@ -99,6 +99,14 @@ def test_dirichlet_order_retries_small_chunks():
         dirichlet_order(labels, 1.0, _ScriptedRng([(0.1, 0.9), (0.0, 1.0)] * 2), min_chunk=5, max_attempts=2)
 
 
+def test_an_infeasible_dirichlet_order_fails_fast():
+    with pytest.raises(ValueError, match="need >= 10000"):  # ImageNet-C's 5000-image subset
+        dirichlet_order(np.arange(5000) % 1000, 0.1, np.random.default_rng(0), num_classes=1000)
+    y = np.repeat(np.arange(200), 10)  # exactly 10 per chunk would be needed: a bounded search, then an error
+    with pytest.raises(ValueError, match="in 25 attempts"):
+        dirichlet_order(y, 0.1, np.random.default_rng(0))  # (10 000 attempts of 200 classes took minutes)
+
+
 def test_dirichlet_order_is_permutation_and_deterministic():
     y = _labels(1000)
     a = dirichlet_order(y, 0.1, np.random.default_rng(3))

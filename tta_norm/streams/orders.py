@@ -12,7 +12,9 @@
      renormalize, and split the shuffled class-k indices across the chunks at the cumulative proportions
      (``floor(cumsum(p) * n_k)``).
   2. If some chunk ends with fewer than ``min_chunk`` (10) samples, redo step 1 (the original gives up after
-     120 s of wall time; we count attempts instead, so the result never depends on machine speed).
+     120 s of wall time; we count attempts instead, so the result never depends on machine speed: by default
+     ``max(10, 10**6 // C**2)`` of them, since an attempt costs about C**2 draws, which bounds the search at
+     some seconds for any C; fewer than ``min_chunk * C`` samples fail at once).
   3. Emit the chunks in order; inside a chunk, the classes in a random order, each as one contiguous run.
 
   One deviation: if every chunk still open has zero mass (possible when tiny delta underflows), the class is
@@ -48,12 +50,13 @@ def dirichlet_order(
     *,
     num_classes: int | None = None,
     min_chunk: int = 10,
-    max_attempts: int = 10_000,
+    max_attempts: int | None = None,
 ) -> np.ndarray:
     """NOTE's Dirichlet class-correlated order of ``labels`` (see the module docstring); returns indices.
 
     ``num_classes`` defaults to ``max(labels) + 1`` (as in the original). Raises ``ValueError`` if no split
-    with every chunk >= ``min_chunk`` is found in ``max_attempts`` draws (e.g. too few samples)."""
+    with every chunk >= ``min_chunk`` is found in ``max_attempts`` draws (default: see the module docstring),
+    at once if there are fewer than ``min_chunk * num_classes`` samples."""
     labels = np.asarray(labels, dtype=np.int64)
     if delta <= 0:
         raise ValueError(f"Dirichlet concentration must be > 0 (use label_sorted_order for 0), got {delta}")
@@ -61,6 +64,13 @@ def dirichlet_order(
     if n == 0:
         return np.zeros(0, dtype=np.int64)
     c = int(num_classes if num_classes is not None else labels.max() + 1)
+    if n < min_chunk * c:
+        raise ValueError(
+            f"a Dirichlet order needs >= {min_chunk} samples per chunk and one chunk per class: {n} samples over "
+            f"{c} classes cannot be split (need >= {min_chunk * c}); use more samples or the iid/sorted order"
+        )
+    if max_attempts is None:
+        max_attempts = max(10, 10**6 // c**2)
     cap = n / c
     class_idx = [np.flatnonzero(labels == k) for k in range(c)]
     for _ in range(max_attempts):
