@@ -89,3 +89,32 @@ def test_labels_outside_the_class_range_are_refused(tmp_path):
     np.save(root / "labels.npy", np.tile(np.array([0, 3, 250, 9], np.uint8), 5))
     with pytest.raises(DataFormatError, match="outside 0..9"):
         load_corruption_benchmark("cifar10", ["fog"], data_dir=tmp_path, source="release", progress=False)
+
+
+@pytest.mark.parametrize("wh", [(640, 427), (300, 299), (257, 999), (259, 300), (256, 256)])
+def test_resize_and_crop_equal_torchvisions_evaluation_transform(tmp_path, wh):
+    from PIL import Image
+    from torchvision import transforms
+
+    from tta_norm.data.readers import decode_images
+
+    rng = np.random.default_rng(sum(wh))
+    base = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)  # smooth content: a difference is a geometry one
+    image = Image.fromarray(base).resize(wh, Image.BILINEAR)
+    image.save(tmp_path / "a.png")
+    expected = np.asarray(transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)])(image))
+    out = decode_images([tmp_path / "a.png"], size=256, crop=224, progress=False)[0]
+    assert np.array_equal(out, expected)
+
+
+def test_a_broken_image_or_a_pickled_array_is_named_in_the_error(tmp_path):
+    _write_png_tree(tmp_path / "t", ["a"], 2)
+    path = tmp_path / "t" / "a" / "img001.png"
+    path.write_bytes(path.read_bytes()[:60])  # truncated
+    with pytest.raises(DataFormatError, match="img001.png"):
+        read_image_folder(tmp_path / "t", cache=False, progress=False)
+    root = tmp_path / "CIFAR-10-C"
+    _write_cifar_c(root, ["fog"], n=4)
+    np.save(root / "fog.npy", np.empty(20, dtype=object), allow_pickle=True)
+    with pytest.raises(DataFormatError, match="Python objects"):
+        check_cifar_c(root, ["fog"])

@@ -305,21 +305,28 @@ def _is_image_entry(entry: os.DirEntry) -> bool:
 
 
 def _decode(path: Path, size: int | None, crop: int | None = None) -> np.ndarray:
+    """One image as uint8 HWC RGB; with ``size``, torchvision's ``Resize(size)`` then ``CenterCrop(crop)`` on
+    the PIL image (short side to ``size``, the long side ``int(size * long / short)``, bilinear; crop offsets
+    ``int(round((side - crop) / 2))``), the ImageNet evaluation transform."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if size is not None:
-            crop = crop or size
-            w, h = im.size
-            scale = size / min(w, h)
-            if scale != 1:
-                im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
-            w, h = im.size
-            if (w, h) != (crop, crop):
-                left, top = (w - crop) // 2, (h - crop) // 2
-                im = im.crop((left, top, left + crop, top + crop))
-        return np.asarray(im, dtype=np.uint8)
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if size is not None:
+                crop = crop or size
+                w, h = im.size
+                if min(w, h) != size:
+                    short, long = (w, h) if w <= h else (h, w)
+                    new_long = int(size * long / short)
+                    im = im.resize((size, new_long) if w <= h else (new_long, size), Image.BILINEAR)
+                w, h = im.size
+                if (w, h) != (crop, crop):
+                    left, top = int(round((w - crop) / 2.0)), int(round((h - crop) / 2.0))
+                    im = im.crop((left, top, left + crop, top + crop))
+            return np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise DataFormatError(f"cannot decode {path}: {err}") from err
 
 
 def decode_images(
@@ -416,7 +423,8 @@ def read_image_folder(
             files, size=size, crop=crop, workers=workers, progress=progress, desc=f"decoding {root.name}"
         )
         return ArrayDataset(images, labels, classes, source, info)
-    key = _folder_fingerprint(files, f"{root}|size={size}|crop={crop}")
+    resize = "" if size is None else "|resize=torchvision"  # (resized arrays of an older rule are not reused)
+    key = _folder_fingerprint(files, f"{root}|size={size}|crop={crop}{resize}")
     base = Path(cache_dir) if cache_dir is not None else data_cache_dir() / "imagefolder"
     target = base / f"{root.parent.name}-{root.name}-{key}"
     img_file, lab_file, meta_file = target / "images.npy", target / "labels.npy", target / "meta.json"
@@ -478,6 +486,9 @@ def npy_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype, int]
         offset = f.tell()
     if fortran:
         raise DataFormatError(f"{path}: Fortran-ordered arrays are not supported")
+    if dtype.hasobject:
+        raise DataFormatError(f"{path} holds Python objects (a pickled array), never loaded; only plain numeric "
+                              "arrays are read")  # fmt: skip
     expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     actual = path.stat().st_size
     if actual < expected:
