@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from tta_norm import kernels
-from tta_norm.device import available_device
+from tta_norm.device import available_device, input_dtype
 from tta_norm.methods import GradientMethod, get_method_class
 from tta_norm.methods.base import NonFiniteLogits, all_finite, optim_setting_names
 from tta_norm.norm.adaptive import AdaptiveNorm, adaptive_layers, check_domain
@@ -235,18 +235,11 @@ class TTAModel(nn.Module):
         return list(adaptive_layers(self.model))
 
     def _input_dtype(self, given: torch.dtype) -> torch.dtype | None:
-        """The dtype an input of dtype ``given`` is cast to: ``given`` itself when some floating parameter of the
-        model has it (mixed-precision networks keep working as they are), else the most common floating
-        parameter dtype (float64 images on a float32 model); ``None`` (no cast) for a model without any."""
+        """The dtype an input of dtype ``given`` is cast to (:func:`tta_norm.device.input_dtype`), answered
+        from the first floating parameter in the usual case."""
         if self._first_float and self._first_float[0].dtype == given:
             return given
-        counts: dict[torch.dtype, int] = {}
-        for t in self.model.parameters():
-            if t.is_floating_point():
-                if t.dtype == given:
-                    return given
-                counts[t.dtype] = counts.get(t.dtype, 0) + 1
-        return max(counts, key=counts.__getitem__) if counts else None
+        return input_dtype(self.model, given)
 
     def _device(self) -> torch.device | None:
         if self._layers:  # (the cheap lookup: a forward's input check calls this)

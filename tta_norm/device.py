@@ -33,3 +33,16 @@ def available_device(device: torch.device | str) -> torch.device:
         raise ValueError("device 'mps' requested but MPS is not available; use 'cpu' or 'auto'")
     return dev
 
+
+
+def input_dtype(model: nn.Module, given: torch.dtype) -> torch.dtype | None:
+    """The dtype an input of dtype ``given`` is fed to ``model`` in: ``given`` itself when some floating
+    parameter of the model has it (mixed-precision networks keep working as they are), else the most common
+    floating parameter dtype (float64 images on a float32 model); ``None`` (no cast) for a model without any."""
+    counts: dict[torch.dtype, int] = {}
+    for t in model.parameters():
+        if t.is_floating_point():
+            if t.dtype == given:
+                return given
+            counts[t.dtype] = counts.get(t.dtype, 0) + 1
+    return max(counts, key=counts.__getitem__) if counts else None

@@ -126,3 +126,20 @@ def test_bad_fisher_sources_are_refused_before_adapting() -> None:
     nan_logits = [images * float("nan")]  # fisher_data is checked through the weights it gives
     with pytest.raises(ValueError, match="NaN or Inf"):
         tta_norm.adapt(tiny_net(), "tbn", "eata", fisher_data=nan_logits)
+
+
+def test_fisher_images_are_fed_like_a_test_batch() -> None:
+    """float64 images on a float32 model are cast as test batches are; a bfloat16 network whose norm layers
+    stay float32 takes bfloat16 images (their cache key reads any dtype)."""
+    images = torch.rand(6, 3, 6, 6, generator=torch.Generator().manual_seed(2))
+    fisher_mod.clear_fisher_cache()
+    as_float = tta_norm.adapt(tiny_net(), "tbn", "eata", fisher_images=images).method.fishers
+    as_double = tta_norm.adapt(tiny_net(), "tbn", "eata", fisher_images=images.double()).method.fishers
+    for name, (f, anchor) in as_float.items():
+        assert torch.equal(as_double[name][0], f) and torch.equal(as_double[name][1], anchor)
+    net = tiny_net().to(torch.bfloat16)
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.float()
+    mixed = tta_norm.adapt(net, "tbn", "eata", fisher_images=images.to(torch.bfloat16)).method.fishers
+    assert all(f.dtype == torch.float32 and bool(torch.isfinite(f).all()) for f, _ in mixed.values())

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tta_norm.device import input_dtype
 from tta_norm.methods.base import collect_norm_params, grad_context
 from tta_norm.norm.adaptive import adaptive_layers
 from tta_norm.norm.convert import keep_state
@@ -106,13 +107,18 @@ def _fingerprint(model: nn.Module, named: list[tuple[str, nn.Parameter]], images
     h = hashlib.sha1()
     for name, t in model.state_dict().items():
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        h.update(_raw_bytes(t))
     for name, layer in adaptive_layers(model):
         h.update(f"{name}:{layer.spec!r}".encode())
     h.update(",".join(n for n, _ in named).encode())
     h.update(str((tuple(images.shape), images.dtype, batch_size, str(images.device))).encode())
-    h.update(images.detach().cpu().contiguous().numpy().tobytes())
+    h.update(_raw_bytes(images))
     return h.hexdigest()
+
+
+def _raw_bytes(t: Tensor) -> bytes:
+    """The bytes of ``t``'s values, for any dtype (numpy has no bfloat16)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def cached_fishers(
@@ -129,6 +135,9 @@ def cached_fishers(
     returned tensors are copies.  ``cache_stats`` counts hits and misses.
     """
     check_fisher_images(images)
+    dtype = input_dtype(model, images.dtype)  # fed like a test batch: float64 images on a float32 model...
+    if dtype is not None and dtype != images.dtype:
+        images = images.to(dtype)
     named = named_params if named_params is not None else collect_norm_params(model)
     key = _fingerprint(model, named, images, batch_size)
     if key in _cache:
