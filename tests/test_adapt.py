@@ -222,6 +222,42 @@ def test_a_reset_keeps_the_window() -> None:
     assert episodic.state()["window"].shape[0] == 3
 
 
+class _TupleOut(nn.Module):
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.net, self.head = tiny_net(), head
+
+    def forward(self, x: torch.Tensor):
+        return self.head(self.net(x))
+
+
+@pytest.mark.parametrize("method", [None, "tent", "eata", "sar"])
+def test_outputs_that_are_not_logits_are_one_line_errors(method: str | None) -> None:
+    cases = [nn.Identity(), nn.Linear(5, 1), nn.Unflatten(1, (1, 5))] if method else []
+    for head in [*cases, _Pair()]:
+        tta = tta_norm.adapt(_TupleOut(head), "tbn", method)
+        before = copy.deepcopy(tta.state())
+        if isinstance(head, nn.Identity):
+            assert tta(X).shape == (8, 5)  # (the plain case works)
+            continue
+        with pytest.raises((TypeError, ValueError), match="logits") as err:
+            tta(X)
+        assert "\n" not in str(err.value)
+        assert all(torch.equal(v, before["model"][k]) for k, v in tta.state()["model"].items())
+
+
+class _Pair(nn.Module):
+    def forward(self, z: torch.Tensor):
+        return z, z.sum()
+
+
+def test_adapting_an_adapted_model_says_so() -> None:
+    adapted = tta_norm.adapt(tiny_net(), "tbn")
+    for wrapped in (adapted, nn.Sequential(adapted)):
+        with pytest.raises(ValueError, match="already adapted"):
+            tta_norm.adapt(wrapped, method="tent")
+
+
 def test_spatial_batch_one_is_defined_for_tbn() -> None:
     model = resnet20()
     out = tta_norm.adapt(model, "tbn")(torch.rand(1, 3, 32, 32))

@@ -198,12 +198,28 @@ class TTAModel(nn.Module):
             if kind != type(self.method).__name__:
                 raise ValueError(f"load_state: the state is of method {kind!r}, this wrapper runs "
                                  f"{type(self.method).__name__!r}")  # fmt: skip
+            self._check_optimizer_state(state["method"].get("optimizer"))
         if not isinstance(state["model"], Mapping):
             raise ValueError("load_state: the model part must be a state dict")
         if not isinstance(state["counters"], Mapping) or set(state["counters"]) != set(self.COUNTERS):
             raise ValueError(f"load_state: the counters must be {list(self.COUNTERS)}")
         if state["window"] is not None and not isinstance(state["window"], Tensor):
             raise ValueError("load_state: the window part must be a tensor or None (from TTAModel.state())")
+
+    def _check_optimizer_state(self, given: Any) -> None:
+        """The state's optimiser is this wrapper's kind: the same groups, parameter counts and setting names
+        (an Adam state loaded into SGD failed at the next step, with every later forward)."""
+        ours = self.method.optimizer.state_dict()["param_groups"]
+        groups = given.get("param_groups") if isinstance(given, Mapping) else None
+
+        def shape(gs: Any) -> list[tuple[int, list[str]]]:
+            return [(len(g.get("params", ())), sorted(k for k in g if k != "params")) for g in gs]
+
+        if not isinstance(groups, list) or not all(isinstance(g, Mapping) for g in groups):
+            raise ValueError("load_state: the method part has no optimiser state (from TTAModel.state())")
+        if shape(groups) != shape(ours):
+            raise ValueError(f"load_state: the state's optimiser (groups {shape(groups)}) is not this wrapper's "
+                             f"{type(self.method.optimizer).__name__} (groups {shape(ours)})")  # fmt: skip
 
     def _put_state(self, state: Mapping[str, Any]) -> None:
         try:
@@ -373,6 +389,9 @@ class TTAModel(nn.Module):
                 else:  # statistics only (no method, or a window between two of the method's steps)
                     with torch.no_grad() if self.method is not None else contextlib.nullcontext():
                         logits = self.model(xw)
+            if not isinstance(logits, Tensor):
+                raise TypeError(f"the model returned a {type(logits).__name__}, not a tensor of logits; wrap it in "
+                                "a module that returns the (N, classes) logits")  # fmt: skip
             if not all_finite(logits):
                 raise NonFiniteLogits
         except NonFiniteLogits:
@@ -561,6 +580,9 @@ def adapt(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if any(isinstance(m, TTAModel) for m in model.modules()):
+        raise ValueError("the model is already adapted (it holds a TTAModel): adapt the source model, once; "
+                         "reset() or load_state() change how an adapted one runs")  # fmt: skip
     has_batchnorm = bool(find_batchnorms(model))
     spec, name = _resolve_spec("tbn" if preset is None else preset)
     if not has_batchnorm and (method is not None or name == "source"):

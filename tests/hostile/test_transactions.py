@@ -225,6 +225,13 @@ def test_a_state_that_does_not_fit_is_refused_and_loads_nothing():
     with pytest.raises(TypeError):
         sar.load_state(stray)  # fails after it set an attribute the method did not have: that one goes too
     assert not hasattr(sar.method, "stray") and not hasattr(sar.method, "uncopyable")
+    adam = tta_norm.adapt(_conv_net(), "ema", "sar")
+    sgd = tta_norm.adapt(_conv_net(), "ema", "sar", optimizer="sgd")
+    sgd_before = _state(sgd)
+    with pytest.raises(ValueError, match="not this wrapper's SGD"):
+        sgd.load_state(adam.state())  # (it loaded, and every later step failed on the missing 'momentum')
+    _assert_same(sgd_before, _state(sgd))
+    sgd(x)
     no_window = sar.state()
     no_window["window"] = [1.0]
     with pytest.raises(ValueError, match="window"):

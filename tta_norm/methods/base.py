@@ -140,6 +140,15 @@ class NonFiniteLogits(ArithmeticError):
     taken (:class:`~tta_norm.api.TTAModel` rolls the batch back and raises or skips it per its policy)."""
 
 
+def check_logits(logits: Any) -> None:
+    """A gradient method's losses (entropy, margins) read ``(N, classes)`` logits with at least 2 classes: a
+    tuple, an ``(N, T, C)`` output or a single logit (entropy 0: no step ever) is a one-line error."""
+    if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[1] < 2:
+        got = f"shape {tuple(logits.shape)}" if isinstance(logits, Tensor) else f"a {type(logits).__name__}"
+        raise ValueError(f"a gradient method needs (N, classes) logits with >= 2 classes, the model gave {got}; "
+                         "wrap it in a module that returns them")  # fmt: skip
+
+
 def all_finite(t: Tensor) -> bool:
     """Whether every value of ``t`` is finite: one reduction, and the exact check only when the sum is not
     finite (NaN/Inf, or finite values whose sum overflows)."""
@@ -200,8 +209,10 @@ class GradientMethod:
             for step in range(self.steps):
                 with keep_state(self.model) if step else contextlib.nullcontext():
                     logits = self.model(x)
-                if not step and not all_finite(logits):
-                    raise NonFiniteLogits
+                if not step:
+                    check_logits(logits)
+                    if not all_finite(logits):
+                        raise NonFiniteLogits
                 self.adapt_step(x, logits)
         return logits.detach()
 
