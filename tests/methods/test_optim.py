@@ -7,7 +7,7 @@ import torch
 
 import tta_norm
 from tests.nets import tiny_net
-from tta_norm.methods.base import OPTIM_DEFAULTS
+from tta_norm.methods.base import OPTIM_DEFAULTS, paper_sgd_lr
 
 X = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(0))
 
@@ -27,6 +27,15 @@ def test_sgd_defaults_are_the_authors_imagenet_setting() -> None:
     assert isinstance(tta.method.optimizer, torch.optim.SGD)
     assert group(tta)["lr"] == OPTIM_DEFAULTS["sgd"]["lr"] == 2.5e-4
     assert group(tta)["momentum"] == 0.9 and not group(tta)["nesterov"]
+
+
+def test_the_papers_sgd_lr_per_batch_size_and_family() -> None:
+    """SAR's ImageNet main.py: ResNet 0.00025 (x b/32 below 32), ViT 0.001 * b / 64."""
+    assert paper_sgd_lr(64) == paper_sgd_lr(32) == OPTIM_DEFAULTS["sgd"]["lr"]
+    assert paper_sgd_lr(1) == pytest.approx(7.8125e-6) and paper_sgd_lr(16) == pytest.approx(1.25e-4)
+    assert paper_sgd_lr(64, vit=True) == pytest.approx(1e-3) and paper_sgd_lr(1, vit=True) == pytest.approx(1.5625e-5)
+    with pytest.raises(ValueError):
+        paper_sgd_lr(0)
 
 
 def test_sgd_momentum_reaches_the_optimiser_and_spec_momentum_the_statistics() -> None:

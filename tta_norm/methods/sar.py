@@ -48,7 +48,8 @@ class SAR(GradientMethod):
 
     Trained parameters: the official selection (:func:`is_sar_top_layer` layers left out); ``freeze_top=False``
     adapts every norm layer.  Base optimiser: the toolkit default (Adam lr 1e-3, Marsden & Doebler's and MedBN's
-    CIFAR setting); the paper's ImageNet setting is ``optimizer="sgd"`` (lr 0.00025, momentum 0.9).
+    CIFAR setting); the paper's ImageNet setting is ``optimizer="sgd"`` (momentum 0.9, lr 0.00025 for a ResNet at
+    batch >= 32; :func:`~tta_norm.methods.base.paper_sgd_lr` gives the paper's lr at other batch sizes and for ViT).
     """
 
     name = "sar"
