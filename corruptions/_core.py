@@ -250,6 +250,7 @@ def corrupt(
     preset: str = "cifar",
     *,
     workers: int | None = None,
+    start: int = 0,
 ) -> Any:
     """Apply corruption ``name`` at ``severity`` (1..5) to uint8 RGB images, as the original generator does.
 
@@ -273,6 +274,10 @@ def corrupt(
         parameters.
     workers:
         Threads used across blocks of images (default: available CPUs). Results do not depend on it.
+    start:
+        Index of ``images[0]`` in the whole set, a multiple of :func:`block_size`: a set corrupted in chunks
+        that start at such indices, each with its ``start``, gets the bytes of one call on the whole set.
+        Chunks that all pass ``start=0`` with one seed draw the same noise again.
 
     Returns
     -------
@@ -289,7 +294,9 @@ def corrupt(
     batch, restore = as_uint8_batch(images)
     _, h, w, _ = batch.shape
     check_size(name, severity, preset, h, w)
-    return restore(run_corruption(batch, name, severity, seed, preset, nworkers))
+    if not isinstance(start, (int, np.integer)) or isinstance(start, bool) or start < 0:
+        raise ValueError(f"start must be a non-negative int, got {start!r}")
+    return restore(run_corruption(batch, name, severity, seed, preset, nworkers, int(start)))
 
 
 def nominal_size(preset: str) -> int:

@@ -15,8 +15,9 @@ Writers:
   85 (``optimize=True``), after ``Resize(256)`` and ``CenterCrop(224)`` like ``make_imagenet_c.py``.
 
 Both are resumable: files are written to a temporary name and renamed, finished files are skipped, and the
-random draws depend only on ``(seed, corruption, severity, preset, image index)``, so an interrupted run
-continues with the same bytes it would have written.
+random draws depend only on ``(seed, corruption, severity, preset, block of images)`` (consecutive blocks
+from the first image, 256 images at 32 x 32), so an interrupted run continues with the same bytes it would have
+written.
 """
 
 from __future__ import annotations

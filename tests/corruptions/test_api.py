@@ -188,3 +188,17 @@ def test_empty_batch(images):
     empty = images[:0]
     out = corrupt(empty, "glass_blur", 3)
     assert out.shape == (0, 32, 32, 3) and out.dtype == np.uint8
+
+
+@pytest.mark.parametrize("name", ["gaussian_noise", "snow"])
+def test_chunks_with_their_start_equal_one_call(name):
+    x = np.random.default_rng(0).integers(0, 256, (600, 32, 32, 3), dtype=np.uint8)
+    bs = block_size(32, 32)
+    whole = corrupt(x, name, 5, seed=3, workers=1)
+    parts = [corrupt(x[i : i + bs], name, 5, seed=3, start=i, workers=1) for i in range(0, len(x), bs)]
+    assert np.array_equal(np.concatenate(parts), whole)
+    assert not np.array_equal(parts[1][:10], corrupt(x[bs : bs + 10], name, 5, seed=3)[:10])  # start=0: block 0
+    with pytest.raises(ValueError, match="multiple of the block size"):
+        corrupt(x[:10], name, 5, start=10)
+    with pytest.raises(ValueError, match="start"):
+        corrupt(x[:10], name, 5, start=-256)
