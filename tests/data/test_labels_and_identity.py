@@ -118,3 +118,12 @@ def test_a_broken_image_or_a_pickled_array_is_named_in_the_error(tmp_path):
     np.save(root / "fog.npy", np.empty(20, dtype=object), allow_pickle=True)
     with pytest.raises(DataFormatError, match="Python objects"):
         check_cifar_c(root, ["fog"])
+
+
+def test_an_imagenet_c_directory_given_explicitly_may_have_any_name(tmp_path):
+    _write_png_tree(tmp_path / "in-c-5k" / "fog" / "3", ["n01440764"], 2)
+    assert resolve_benchmark_source("imagenet", ["fog"], [3], data_dir=tmp_path / "in-c-5k").endswith("in-c-5k")
+    with pytest.raises(FileNotFoundError, match="not found"):  # a container is searched by the usual names
+        resolve_benchmark_source("imagenet", ["fog"], [3], data_dir=tmp_path)
+    _write_png_tree(tmp_path / "imagenet_c" / "fog" / "3", ["n01440764"], 2)
+    assert resolve_benchmark_source("imagenet", ["fog"], [3], data_dir=tmp_path).endswith("imagenet_c")

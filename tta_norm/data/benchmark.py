@@ -431,8 +431,13 @@ def _find_release(dataset: str, data_dir: str | os.PathLike | None) -> Path | No
 
 def _release_check(dataset: str):
     if dataset == "imagenet":
-        return lambda p: p.name.lower().replace("_", "-") == "imagenet-c" and any(q.is_dir() for q in p.iterdir())
+        return _is_imagenet_c
     return is_cifar_c
+
+
+def _is_imagenet_c(path: Path) -> bool:
+    """``path`` holds the ImageNet-C layout: some ``<corruption>/<1..5>/`` folder (under any directory name)."""
+    return any((path / c / str(s)).is_dir() for c in (*CORRUPTIONS, *EXTRA_CORRUPTIONS) for s in range(1, 6))
 
 
 def _known_corruptions() -> set[str] | None:
