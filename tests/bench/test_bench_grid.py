@@ -138,3 +138,26 @@ def test_shards_of_a_grid_with_entry_inputs_merge_into_one_report(tmp_path):
     merge_dirs([tmp_path / "s1", tmp_path / "s2", tmp_path / "s3"], tmp_path / "merged2")
     report = (tmp_path / "merged2" / "report.md").read_text()
     assert "3 records of 3 grids" in report and report.count("entry inputs") == 2
+
+
+def test_a_bench_grid_steps_each_batch_size_with_its_paper_lr(tmp_path, monkeypatch) -> None:
+    import tta_norm
+    from tta_norm.bench import runner
+    from tta_norm.methods.base import paper_sgd_lr
+
+    seen = []
+    real = tta_norm.adapt
+
+    def spy(model, preset, method=None, **kwargs):
+        tta = real(model, preset, method, **kwargs)
+        if preset == "tbn":  # not the config check's probe (preset source)
+            seen.append((tta.method.optimizer.param_groups[0]["lr"], kwargs["lr"]))
+        return tta
+
+    methods = [{"preset": "tbn", "method": "tent", "kwargs": {"optimizer": "sgd", "lr": "paper"}}]
+    cfg = bench_config(str(tmp_path / "out"), methods=methods, batch_sizes=[4, 12], seeds=[0])
+    monkeypatch.setattr(runner.tta_norm, "adapt", spy)
+    outcome = run_grid(runner.BenchJob(cfg, model=tiny_model(), bench=fake_benchmark()), RunOptions(progress=False))
+    assert outcome.failed == 0
+    assert {lr for lr, _ in seen} == {paper_sgd_lr(4), paper_sgd_lr(12)} and len(seen) == outcome.cells
+    assert all(lr == given for lr, given in seen)

@@ -34,7 +34,7 @@ CASES = [
     (["attack", "attack_quick", "-s", "model=resnet21"], "model:"),
     (["attack", "attack_quick", "-s", "steps=2.5"], "steps: expected an integer"),
     (["bench", "quick", "-s", "methods=[{preset: tbn, method: tent, kwargs: {lr: abc}}]"],
-     "methods[0].kwargs (tbn+tent(lr=abc)): method 'tent'"),
+     "methods[0].kwargs.lr (tbn+tent(lr=abc)): lr must be a number or one of"),
     (["bench", "quick", "-s", "methods=[{preset: tbn, method: sar, kwargs: {steps: 0}}]"], "steps must be >= 1"),
     (["bench", "quick", "-s", "methods=[{preset: ema, kwargs: {reset_every: 0}}]"], "reset_every must be a positive"),
     (["attack", "attack_quick", "-s", "methods=[{preset: tbn, method: tent, kwargs: {optimizer: rmsprop}}]"],

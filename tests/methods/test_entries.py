@@ -123,3 +123,33 @@ def test_entries_that_could_only_fail_per_cell_are_refused_by_the_config(kwargs,
     assert parse_method({"preset": "ema", "kwargs": {"momentum": 0.2}}).preset == "ema"  # statistics only: no clash
     default_size = parse_method({"preset": "tbn", "method": "eata", "kwargs": {"fisher_samples": True}})
     assert default_size.label.startswith("tbn+eata")
+
+
+def test_paper_lr_follows_each_cells_batch_size() -> None:
+    from tta_norm.methods.base import paper_sgd_lr
+
+    entry = {"optimizer": "sgd", "lr": "paper"}
+    assert resolve_entry_kwargs("tbn", "sar", entry, tiny_net(), batch_size=4)["lr"] == paper_sgd_lr(4)
+    assert resolve_entry_kwargs("tbn", "sar", entry, tiny_net(), batch_size=64)["lr"] == paper_sgd_lr(64)
+    vit = resolve_entry_kwargs("source", "sar", {**entry, "lr": "paper-vit"}, tiny_net(), batch_size=8)
+    assert vit["lr"] == paper_sgd_lr(8, vit=True)
+    assert resolve_entry_kwargs("tbn", "tent", {"lr": 0.01}, tiny_net(), batch_size=8)["lr"] == 0.01
+    with pytest.raises(ValueError, match="none was given"):
+        resolve_entry_kwargs("tbn", "sar", entry, tiny_net())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"lr": "paper"}, "needs optimizer: sgd"),
+        ({"lr": "paper", "optimizer": "adam"}, "needs optimizer: sgd"),
+        ({"lr": "papr", "optimizer": "sgd"}, "lr must be a number or one of"),
+    ],
+)
+def test_paper_lr_needs_sgd_and_a_known_rule(kwargs, message) -> None:
+    from tta_norm.bench.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        parse_method({"preset": "tbn", "method": "sar", "kwargs": kwargs})
+    assert parse_method({"preset": "tbn", "method": "sar", "kwargs": {"lr": "paper-vit", "optimizer": "sgd"}})
+

@@ -322,7 +322,7 @@ def run_attack_cell(
     per_batch: list[dict[str, Any]] = []
     entry = cell.entry
     kwargs = resolve_entry_kwargs(entry.preset, entry.method, dict(entry.kwargs), model, dataset=cfg.dataset,
-                                  data_dir=cfg.data_dir, device=device)  # fmt: skip
+                                  data_dir=cfg.data_dir, device=device, batch_size=cell.batch_size)  # fmt: skip
     for (corruption, severity), data in bench.domains.items():
         torch.manual_seed(cell.seed)
         tta = tta_norm.adapt(model, entry.preset, entry.method, device=device, **kwargs)

@@ -42,7 +42,7 @@ from tta_norm.bench.validate import (
 from tta_norm.data.benchmark import CORRUPTIONS, DATASETS, EXTRA_CORRUPTIONS
 from tta_norm.data.natural import natural_shift
 from tta_norm.methods import methods as method_names
-from tta_norm.methods.entries import method_label
+from tta_norm.methods.entries import check_paper_lr, method_label
 from tta_norm.norm.spec import spec_fields
 from tta_norm.presets import get_preset
 from tta_norm.presets import presets as preset_names
@@ -295,6 +295,10 @@ def parse_method(item: Any, path: str = "methods") -> MethodEntry:
     if "ttn_fit" in keys and (entry.preset != "ttn" or "init_state" in keys):
         raise ConfigError(f"{path}.kwargs.ttn_fit ({entry.label}): fits the 'ttn' preset, without init_state")
     values = dict(entry.kwargs)
+    try:
+        check_paper_lr(values)
+    except ValueError as err:
+        raise ConfigError(f"{path}.kwargs.lr ({entry.label}): {err}") from None
     if "fisher_samples" in values and values["fisher_samples"] is not True:
         check_int(f"{path}.kwargs.fisher_samples", values["fisher_samples"], minimum=1)
     if "fisher_seed" in values:
@@ -322,10 +326,13 @@ def check_entry_builds(path: str, entry: MethodEntry) -> None:
     from torch import nn
 
     import tta_norm
+    from tta_norm.methods.base import paper_sgd_lr
     from tta_norm.methods.entries import ENTRY_KEYS
 
     data = {"init_state", "fishers", "fisher_images", "fisher_data", *ENTRY_KEYS}  # checked with the real model
     kwargs = {k: v for k, v in entry.kwargs if k not in data and k not in spec_fields()}
+    if isinstance(kwargs.get("lr"), str):  # lr: paper, resolved per cell
+        kwargs["lr"] = paper_sgd_lr(1)
     if not kwargs:
         return
     rng = torch.random.get_rng_state()

@@ -82,7 +82,7 @@ def run_cell(
     torch.manual_seed(cell.seed)
     entry = cell.entry
     kwargs = resolve_entry_kwargs(entry.preset, entry.method, dict(entry.kwargs), model, dataset=cfg.dataset,
-                                  data_dir=cfg.data_dir, device=device)  # fmt: skip
+                                  data_dir=cfg.data_dir, device=device, batch_size=cell.batch_size)  # fmt: skip
     tta = tta_norm.adapt(model, entry.preset, entry.method, device=device, on_bad_batch=cfg.on_bad_batch, **kwargs)
     acc = MetricsAccumulator.from_plan(plan)
     timer = BatchTimer(device)

@@ -11,6 +11,9 @@ Two of those arguments need data the config cannot hold, and are resolved here o
   :class:`~tta_norm.fitting.ttn.TTNConfig` field), cached per model and fit settings in memory and under
   ``<cache>/ttn/``.
 
+One more is resolved per cell: ``lr: paper`` / ``lr: paper-vit`` with ``optimizer: sgd`` is SAR's ImageNet
+SGD learning rate at the cell's batch size (:func:`tta_norm.methods.base.paper_sgd_lr`, ResNet or ViT rule).
+
 :func:`method_label` names a row after what it runs: EATA without Fisher weights is ``eta``, ``ttn`` without
 fitted weights is ``mixture(a=0.5)``, ``iabn`` is ``iabn(layer only)`` (NOTE's layer without its memory and
 step).
@@ -29,10 +32,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from tta_norm.methods.base import paper_sgd_lr
 from tta_norm.methods.fisher import FISHER_SAMPLES
 
 #: Entry keys resolved here (they are not arguments of :func:`tta_norm.adapt`).
 ENTRY_KEYS = ("fisher_samples", "fisher_seed", "ttn_fit")
+#: ``lr`` values scaled with the cell's batch size by SAR's SGD rule (ResNet, ViT).
+PAPER_LR = {"paper": False, "paper-vit": True}
 _FISHER_SOURCES = ("fishers", "fisher_images", "fisher_data", "fisher_samples")
 _ttn_states: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -106,6 +112,18 @@ def fisher_sample_count(value: Any) -> int:
     return FISHER_SAMPLES if value is True else int(value)
 
 
+def check_paper_lr(kwargs: Mapping[str, Any]) -> None:
+    """An ``lr`` given as a string is one of :data:`PAPER_LR`, with ``optimizer: sgd`` (the rule is SAR's SGD
+    schedule; Adam's lr is not scaled with the batch)."""
+    lr = kwargs.get("lr")
+    if not isinstance(lr, str):
+        return
+    if lr not in PAPER_LR:
+        raise ValueError(f"lr must be a number or one of {sorted(PAPER_LR)}, got {lr!r}")
+    if kwargs.get("optimizer") != "sgd":
+        raise ValueError(f"lr: {lr} is SAR's SGD learning-rate rule; it needs optimizer: sgd")
+
+
 def entry_inputs(
     preset: str, method: str | None, kwargs: Mapping[str, Any], *, dataset: str = "cifar10", data_dir: str | None = None
 ) -> dict[str, str]:
@@ -171,13 +189,20 @@ def resolve_entry_kwargs(
     dataset: str = "cifar10",
     data_dir: str | None = None,
     device: torch.device | str | None = None,
+    batch_size: int | None = None,
 ) -> dict[str, Any]:
     """The keyword arguments for :func:`tta_norm.adapt` of a benchmark entry, with :data:`ENTRY_KEYS` resolved.
 
-    ``fisher_samples`` becomes ``fisher_images`` (clean source images, :func:`clean_source_images`) and
-    ``ttn_fit`` becomes ``init_state`` (:func:`fitted_ttn_state`).  Other keys pass through unchanged.
+    ``fisher_samples`` becomes ``fisher_images`` (clean source images, :func:`clean_source_images`),
+    ``ttn_fit`` becomes ``init_state`` (:func:`fitted_ttn_state`) and ``lr: paper`` / ``paper-vit`` becomes
+    :func:`~tta_norm.methods.base.paper_sgd_lr` at ``batch_size``.  Other keys pass through unchanged.
     """
+    check_paper_lr(kwargs)
     out = {k: v for k, v in kwargs.items() if k not in ENTRY_KEYS}
+    if isinstance(kwargs.get("lr"), str):
+        if batch_size is None:
+            raise ValueError(f"lr: {kwargs['lr']} scales with the batch size; none was given")
+        out["lr"] = paper_sgd_lr(batch_size, vit=PAPER_LR[kwargs["lr"]])
     if "fisher_samples" in kwargs:
         if method != "eata":
             raise ValueError(f"fisher_samples is an EATA setting; the entry's method is {method!r}")
