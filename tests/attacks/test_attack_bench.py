@@ -261,3 +261,49 @@ def test_all_corruptions_is_a_config_value():
 
     cfg = ab.AttackConfig.from_mapping({"corruptions": "all"})
     assert cfg.corruptions == list(CORRUPTIONS) and len(cfg.corruptions) == 15
+
+
+def test_report_and_plots_are_written_at_zero_and_full_success(tmp_path):
+    def record(successes: int, n: int, fraction: float) -> dict:
+        rows = [{"domain": f"d{i}", "batch": 0, "num_malicious": 40, "benign_error_attacked": 0.5,
+                 "no_attack_error": 0.4, "target_success": i < successes, "target_clean_hit": False, "steps": 5}
+                for i in range(n)]  # fmt: skip
+        cell = {"method": {"name": "tbn", "preset": "tbn", "method": None}, "objective": "targeted", "eps": 1.0,
+                "fraction": fraction, "batch_size": 200, "mode": "instant", "seed": 0}  # fmt: skip
+        return {"key": f"k{fraction}", "status": "ok", "grid": "g", "cell": cell, "metrics": {"per_batch": rows},
+                "data": "synthetic"}
+
+    ab.write_attack_outputs(tmp_path, [record(30, 30, 0.2), record(0, 3, 0.1)], plots=True)
+    report = (tmp_path / "report.md").read_text()
+    assert "100.0 [88.6-100.0] n=30" in report and "0.0 [0.0-56.1] n=3" in report
+    assert list((tmp_path / "plots").glob("*.png"))
+
+
+def test_report_header_counts_the_malicious_samples_the_attack_uses(tmp_path, patched):
+    from tta_norm.attacks.malicious import MaliciousAttack
+
+    cfg = _tiny_cfg(tmp_path, methods=["tbn"], fractions=[0.125], batch_sizes=[4, 20], n_batches=1,
+                    objectives=["indiscriminate"], steps=1)  # fmt: skip
+    outcome = ab.run_attack_grid(cfg, progress=False)
+    report = (outcome.out / "report.md").read_text()
+    for r in outcome.records:
+        f, bs = r["cell"]["fraction"], r["cell"]["batch_size"]
+        m = r["metrics"]["num_malicious"]
+        assert m == MaliciousAttack(fraction=f).count(bs)
+    # 0.125 of 4 is 0.5 and of 20 is 2.5: half up gives 1 and 3 (round() gave 0 and 2)
+    assert "12% (m=1)" in report and "12% (m=3)" in report
+
+
+@pytest.mark.parametrize("method", ["tent", "sar"])
+def test_cumulative_no_attack_reference_is_predicted_like_the_attacked_batch(tmp_path, patched, method):
+    entry = {"preset": "tbn", "method": method, "kwargs": {"lr": 5.0}}  # a large step: predictions move
+    cfg = _tiny_cfg(tmp_path, methods=[entry], fractions=[0.0], modes=["cumulative"], n_batches=3,
+                    objectives=["indiscriminate"], batch_sizes=[8], protocol="dia")  # fmt: skip
+    cfg.validate()
+    job = ab.AttackJob(cfg)
+    state = job.prepare("cpu")
+    cell = cfg.cells()[0]
+    out = ab.run_attack_cell(cell, state["model"], state["bench"], cfg, "cpu", None)
+    rows = out["per_batch"]
+    assert all(r["changed"] == 0 for r in rows)
+    assert [r["no_attack_error"] for r in rows] == [r["benign_error_attacked"] for r in rows]

@@ -289,6 +289,18 @@ def test_unrolled_step_matches_the_real_update(optimizer):
     assert torch.allclose(predicted, actual, atol=1e-5)
 
 
+@pytest.mark.parametrize("preset", ["ema", "tbn", "medbn"])
+def test_unrolled_logits_leave_the_victims_state_alone(preset):
+    tta = tta_norm.adapt(conv_bn_net(), preset, "tent", lr=0.05)
+    with torch.enable_grad():
+        tta(batch(10, seed=4)[0])
+    before = copy.deepcopy(tta.model.state_dict())
+    with torch.enable_grad():
+        unrolled_logits(tta, batch(10, seed=2)[0])
+    after = tta.model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_unrolled_sgd_gradient_reaches_the_input():
     x, y = batch(10, seed=2)
     tta = tta_norm.adapt(conv_bn_net(), "tbn", "tent", optimizer="sgd", lr=0.5)

@@ -171,5 +171,7 @@ def test_wilson_interval_matches_scipy_and_closed_forms(k, n):
 
 def test_wilson_interval_edges():
     assert wilson_interval(0, 0) == (0.0, 1.0)
+    for n in range(1, 200):  # exact at the ends (rounding used to leave 1 - 1e-16 at 30 of 30, 5e-17 at 0 of 3)
+        assert wilson_interval(n, n)[1] == 1.0 and wilson_interval(0, n)[0] == 0.0
     with pytest.raises(ValueError):
         wilson_interval(3, 2)

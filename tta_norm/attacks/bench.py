@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tta_norm.attacks.malicious import ATTACK_PROTOCOLS, INITS, MODES, OBJECTIVES
+from tta_norm.attacks.malicious import ATTACK_PROTOCOLS, INITS, MODES, OBJECTIVES, malicious_count
 from tta_norm.bench.config import GridConfig, MethodEntry, read_config_data, validate_common
 from tta_norm.bench.grid import GridCell, ModelDataJob
 from tta_norm.bench.report import group_ok_records, method_order, pyplot, save_figure, write_markdown_report
@@ -114,7 +114,7 @@ class AttackConfig(GridConfig):
             check_int("n_batches", self.n_batches, minimum=1)
         check_int("steps", self.steps, minimum=0)
         for bs, frac in itertools.product(self.batch_sizes, self.fractions):
-            if round(frac * bs) >= bs:
+            if malicious_count(frac, bs) >= bs:
                 raise ConfigError(f"fraction {frac} of batch {bs} leaves no benign sample")
 
     def batches_for(self, objective: str) -> int:
@@ -310,7 +310,7 @@ def run_attack_cell(
     import torch
 
     import tta_norm
-    from tta_norm.attacks.malicious import MaliciousAttack, attack_batch
+    from tta_norm.attacks.malicious import MaliciousAttack, attack_batch, victim_predict
     from tta_norm.data.tensors import to_float_nchw
     from tta_norm.methods.entries import resolve_entry_kwargs
 
@@ -335,8 +335,7 @@ def run_attack_cell(
             row = {"domain": f"{corruption}@{severity}", "batch": i, **out.metrics()}
             nb = x.shape[0] - out.num_malicious
             if baseline is not None:  # the no-attack stream: the same model adapting on clean batches only
-                with torch.enable_grad() if baseline.method is not None else torch.no_grad():
-                    pred = baseline(x).argmax(1)
+                pred = victim_predict(baseline, x, attack).argmax(1)  # exactly as the attacked prediction
                 row["no_attack_error"] = float((pred[:nb] != y[:nb]).float().mean())
             else:
                 row["no_attack_error"] = out.benign_error_clean
@@ -478,7 +477,7 @@ def attack_tables(records: list[dict[str, Any]]) -> str:
     for (objective, eps, bs, mode), rows in sorted(_groups(records).items(), key=lambda kv: str(kv[0])):
         fracs = sorted({r["cell"]["fraction"] for r in rows})
         eps_txt = "unbounded (eps = 1)" if eps >= 1 else f"Linf eps = {eps * 255:.3g}/255"
-        head = ["method", "no-attack benign error"] + [f"{f:.0%} (m={round(f * bs)})" for f in fracs]
+        head = ["method", "no-attack benign error"] + [f"{f:.0%} (m={malicious_count(f, bs)})" for f in fracs]
         lines = [f"### {objective}, {eps_txt}, batch {bs}, {mode}: {_main_metric(objective)}", "",
                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
         for m in methods:
@@ -544,8 +543,8 @@ def make_attack_plots(out: Path, records: list[dict[str, Any]]) -> list[Path]:
                 a, b = wilson_interval(k, n)
                 xs.append(100 * f)
                 ys.append(100 * k / n)
-                lo.append(100 * (k / n - a))
-                hi.append(100 * (b - k / n))
+                lo.append(max(0.0, 100 * (k / n - a)))  # rounding can put a bound a hair past k / n
+                hi.append(max(0.0, 100 * (b - k / n)))
                 ns.append(counts["attacks"] if objective != "indiscriminate" else counts["batches"])
             if xs:
                 n_txt = f"{min(ns)}" if min(ns) == max(ns) else f"{min(ns)}-{max(ns)}"

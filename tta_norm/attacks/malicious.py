@@ -81,6 +81,11 @@ ATTACK_PROTOCOLS: dict[str, dict[str, Any]] = {
 }
 
 
+def malicious_count(fraction: float, batch_size: int) -> int:
+    """``fraction`` of ``batch_size`` rounded half up (0.05 of 50 is 3), the malicious count of an attack."""
+    return int(math.floor(fraction * batch_size + 0.5))
+
+
 @dataclass(frozen=True)
 class MaliciousAttack:
     """Settings of the DIA attack (defaults: MedBN's/DIA's CIFAR setting; see the module docstring).
@@ -147,7 +152,7 @@ class MaliciousAttack:
 
     def count(self, batch_size: int) -> int:
         """The number ``m`` of malicious samples in a batch of ``batch_size``; at least one benign sample remains."""
-        m = self.num_malicious if self.num_malicious is not None else int(math.floor(self.fraction * batch_size + 0.5))
+        m = self.num_malicious if self.num_malicious is not None else malicious_count(self.fraction, batch_size)
         benign = batch_size - m
         if benign < 1 or (self.objective != "indiscriminate" and self.target_index >= benign):
             raise ValueError(
@@ -273,7 +278,7 @@ def unrolled_logits(tta: TTAModel, x: Tensor) -> Tensor:
     forward with the update held fixed.  Other methods (EATA, SAR) are not unrolled: their updates have
     sample selection and SAM steps; the attacker then uses the adapting forward (DIA's surrogate).
     """
-    with tta.layer_frame(x.shape[0]):
+    with keep_state(tta.model), tta.layer_frame(x.shape[0]):  # its two forwards would update EMA statistics
         return _unrolled_logits(tta, x)
 
 

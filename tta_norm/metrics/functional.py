@@ -137,4 +137,6 @@ def wilson_interval(successes: int, trials: int, z: float = 1.959963984540054) -
     z2n = z * z / trials
     centre = (p + z2n / 2) / (1 + z2n)
     half = z * math.sqrt(p * (1 - p) / trials + z2n / (4 * trials)) / (1 + z2n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    lo = 0.0 if successes == 0 else max(0.0, centre - half)  # exact at the ends, where rounding leaves 1e-17
+    hi = 1.0 if successes == trials else min(1.0, centre + half)
+    return lo, hi
