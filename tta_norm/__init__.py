@@ -8,7 +8,7 @@
 
 from tta_norm.api import TTAModel, adapt
 from tta_norm.methods import methods
-from tta_norm.norm import AdaptiveNorm, AdaptiveNormAct, NormSpec, register_norm_converter
+from tta_norm.norm import AdaptiveNorm, AdaptiveNormAct, NormSpec, UnadaptedNormWarning, register_norm_converter
 from tta_norm.presets import UnfittedTTNWarning, get_preset, presets, register_preset
 
 __version__ = "0.1.0"
@@ -18,6 +18,7 @@ __all__ = [
     "AdaptiveNormAct",
     "NormSpec",
     "TTAModel",
+    "UnadaptedNormWarning",
     "UnfittedTTNWarning",
     "__version__",
     "adapt",

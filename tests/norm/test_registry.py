@@ -193,3 +193,47 @@ def test_model_that_is_a_norm_layer_is_refused() -> None:
 def test_import_does_not_import_timm() -> None:
     code = "import sys, tta_norm, tta_norm.norm.registry; assert 'timm' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        lambda: nn.InstanceNorm2d(4, affine=True, track_running_stats=True),
+        lambda: __import__("tta_norm.layers", fromlist=["BatchGroupNorm"]).BatchGroupNorm(4, 2),
+    ],
+)
+def test_norm_layers_with_running_statistics_left_unadapted_are_named_in_a_warning(other) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3), other(), nn.Flatten()).eval()
+    with pytest.warns(tta_norm.UnadaptedNormWarning, match=r"1 norm layer\(s\) .*\(3\).*register_norm_converter"):
+        tta_norm.adapt(model, "tbn")
+    with pytest.warns(tta_norm.UnadaptedNormWarning):  # a gradient method on a model without BatchNorm, too
+        tta_norm.adapt(nn.Sequential(nn.Conv2d(3, 4, 3), other(), nn.GroupNorm(2, 4)).eval(), "source", "tent")
+
+
+def test_models_whose_norm_layers_are_all_adapted_or_stateless_give_no_warning() -> None:
+    import warnings
+
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.InstanceNorm2d(4), nn.GroupNorm(2, 4),
+                          nn.Flatten(), nn.LayerNorm(144), nn.Linear(144, 3), nn.BatchNorm1d(3)).eval()  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tta_norm.UnadaptedNormWarning)
+        for preset in ("source", "tbn", "medbn"):
+            tta_norm.adapt(plain, preset)
+
+
+def test_the_replacement_runs_the_replaced_layers_hooks() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2)).eval()
+    randomize_batchnorms(model, seed=0)
+    calls: list[str] = []
+    pre = model[1].register_forward_pre_hook(lambda m, a: calls.append("pre"))
+    model[1].register_forward_hook(lambda m, a, o: o.clamp(max=0.1))  # changes the output
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+        tta = tta_norm.adapt(model, "source")
+        assert torch.equal(tta(x), ref) and calls == ["pre", "pre"]
+        inplace = tta_norm.adapt(model, "source", inplace=True)
+        pre.remove()  # the user's handle still removes the hook from the replacement
+        inplace(x)
+    assert calls == ["pre", "pre"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 from torch import Tensor, nn
@@ -10,8 +11,61 @@ from torch.nn.modules.batchnorm import _LazyNormBase
 
 from tta_norm.norm.adaptive import AdaptiveNorm, adaptive_layers
 from tta_norm.norm.context import layer_options
+from tta_norm.norm.norm_act import AdaptiveNormAct
 from tta_norm.norm.registry import find_norm_converter, is_convertible
 from tta_norm.norm.spec import NormSpec
+
+
+class UnadaptedNormWarning(UserWarning):
+    """A norm layer with running statistics that the converter does not replace (e.g. ``InstanceNorm2d`` with
+    ``track_running_stats=True``, :class:`~tta_norm.layers.BatchGroupNorm`, ``FrozenBatchNorm2d``) keeps its
+    source statistics under every preset: register a converter for its class
+    (:func:`~tta_norm.norm.registry.register_norm_converter`) to adapt it."""
+
+
+def unadapted_norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Layers of ``model`` outside the adaptive layers that hold running statistics (a ``running_mean`` or
+    ``running_var`` buffer of their own): a statistics preset leaves them as they were."""
+    inside: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, (AdaptiveNorm, AdaptiveNormAct)):
+            inside |= {id(m) for m in module.modules()}
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if id(module) not in inside
+        and any(module._buffers.get(b) is not None for b in ("running_mean", "running_var"))
+    ]
+
+
+def warn_unadapted_norms(model: nn.Module, stacklevel: int = 3) -> None:
+    """Warn (:class:`UnadaptedNormWarning`) about the layers :func:`unadapted_norms` finds, by class."""
+    left = unadapted_norms(model)
+    if not left:
+        return
+    kinds: dict[str, list[str]] = {}
+    for name, module in left:
+        kinds.setdefault(type(module).__name__, []).append(name)
+    text = "; ".join(f"{k} x{len(v)} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})" for k, v in kinds.items())
+    warnings.warn(
+        f"{len(left)} norm layer(s) with running statistics are not adapted and keep their source statistics: "
+        f"{text}; register a converter with tta_norm.register_norm_converter(cls, fn) to adapt them",
+        UnadaptedNormWarning,
+        stacklevel=stacklevel,
+    )
+
+
+#: the per-module hook tables a replacement takes over (forward and backward hooks, with their flags)
+_CALL_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")  # fmt: skip
+
+
+def _take_over_hooks(old: nn.Module, new: nn.Module) -> None:
+    """``new`` runs the forward/backward hooks registered on ``old``: it shares ``old``'s hook tables, so the
+    handles the user holds still remove them."""
+    for attr in _CALL_HOOKS:
+        setattr(new, attr, getattr(old, attr))
+    new._is_full_backward_hook = old._is_full_backward_hook
 
 
 def find_batchnorms(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -34,16 +88,19 @@ def convert_batchnorms(model: nn.Module, spec: NormSpec, *, allow_none: bool = F
     """Replace, in place, every BatchNorm of ``model`` by its adaptive counterpart (an :class:`AdaptiveNorm`,
     or the replacement its registered converter builds, see :mod:`tta_norm.norm.registry`).
 
-    A layer shared under several names is replaced by one module installed under each (sharing is kept).
+    A layer shared under several names is replaced by one module installed under each (sharing is kept).  The
+    replacement runs the forward and backward hooks registered on the layer it replaces.
 
     Returns the names of the replaced layers (the first name of a shared one).  Raises ``ValueError`` if there
     is none (unless ``allow_none=True``: then nothing is replaced and ``[]`` is returned), or for an
     uninitialised lazy BatchNorm, and ``TypeError`` for a BatchNorm subclass with its own ``forward`` and no
     registered converter.
-    Every replacement is built before the first one is installed: on error the model is unchanged.
+    Every replacement is built before the first one is installed: on error the model is unchanged.  Layers with
+    running statistics that no converter handles are left as they are, with an :class:`UnadaptedNormWarning`.
     """
     found = find_batchnorms(model)
     if not found and allow_none:
+        warn_unadapted_norms(model)
         return []
     if not found:
         kinds = sorted({type(m).__name__ for m in model.modules() if "Norm" in type(m).__name__})
@@ -70,11 +127,14 @@ def convert_batchnorms(model: nn.Module, spec: NormSpec, *, allow_none: bool = F
                 f"{name!r}; it must return an AdaptiveNorm or a module containing one"
             )
         replacements[id(bn)] = new
+    for bn in {id(bn): bn for _, bn in found}.values():
+        _take_over_hooks(bn, replacements[id(bn)])
     for name, bn in found:
         model.set_submodule(name, replacements[id(bn)])
     firsts: dict[int, str] = {}
     for name, bn in found:
         firsts.setdefault(id(bn), name)
+    warn_unadapted_norms(model)
     return list(firsts.values())
 
 
