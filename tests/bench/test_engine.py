@@ -240,6 +240,24 @@ def test_a_user_error_leaves_the_directory_untouched_even_with_overwrite(tmp_pat
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.parametrize(("missing", "extra", "options", "message"), [
+    ("torch.utils.tensorboard", {"trackers": ["tensorboard"]}, {}, "tensorboard needs the tensorboard package"),
+    ("ray", {}, {"executor": "ray"}, "--executor ray needs the ray package"),
+])  # fmt: skip
+def test_a_missing_optional_package_is_found_before_overwrite_clears_anything(
+    tmp_path, monkeypatch, missing, extra, options, message
+):
+    import sys
+
+    out = tmp_path / "run"
+    run_grid(ToyJob(ToyConfig(output=str(out))), RunOptions(progress=False))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    monkeypatch.setitem(sys.modules, missing, None)  # importing it now raises ImportError
+    with pytest.raises(ConfigError, match=message):
+        run_grid(ToyJob(ToyConfig(output=str(out), **extra)), RunOptions(overwrite=True, progress=False, **options))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
 def test_merging_different_grids_keeps_their_reports_apart(tmp_path):
     from tta_norm.bench.merge import write_outputs
     from tta_norm.bench.store import ResultStore

@@ -115,19 +115,25 @@ def plan_cells(
     return reused, todo, reasons
 
 
+def tracker_writers(names: list[str]) -> list[Any]:
+    """The writer class of each tracker name; :class:`ConfigError` when its package is missing."""
+    writers = []
+    for name in names:
+        if name == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise ConfigError(f"trackers: tensorboard needs the tensorboard package ({err}); "
+                                  "pip install 'tta-norm[tensorboard]'") from None  # fmt: skip
+            writers.append(SummaryWriter)
+    return writers
+
+
 class Trackers:
     """Optional per-cell scalar loggers (``trackers: [tensorboard]``)."""
 
     def __init__(self, names: list[str], out: Path) -> None:
-        self.writers = []
-        for name in names:
-            if name == "tensorboard":
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-                except ImportError as err:
-                    raise ConfigError(f"trackers: tensorboard needs the tensorboard package ({err}); "
-                                      "pip install 'tta-norm[tensorboard]'") from None  # fmt: skip
-                self.writers.append(SummaryWriter(log_dir=str(out / "tensorboard")))
+        self.writers = [writer(log_dir=str(out / "tensorboard")) for writer in tracker_writers(names)]
 
     def log(self, label: str, step: int, scalars: dict[str, float]) -> None:
         for w in self.writers:
@@ -177,6 +183,11 @@ def run_grid(job: GridJob, options: RunOptions | None = None) -> GridOutcome:
     # (ConfigError) leaves it as it was, even with --overwrite
     state = job.prepare(device)
     identity = job.identity(state)
+    tracker_writers(list(getattr(cfg, "trackers", []) or []))  # a missing package, too
+    if options.executor == "ray":
+        from tta_norm.bench.ray_executor import import_ray
+
+        import_ray()
     if options.overwrite:
         store.clear()
     out.mkdir(parents=True, exist_ok=True)
@@ -227,7 +238,7 @@ def _run(
     if data:
         log.info(f"data: {data}")
 
-    trackers = Trackers(list(getattr(cfg, "trackers", []) or []), out)
+    trackers: Trackers | None = None
     failed = 0
 
     def on_record(rec: dict[str, Any], cell: GridCell) -> None:
@@ -239,10 +250,12 @@ def _run(
             log.warning(f"cell {cell.index} {cell.label} failed: {rec.get('error')}")
         else:
             log.info(f"cell {cell.index} {cell.label}: done in {rec['seconds']:.1f} s")
-            trackers.log(cell.label, cell.index, job.scalars(rec))
+            if trackers is not None:
+                trackers.log(cell.label, cell.index, job.scalars(rec))
 
     status = "interrupted"
     try:
+        trackers = Trackers(list(getattr(cfg, "trackers", []) or []), out)
         if todo:
             run = CellRun(job, todo, state, device, identity, on_record)
             if options.executor == "ray":
@@ -253,7 +266,8 @@ def _run(
                 run_locally(run, options.progress)
         status = "finished"
     finally:
-        trackers.close()
+        if trackers is not None:
+            trackers.close()
         entry.update(ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"), cells=len(mine), reused=len(reused),
                      ran=len(todo), failed=failed, status=status)  # fmt: skip
         write_provenance(out, entry)
