@@ -97,3 +97,27 @@ def test_entries_with_data_arguments_are_checked_with_the_real_model():
     images = torch.rand(4, 3, 32, 32)  # Fisher images of a Python config: not pushed through the probe network
     entry = parse_method({"preset": "tbn", "method": "eata", "kwargs": {"fisher_images": images, "lr": 1e-4}})
     assert entry.method == "eata"
+
+
+def test_a_key_given_twice_is_refused_with_its_line(tmp_path, capsys):
+    path = tmp_path / "dup.yaml"
+    path.write_text("name: dup\nseeds: [0]\nmethods: [{preset: tbn, method: tent, kwargs: {lr: 0.1, lr: 0.2}}]\n")
+    assert main(["bench", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:3:" in err and "key 'lr' is given twice" in err and len(err.strip().splitlines()) == 1
+    path.write_text("name: dup\nseeds: [0]\nseeds: [1]\n")
+    assert main(["bench", str(path), "--dry-run"]) == 2
+    assert "key 'seeds' is given twice" in capsys.readouterr().err
+    assert main(["bench", "quick", "--dry-run", "-s", "methods=[{preset: tbn, preset: medbn}]"]) == 2
+    assert "key 'preset' is given twice" in capsys.readouterr().err
+    path.write_text("base: &b {preset: tbn, method: tent}\nmethods: [{<<: *b, method: eata}]\n")  # merge keys
+    from tta_norm.bench.config import read_config_data
+
+    assert read_config_data(str(path), [], {})[0]["methods"] == [{"preset": "tbn", "method": "eata"}]
+
+
+@pytest.mark.parametrize("name", ["exp #2", "a: b", "[x]", "null", "01"])
+def test_output_and_data_dir_options_are_taken_verbatim(tmp_path, name, capsys):
+    out = tmp_path / name
+    assert main(["bench", "quick", "--dry-run", "-o", str(out)]) == 0
+    assert f"output {out}\n" in capsys.readouterr().out

@@ -360,9 +360,31 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r} is not of the form key=value")
     key, _, value = text.partition("=")
     try:
-        return key.strip(), yaml.safe_load(value)
+        return key.strip(), safe_load_unique(value)
     except yaml.YAMLError as err:
         raise ConfigError(f"override {text!r}: not a YAML value ({yaml_problem(err)})") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with a key given twice (YAML itself keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # ``<<: *base`` may override on purpose
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark, f"key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load_unique(text: str) -> Any:
+    """``yaml.safe_load`` of ``text``, refusing a key given twice in one mapping."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def yaml_problem(err: yaml.YAMLError, path: str | None = None) -> str:
@@ -412,7 +434,7 @@ def read_config_data(
                 f"config {path_or_name!r} is neither a file nor a shipped {kind} ({', '.join(sorted(shipped))})"
             )
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = safe_load_unique(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(yaml_problem(err, str(path))) from None
         if not isinstance(loaded, Mapping):

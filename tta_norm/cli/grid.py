@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable
@@ -81,8 +82,8 @@ def run_grid_command(args: argparse.Namespace, command: GridCommand) -> int:
     overrides = list(args.overrides)
     for key in ("output", "data_dir", "device"):
         value = getattr(args, key)
-        if value is not None:
-            overrides.append(f"{key}={value}")
+        if value is not None:  # verbatim: a path is not YAML (``runs/exp #2`` would lose its comment)
+            overrides.append(f"{key}={json.dumps(str(value), ensure_ascii=False)}")
     try:
         shard = parse_shard(args.shard)
         cfg = command.load(args.config, overrides)
