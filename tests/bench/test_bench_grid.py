@@ -161,3 +161,29 @@ def test_a_bench_grid_steps_each_batch_size_with_its_paper_lr(tmp_path, monkeypa
     assert outcome.failed == 0
     assert {lr for lr, _ in seen} == {paper_sgd_lr(4), paper_sgd_lr(12)} and len(seen) == outcome.cells
     assert all(lr == given for lr, given in seen)
+
+
+def test_merged_runs_never_average_different_entries_that_share_a_row_name(tmp_path, caplog):
+    runs = {}
+    for preset in ("tbn", "medbn"):
+        cfg = bench_config(str(tmp_path / preset), methods=[{"preset": preset, "name": "mine"}], seeds=[0])
+        runs[preset] = run_grid(BenchJob(cfg, model=tiny_model(), bench=fake_benchmark()), RunOptions(progress=False))
+    n, conflicts, report = merge_dirs([runs["tbn"].out, runs["medbn"].out], tmp_path / "merged")
+    assert (n, conflicts) == (2, [])
+    text = report.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| mine")]
+    assert rows and all("(tbn #" in line or "(medbn #" in line for line in rows)
+    assert any("(tbn #" in line for line in rows) and any("(medbn #" in line for line in rows)
+    assert "cover different method entries" in caplog.text
+    stored = ResultStore(tmp_path / "merged").read().ordered()
+    assert {r["cell"]["method"]["name"] for r in stored} == {"mine"}  # the store keeps the records as they were
+
+
+def test_merging_a_subset_of_the_shards_says_the_grid_is_incomplete(tmp_path, caplog):
+    for k in (1, 2):
+        assert run_grid(_job(tmp_path / f"shard{k}"), RunOptions(shard=(k, 2), progress=False)).cells == 3
+    _, _, report = merge_dirs([tmp_path / "shard1"], tmp_path / "half")
+    assert "**Incomplete:** 3 of the grid's 6 cells" in report.read_text()
+    assert "have no record" in caplog.text
+    _, _, report = merge_dirs([tmp_path / "shard1", tmp_path / "shard2"], tmp_path / "whole")
+    assert "Incomplete" not in report.read_text()

@@ -164,6 +164,28 @@ def test_merge_combines_stores_and_reports_conflicts(tmp_path):
     assert len(ResultStore(tmp_path / "m").read().records) == 5
 
 
+def test_merging_into_one_of_the_inputs_with_overwrite_is_all_or_nothing(tmp_path, monkeypatch):
+    from tta_norm.bench import store as store_mod
+
+    for k in (1, 2):
+        run_grid(ToyJob(ToyConfig(output=str(tmp_path / f"s{k}"))), RunOptions(shard=(k, 2), progress=False))
+    before = (tmp_path / "s1" / "results.jsonl").read_bytes()
+    real_write = store_mod.atomic_write
+
+    def full_disk(path, text):
+        if path.name == "results.jsonl":
+            raise OSError(28, "No space left on device")
+        real_write(path, text)
+
+    monkeypatch.setattr(store_mod, "atomic_write", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        merge_dirs([tmp_path / "s1", tmp_path / "s2"], tmp_path / "s1", overwrite=True)
+    assert (tmp_path / "s1" / "results.jsonl").read_bytes() == before  # nothing lost
+    monkeypatch.setattr(store_mod, "atomic_write", real_write)
+    n, conflicts, _ = merge_dirs([tmp_path / "s1", tmp_path / "s2"], tmp_path / "s1", overwrite=True)
+    assert (n, conflicts) == (4, []) and len(lines(tmp_path / "s1")) == 4
+
+
 def test_provenance_and_log_file(tmp_path):
     out = tmp_path / "run"
     run_grid(ToyJob(ToyConfig(output=str(out))), RunOptions(progress=False))

@@ -224,6 +224,7 @@ def _run(
         "started": started, "pid": os.getpid(), "command": sys.argv, "config": cfg.to_dict(), "kind": job.kind,
         "git": git_revision(), "env": environment(), "device": _device_name(device), "executor": options.executor,
         "shard": options.shard, "status": "running",
+        "grid_keys": sorted(job.cell_key(c, identity) for c in cells),  # a merge of shards checks it is complete
     }  # fmt: skip
     write_provenance(out, entry)
     atomic_write(out / "config.json", json.dumps(cfg.to_dict(), indent=1, default=str))

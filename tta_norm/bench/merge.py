@@ -52,7 +52,39 @@ OUTPUT_WRITERS = {
 }
 
 
-def write_outputs(out: Path, records: list[dict[str, Any]], plots: bool = True) -> Path | None:
+def distinct_row_names(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``records`` where one row name covers different method entries (runs merged from configs that gave two
+    entries the same ``name``) renamed ``name (label #digest)`` in copies, so that a report never averages
+    different methods into one row; a warning names them."""
+    import copy
+    from collections import defaultdict
+
+    from tta_norm.bench.grid import digest
+    from tta_norm.methods.entries import method_label
+
+    def entry(r: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in (r.get("cell") or {}).get("method", {}).items() if k != "name"}
+
+    entries: dict[str, set[str]] = defaultdict(set)
+    for r in records:
+        entries[r["cell"]["method"]["name"]].add(digest(entry(r), 6))
+    shared = {name for name, found in entries.items() if len(found) > 1}
+    if not shared:
+        return records
+    log.warning(f"row name(s) {sorted(shared)} cover different method entries in the merged runs; their rows "
+                "are split and named after each entry")  # fmt: skip
+    out = []
+    for r in records:
+        if r["cell"]["method"]["name"] in shared:
+            r = copy.deepcopy(r)
+            e = entry(r)
+            label = method_label(e.get("preset", "?"), e.get("method"), e.get("kwargs"))
+            r["cell"]["method"]["name"] = f"{r['cell']['method']['name']} ({label} #{digest(e, 6)})"
+        out.append(r)
+    return out
+
+
+def write_outputs(out: Path, records: list[dict[str, Any]], plots: bool = True, missing: int = 0) -> Path | None:
     """CSV and report of stored records, by their kind (bench or attack); ``None`` for another kind.
 
     Records of several grids (another model, data or parameters) never share a table: each grid gets its own
@@ -85,10 +117,14 @@ def write_outputs(out: Path, records: list[dict[str, Any]], plots: bool = True) 
         if any(len(found) > 1 for found in inputs_by_cell.values()):
             for r in groups.pop(key):
                 groups[digest(r.get("identity"), 12)].append(r)
+    groups = {key: distinct_row_names(recs) for key, recs in groups.items()}
     if len(groups) == 1:
-        return writer(out, records, plots=plots)
+        return writer(out, next(iter(groups.values())), plots=plots, missing=missing)
     lines = [f"# tta-norm {kind}: merged", "", f"{len(records)} records of {len(groups)} grids that differ in "
              "model, data or parameters; each has its own CSV and report:", ""]  # fmt: skip
+    if missing:
+        lines[2:2] = [f"**Incomplete:** {missing} planned cells have no stored record (a shard not merged, or "
+                      "cells not run yet).", ""]  # fmt: skip
     for key, recs in groups.items():
         sub = out / "grids" / key
         sub.mkdir(parents=True, exist_ok=True)
@@ -103,6 +139,22 @@ def write_outputs(out: Path, records: list[dict[str, Any]], plots: bool = True) 
     path = out / "report.md"
     atomic_write(path, "\n".join(lines) + "\n")
     return path
+
+
+def planned_grids(dirs: list[str | Path]) -> list[set[str]]:
+    """The cell keys of the grid the latest run of each directory planned (its whole grid, every shard), from
+    ``provenance.json``; equal grids once."""
+    grids: dict[str, set[str]] = {}
+    for d in dirs:
+        try:
+            runs = json.loads((Path(d) / "provenance.json").read_text()).get("runs", [])
+        except (OSError, json.JSONDecodeError, AttributeError):
+            continue
+        planned = [r["grid_keys"] for r in runs if isinstance(r, dict) and isinstance(r.get("grid_keys"), list)]
+        if planned:
+            keys = set(map(str, planned[-1]))
+            grids[json.dumps(sorted(keys))] = keys
+    return list(grids.values())
 
 
 def merge_dirs(dirs: list[str | Path], out: str | Path, *, overwrite: bool = False, resume: bool = False):
@@ -124,14 +176,20 @@ def merge_dirs(dirs: list[str | Path], out: str | Path, *, overwrite: bool = Fal
     kinds = sorted({r.get("kind", "bench") for r in merged.values()})
     if len(kinds) > 1:  # refused before anything is cleared or written
         raise ConfigError(f"merge: records of several grid kinds {kinds} cannot share one directory")
-    if overwrite:
-        target.clear()
-    for key, rec in merged.items():
-        if existing.get(key) is not rec:
-            target.append(rec)
+    if overwrite:  # one atomic replacement: an output that is also an input is never left half written
+        target.replace(list(merged.values()))
+    else:
+        for key, rec in merged.items():
+            if existing.get(key) is not rec:
+                target.append(rec)
     records = target.read().ordered()
+    stored = {r["key"] for r in records}
+    missing = sum(len(grid - stored) for grid in planned_grids([*dirs, out]))
+    if missing:
+        log.warning(f"merge: {missing} cell(s) of the merged runs' grids have no record (a shard not merged, or "
+                    "cells not run yet); the report says so")  # fmt: skip
     try:
-        report = write_outputs(out, records)
+        report = write_outputs(out, records, missing=missing)
     except ValueError as err:
         raise ConfigError(f"merge: {err}") from None
     return len(merged), conflicts, report

@@ -144,6 +144,15 @@ class ResultStore:
                 f.flush()
                 os.fsync(f.fileno())
 
+    def replace(self, records: list[dict[str, Any]]) -> None:
+        """Make ``records`` the whole store in one atomic rename (the old store stays intact until then), and
+        remove the files derived from the old one."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with self.lock:
+            atomic_write(self.path, "".join(json.dumps(r, default=str) + "\n" for r in records))
+            for name in DERIVED:
+                (self.directory / name).unlink(missing_ok=True)
+
     def clear(self) -> None:
         """Remove the stored records and the files derived from them (``--overwrite``)."""
         self.directory.mkdir(parents=True, exist_ok=True)
