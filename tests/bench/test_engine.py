@@ -390,3 +390,28 @@ def test_a_cell_whose_plan_fails_fails_alone(tmp_path, monkeypatch):
     outcome = run_grid(ToyJob(ToyConfig(output=str(tmp_path / "run"), fail=[2])), RunOptions(progress=False))
     assert (outcome.ran, outcome.failed) == (4, 1)
     assert values(outcome) == {1: 1, 3: 3, 4: 4}
+
+
+def test_two_different_uncommitted_edits_are_two_code_revisions(tmp_path):
+    import subprocess
+
+    from tta_norm.bench.grid import checkout_revision
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                       check=True, capture_output=True)  # fmt: skip
+
+    assert checkout_revision(tmp_path) is None  # not a checkout
+    git("init", "-q")
+    (tmp_path / "m.py").write_text("MOMENTUM = 0.1\n")
+    git("add", "m.py")
+    git("commit", "-qm", "init")
+    clean = checkout_revision(tmp_path)
+    assert clean is not None and len(clean) == 40
+    (tmp_path / "m.py").write_text("MOMENTUM = 0.2\n")
+    first = checkout_revision(tmp_path)
+    (tmp_path / "m.py").write_text("MOMENTUM = 0.3\n")
+    second = checkout_revision(tmp_path)
+    assert first.startswith(clean + "-dirty-") and second.startswith(clean + "-dirty-") and first != second
+    (tmp_path / "m.py").write_text("MOMENTUM = 0.2\n")
+    assert checkout_revision(tmp_path) == first

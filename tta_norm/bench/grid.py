@@ -73,18 +73,29 @@ def shard_cells(cells: Sequence[GridCell], shard: tuple[int, int] | None) -> lis
 
 @functools.cache
 def git_revision() -> str | None:
-    """The git commit of the running package's checkout (``-dirty`` if tracked files changed), or ``None``;
-    read once per process, the code it has imported."""
-    root = Path(__file__).resolve().parents[2]
+    """The git commit of the running package's checkout, or ``None``; read once per process, the code it has
+    imported.  See :func:`checkout_revision`."""
+    return checkout_revision(Path(__file__).resolve().parents[2])
+
+
+def checkout_revision(root: Path) -> str | None:
+    """``<commit>`` of the git checkout at ``root``, ``<commit>-dirty-<hash of the diff>`` when tracked files
+    changed (two different uncommitted edits never read as one revision), ``None`` outside a checkout."""
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, timeout=30)
+
     try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5)  # fmt: skip
+        out = git("rev-parse", "HEAD")
+        if out.returncode != 0:
+            return None
+        diff = git("diff", "HEAD", "--binary")
     except (OSError, subprocess.SubprocessError):
         return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    commit = out.stdout.decode().strip()
+    if diff.returncode != 0 or not diff.stdout.strip():
+        return commit + ("-dirty" if diff.returncode != 0 else "")
+    return f"{commit}-dirty-{hashlib.sha1(diff.stdout).hexdigest()[:10]}"
 
 
 def environment() -> dict[str, Any]:
