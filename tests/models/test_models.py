@@ -163,3 +163,17 @@ def test_robustbench_missing_is_clear(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="robustbench checkpoint"):
         load_model("rb:Standard")
+
+
+def test_random_init_models_are_the_same_in_every_build_and_leave_the_callers_rng_alone() -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a = load_model("resnet20", random_init=True)
+    assert torch.equal(torch.rand(3), expected)  # the build drew from its own generator
+    torch.manual_seed(7)
+    b = load_model("resnet20", random_init=True)
+    c = load_model("resnet20", random_init=True, init_seed=1)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["conv1.weight"], sc["conv1.weight"])

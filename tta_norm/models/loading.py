@@ -101,18 +101,23 @@ def load_model(
     num_classes: int | None = None,
     device: torch.device | str | None = None,
     pretrained: bool = False,
+    init_seed: int = 0,
 ) -> nn.Module:
     """Build model ``name`` with its weights (see :mod:`tta_norm.models.sources`), in eval mode on ``device``.
 
     ``weights``: a torchvision weights name (``DEFAULT``, ``IMAGENET1K_V1``, ...) or a file; ``checkpoint``:
     a file (for ``rb:`` models the robustbench ``model_dir``).  A model without weights raises unless
     ``random_init=True``.  ``pretrained=True`` is short for ``weights="DEFAULT"`` (torchvision).  For CIFAR
-    ResNets ``num_classes`` defaults to the checkpoint's head size (10 without a checkpoint)."""
+    ResNets ``num_classes`` defaults to the checkpoint's head size (10 without a checkpoint).  The model is
+    built with torch's random generator seeded by ``init_seed`` (the caller's generator is left alone), so a
+    ``random_init`` model is the same in every process and run."""
     if pretrained and weights is None and checkpoint is None and not name.strip().startswith(("rb:", "timm:")):
         weights = "DEFAULT"
     source = resolve_model_source(name, checkpoint, weights=weights, random_init=random_init,
                                   num_classes=num_classes)  # fmt: skip
-    model = build_model(source)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        model = build_model(source)
     model.eval()
     if device is not None:
         model.to(device)
