@@ -121,3 +121,9 @@ def test_output_and_data_dir_options_are_taken_verbatim(tmp_path, name, capsys):
     out = tmp_path / name
     assert main(["bench", "quick", "--dry-run", "-o", str(out)]) == 0
     assert f"output {out}\n" in capsys.readouterr().out
+
+
+def test_a_gradual_grid_takes_entries_with_mapping_options(capsys):
+    entry = "methods=[{preset: tbn, method: tent, kwargs: {optimizer: sgd, optim: {momentum: 0.5}}}]"
+    assert main(["bench", "quick", "--dry-run", "-s", "settings=[gradual]", "-s", "severities=[3,5]", "-s", entry]) == 0
+    assert "1 cells" in capsys.readouterr().out

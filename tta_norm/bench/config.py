@@ -171,7 +171,8 @@ class BenchConfig(GridConfig):
         # gradual visits severities 1..5..1 itself: keep one severity per gradual cell
         seen, unique = set(), []
         for c in out:
-            key = c.key() if c.setting != "gradual" else (c.entry, c.order, c.delta, c.batch_size, c.seed)
+            entry = json.dumps(dataclasses.asdict(c.entry), sort_keys=True, default=str)  # kwargs may hold dicts
+            key = c.key() if c.setting != "gradual" else (entry, c.order, c.delta, c.batch_size, c.seed)
             if key not in seen:
                 seen.add(key)
                 unique.append(c)
