@@ -187,3 +187,18 @@ def test_merging_a_subset_of_the_shards_says_the_grid_is_incomplete(tmp_path, ca
     assert "have no record" in caplog.text
     _, _, report = merge_dirs([tmp_path / "shard1", tmp_path / "shard2"], tmp_path / "whole")
     assert "Incomplete" not in report.read_text()
+
+
+def test_latency_rows_and_failed_cells_name_every_coordinate(tmp_path):
+    from tta_norm.bench.report import write_report
+
+    outcome = run_grid(_job(tmp_path / "run"), RunOptions(progress=False))
+    text = (outcome.out / "report.md").read_text()
+    head = "| method | setting | order | severity | batch | seed |"
+    assert head in text
+    rows = text.split("### latency per batch")[1].split("\n\n")[1].splitlines()[2:]
+    coords = [tuple(row.split("|")[1:7]) for row in rows]
+    assert len(coords) == outcome.cells == len(set(coords))  # two seeds of one method are two distinct rows
+    failed = dict(outcome.records[0], status="failed", error="boom")
+    write_report(tmp_path / "f", [failed], plots=False)
+    assert f"seed {failed['cell']['seed']}: boom" in (tmp_path / "f" / "report.md").read_text()

@@ -235,6 +235,11 @@ def make_plots(out: Path, records: list[dict[str, Any]]) -> list[Path]:
     return written
 
 
+def _order_text(cell: dict[str, Any]) -> str:
+    order = str(cell.get("order"))
+    return f"{order}(delta={cell['delta']})" if cell.get("delta") is not None else order
+
+
 def write_report(
     out: Path, records: list[dict[str, Any]], *, plots: bool = True, missing: int = 0
 ) -> Path:
@@ -259,14 +264,15 @@ def write_report(
         latency = r["metrics"].get("latency") or {}
         if latency.get("median_ms") is not None:
             c, m = r["cell"], r["metrics"]
-            lat.append(f"| {c['method']['name']} | {c['setting']} | {c['batch_size']} | "
-                       f"{latency['median_ms']:.1f} | {latency['p95_ms']:.1f} | "
+            lat.append(f"| {c['method']['name']} | {c['setting']} | {_order_text(c)} | {c.get('severity')} | "
+                       f"{c['batch_size']} | {c.get('seed')} | {latency['median_ms']:.1f} | {latency['p95_ms']:.1f} | "
                        f"{m.get('samples_per_second', 0):.0f} | {m.get('steps_skipped', 0)} |")  # fmt: skip
     if lat:
-        head = "| method | setting | batch | median ms | p95 ms | samples/s | skipped |"
-        lines += ["", "### latency per batch", "", head, "|---|---|---|---|---|---|---|"]
+        head = "| method | setting | order | severity | batch | seed | median ms | p95 ms | samples/s | skipped |"
+        lines += ["", "### latency per batch", "", head, "|---" * 10 + "|"]
         lines += lat
-    failed_cells = [f"- {r['cell']['method']['name']} {r['cell']['setting']} batch {r['cell']['batch_size']}: "
+    failed_cells = [f"- {r['cell']['method']['name']} {r['cell']['setting']} {_order_text(r['cell'])} severity "
+                    f"{r['cell'].get('severity')} batch {r['cell']['batch_size']} seed {r['cell'].get('seed')}: "
                     f"{r.get('error')}" for r in failed]  # fmt: skip
     plot_files = make_plots(out, records) if plots and ok else []
     return write_markdown_report(out, lines, failed_cells, plot_files, records, missing=missing)
