@@ -202,3 +202,35 @@ def test_latency_rows_and_failed_cells_name_every_coordinate(tmp_path):
     failed = dict(outcome.records[0], status="failed", error="boom")
     write_report(tmp_path / "f", [failed], plots=False)
     assert f"seed {failed['cell']['seed']}: boom" in (tmp_path / "f" / "report.md").read_text()
+
+
+def test_an_init_state_file_is_read_once_so_every_cell_uses_the_fingerprinted_state(tmp_path, monkeypatch):
+    import torch
+
+    import tta_norm
+    from tta_norm.bench import runner
+
+    path = tmp_path / "state.pt"
+
+    def save_state(seed):
+        tta = tta_norm.adapt(tiny_model(seed), "ema")
+        torch.save(tta.model.state_dict(), path)
+
+    def job(out):
+        cfg = bench_config(str(out), methods=[{"preset": "ema", "kwargs": {"init_state": str(path)}}])
+        return BenchJob(cfg, model=tiny_model(), bench=fake_benchmark())
+
+    save_state(1)
+    reference = run_grid(job(tmp_path / "ref"), RunOptions(progress=False))
+    real_run_cell = runner.run_cell
+
+    def swap_file_after_the_first_cell(*args, **kwargs):
+        result = real_run_cell(*args, **kwargs)
+        save_state(2)  # another state under the same path, mid-run
+        return result
+
+    monkeypatch.setattr(runner, "run_cell", swap_file_after_the_first_cell)
+    save_state(1)
+    swapped = run_grid(job(tmp_path / "swapped"), RunOptions(progress=False))
+    assert swapped.cells == reference.cells == 2 and swapped.failed == 0
+    assert [comparable(r) for r in swapped.records] == [comparable(r) for r in reference.records]

@@ -300,7 +300,13 @@ def _mean(values: list[Any]) -> float | None:
 
 
 def run_attack_cell(
-    cell: AttackCell, model: Any, bench: Any, cfg: AttackConfig, device: Any, progress: Callable[[int], None] | None
+    cell: AttackCell,
+    model: Any,
+    bench: Any,
+    cfg: AttackConfig,
+    device: Any,
+    progress: Callable[[int], None] | None,
+    init_states: dict[str, tuple[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Attack ``n_batches`` (for the cell's objective) batches of every domain with a fresh adapted copy of
     ``model`` per domain; the entry's ``fisher_samples`` / ``ttn_fit`` are resolved once per cell
@@ -322,7 +328,8 @@ def run_attack_cell(
     per_batch: list[dict[str, Any]] = []
     entry = cell.entry
     kwargs = resolve_entry_kwargs(entry.preset, entry.method, dict(entry.kwargs), model, dataset=cfg.dataset,
-                                  data_dir=cfg.data_dir, device=device, batch_size=cell.batch_size)  # fmt: skip
+                                  data_dir=cfg.data_dir, device=device, batch_size=cell.batch_size,
+                                  init_states=init_states)  # fmt: skip
     for (corruption, severity), data in bench.domains.items():
         torch.manual_seed(cell.seed)
         tta = tta_norm.adapt(model, entry.preset, entry.method, device=device, **kwargs)
@@ -404,7 +411,7 @@ class AttackJob(ModelDataJob):
             if need > len(data):
                 raise ConfigError(f"n_batches: {most} batches of {max(cfg.batch_sizes)} need {need} "
                                   f"images, domain {key} has {len(data)}")  # fmt: skip
-        return {"model": model.to(device), "bench": bench}
+        return {"model": model.to(device), "bench": bench, "init_states": self.read_entry_files()}
 
     def work(self, cell: GridCell, state: dict[str, Any]) -> int:
         return len(state["bench"].domains) * self.config.batches_for(cell.payload.objective)
@@ -413,7 +420,8 @@ class AttackJob(ModelDataJob):
         import torch
 
         with torch.no_grad():
-            return run_attack_cell(cell.payload, state["model"], state["bench"], self.config, device, progress)
+            return run_attack_cell(cell.payload, state["model"], state["bench"], self.config, device, progress,
+                                   init_states=state.get("init_states"))  # fmt: skip
 
     def scalars(self, record: dict[str, Any]) -> dict[str, float]:
         m = record.get("metrics") or {}

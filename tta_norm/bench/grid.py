@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import platform
 import subprocess
 import time
@@ -247,21 +248,37 @@ class ModelDataJob(GridJob):
             "params": {k: getattr(cfg, k) for k in self.PARAMS},
             "version": tta_norm.__version__,
         }
-        inputs = self.entry_inputs()
+        inputs = self.entry_inputs(state.get("init_states") if isinstance(state, dict) else None)
         if inputs:
             identity["entry_inputs"] = inputs
         return identity
 
-    def entry_inputs(self) -> dict[str, dict[str, str]]:
-        """``{entry digest: fingerprints}`` of the entries that read an ``init_state`` file, Fisher images or
-        TTN's source split; a missing file is a config error."""
+    def read_entry_files(self) -> dict[str, tuple[str, Any]]:
+        """Every ``init_state`` file of the method entries, read once (path -> fingerprint and state,
+        :func:`~tta_norm.methods.entries.read_init_state`): the cells use these states, so a file changed
+        during the run cannot give results under the old file's key.  An unreadable file is a config error."""
+        from tta_norm.methods.entries import read_init_state
+
+        out: dict[str, tuple[str, Any]] = {}
+        for entry in self.config.method_entries():
+            path = dict(entry.kwargs).get("init_state")
+            if isinstance(path, (str, os.PathLike)) and str(path) not in out:
+                try:
+                    out[str(path)] = read_init_state(path)
+                except (FileNotFoundError, ValueError) as err:
+                    raise user_error(f"methods: {entry.label}", err) from None
+        return out
+
+    def entry_inputs(self, init_states: dict[str, tuple[str, Any]] | None = None) -> dict[str, dict[str, str]]:
+        """``{entry digest: fingerprints}`` of the entries that read an ``init_state`` file (the fingerprints of
+        ``init_states`` where given), Fisher images or TTN's source split; a missing file is a config error."""
         from tta_norm.methods.entries import entry_inputs
 
         cfg, out = self.config, {}
         for entry in cfg.method_entries():
             try:
                 found = entry_inputs(entry.preset, entry.method, dict(entry.kwargs), dataset=cfg.dataset,
-                                     data_dir=cfg.data_dir)  # fmt: skip
+                                     data_dir=cfg.data_dir, init_states=init_states)  # fmt: skip
             except (FileNotFoundError, ValueError) as err:
                 raise user_error(f"methods: {entry.label}", err) from None
             if found:

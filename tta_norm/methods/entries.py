@@ -124,18 +124,47 @@ def check_paper_lr(kwargs: Mapping[str, Any]) -> None:
         raise ValueError(f"lr: {lr} is SAR's SGD learning-rate rule; it needs optimizer: sgd")
 
 
+def read_init_state(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor]]:
+    """The SHA-256 (16 hex digits) of an ``init_state`` file and the state dict loaded from **the same bytes**
+    (tensors only, ``weights_only``): a grid reads the file once, so the fingerprint in its keys is the one of
+    the state every cell uses."""
+    import io
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"init_state file not found: {path}")
+    data = path.read_bytes()
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ValueError(f"init_state {path}: not a tensor state file ({type(err).__name__})") from None
+    if isinstance(state, Mapping) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise ValueError(f"init_state {path}: must hold a state dict (names to tensors), got {type(state).__name__}")
+    return hashlib.sha256(data).hexdigest()[:16], dict(state)
+
+
 def entry_inputs(
-    preset: str, method: str | None, kwargs: Mapping[str, Any], *, dataset: str = "cifar10", data_dir: str | None = None
+    preset: str,
+    method: str | None,
+    kwargs: Mapping[str, Any],
+    *,
+    dataset: str = "cifar10",
+    data_dir: str | None = None,
+    init_states: Mapping[str, tuple[str, Any]] | None = None,
 ) -> dict[str, str]:
     """Content fingerprints of what an entry reads besides the model and the test data: an ``init_state``
     file, the Fisher images of ``fisher_samples``, the source split of ``ttn_fit`` (and the fit's version).
     They enter the entry's cell keys, so a changed file or another source data directory never reuses a stored
-    result."""
+    result.  ``init_states`` (path -> :func:`read_init_state`) gives the fingerprints of files already read."""
     from tta_norm.bench.identity import array_fingerprint
 
     out: dict[str, str] = {}
     state = kwargs.get("init_state")
-    if isinstance(state, (str, os.PathLike)):
+    if isinstance(state, (str, os.PathLike)) and init_states is not None and str(state) in init_states:
+        out["init_state_sha256"] = init_states[str(state)][0]
+    elif isinstance(state, (str, os.PathLike)):
         path = Path(state).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"init_state file not found: {path}")
@@ -190,12 +219,15 @@ def resolve_entry_kwargs(
     data_dir: str | None = None,
     device: torch.device | str | None = None,
     batch_size: int | None = None,
+    init_states: Mapping[str, tuple[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The keyword arguments for :func:`tta_norm.adapt` of a benchmark entry, with :data:`ENTRY_KEYS` resolved.
 
     ``fisher_samples`` becomes ``fisher_images`` (clean source images, :func:`clean_source_images`),
     ``ttn_fit`` becomes ``init_state`` (:func:`fitted_ttn_state`) and ``lr: paper`` / ``paper-vit`` becomes
-    :func:`~tta_norm.methods.base.paper_sgd_lr` at ``batch_size``.  Other keys pass through unchanged.
+    :func:`~tta_norm.methods.base.paper_sgd_lr` at ``batch_size``, and an ``init_state`` path found in
+    ``init_states`` (path -> :func:`read_init_state`) the state read from it once.  Other keys pass through
+    unchanged.
     """
     check_paper_lr(kwargs)
     out = {k: v for k, v in kwargs.items() if k not in ENTRY_KEYS}
@@ -203,6 +235,9 @@ def resolve_entry_kwargs(
         if batch_size is None:
             raise ValueError(f"lr: {kwargs['lr']} scales with the batch size; none was given")
         out["lr"] = paper_sgd_lr(batch_size, vit=PAPER_LR[kwargs["lr"]])
+    path = kwargs.get("init_state")
+    if isinstance(path, (str, os.PathLike)) and init_states is not None and str(path) in init_states:
+        out["init_state"] = init_states[str(path)][1]
     if "fisher_samples" in kwargs:
         if method != "eata":
             raise ValueError(f"fisher_samples is an EATA setting; the entry's method is {method!r}")
