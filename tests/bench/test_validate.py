@@ -40,7 +40,7 @@ CASES = [
     (["attack", "attack_quick", "-s", "methods=[{preset: tbn, method: tent, kwargs: {optimizer: rmsprop}}]"],
      "unknown optimizer 'rmsprop'"),
     (["bench", "quick", "-s", "methods=[{preset: sabn, kwargs: {num_domains: 2.0}}]"],
-     "num_domains must be an integer, got 2.0"),
+     "kwargs.num_domains (sabn(num_domains=2.0)): expected int, got 2.0"),
 ]
 
 

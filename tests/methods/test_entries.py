@@ -113,6 +113,14 @@ def test_unfitted_ttn_warns_and_iabn_says_what_it_lacks() -> None:
         ({"fisher_samples": 0}, "fisher_samples: must be >= 1"),
         ({"fisher_seed": -1}, "fisher_seed: must be >= 0"),
         ({"momentum": 0.9}, "momentum= is ambiguous with a gradient method"),
+        ({"episodic": "false"}, r"kwargs.episodic \(.*\): expected bool, got 'false' \(str\)"),
+        ({"alpha": True}, r"kwargs.alpha \(.*\): expected float \| None, got True"),
+        ({"e_margin": "0.4"}, "kwargs.e_margin .*expected float"),
+        ({"unbiased": "no"}, "kwargs.unbiased .*expected bool"),
+        ({"steps": True}, "kwargs.steps .*expected int"),
+        ({"betas": [0.9]}, "kwargs.betas .*expected tuple"),
+        ({"median": "middle"}, "kwargs.median .*expected Literal"),
+        ({"window": 2.5}, "kwargs.window .*expected int"),
     ],
 )
 def test_entries_that_could_only_fail_per_cell_are_refused_by_the_config(kwargs, message) -> None:
@@ -153,3 +161,26 @@ def test_paper_lr_needs_sgd_and_a_known_rule(kwargs, message) -> None:
         parse_method({"preset": "tbn", "method": "sar", "kwargs": kwargs})
     assert parse_method({"preset": "tbn", "method": "sar", "kwargs": {"lr": "paper-vit", "optimizer": "sgd"}})
 
+
+
+@pytest.mark.parametrize(
+    ("fit", "message"),
+    [
+        ({"n_imgs": 100}, "unknown setting 'n_imgs' \\(did you mean 'n_images'\\?\\)"),
+        ({"epochs": "2"}, "ttn_fit .*epochs: expected int"),
+        ({"distance": "cos"}, "distance: expected Literal"),
+        ([1, 2], "must be a mapping"),
+    ],
+)
+def test_ttn_fit_settings_are_checked_by_name_and_type(fit, message) -> None:
+    from tta_norm.bench.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        parse_method({"preset": "ttn", "kwargs": {"ttn_fit": fit}})
+    assert parse_method({"preset": "ttn", "kwargs": {"ttn_fit": {"n_images": 100, "fit_batch_sizes": [1, 4]}}})
+
+
+def test_well_typed_entries_pass() -> None:
+    entry = {"episodic": False, "alpha": 1, "betas": [0.9, 0.99], "optim": {"amsgrad": True}, "window": None,
+             "e_margin": 0.5, "reset_every": 3}  # fmt: skip
+    assert parse_method({"preset": "alpha", "method": "eata", "kwargs": entry}).method == "eata"

@@ -30,6 +30,7 @@ from tta_norm.bench.validate import (
     as_list,
     check_bool,
     check_device,
+    check_entry_types,
     check_int,
     check_int_list,
     check_method_kwargs,
@@ -300,6 +301,11 @@ def parse_method(item: Any, path: str = "methods") -> MethodEntry:
         check_paper_lr(values)
     except ValueError as err:
         raise ConfigError(f"{path}.kwargs.lr ({entry.label}): {err}") from None
+    data_keys = {"fishers", "fisher_images", "fisher_data", "ttn_fit", "fisher_samples", "fisher_seed"}
+    typed = {k: v for k, v in values.items() if k not in data_keys and not (k == "lr" and isinstance(v, str))}
+    check_entry_types(path, entry.label, entry.method, typed)
+    if "ttn_fit" in values:
+        check_ttn_fit(f"{path}.kwargs.ttn_fit ({entry.label})", values["ttn_fit"])
     if "fisher_samples" in values and values["fisher_samples"] is not True:
         check_int(f"{path}.kwargs.fisher_samples", values["fisher_samples"], minimum=1)
     if "fisher_seed" in values:
@@ -315,6 +321,28 @@ def parse_method(item: Any, path: str = "methods") -> MethodEntry:
         raise ConfigError(f"{path} ({entry.label}): {err}") from None
     check_entry_builds(path, entry)
     return entry
+
+
+def check_ttn_fit(path: str, fit: Any) -> None:
+    """``ttn_fit``: a mapping of ``n_images``, ``seed``, ``source`` and :class:`~tta_norm.fitting.ttn.TTNConfig`
+    fields, each of its type."""
+    import typing
+
+    from tta_norm.bench.validate import _fits, _hint_text
+    from tta_norm.fitting.ttn import TTNConfig
+
+    if fit is None:
+        return
+    if not isinstance(fit, Mapping):
+        raise ConfigError(f"{path}: must be a mapping of fit settings, got {fit!r}")
+    hints = {**typing.get_type_hints(TTNConfig), "n_images": int, "seed": int, "source": str}
+    for key, value in fit.items():
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), sorted(hints), n=1)
+            raise ConfigError(f"{path}: unknown setting {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                              + f"; settings: {', '.join(sorted(hints))}")  # fmt: skip
+        if not _fits(value, hints[key]):
+            raise ConfigError(f"{path}.{key}: expected {_hint_text(hints[key])}, got {value!r}")
 
 
 def check_entry_builds(path: str, entry: MethodEntry) -> None:

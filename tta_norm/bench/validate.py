@@ -178,6 +178,80 @@ def check_method_kwargs(path: str, label: str, method: str | None, kwargs: Itera
             )
 
 
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a YAML value fits the type annotation ``hint`` (bool is not a number; a list is a tuple)."""
+    import os
+    import types
+    import typing
+    from collections.abc import Mapping
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None) or hint is None:
+        return value is None
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str or hint is os.PathLike:
+        return isinstance(value, str)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args, strict=True))
+    if origin in (dict, Mapping) or hint in (dict, Mapping):
+        return isinstance(value, Mapping)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True  # an annotation these checks do not model: the code that uses the value checks it
+
+
+def _hint_text(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("collections.abc.", "").replace("<class '", "").replace("'>", "")
+
+
+def entry_type_hints(method: str | None) -> dict[str, Any]:
+    """The annotated type of every keyword a method entry may set: :class:`NormSpec` fields, ``adapt``'s own
+    options and the gradient method's constructor parameters (first definition along its bases wins)."""
+    import typing
+
+    from tta_norm.api import adapt
+    from tta_norm.norm.spec import NormSpec
+
+    hints = dict(typing.get_type_hints(NormSpec))
+    adapt_hints = typing.get_type_hints(adapt)
+    hints.update({k: adapt_hints[k] for k in ADAPT_KWARGS})
+    if method is not None:
+        from tta_norm.methods import get_method_class
+
+        for cls in reversed(inspect.getmro(get_method_class(method))):
+            init = cls.__dict__.get("__init__")
+            if init is not None and cls is not object:
+                hints.update({k: v for k, v in typing.get_type_hints(init).items() if k not in ("model", "return")})
+    return hints
+
+
+def check_entry_types(path: str, label: str, method: str | None, kwargs: dict[str, Any]) -> None:
+    """Every keyword of a method entry has its annotated type (``episodic: "false"`` is a string, not false;
+    ``alpha: true`` is not a number)."""
+    hints = entry_type_hints(method)
+    for key, value in kwargs.items():
+        hint = hints.get(key)
+        if hint is not None and not _fits(value, hint):
+            raise ConfigError(
+                f"{path}.kwargs.{key} ({label}): expected {_hint_text(hint)}, got {value!r} ({_type_name(value)})"
+            )
+
+
 def check_model(name: Any, checkpoint: Any, *, weights: Any = None, random_init: Any = False) -> None:
     """The model and its weights resolve (:func:`tta_norm.models.resolve_model_source`: no download, ever) and
     the model builds on the CPU with them (which also checks that a checkpoint matches the architecture).
