@@ -384,3 +384,43 @@ def test_will_reset_and_device() -> None:
     tta(X)
     assert tta.num_adapted == 1 and not tta.will_reset
     assert tta_norm.adapt(tiny_net(), "tbn", episodic=True).will_reset
+
+
+class _Spectrogram(torch.nn.Module):
+    """(N, F, T) spectrograms, unsqueezed to (N, 1, F, T) before a conv and a BatchNorm2d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bn(self.conv(x.unsqueeze(1))).mean((2, 3)))
+
+
+def _token_model() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Embedding(20, 8), torch.nn.Flatten(), torch.nn.Linear(40, 6),
+                               torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 2))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("build", "x"),
+    [
+        (_Spectrogram, torch.randn(4, 16, 20)),
+        (_token_model, torch.randint(0, 20, (6, 5))),
+    ],
+)
+def test_models_whose_input_is_not_an_image_batch_adapt_exactly(build, x) -> None:
+    torch.manual_seed(0)
+    model = build().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(tta_norm.adapt(model, "source")(x), model(x), rtol=0, atol=0)
+        torch.testing.assert_close(tta_norm.adapt(model, "tbn")(x), copy.deepcopy(model).train()(x))
+
+
+def test_pixels_and_masks_are_refused_before_anything_runs() -> None:
+    tta = tta_norm.adapt(_token_model().eval(), "tbn")
+    for bad in (torch.zeros(4, 5, dtype=torch.uint8), torch.zeros(4, 5, dtype=torch.bool)):
+        with pytest.raises(TypeError, match="x.float\\(\\) / 255"):
+            tta(bad)
+    assert tta.num_batches == 0

@@ -283,23 +283,19 @@ class TTAModel(nn.Module):
     def _validate(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):
             raise TypeError(f"expected a torch.Tensor batch, got {type(x).__name__}")
-        if not x.is_floating_point():
+        if x.dtype in (torch.uint8, torch.bool):  # pixels or a mask, not a model input (token ids are int64)
             raise TypeError(
                 f"expected a floating-point batch, got dtype {x.dtype}; convert images first, "
                 "e.g. x.float() / 255 for uint8 pixels"
             )
         if x.dim() < 2:
             raise ValueError(f"expected a batch of shape (N, ...), got shape {tuple(x.shape)}")
-        if x.dim() < self._min_rank:
-            raise ValueError(
-                f"expected a batch of {self._min_rank}-D inputs (N, C, ...), got shape {tuple(x.shape)}; for a "
-                "single sample add the batch dimension: x.unsqueeze(0)"
-            )
         if x.shape[0] == 0:
             raise ValueError("got an empty batch (N = 0); nothing to predict or adapt on")
         if x.is_meta:
             raise ValueError("got a meta tensor (shapes without data); pass a batch of values")
-        device, dtype = self._device(), self._input_dtype(x.dtype)
+        device = self._device()
+        dtype = self._input_dtype(x.dtype) if x.is_floating_point() else None  # integer inputs (ids) stay as given
         if (device is not None and x.device != device) or (dtype is not None and x.dtype != dtype):
             x = x.to(device=device, dtype=dtype)
         return x
@@ -340,7 +336,8 @@ class TTAModel(nn.Module):
     def forward(
         self, x: Tensor, domain: int | Tensor | None = None, *, on_bad_batch: BadBatchPolicy | None = None
     ) -> Tensor:
-        """Adapt on the batch ``x`` (float, ``(N, C, ...)``) and return its logits (without autograd graph).
+        """Adapt on the batch ``x`` (``(N, ...)``: floats, or integer ids for a model that embeds them; not uint8
+        pixels) and return its logits (without autograd graph).
 
         ``domain`` selects SaBN heads (an int, or ``(N,)`` per-sample indices); ``None`` applies the shared
         affine only.  ``on_bad_batch`` overrides the wrapper's policy for this call.  The input is moved to the
@@ -404,8 +401,16 @@ class TTAModel(nn.Module):
                 ) from None
             self.skipped_batches += 1
             return self._predict_without_adapting(x, domain)
-        except RuntimeError as err:
+        except (RuntimeError, ValueError) as err:
             snapshot.restore()
+            if x.dim() < self._min_rank:  # the model's norm layers take (N, C, ...) of a higher rank
+                raise ValueError(
+                    f"the model could not process a batch of shape {tuple(x.shape)} (its norm layers take "
+                    f"{self._min_rank}-D inputs; for a single sample add the batch dimension: x.unsqueeze(0)): "
+                    f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+                ) from err
+            if isinstance(err, ValueError):
+                raise
             if "channel" in str(err) or "size" in str(err) or "shape" in str(err):
                 raise ValueError(
                     f"the model could not process a batch of shape {tuple(x.shape)}: {err}. "
