@@ -290,3 +290,33 @@ def test_fused_moments_path_and_sums_path_agree(monkeypatch: pytest.MonkeyPatch)
     torch.testing.assert_close(batch_mean_var(x, unbiased=True).var, x.transpose(0, 1).reshape(4, -1).var(1))
     one = batch_from_instance(est._instance_moments(x[:1]))
     torch.testing.assert_close(one.var, x[0].reshape(4, -1).var(1, unbiased=False))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batch_moments_of_offset_heavy_activations_keep_float32_precision(channels_last) -> None:
+    from tta_norm.stats.estimators import FUSED_MOMENTS_MAX, batch_mean_var
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 8, 96, 96) * torch.rand(1, 8, 1, 1).add(0.5) + 50.0  # mean / std ~ 50
+    assert x.numel() > FUSED_MOMENTS_MAX  # the per-instance sums, not the fused kernel
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    stats, ref = batch_mean_var(x), batch_mean_var(x.double())
+    err = ((stats.var.double() - ref.var) / ref.var).abs().max()
+    assert err < 1e-5, err  # E[x^2] - E[x]^2 unshifted: 1e-3
+    torch.testing.assert_close(stats.mean.double(), ref.mean, rtol=1e-6, atol=0)
+
+
+def test_shifted_instance_moments_are_differentiable() -> None:
+    from tta_norm.stats.estimators import batch_mean_var
+
+    torch.manual_seed(0)
+    x = (torch.randn(3, 2, 4, 4, dtype=torch.float64) + 30.0).requires_grad_(True)  # the shifted branch
+
+    def f(t):
+        s = batch_mean_var(t)
+        return s.mean, s.var
+
+    assert torch.autograd.gradcheck(f, (x,))
+    var_ref = torch.var_mean(x.detach(), dim=(0, 2, 3), correction=0)[0]
+    torch.testing.assert_close(f(x)[1].detach(), var_ref)

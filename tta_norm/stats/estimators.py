@@ -68,7 +68,8 @@ def channel_rows(x: Tensor) -> Tensor:
     return x.transpose(0, 1).reshape(x.shape[1], -1).contiguous()
 
 
-_ILL_CONDITIONED = 1e4  # mean^2 / var above which E[x^2] - E[x]^2 loses too many float32 digits
+#: mean^2 / var above which E[x^2] - E[x]^2 loses too many float32 digits (relative error ~ 1e-7 x this ratio)
+_ILL_CONDITIONED = 1e2
 
 #: Up to this many elements a CPU input that needs no gradient gets its instance moments from one fused ATen
 #: reduction (the group-norm moments kernel); above it, per-instance sums are faster.
@@ -100,13 +101,23 @@ def _instance_moments(x: Tensor) -> Stats:
         return Stats(mean, rstd.pow(-2))
     xv = x.reshape(n, c, -1)
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
-        length = xv.shape[2]
-        mean = xv.sum(2) / length
-        var = (torch.linalg.vector_norm(xv, 2, dim=2).square() / length - mean.square()).clamp_min(0)
-        if not bool((mean.detach().square() > _ILL_CONDITIONED * var.detach()).any()):
-            return Stats(mean, var)
+        # E[x^2] - E[x]^2 from two fast reductions; where an offset dominates (mean^2 >> var), the same of the
+        # values shifted by each instance's first value (Welford's shifted data: the offset cancels exactly),
+        # and torch.var_mean (7-15x slower on the CPU) only if the shifted data are still dominated by it
+        for shift in (None, xv[:, :, :1]):
+            xs = xv if shift is None else xv - shift
+            mean, var = _raw_moments(xs)
+            if not bool((mean.detach().square() > _ILL_CONDITIONED * var.detach()).any()):
+                return Stats(mean if shift is None else mean + shift[:, :, 0], var)
     var, mean = torch.var_mean(xv, dim=2, correction=0)
     return Stats(mean, var)
+
+
+def _raw_moments(xv: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance over dim 2 as ``E[x]`` and ``E[x^2] - E[x]^2`` (clamped at 0)."""
+    length = xv.shape[2]
+    mean = xv.sum(2) / length
+    return mean, (torch.linalg.vector_norm(xv, 2, dim=2).square() / length - mean.square()).clamp_min(0)
 
 
 def batch_from_instance(instance: Stats) -> Stats:
