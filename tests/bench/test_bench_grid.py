@@ -234,3 +234,14 @@ def test_an_init_state_file_is_read_once_so_every_cell_uses_the_fingerprinted_st
     swapped = run_grid(job(tmp_path / "swapped"), RunOptions(progress=False))
     assert swapped.cells == reference.cells == 2 and swapped.failed == 0
     assert [comparable(r) for r in swapped.records] == [comparable(r) for r in reference.records]
+
+
+def test_a_model_for_another_class_count_fails_every_cell_loudly(tmp_path):
+    import torch
+
+    model = tiny_model()
+    model[-1] = torch.nn.Linear(4, 2)  # two outputs; the benchmark's labels go up to 2
+    outcome = run_grid(BenchJob(bench_config(str(tmp_path / "run"), methods=["source"], seeds=[0]), model=model,
+                                bench=fake_benchmark()), RunOptions(progress=False))  # fmt: skip
+    assert outcome.failed == outcome.cells == 1 and outcome.exit_status == 1
+    assert "do not fit the model's 2 outputs" in outcome.records[0]["error"]

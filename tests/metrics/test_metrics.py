@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -175,3 +176,22 @@ def test_wilson_interval_edges():
         assert wilson_interval(n, n)[1] == 1.0 and wilson_interval(0, n)[0] == 0.0
     with pytest.raises(ValueError):
         wilson_interval(3, 2)
+
+
+@pytest.mark.parametrize(
+    ("logits", "labels", "domain", "message"),
+    [
+        (torch.randn(4, 10), torch.tensor([0, 1, 2, 57]), None, "labels 0..57 do not fit the model's 10 outputs"),
+        (torch.randn(4, 10), torch.tensor([0, 1, 2, -1]), None, "do not fit"),
+        (torch.full((4, 10), float("nan")), torch.tensor([0, 1, 2, 3]), None, "NaN or Inf"),
+        (torch.randn(4, 10), torch.tensor([0, 1, 2]), None, "4 logits but labels of shape"),
+        (torch.randn(4, 10), torch.tensor([0, 1, 2, 3]), np.zeros(3), "domain ids of shape"),
+    ],
+)
+def test_a_refused_batch_leaves_the_accumulator_as_it_was(logits, labels, domain, message):
+    acc = MetricsAccumulator()
+    acc.update(torch.eye(4, 10) * 5, torch.arange(4))
+    before = json.dumps(acc.summary(), sort_keys=True)  # (NaN reads "NaN": equal to itself)
+    with pytest.raises(ValueError, match=message):
+        acc.update(logits, labels, domain)
+    assert acc.batches == 1 and len(acc) == 4 and json.dumps(acc.summary(), sort_keys=True) == before

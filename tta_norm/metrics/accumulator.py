@@ -160,18 +160,10 @@ class MetricsAccumulator:
         logits = logits.detach()
         if logits.ndim != 2:
             raise ValueError(f"logits must be (batch, classes), got {tuple(logits.shape)}")
-        n = logits.shape[0]
-        logp = torch.log_softmax(logits.float(), dim=1)
-        conf, pred = logp.max(1)
-        ent = -(logp.exp() * logp).sum(1)
+        n, num_classes = logits.shape
         labels = torch.as_tensor(labels, device=logits.device)
-        packed = torch.stack([pred.double(), labels.double(), conf.exp().double(), ent.double()]).cpu().numpy()
-        if packed.shape[1] != n:
-            raise ValueError(f"{n} logits but {packed.shape[1]} labels")
-        self._parts["pred"].append(packed[0].astype(np.int64))
-        self._parts["label"].append(packed[1].astype(np.int64))
-        self._parts["conf"].append(packed[2])
-        self._parts["entropy"].append(packed[3])
+        if labels.shape != (n,):
+            raise ValueError(f"{n} logits but labels of shape {tuple(labels.shape)}")
         if domain is None:
             dom = np.zeros(n, dtype=np.int64)
         elif isinstance(domain, (int, np.integer)):
@@ -180,6 +172,22 @@ class MetricsAccumulator:
             dom = np.asarray(domain.cpu() if isinstance(domain, torch.Tensor) else domain, dtype=np.int64)
             if dom.shape != (n,):
                 raise ValueError(f"{n} logits but domain ids of shape {dom.shape}")
+        if n and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise ValueError(
+                f"labels {int(labels.min())}..{int(labels.max())} do not fit the model's {num_classes} outputs "
+                "(a model for another dataset?)"
+            )
+        if not bool(torch.isfinite(logits).all()):
+            raise ValueError("logits contain NaN or Inf: their predictions cannot be scored")
+        # every check passed: only now is the batch added (a refused batch leaves the accumulator as it was)
+        logp = torch.log_softmax(logits.float(), dim=1)
+        conf, pred = logp.max(1)
+        ent = -(logp.exp() * logp).sum(1)
+        packed = torch.stack([pred.double(), labels.double(), conf.exp().double(), ent.double()]).cpu().numpy()
+        self._parts["pred"].append(packed[0].astype(np.int64))
+        self._parts["label"].append(packed[1].astype(np.int64))
+        self._parts["conf"].append(packed[2])
+        self._parts["entropy"].append(packed[3])
         self._parts["domain"].append(dom)
         self._parts["segment"].append(np.full(n, -1 if segment is None else int(segment), dtype=np.int64))
         if latency is not None:
