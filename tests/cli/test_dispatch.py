@@ -36,3 +36,21 @@ def test_help_strings_read_the_config_defaults(capsys):
             parser.parse_args([command, "--help"])
         text = " ".join(capsys.readouterr().out.split())
         assert f"(default {config.epochs})" in text and f"(default {config.lr})" in text, command
+
+
+@pytest.mark.parametrize("command", ["ttn-fit", "sabn-train"])
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--n-images", "0"], "--n-images must be >= 1"),
+        (["--device", "cuda:7"], "CUDA device(s)"),
+        (["--device", "bogus"], "unknown device 'bogus'"),
+    ],
+)
+def test_fitting_commands_refuse_bad_options_in_one_line(command, extra, message, tmp_path, capsys):
+    args = [command, "--out", str(tmp_path / "x.pt"), *extra]
+    if command == "sabn-train":
+        args += ["--domains", "clean,blur"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "x.pt").exists()

@@ -219,3 +219,30 @@ def test_cutout_masks_a_clipped_square():
     for i in range(20):  # each mask is one axis-aligned rectangle
         rows, cols = masked[i].any(1).nonzero().flatten(), masked[i].any(0).nonzero().flatten()
         assert area[i] == len(rows) * len(cols) == (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
+
+
+def test_cli_never_reuses_a_file_of_another_training_and_refuses_bad_options(tiny_source, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    train_cli.add_arguments(parser)
+    out = tmp_path / "cli.pt"
+    base = ["--data-dir", str(tiny_source), "--source", "toy", "--init", "scratch", "--batch-size", "8", "--no-amp",
+            "--out", str(out), "--quiet"]  # fmt: skip
+    assert train_cli.run(parser.parse_args([*base, "--epochs", "1"])) == 0
+    capsys.readouterr()
+    assert train_cli.run(parser.parse_args([*base, "--epochs", "2"])) == 2  # the file holds a 1-epoch training
+    err = capsys.readouterr().err
+    assert "another training: epochs 1 (asked 2)" in err and len(err.strip().splitlines()) == 1
+    assert train_cli.run(parser.parse_args([*base, "--epochs", "2", "--model", "resnet32"])) == 2
+    assert "model 'resnet20' (asked 'resnet32')" in capsys.readouterr().err
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"junk")
+    assert train_cli.run(parser.parse_args([*base, "--out", str(junk), "--epochs", "1"])) == 2
+    assert "not written by tta-norm train" in capsys.readouterr().err
+    for bad, message in ((["--epochs", "0"], "epochs must be an integer >= 1"),
+                         (["--batch-size", "0"], "batch_size must be an integer >= 1"),
+                         (["--device", "bogus"], "unknown device 'bogus'"),
+                         (["--model", "nosuch"], "unknown model 'nosuch'"),
+                         (["--init", str(tmp_path / "none.pt")], "--init: no such checkpoint file")):  # fmt: skip
+        assert train_cli.run(parser.parse_args([*base, "--force", *bad])) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err

@@ -57,14 +57,19 @@ def fit_on_source(
     after printing ``tta-norm COMMAND: ...`` for a missing file or a bad value (the command then exits with
     status 2)."""
     try:
+        from tta_norm.device import available_device
+
+        args.device = str(available_device(args.device if args.device is not None else "auto"))
+        if args.n_images < 1:
+            raise ValueError(f"--n-images must be >= 1, got {args.n_images}")
         config = given(args, options)
         for name, parse in (parsed or {}).items():
             if getattr(args, name):
                 config[name] = parse(getattr(args, name))
         model, images, labels = load_model_and_source(args)
         result = fit(model, images, labels, device=args.device, progress=not args.quiet, **config)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"tta-norm {command}: {err}", file=sys.stderr)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        print(f"tta-norm {command}: {err.args[0] if isinstance(err, KeyError) and err.args else err}", file=sys.stderr)
         return None
     result.meta.update({"model": args.model, "checkpoint": args.checkpoint, "source": args.source})
     return result, result.save(args.out)

@@ -9,6 +9,7 @@ Example (finds ``../shared/data/cifar10-jpeg`` and ``../shared/models`` by defau
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,12 +59,12 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from tta_norm.data.source import find_source_root
-    from tta_norm.device import resolve_device
+    from tta_norm.device import available_device
+    from tta_norm.models import resolve_model_source
     from tta_norm.training import (
         TARGET_ACCURACY,
         TrainConfig,
         default_checkpoint_path,
-        read_checkpoint_meta,
         train_source_model,
     )
 
@@ -83,25 +84,28 @@ def run(args: argparse.Namespace) -> int:
         "max_minutes": args.max_minutes,
         "threads": args.threads,
     }
-    config = dataclasses.replace(
-        TrainConfig(model=args.model, init=args.init, amp=not args.no_amp),
-        **{k: v for k, v in overrides.items() if v is not None},
-    )
-    if config.ema_decay == 0:
-        config = dataclasses.replace(config, ema_decay=None)
-    device = resolve_device(args.device)
     try:
+        config = dataclasses.replace(
+            TrainConfig(model=args.model, init=args.init, amp=not args.no_amp),
+            **{k: v for k, v in overrides.items() if v is not None},
+        )
+        if config.ema_decay == 0:
+            config = dataclasses.replace(config, ema_decay=None)
+        device = available_device(args.device if args.device is not None else "auto")
+        resolve_model_source(config.model, random_init=True)  # a known model name
+        if config.init not in ("release", "scratch") and not Path(config.init).is_file():
+            raise FileNotFoundError(f"--init: no such checkpoint file {config.init!r} (or 'release', 'scratch')")
         root = find_source_root(args.data_dir, args.source)
-    except FileNotFoundError as err:
-        print(f"tta-norm train: {err}", file=sys.stderr)
+        out = Path(args.out) if args.out else default_checkpoint_path(config, root)
+        if out.is_file() and not args.force:
+            meta = _matching_meta(out, config)
+            acc = meta.get("test_accuracy")
+            print(f"cached checkpoint {out}" + (f" (test accuracy {acc:.4f})" if acc is not None else ""))
+            print("use --force to retrain")
+            return 0
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        print(f"tta-norm train: {err.args[0] if isinstance(err, KeyError) and err.args else err}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else default_checkpoint_path(config, root)
-    if out.is_file() and not args.force:
-        meta = read_checkpoint_meta(out)
-        acc = meta.get("test_accuracy")
-        print(f"cached checkpoint {out}" + (f" (test accuracy {acc:.4f})" if acc is not None else ""))
-        print("use --force to retrain")
-        return 0
     print(f"training {config.model} (init {config.init}) on {root / 'train'} -> {out}")
     result = train_source_model(config, data_dir=root, source=args.source, out=out, device=device,
                                 progress=not args.quiet)  # fmt: skip
@@ -112,6 +116,30 @@ def run(args: argparse.Namespace) -> int:
         flag = "" if result.test_accuracy >= TARGET_ACCURACY else f"  (below the {TARGET_ACCURACY:.0%} target)"
         print(f"test accuracy on {root / 'test'}: {result.test_accuracy:.4f}{flag}")
     return 0
+
+
+def _matching_meta(out: Any, config: Any) -> dict:
+    """The ``meta`` of the checkpoint at ``out`` when it was trained with ``config`` (the fields that change the
+    result); ``ValueError`` for a file of another training or not written by ``tta-norm train``."""
+    from tta_norm.training import read_checkpoint_meta
+
+    try:
+        meta = read_checkpoint_meta(out)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{out} exists but its meta file is unreadable ({err}); --force retrains over it") from None
+    stored = dict(meta.get("config") or {})
+    stored.pop("max_minutes", None)
+    stored.pop("threads", None)
+    if not stored:
+        raise ValueError(f"{out} exists but was not written by tta-norm train (no {out.with_suffix('.json').name}); "
+                         "--force retrains over it, or choose another --out")  # fmt: skip
+    wanted = config.result_fields()
+    differ = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+    if differ:
+        shown = ", ".join(f"{k} {stored.get(k)!r} (asked {wanted.get(k)!r})" for k in differ[:4])
+        raise ValueError(f"{out} holds a checkpoint of another training: {shown}; --force retrains over it, or "
+                         "choose another --out")  # fmt: skip
+    return meta
 
 
 def _run_sabn(args: argparse.Namespace) -> int:

@@ -81,12 +81,26 @@ class TrainConfig:
     max_minutes: float | None = None
     threads: int | None = None
 
-    def key(self) -> str:
-        """Short hash of the fields that change the result (``max_minutes`` and ``threads`` excluded)."""
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise ValueError(f"max_train_samples must be >= 1, got {self.max_train_samples!r}")
+
+    def result_fields(self) -> dict:
+        """The fields that change the result (``max_minutes`` and ``threads`` excluded)."""
         d = dataclasses.asdict(self)
         d.pop("max_minutes")
         d.pop("threads")
-        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+        return d
+
+    def key(self) -> str:
+        """Short hash of :meth:`result_fields`."""
+        return hashlib.sha1(json.dumps(self.result_fields(), sort_keys=True).encode()).hexdigest()[:10]
 
 
 @dataclass
