@@ -177,3 +177,21 @@ def test_random_init_models_are_the_same_in_every_build_and_leave_the_callers_rn
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not torch.equal(sa["conv1.weight"], sc["conv1.weight"])
+
+
+def test_a_checkpoint_of_another_head_size_is_a_one_line_checkpoint_error() -> None:
+    from tta_norm.models.loading import CheckpointError, load_state
+
+    state = cifar_resnet(20, num_classes=100).state_dict()
+    model = cifar_resnet(20, num_classes=10)
+    with pytest.raises(CheckpointError, match=r"another shape, e.g. linear.weight \(100, 64\) \(model \(10, 64\)\)"):
+        load_state(model, state)
+
+
+def test_a_damaged_safetensors_file_is_a_checkpoint_error(tmp_path) -> None:
+    pytest.importorskip("safetensors")
+    from tta_norm.models.loading import CheckpointError
+
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(CheckpointError, match="could not read safetensors checkpoint"):
+        read_checkpoint(tmp_path / "bad.safetensors")

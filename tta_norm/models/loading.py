@@ -52,7 +52,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return _strip_prefix(dict(load_file(str(path), device="cpu")), "module.")
+        try:
+            return _strip_prefix(dict(load_file(str(path), device="cpu")), "module.")
+        except Exception as err:  # noqa: BLE001 - safetensors' own error types vary with the damage
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"could not read safetensors checkpoint {path}: {first}") from err
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -81,7 +85,16 @@ def _strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torc
 
 
 def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Strict ``load_state_dict`` that tolerates missing ``num_batches_tracked`` buffers only."""
+    """Strict ``load_state_dict`` that tolerates missing ``num_batches_tracked`` buffers only; a missing,
+    unexpected or differently shaped tensor is a :class:`CheckpointError` naming the first ones."""
+    own = model.state_dict()
+    shapes = [f"{k} {tuple(v.shape)} (model {tuple(own[k].shape)})" for k, v in state.items()
+              if k in own and tuple(v.shape) != tuple(own[k].shape)]  # fmt: skip
+    if shapes:
+        raise CheckpointError(
+            f"{source} does not match the model: {len(shapes)} tensor(s) of another shape, e.g. {shapes[0]} (a model "
+            "with another number of classes or another architecture?)"
+        )
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
     if missing or result.unexpected_keys:
