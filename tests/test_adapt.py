@@ -424,3 +424,16 @@ def test_pixels_and_masks_are_refused_before_anything_runs() -> None:
         with pytest.raises(TypeError, match="x.float\\(\\) / 255"):
             tta(bad)
     assert tta.num_batches == 0
+
+
+def test_the_unsqueeze_hint_is_given_only_for_a_missing_batch_dimension() -> None:
+    plain = tta_norm.adapt(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval(), "tbn")
+    with pytest.raises(ValueError, match="unsqueeze"):
+        plain(torch.randn(3, 8, 8))
+    spectrogram = tta_norm.adapt(_Spectrogram().eval(), "tbn")
+    with pytest.raises((RuntimeError, ValueError)) as caught:  # a wrong input of the model's own rank: no hint
+        spectrogram(torch.randn(4, 16))
+    assert "unsqueeze" not in str(caught.value)
+    with pytest.raises(TypeError, match="floating-point"):
+        plain(torch.randn(2, 3, 8, 8, dtype=torch.complex64))
+    assert plain.num_batches == spectrogram.num_batches == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import re
 import threading
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -283,7 +284,7 @@ class TTAModel(nn.Module):
     def _validate(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):
             raise TypeError(f"expected a torch.Tensor batch, got {type(x).__name__}")
-        if x.dtype in (torch.uint8, torch.bool):  # pixels or a mask, not a model input (token ids are int64)
+        if x.dtype in (torch.uint8, torch.bool) or x.is_complex():  # pixels, a mask: not a model input (ids are)
             raise TypeError(
                 f"expected a floating-point batch, got dtype {x.dtype}; convert images first, "
                 "e.g. x.float() / 255 for uint8 pixels"
@@ -403,7 +404,7 @@ class TTAModel(nn.Module):
             return self._predict_without_adapting(x, domain)
         except (RuntimeError, ValueError) as err:
             snapshot.restore()
-            if x.dim() < self._min_rank:  # the model's norm layers take (N, C, ...) of a higher rank
+            if x.dim() < self._min_rank and _is_rank_error(err):  # e.g. one image without its batch dimension
                 raise ValueError(
                     f"the model could not process a batch of shape {tuple(x.shape)} (its norm layers take "
                     f"{self._min_rank}-D inputs; for a single sample add the batch dimension: x.unsqueeze(0)): "
@@ -466,6 +467,11 @@ class TTAModel(nn.Module):
     def extra_repr(self) -> str:
         method = self.method.name if self.method is not None else None
         return f"preset={self.preset_name or self.spec!r}, method={method}, episodic={self.episodic}"
+
+
+def _is_rank_error(err: BaseException) -> bool:
+    """Whether ``err`` is a norm layer refusing an input of the wrong rank (torch's or :class:`AdaptiveNorm`'s)."""
+    return isinstance(err, ValueError) and re.search(r"expects a [0-9D or-]+ input|expected \dD", str(err)) is not None
 
 
 _NO_FRAME = contextlib.nullcontext()  # domain=None sets no option: no frame (an enclosing block stays in charge)

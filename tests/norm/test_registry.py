@@ -237,3 +237,17 @@ def test_the_replacement_runs_the_replaced_layers_hooks() -> None:
         pre.remove()  # the user's handle still removes the hook from the replacement
         inplace(x)
     assert calls == ["pre", "pre"]
+
+
+def test_a_pruned_batchnorm_converts_with_its_pruned_weights() -> None:
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2)).eval()
+    randomize_batchnorms(model, seed=0)
+    prune.l1_unstructured(model[1], "weight", amount=0.5)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+        tta = tta_norm.adapt(model, "source", inplace=True)  # the pruning hook stays with the replaced layer
+        torch.testing.assert_close(tta(x), ref, rtol=0, atol=0)

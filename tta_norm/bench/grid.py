@@ -90,7 +90,8 @@ def checkout_revision(root: Path) -> str | None:
         out = git("rev-parse", "HEAD")
         if out.returncode != 0:
             return None
-        diff = git("diff", "HEAD", "--binary")
+        diff = git("diff", "--no-ext-diff", "--no-color", "--no-textconv", "--src-prefix=a/", "--dst-prefix=b/",
+                   "--full-index", "--binary", "HEAD")  # the same bytes whatever the user's git config
     except (OSError, subprocess.SubprocessError):
         return None
     commit = out.stdout.decode().strip()

@@ -39,8 +39,9 @@ class InputNormalization(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # a 1-channel image would broadcast silently (the check is skipped while torch.fx traces the model)
         if not isinstance(x, torch.fx.Proxy) and (x.dim() != 4 or x.shape[1] != self.mean.shape[1]):
+            hint = "; for a single image add the batch dimension: x.unsqueeze(0)" if x.dim() == 3 else ""
             raise ValueError(
-                f"expected images of shape (N, {self.mean.shape[1]}, H, W) in [0, 1], got {tuple(x.shape)}"
+                f"expected images of shape (N, {self.mean.shape[1]}, H, W) in [0, 1], got {tuple(x.shape)}{hint}"
             )
         return (x - self.mean) / self.std
 

@@ -128,8 +128,8 @@ def load_model(
         weights = "DEFAULT"
     source = resolve_model_source(name, checkpoint, weights=weights, random_init=random_init,
                                   num_classes=num_classes)  # fmt: skip
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(init_seed)
+    with torch.random.fork_rng(devices=[]):  # the CPU generator only: models are built on the CPU
+        torch.random.default_generator.manual_seed(init_seed)
         model = build_model(source)
     model.eval()
     if device is not None:

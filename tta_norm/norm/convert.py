@@ -38,7 +38,7 @@ def unadapted_norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
-def warn_unadapted_norms(model: nn.Module, stacklevel: int = 3) -> None:
+def warn_unadapted_norms(model: nn.Module, stacklevel: int = 4) -> None:
     """Warn (:class:`UnadaptedNormWarning`) about the layers :func:`unadapted_norms` finds, by class."""
     left = unadapted_norms(model)
     if not left:
@@ -60,10 +60,28 @@ _CALL_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward
                "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")  # fmt: skip
 
 
+def _parametrizes(hook: object) -> bool:
+    """A hook that recomputes the layer's own parameters before each forward (pruning, weight or spectral
+    norm): the replacement copied their current values and has none of the attributes such a hook reads."""
+    from torch.nn.utils import prune
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return isinstance(hook, (prune.BasePruningMethod, WeightNorm, SpectralNorm))
+
+
 def _take_over_hooks(old: nn.Module, new: nn.Module) -> None:
-    """``new`` runs the forward/backward hooks registered on ``old``: it shares ``old``'s hook tables, so the
-    handles the user holds still remove them."""
-    for attr in _CALL_HOOKS:
+    """``new`` runs the forward/backward hooks registered on ``old`` (but not the parametrising pre-hooks of
+    :func:`_parametrizes`): it shares ``old``'s hook tables, so the handles the user holds still remove them."""
+    if any(_parametrizes(h) for h in old._forward_pre_hooks.values()):
+        kept = {k: h for k, h in old._forward_pre_hooks.items() if not _parametrizes(h)}
+        new._forward_pre_hooks.update(kept)
+        new._forward_pre_hooks_with_kwargs.update({k: v for k, v in old._forward_pre_hooks_with_kwargs.items()
+                                                   if k in kept})  # fmt: skip
+        attrs = [a for a in _CALL_HOOKS if not a.startswith("_forward_pre")]
+    else:
+        attrs = list(_CALL_HOOKS)
+    for attr in attrs:
         setattr(new, attr, getattr(old, attr))
     new._is_full_backward_hook = old._is_full_backward_hook
 
