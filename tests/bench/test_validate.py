@@ -114,6 +114,9 @@ def test_a_key_given_twice_is_refused_with_its_line(tmp_path, capsys):
     from tta_norm.bench.config import read_config_data
 
     assert read_config_data(str(path), [], {})[0]["methods"] == [{"preset": "tbn", "method": "eata"}]
+    path.write_text("common: &c {optimizer: sgd, lr: 0.01}\nmethods: [{preset: tbn, kwargs: &kw {<<: *c, lr: 0.001}}]"
+                    "\nother: {<<: *kw}\n")  # an anchor that merges, merged again: no key is given twice
+    assert read_config_data(str(path), [], {})[0]["other"] == {"optimizer": "sgd", "lr": 0.001}
 
 
 @pytest.mark.parametrize("name", ["exp #2", "a: b", "[x]", "null", "01"])

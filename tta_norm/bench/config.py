@@ -394,26 +394,39 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r}: not a YAML value ({yaml_problem(err)})") from None
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a mapping with a key given twice (YAML itself keeps the last one)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # ``<<: *base`` may override on purpose
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    "while reading a mapping", node.start_mark, f"key {key!r} is given twice", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+def _check_unique_keys(loader: yaml.SafeLoader, node: yaml.Node, seen_nodes: set[int]) -> None:
+    """Refuse a mapping of the composed (not yet constructed) document that gives one key twice; merge keys
+    (``<<: *base``) may override on purpose, and an aliased node is checked once."""
+    if id(node) in seen_nodes:
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        keys: set[Any] = set()
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = loader.construct_object(key_node)
+                if key in keys:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping", node.start_mark, f"key {key!r} is given twice", key_node.start_mark
+                    )
+                keys.add(key)
+            _check_unique_keys(loader, value_node, seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_unique_keys(loader, item, seen_nodes)
 
 
 def safe_load_unique(text: str) -> Any:
-    """``yaml.safe_load`` of ``text``, refusing a key given twice in one mapping."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    """``yaml.safe_load`` of ``text``, refusing a key given twice in one mapping (YAML keeps the last one)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_unique_keys(loader, node, set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def yaml_problem(err: yaml.YAMLError, path: str | None = None) -> str:
