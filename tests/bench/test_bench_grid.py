@@ -245,3 +245,17 @@ def test_a_model_for_another_class_count_fails_every_cell_loudly(tmp_path):
                                 bench=fake_benchmark()), RunOptions(progress=False))  # fmt: skip
     assert outcome.failed == outcome.cells == 1 and outcome.exit_status == 1
     assert "do not fit the model's 2 outputs" in outcome.records[0]["error"]
+
+
+def test_a_merge_counts_missing_cells_of_its_inputs_only_and_passes_them_on(tmp_path):
+    for k in (1, 2):
+        run_grid(_job(tmp_path / f"shard{k}"), RunOptions(shard=(k, 2), progress=False))
+    other = bench_config(str(tmp_path / "old"), methods=["medbn"], seeds=[0, 1, 2])
+    run_grid(BenchJob(other, model=tiny_model(), bench=fake_benchmark()), RunOptions(progress=False))
+    # --overwrite into a directory that held another grid: that grid's plan is not counted
+    _, _, report = merge_dirs([tmp_path / "shard1", tmp_path / "shard2"], tmp_path / "old", overwrite=True)
+    assert "Incomplete" not in report.read_text()
+    # a merged directory keeps the plan: merging it on still counts the missing shard
+    merge_dirs([tmp_path / "shard1"], tmp_path / "stage")
+    _, _, report = merge_dirs([tmp_path / "stage"], tmp_path / "final")
+    assert "**Incomplete:** 3 of the grid's 6 cells" in report.read_text()

@@ -157,6 +157,20 @@ def planned_grids(dirs: list[str | Path]) -> list[set[str]]:
     return list(grids.values())
 
 
+def _record_merge(out: Path, dirs: list[str | Path], grids: list[set[str]]) -> None:
+    """A ``provenance.json`` entry for the merge, with the cell keys of every merged grid, so a later merge of
+    ``out`` still knows which cells are missing."""
+    import os
+    import time
+
+    from tta_norm.bench.engine import write_provenance
+
+    write_provenance(out, {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(), "command": sys.argv, "kind": "merge",
+        "merged": [str(d) for d in dirs], "status": "finished", "grid_keys": sorted(set().union(*grids)),
+    })  # fmt: skip
+
+
 def merge_dirs(dirs: list[str | Path], out: str | Path, *, overwrite: bool = False, resume: bool = False):
     """Merge the stores of ``dirs`` into ``out``; returns ``(merged record count, conflicting keys, report)``."""
     from tta_norm.bench.validate import ConfigError
@@ -184,7 +198,10 @@ def merge_dirs(dirs: list[str | Path], out: str | Path, *, overwrite: bool = Fal
                 target.append(rec)
     records = target.read().ordered()
     stored = {r["key"] for r in records}
-    missing = sum(len(grid - stored) for grid in planned_grids([*dirs, out]))
+    same = {Path(d).resolve() for d in dirs}
+    grids = planned_grids([*dirs, *([out] if resume and out.resolve() not in same else [])])
+    missing = sum(len(grid - stored) for grid in grids)
+    _record_merge(out, dirs, grids)
     if missing:
         log.warning(f"merge: {missing} cell(s) of the merged runs' grids have no record (a shard not merged, or "
                     "cells not run yet); the report says so")  # fmt: skip
