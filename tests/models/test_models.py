@@ -195,3 +195,17 @@ def test_a_damaged_safetensors_file_is_a_checkpoint_error(tmp_path) -> None:
     (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
     with pytest.raises(CheckpointError, match="could not read safetensors checkpoint"):
         read_checkpoint(tmp_path / "bad.safetensors")
+
+
+def test_a_bench_resolves_an_rb_model_to_its_datasets_checkpoint(tmp_path) -> None:
+    from tta_norm.bench.runner import robustbench_classes
+    from tta_norm.models import resolve_model_source
+
+    for dataset in ("cifar10", "cifar100"):
+        (tmp_path / dataset / "corruptions").mkdir(parents=True)
+        (tmp_path / dataset / "corruptions" / "Net.pt").write_bytes(b"")
+    for dataset in ("cifar10", "cifar100"):
+        n = robustbench_classes("rb:Net", dataset)
+        assert resolve_model_source("rb:Net", tmp_path, num_classes=n).options["dataset"] == dataset
+    assert robustbench_classes("rb:cifar10/Net", "cifar100") is None  # the name says its dataset
+    assert robustbench_classes("resnet20", "cifar100") is None

@@ -383,9 +383,11 @@ class AttackJob(ModelDataJob):
         return [GridCell(i, c.describe(), c.label, c) for i, c in enumerate(self.config.cells())]
 
     def validate(self) -> None:
+        from tta_norm.bench.runner import robustbench_classes
         from tta_norm.bench.validate import check_data_available, check_model
 
-        check_model(self.config.model, self.config.checkpoint)
+        check_model(self.config.model, self.config.checkpoint,
+                    num_classes=robustbench_classes(self.config.model, self.config.dataset))  # fmt: skip
         check_data_available(self.config.dataset, self.config.data_dir, self.config.source, self.config.corruptions,
                              self.config.severities)  # fmt: skip
 

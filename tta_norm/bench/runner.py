@@ -50,8 +50,20 @@ def load_source_model(cfg: BenchConfig, device: torch.device) -> torch.nn.Module
 
         checkpoint = str(prepare_source_model(cfg.model, data_dir=cfg.data_dir, device=device))
     weights, random_init = getattr(cfg, "weights", None), getattr(cfg, "random_init", False)  # attack configs lack them
-    model = load_model(cfg.model, checkpoint, weights=weights, random_init=random_init, device=device)
+    model = load_model(cfg.model, checkpoint, weights=weights, random_init=random_init, device=device,
+                       num_classes=robustbench_classes(cfg.model, cfg.dataset))  # fmt: skip
     return restrict_outputs(model, cfg.dataset)
+
+
+def robustbench_classes(model: str, dataset: str) -> int | None:
+    """For an ``rb:<name>`` model without its own dataset part, the class count of the benchmark's dataset (so
+    ``rb:`` resolves to that dataset's checkpoint, not to CIFAR-10's); ``None`` otherwise."""
+    from tta_norm.data.benchmark import NUM_CLASSES
+
+    name = model.strip()
+    if not name.startswith("rb:") or "/" in name:
+        return None
+    return NUM_CLASSES.get(dataset, 1000)
 
 
 def cell_plan(cell: Cell, bench: CorruptionBenchmark, cfg: BenchConfig) -> StreamPlan:
@@ -157,7 +169,8 @@ class BenchJob(ModelDataJob):
 
         cfg = self.config
         if self._model is None:
-            check_model(cfg.model, cfg.checkpoint, weights=cfg.weights, random_init=cfg.random_init)
+            check_model(cfg.model, cfg.checkpoint, weights=cfg.weights, random_init=cfg.random_init,
+                        num_classes=robustbench_classes(cfg.model, cfg.dataset))  # fmt: skip
         if self._bench is None:
             check_data_available(cfg.dataset, cfg.data_dir, cfg.source, cfg.corruptions, needed_severities(cfg),
                                  cfg.imagenet_ids)  # fmt: skip

@@ -252,10 +252,13 @@ def check_entry_types(path: str, label: str, method: str | None, kwargs: dict[st
             )
 
 
-def check_model(name: Any, checkpoint: Any, *, weights: Any = None, random_init: Any = False) -> None:
+def check_model(
+    name: Any, checkpoint: Any, *, weights: Any = None, random_init: Any = False, num_classes: int | None = None
+) -> None:
     """The model and its weights resolve (:func:`tta_norm.models.resolve_model_source`: no download, ever) and
     the model builds on the CPU with them (which also checks that a checkpoint matches the architecture).
-    ``checkpoint: finetuned`` weights are trained on first use: only the name is checked."""
+    ``checkpoint: finetuned`` weights are trained on first use: only the name is checked.  ``num_classes`` as
+    for :func:`~tta_norm.models.load_model`."""
     from tta_norm.models import load_model, resolve_model_source
 
     check_str("model", name)
@@ -270,9 +273,10 @@ def check_model(name: Any, checkpoint: Any, *, weights: Any = None, random_init:
     finetuned = checkpoint == "finetuned"
     try:
         resolve_model_source(name, None if finetuned else checkpoint, weights=weights,
-                             random_init=random_init or finetuned)  # fmt: skip
+                             random_init=random_init or finetuned, num_classes=num_classes)  # fmt: skip
         if not finetuned:
-            load_model(name, checkpoint, weights=weights, random_init=random_init, device="cpu")
+            load_model(name, checkpoint, weights=weights, random_init=random_init, device="cpu",
+                       num_classes=num_classes)  # fmt: skip
     except (FileNotFoundError, ValueError, KeyError, RuntimeError, TypeError, ImportError) as err:
         raise ConfigError(f"model: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
 
