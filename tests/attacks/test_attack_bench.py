@@ -208,11 +208,14 @@ def test_entries_with_fitted_ttn_and_fisher_run_as_in_the_bench(tmp_path, patche
     from tta_norm.fitting import _data
     from tta_norm.methods import entries
 
-    rng = np.random.default_rng(0)
+    def rng():  # the same "files" at every read
+        return np.random.default_rng(0)
+
     monkeypatch.setenv("TTA_NORM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(_data, "load_source_split", lambda *a, **k: (
-        rng.integers(0, 256, (16, 4, 4, 3), dtype=np.uint8), rng.integers(0, 4, 16)))  # fmt: skip
-    monkeypatch.setattr(entries, "clean_source_images", lambda dataset, n, **k: torch.rand(n, 3, 4, 4))
+        rng().integers(0, 256, (16, 4, 4, 3), dtype=np.uint8), rng().integers(0, 4, 16)))  # fmt: skip
+    fisher_images = torch.from_numpy(rng().random((8, 3, 4, 4), dtype=np.float32))
+    monkeypatch.setattr(entries, "clean_source_images", lambda dataset, n, **k: fisher_images[:n].clone())
     entries._ttn_states.clear()
     fit = {"n_images": 16, "prior_batches": 2, "prior_batch_size": 8, "epochs": 1, "batch_size": 8}
     methods = [{"preset": "ttn", "kwargs": {"ttn_fit": fit}}, {"preset": "tbn", "method": "eata",

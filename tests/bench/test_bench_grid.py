@@ -259,3 +259,22 @@ def test_a_merge_counts_missing_cells_of_its_inputs_only_and_passes_them_on(tmp_
     merge_dirs([tmp_path / "shard1"], tmp_path / "stage")
     _, _, report = merge_dirs([tmp_path / "stage"], tmp_path / "final")
     assert "**Incomplete:** 3 of the grid's 6 cells" in report.read_text()
+
+
+def test_fisher_images_changed_during_a_run_fail_the_later_cells_loudly(tmp_path, monkeypatch):
+    import torch
+
+    from tta_norm.methods import entries
+
+    calls = []
+
+    def images(dataset, n, **kwargs):  # the grid's fingerprint and cell 1 read A; cell 2 reads B
+        calls.append(n)
+        return torch.full((n, 3, 8, 8), 0.25 if len(calls) <= 2 else 0.75)
+
+    monkeypatch.setattr(entries, "clean_source_images", images)
+    methods = [{"preset": "tbn", "method": "eata", "kwargs": {"fisher_samples": 4}}]
+    outcome = run_grid(BenchJob(bench_config(str(tmp_path / "run"), methods=methods), model=tiny_model(),
+                                bench=fake_benchmark()), RunOptions(progress=False))  # fmt: skip
+    assert [r["status"] for r in outcome.records] == ["ok", "failed"]
+    assert "Fisher images changed on disk since the run started" in outcome.records[1]["error"]

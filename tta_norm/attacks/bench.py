@@ -307,6 +307,7 @@ def run_attack_cell(
     device: Any,
     progress: Callable[[int], None] | None,
     init_states: dict[str, tuple[str, Any]] | None = None,
+    expected_inputs: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Attack ``n_batches`` (for the cell's objective) batches of every domain with a fresh adapted copy of
     ``model`` per domain; the entry's ``fisher_samples`` / ``ttn_fit`` are resolved once per cell
@@ -329,7 +330,7 @@ def run_attack_cell(
     entry = cell.entry
     kwargs = resolve_entry_kwargs(entry.preset, entry.method, dict(entry.kwargs), model, dataset=cfg.dataset,
                                   data_dir=cfg.data_dir, device=device, batch_size=cell.batch_size,
-                                  init_states=init_states)  # fmt: skip
+                                  init_states=init_states, expected_inputs=expected_inputs)  # fmt: skip
     for (corruption, severity), data in bench.domains.items():
         torch.manual_seed(cell.seed)
         tta = tta_norm.adapt(model, entry.preset, entry.method, device=device, **kwargs)
@@ -413,7 +414,7 @@ class AttackJob(ModelDataJob):
             if need > len(data):
                 raise ConfigError(f"n_batches: {most} batches of {max(cfg.batch_sizes)} need {need} "
                                   f"images, domain {key} has {len(data)}")  # fmt: skip
-        return {"model": model.to(device), "bench": bench, "init_states": self.read_entry_files()}
+        return {"model": model.to(device), "bench": bench, **self.prepare_entries()}
 
     def work(self, cell: GridCell, state: dict[str, Any]) -> int:
         return len(state["bench"].domains) * self.config.batches_for(cell.payload.objective)
@@ -423,7 +424,8 @@ class AttackJob(ModelDataJob):
 
         with torch.no_grad():
             return run_attack_cell(cell.payload, state["model"], state["bench"], self.config, device, progress,
-                                   init_states=state.get("init_states"))  # fmt: skip
+                                   init_states=state.get("init_states"),
+                                   expected_inputs=self.entry_fingerprints(cell, state))  # fmt: skip
 
     def scalars(self, record: dict[str, Any]) -> dict[str, float]:
         m = record.get("metrics") or {}

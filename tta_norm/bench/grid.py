@@ -249,10 +249,25 @@ class ModelDataJob(GridJob):
             "params": {k: getattr(cfg, k) for k in self.PARAMS},
             "version": tta_norm.__version__,
         }
-        inputs = self.entry_inputs(state.get("init_states") if isinstance(state, dict) else None)
+        if isinstance(state, dict) and "entry_inputs" in state:  # fingerprinted once, by prepare_entries
+            inputs = state["entry_inputs"]
+        else:
+            inputs = self.entry_inputs(state.get("init_states") if isinstance(state, dict) else None)
         if inputs:
             identity["entry_inputs"] = inputs
         return identity
+
+    def prepare_entries(self) -> dict[str, Any]:
+        """The state the method entries need: their ``init_state`` files read once (``init_states``) and the
+        fingerprints of everything they read (``entry_inputs``, by entry digest).  A cell uses these states and
+        checks the source images it loads against these fingerprints, so its key always names what it ran on."""
+        init_states = self.read_entry_files()
+        return {"init_states": init_states, "entry_inputs": self.entry_inputs(init_states)}
+
+    def entry_fingerprints(self, cell: GridCell, state: Any) -> dict[str, str] | None:
+        """The fingerprints of what ``cell``'s entry reads, as taken by :meth:`prepare_entries`."""
+        inputs = state.get("entry_inputs") if isinstance(state, dict) else None
+        return (inputs or {}).get(digest(cell.payload.entry.as_dict()))
 
     def read_entry_files(self) -> dict[str, tuple[str, Any]]:
         """Every ``init_state`` file of the method entries, read once (path -> fingerprint and state,

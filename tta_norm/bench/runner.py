@@ -88,16 +88,18 @@ def run_cell(
     device: torch.device,
     progress: Callable[[int], None] | None = None,
     init_states: dict[str, tuple[str, Any]] | None = None,
+    expected_inputs: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Adapt a copy of ``model`` over the cell's stream; return the metrics summary (JSON-friendly).
-    ``init_states``: the entries' ``init_state`` files as read once by the job."""
+    ``init_states`` / ``expected_inputs``: the entries' ``init_state`` files and input fingerprints as taken
+    once by the job (:meth:`~tta_norm.bench.grid.ModelDataJob.prepare_entries`)."""
     plan = cell_plan(cell, bench, cfg)
     loader = StreamLoader(plan, bench.domains, device=device, batch_size=cell.batch_size)
     torch.manual_seed(cell.seed)
     entry = cell.entry
     kwargs = resolve_entry_kwargs(entry.preset, entry.method, dict(entry.kwargs), model, dataset=cfg.dataset,
                                   data_dir=cfg.data_dir, device=device, batch_size=cell.batch_size,
-                                  init_states=init_states)  # fmt: skip
+                                  init_states=init_states, expected_inputs=expected_inputs)  # fmt: skip
     tta = tta_norm.adapt(model, entry.preset, entry.method, device=device, on_bad_batch=cfg.on_bad_batch, **kwargs)
     acc = MetricsAccumulator.from_plan(plan)
     timer = BatchTimer(device)
@@ -185,7 +187,7 @@ class BenchJob(ModelDataJob):
             bench = self._bench if self._bench is not None else load_bench_data(cfg)
         except (FileNotFoundError, ValueError) as err:
             raise user_error("data", err) from None
-        return {"model": model.to(device), "bench": bench, "init_states": self.read_entry_files()}
+        return {"model": model.to(device), "bench": bench, **self.prepare_entries()}
 
     def work(self, cell: GridCell, state: dict[str, Any]) -> int:
         return len(cell_plan(cell.payload, state["bench"], self.config))
@@ -195,8 +197,9 @@ class BenchJob(ModelDataJob):
         return self.work(cell, state) * method_cost(cell.payload.entry)
 
     def run_cell(self, cell: GridCell, state: dict[str, Any], device: Any, progress: Callable[[int], None] | None):
+        expected = self.entry_fingerprints(cell, state)
         return run_cell(cell.payload, state["model"], state["bench"], self.config, device, progress=progress,
-                        init_states=state.get("init_states"))  # fmt: skip
+                        init_states=state.get("init_states"), expected_inputs=expected)  # fmt: skip
 
     def scalars(self, record: dict[str, Any]) -> dict[str, float]:
         m = record.get("metrics") or {}

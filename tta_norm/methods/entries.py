@@ -183,19 +183,27 @@ def entry_inputs(
 
 
 def fitted_ttn_state(
-    model: nn.Module, fit: Mapping[str, Any], *, data_dir: str | None = None, device: torch.device | str | None = None
+    model: nn.Module,
+    fit: Mapping[str, Any],
+    *,
+    data_dir: str | None = None,
+    device: torch.device | str | None = None,
+    expected_source: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """The ``ttn``-adapted state dict of ``model`` fitted with the ``ttn_fit`` settings, cached per model, fit
-    settings and the content of the source images it is fitted on."""
+    settings and the content of the source images it is fitted on (``expected_source``: their fingerprint
+    must be this one)."""
     from tta_norm.bench.identity import array_fingerprint
     from tta_norm.data.paths import cache_root
     from tta_norm.fitting.ttn import FIT_VERSION, fit_ttn
 
     images, labels = ttn_source_data(fit, data_dir=data_dir)
+    source_fingerprint = array_fingerprint(images, labels)
+    _check_unchanged("TTN source images", expected_source, source_fingerprint)
     n_images, seed, source = _ttn_source_settings(fit)
     fit = {k: v for k, v in fit.items() if k not in ("n_images", "seed", "source")}
     key = _state_fingerprint(model, {"n_images": n_images, "seed": seed, "source": source, **fit,
-                                     "images": array_fingerprint(images, labels), "version": FIT_VERSION})  # fmt: skip
+                                     "images": source_fingerprint, "version": FIT_VERSION})  # fmt: skip
     if key in _ttn_states:
         return _ttn_states[key]
     path = Path(cache_root()) / "ttn" / f"ttn-{key}.pt"
@@ -220,8 +228,13 @@ def resolve_entry_kwargs(
     device: torch.device | str | None = None,
     batch_size: int | None = None,
     init_states: Mapping[str, tuple[str, Any]] | None = None,
+    expected_inputs: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The keyword arguments for :func:`tta_norm.adapt` of a benchmark entry, with :data:`ENTRY_KEYS` resolved.
+
+    ``expected_inputs`` (the fingerprints of :func:`entry_inputs` taken when the grid started): the Fisher
+    images and TTN source data loaded here must still have them, else ``ValueError`` (a file changed during
+    the run; its results would be stored under the old fingerprint).
 
     ``fisher_samples`` becomes ``fisher_images`` (clean source images, :func:`clean_source_images`),
     ``ttn_fit`` becomes ``init_state`` (:func:`fitted_ttn_state`) and ``lr: paper`` / ``paper-vit`` becomes
@@ -243,6 +256,10 @@ def resolve_entry_kwargs(
             raise ValueError(f"fisher_samples is an EATA setting; the entry's method is {method!r}")
         n = fisher_sample_count(kwargs["fisher_samples"])
         images = clean_source_images(dataset, n, seed=int(kwargs.get("fisher_seed", 0)), data_dir=data_dir)
+        if (expected_inputs or {}).get("fisher_images_sha256") is not None:
+            from tta_norm.bench.identity import array_fingerprint
+
+            _check_unchanged("Fisher images", expected_inputs["fisher_images_sha256"], array_fingerprint(images))
         out["fisher_images"] = images.to(device) if device is not None else images
     if "ttn_fit" in kwargs:
         if preset != "ttn":
@@ -252,5 +269,13 @@ def resolve_entry_kwargs(
         fit = kwargs["ttn_fit"] or {}
         if not isinstance(fit, Mapping):
             raise ValueError(f"ttn_fit must be a mapping of fit settings, got {fit!r}")
-        out["init_state"] = fitted_ttn_state(model, fit, data_dir=data_dir, device=device)
+        expected = (expected_inputs or {}).get("ttn_source_sha256")
+        out["init_state"] = fitted_ttn_state(model, fit, data_dir=data_dir, device=device, expected_source=expected)
     return out
+
+
+def _check_unchanged(what: str, expected: str | None, found: str) -> None:
+    """``ValueError`` when data read for a cell no longer has the fingerprint its grid's keys were made with."""
+    if expected is not None and found != expected:
+        raise ValueError(f"the {what} changed on disk since the run started (fingerprint {expected} expected, "
+                         f"{found} found); rerun the grid on the current files")  # fmt: skip
