@@ -18,7 +18,7 @@ from tta_norm import kernels
 from tta_norm.device import available_device, input_dtype
 from tta_norm.methods import GradientMethod, get_method_class
 from tta_norm.methods.base import NonFiniteLogits, all_finite, optim_setting_names
-from tta_norm.norm.adaptive import AdaptiveNorm, adaptive_layers, check_domain
+from tta_norm.norm.adaptive import AdaptiveNorm, InputRankError, adaptive_layers, check_domain
 from tta_norm.norm.context import UNSET, layer_options
 from tta_norm.norm.convert import convert_batchnorms, find_batchnorms
 from tta_norm.norm.spec import NormSpec, spec_fields
@@ -471,7 +471,8 @@ class TTAModel(nn.Module):
 
 def _is_rank_error(err: BaseException) -> bool:
     """Whether ``err`` is a norm layer refusing an input of the wrong rank (torch's or :class:`AdaptiveNorm`'s)."""
-    return isinstance(err, ValueError) and re.search(r"expects a [0-9D or-]+ input|expected \dD", str(err)) is not None
+    torch_rank_error = isinstance(err, ValueError) and re.match(r"expected \dD input", str(err)) is not None
+    return isinstance(err, InputRankError) or torch_rank_error
 
 
 _NO_FRAME = contextlib.nullcontext()  # domain=None sets no option: no frame (an enclosing block stays in charge)

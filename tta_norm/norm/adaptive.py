@@ -33,6 +33,11 @@ _EXPECTED_DIMS: dict[type, tuple[int, ...]] = {
 }
 
 
+
+class InputRankError(ValueError):
+    """An adaptive norm layer got an input of a rank its BatchNorm does not take (e.g. an image without its
+    batch dimension reaching a ``BatchNorm2d``)."""
+
 class AdaptiveNorm(nn.Module):
     """A BatchNorm whose statistics come from a :class:`NormSpec` (test batch, source prior, EMA, median...).
 
@@ -243,7 +248,7 @@ class AdaptiveNorm(nn.Module):
         label = f"adaptive norm layer {self.name!r}" if self.name else "adaptive norm layer"
         if x.dim() < 2 or (self.expected_dims is not None and x.dim() not in self.expected_dims):
             want = " or ".join(f"{d}-D" for d in self.expected_dims or (2,))
-            raise ValueError(f"{label} expects a {want} input (N, C, ...), got shape {tuple(x.shape)}")
+            raise InputRankError(f"{label} expects a {want} input (N, C, ...), got shape {tuple(x.shape)}")
         if x.shape[1] != self.num_features:
             raise ValueError(
                 f"{label} expects {self.num_features} channels (dim 1), got {x.shape[1]} "
