@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+import torch
+
 from tta_norm.bench.engine import RunOptions, run_grid
 from tta_norm.bench.merge import comparable, merge_dirs
 from tta_norm.bench.runner import BenchJob
@@ -46,8 +49,12 @@ def test_keys_change_with_weights_and_data_content(tmp_path):
     assert len(ident["data"]["domains"]) == 2 and ident["model"]["weights_sha256"]
 
 
-def test_every_config_key_is_in_the_cell_key_or_declared_result_neutral(tmp_path):
+def test_every_config_key_is_in_the_cell_key_or_declared_result_neutral(tmp_path, monkeypatch):
     import dataclasses
+
+    import tta_norm.bench.runner as runner
+
+    monkeypatch.setattr(runner, "check_model_outputs", lambda *a, **k: None)  # one model under every dataset
 
     from tta_norm.bench.config import BenchConfig
     from tta_norm.bench.runner import BENCH_PARAMS
@@ -236,9 +243,10 @@ def test_an_init_state_file_is_read_once_so_every_cell_uses_the_fingerprinted_st
     assert [comparable(r) for r in swapped.records] == [comparable(r) for r in reference.records]
 
 
-def test_a_model_for_another_class_count_fails_every_cell_loudly(tmp_path):
-    import torch
+def test_a_model_for_another_class_count_fails_every_cell_loudly(tmp_path, monkeypatch):
+    import tta_norm.bench.runner as runner
 
+    monkeypatch.setattr(runner, "check_model_outputs", lambda *a, **k: None)  # the cells' own check, behind it
     model = tiny_model()
     model[-1] = torch.nn.Linear(4, 2)  # two outputs; the benchmark's labels go up to 2
     outcome = run_grid(BenchJob(bench_config(str(tmp_path / "run"), methods=["source"], seeds=[0]), model=model,
@@ -278,3 +286,24 @@ def test_fisher_images_changed_during_a_run_fail_the_later_cells_loudly(tmp_path
                                 bench=fake_benchmark()), RunOptions(progress=False))  # fmt: skip
     assert [r["status"] for r in outcome.records] == ["ok", "failed"]
     assert "Fisher images changed on disk since the run started" in outcome.records[1]["error"]
+
+
+def test_a_model_of_another_dataset_is_refused_before_any_cell_runs(tmp_path):
+    from tta_norm.bench.validate import ConfigError, check_model_outputs
+    from tta_norm.data.natural import restrict_outputs
+
+    bench = fake_benchmark()
+    for width, dataset in ((10, "cifar100"), (100, "cifar10"), (3, "cifar10")):
+        job = BenchJob(bench_config(str(tmp_path / f"w{width}"), dataset=dataset), model=tiny_model(num_classes=width),
+                       bench=bench)  # fmt: skip
+        with pytest.raises(ConfigError, match=f"model: gives {width} logits per image, dataset {dataset} needs"):
+            run_grid(job, RunOptions(progress=False))
+        assert not (tmp_path / f"w{width}" / "results.jsonl").exists()
+    model = tiny_model(num_classes=100).train()
+    check_model_outputs(model, bench, "cifar100", "cpu")
+    assert model.training and model[1].training  # modes restored; running statistics untouched by the probe
+    assert torch.equal(model[1].num_batches_tracked, torch.tensor(0))
+    # ImageNet-R's 200-logit subset needs a 1,000-class network inside it, not a 21k-class one
+    with pytest.raises(ConfigError, match="gives 21843 logits per image, dataset imagenet_r needs 1000"):
+        check_model_outputs(restrict_outputs(tiny_model(num_classes=21843), "imagenet_r"), bench, "imagenet_r", "cpu")
+    check_model_outputs(restrict_outputs(tiny_model(num_classes=1000), "imagenet_r"), bench, "imagenet_r", "cpu")

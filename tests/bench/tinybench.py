@@ -11,11 +11,12 @@ from tta_norm.data.benchmark import CorruptionBenchmark
 from tta_norm.data.readers import ArrayDataset
 
 
-def tiny_model(seed: int = 0) -> nn.Module:
-    """conv + BN + ReLU + pool + linear, built from torch modules only (pickles without this module)."""
+def tiny_model(seed: int = 0, num_classes: int = 10) -> nn.Module:
+    """conv + BN + ReLU + pool + linear, built from torch modules only (pickles without this module); 10 logits,
+    as the ``cifar10`` benchmark it runs on needs (its labels use only 0..2)."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))  # fmt: skip
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))  # fmt: skip
     with torch.no_grad():
         model[1].running_mean.uniform_(-0.2, 0.2)
         model[1].running_var.uniform_(0.5, 1.5)

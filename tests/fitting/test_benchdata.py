@@ -65,7 +65,7 @@ def test_run_grid_writes_the_harness_records(sorted_clean, tmp_path):
     cfg = BenchConfig(name="t", corruptions=["fog", "gaussian_noise"], methods=["source", "tbn"], batch_sizes=[4, 12],
                       device="cpu", output=str(tmp_path / "out"), plots=False)  # fmt: skip
     cfg.validate()
-    out = run_grid(cfg, bench, tiny_net(0), progress=False)
+    out = run_grid(cfg, bench, tiny_net(0, num_classes=10), progress=False)
     table = error_table(out)
     assert set(table) == {(m, b) for m in ("source", "tbn") for b in (4, 12)}
     assert all(0.0 <= v <= 1.0 for v in table.values())

@@ -31,7 +31,15 @@ from tta_norm.bench.config import GridConfig, MethodEntry, read_config_data, val
 from tta_norm.bench.grid import GridCell, ModelDataJob
 from tta_norm.bench.report import group_ok_records, method_order, pyplot, save_figure, write_markdown_report
 from tta_norm.bench.store import atomic_write
-from tta_norm.bench.validate import ConfigError, check_int, check_int_list, check_number, check_str, user_error
+from tta_norm.bench.validate import (
+    ConfigError,
+    check_int,
+    check_int_list,
+    check_model_outputs,
+    check_number,
+    check_str,
+    user_error,
+)
 
 
 def parse_number(value: Any, name: str) -> float:
@@ -414,7 +422,9 @@ class AttackJob(ModelDataJob):
             if need > len(data):
                 raise ConfigError(f"n_batches: {most} batches of {max(cfg.batch_sizes)} need {need} "
                                   f"images, domain {key} has {len(data)}")  # fmt: skip
-        return {"model": model.to(device), "bench": bench, **self.prepare_entries()}
+        model = model.to(device)
+        check_model_outputs(model, bench, cfg.dataset, device)
+        return {"model": model, "bench": bench, **self.prepare_entries()}
 
     def work(self, cell: GridCell, state: dict[str, Any]) -> int:
         return len(state["bench"].domains) * self.config.batches_for(cell.payload.objective)

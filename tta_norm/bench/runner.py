@@ -20,7 +20,7 @@ from tta_norm.bench.config import BenchConfig, Cell, MethodEntry
 from tta_norm.bench.engine import GridOutcome, RunOptions, run_grid  # noqa: F401 - re-exported
 from tta_norm.bench.grid import GridCell, ModelDataJob
 from tta_norm.bench.store import atomic_write, records_to_csv
-from tta_norm.bench.validate import user_error
+from tta_norm.bench.validate import check_model_outputs, user_error
 from tta_norm.data.benchmark import CorruptionBenchmark, load_corruption_benchmark
 from tta_norm.methods.entries import resolve_entry_kwargs
 from tta_norm.metrics import BatchTimer, MetricsAccumulator, PeakMemory
@@ -187,7 +187,9 @@ class BenchJob(ModelDataJob):
             bench = self._bench if self._bench is not None else load_bench_data(cfg)
         except (FileNotFoundError, ValueError) as err:
             raise user_error("data", err) from None
-        return {"model": model.to(device), "bench": bench, **self.prepare_entries()}
+        model = model.to(device)
+        check_model_outputs(model, bench, cfg.dataset, device)
+        return {"model": model, "bench": bench, **self.prepare_entries()}
 
     def work(self, cell: GridCell, state: dict[str, Any]) -> int:
         return len(cell_plan(cell.payload, state["bench"], self.config))

@@ -281,6 +281,39 @@ def check_model(
         raise ConfigError(f"model: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
 
 
+def check_model_outputs(model: Any, bench: Any, dataset: str, device: Any) -> None:
+    """``model`` gives one logit per class of ``dataset`` (:func:`~tta_norm.data.benchmark.dataset_classes`),
+    checked with one eval-mode forward of a benchmark image before any cell runs, every module's mode restored.
+    A model of another dataset (10 logits on CIFAR-100, 100 on CIFAR-10, 21k inside ImageNet-R's 200-class
+    subset) is a config error here, not a grid of failed or silently mis-scored cells."""
+    import torch
+
+    from tta_norm.data.benchmark import dataset_classes
+    from tta_norm.data.tensors import to_float_nchw
+    from tta_norm.models.wrappers import LogitSubset
+
+    data = next((d for d in bench.domains.values() if len(d)), None)
+    if data is None:
+        return
+    x = to_float_nchw(torch.tensor(data.images[:1]).to(device))  # a copy: the images may be a read-only mmap
+    inner = model.model if isinstance(model, LogitSubset) else model
+    modes = [(m, m.training) for m in inner.modules()]
+    try:
+        inner.eval()
+        with torch.no_grad():
+            out = inner(x)
+    finally:
+        for module, training in modes:
+            module.training = training
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"model: gives {shape} for a batch of 1 image, expected (1, classes) logits")
+    width, want = out.shape[1], 1000 if isinstance(model, LogitSubset) else dataset_classes(dataset)
+    if width != want:
+        raise ConfigError(f"model: gives {width} logits per image, dataset {dataset} needs {want} "
+                          "(a model or checkpoint of another dataset?)")  # fmt: skip
+
+
 def check_data_available(
     dataset: str,
     data_dir: str | None,

@@ -66,6 +66,14 @@ EXTRA_CORRUPTIONS = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 
 DATASETS = ("cifar10", "cifar100", "imagenet", "imagenet_r", "imagenet_a", "imagenet_sketch")
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
+
+
+def dataset_classes(dataset: str) -> int:
+    """The number of classes benchmark ``dataset`` is scored on (labels ``0..n-1``; ImageNet-R/A: 200)."""
+    shift = natural_shift(dataset)
+    return len(shift.wnids) if shift is not None else NUM_CLASSES[dataset]
+
+
 RELEASE_DIRS = {
     "cifar10": ("CIFAR-10-C", "cifar10-c", "cifar10_c"),
     "cifar100": ("CIFAR-100-C", "cifar100-c", "cifar100_c"),
