@@ -29,7 +29,7 @@ class ToyConfig:
     sleep: float = 0.0
     kill_marker: str | None = None
     kill_value: int | None = None
-    record_start: bool = False  # metrics get the wall-clock time the cell started
+    record_start: bool = False  # metrics get the wall-clock times the cell started and finished
     device: str = "cpu"
     plots: bool = False
     resources: dict[str, float] = field(default_factory=lambda: {"num_cpus": 1, "num_gpus": 0})
@@ -74,7 +74,7 @@ class ToyJob(GridJob):
         if cell.payload in cfg.fail:
             raise RuntimeError(f"cell {cell.payload} fails on purpose")
         metrics = {"value": cell.payload * state["scale"], "pid": os.getpid()}
-        return {**metrics, "started": started} if cfg.record_start else metrics
+        return {**metrics, "started": started, "finished": time.time()} if cfg.record_start else metrics
 
     def scalars(self, record: dict[str, Any]) -> dict[str, float]:
         return {"value": float(record["metrics"]["value"])}
