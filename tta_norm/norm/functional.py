@@ -53,7 +53,7 @@ def test_weight(spec: NormSpec, batch_size: int, mix_weight: Tensor | None) -> W
             raise ValueError("a channelwise spec needs the layer's channel-wise mixing weight")
         clamped = mix_weight.clamp(0.0, 1.0)
         if mix_weight.requires_grad and torch.is_grad_enabled():
-            return clamped + (mix_weight - mix_weight.detach())
+            return mix_weight + (clamped - mix_weight).detach()
         return clamped
     return spec.fixed_alpha(batch_size)
 
