@@ -52,7 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--split", choices=("test", "train"), default="test", help="CIFAR batches split (default test)"
     )
-    parser.add_argument("--overwrite", action="store_true", help="cifar layout: recompute existing files")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="recompute existing files (needed to reuse a directory written with other settings or another source)",
+    )  # fmt: skip
     parser.add_argument(
         "--resize", type=int, default=256, help="imagenet layout: shorter side (0: keep size)"
     )
@@ -142,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
                 quality=args.quality,
                 workers=args.workers,
                 progress=progress,
+                overwrite=args.overwrite,
             )
             print(f"corrupt: wrote {written} JPEG files under {args.out}", file=sys.stderr)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:

@@ -22,9 +22,9 @@ written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import pickle
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
@@ -44,6 +44,7 @@ from ._core import (
     run_corruption,
 )
 from ._names import ALL_CORRUPTIONS, CORRUPTIONS
+from ._pickle import load_cifar_pickle
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -64,10 +65,6 @@ def class_mixing_permutation(n: int, seed: int = ROW_ORDER_SEED) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        d = pickle.load(f, encoding="bytes")
-    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
 
 
 def _find_cifar_dir(root: Path) -> tuple[Path, str] | None:
@@ -84,7 +81,8 @@ def load_cifar_batches(root: str | os.PathLike, train: bool = False) -> tuple[np
 
     ``root`` is that directory or its parent. Returns uint8 images ``(N, 32, 32, 3)`` and int64 labels
     (fine labels for CIFAR-100) in the stored order, as ``torchvision.datasets.CIFAR10(...).data`` does.
-    The files are pickles: only read data you trust.
+    The files are pickles, read without running code (:func:`corruptions._pickle.load_cifar_pickle`: a file
+    that names anything but plain data is a :class:`~corruptions._pickle.CifarPickleError`).
     """
     found = _find_cifar_dir(Path(root))
     if found is None:
@@ -103,7 +101,9 @@ def load_cifar_batches(root: str | os.PathLike, train: bool = False) -> tuple[np
     for f in files:
         if not f.is_file():
             raise FileNotFoundError(f"missing CIFAR batch file {f}")
-        entry = _unpickle(f)
+        entry = load_cifar_pickle(f)
+        if "data" not in entry or label_key not in entry:
+            raise ValueError(f"{f}: missing 'data' or {label_key!r} (keys: {sorted(entry)[:6]}); not a CIFAR batch")
         data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         labels.extend(entry[label_key])
     images = np.ascontiguousarray(np.concatenate(data).transpose(0, 2, 3, 1))
@@ -121,18 +121,30 @@ class ImageFolderIndex:
 
 
 def index_image_folder(root: str | os.PathLike) -> ImageFolderIndex:
-    """List ``<root>/<class>/**/<image>`` like torchvision's ``ImageFolder`` (classes and files sorted)."""
+    """List ``<root>/<class>/**/<image>`` like torchvision's ``ImageFolder`` (classes and files sorted).
+
+    Hidden folders and files (``.ipynb_checkpoints``, macOS ``._*``) are skipped, as ``tta_norm``'s reader
+    skips them; a class folder without images is an error, since labels are folder positions and it would
+    shift every later one."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-    files, labels = [], []
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    files, labels, empty = [], [], []
     for label, cls in enumerate(classes):
+        count = len(files)
         for dirpath, _, fnames in sorted(os.walk(root / cls)):
+            if any(part.startswith(".") for part in Path(dirpath).relative_to(root).parts):
+                continue
             for fname in sorted(fnames):
-                if fname.lower().endswith(IMG_EXTENSIONS):
+                if fname.lower().endswith(IMG_EXTENSIONS) and not fname.startswith("."):
                     files.append(str(Path(dirpath, fname).relative_to(root)))
                     labels.append(label)
+        if len(files) == count:
+            empty.append(cls)
+    if empty and files:
+        raise ValueError(f"{root}: class folders {empty[:5]} hold no images; labels are folder positions, so "
+                         "remove them (or the folders that are not classes)")  # fmt: skip
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) in class folders under {root}")
     return ImageFolderIndex(root, tuple(classes), tuple(files), np.asarray(labels, dtype=np.int64))
@@ -233,6 +245,35 @@ def _save_json(path: Path, obj: dict) -> None:
     _atomic_write(path, write)
 
 
+def source_digest(images: np.ndarray, labels: np.ndarray) -> str:
+    """SHA-256 of the source images' bytes, shape and labels: a directory is resumed only from the same source."""
+    h = hashlib.sha256(repr((images.shape, str(images.dtype))).encode())
+    h.update(np.ascontiguousarray(images).data)
+    h.update(np.asarray(labels, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); remove it or pass overwrite=True") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
+        raise ValueError(f"{path} is not a manifest of this generator; remove it or pass overwrite=True")
+    manifest.setdefault("files", {})
+    return manifest
+
+
+def _check_settings(out: Path, old: object, new: dict) -> None:
+    """Resuming ``out`` needs the settings it was written with: name the ones that differ."""
+    if old == new:
+        return
+    old = old if isinstance(old, dict) else {}
+    diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    raise ValueError(f"{out} holds a dataset written with other settings ({'; '.join(diff)}); choose another "
+                     "directory or pass overwrite=True")  # fmt: skip
+
+
 def _progress(total: int, desc: str, enabled: bool):
     if not enabled:
         return nullcontext(None)
@@ -284,9 +325,11 @@ def write_cifar_c(
     ``row_order[i]``; it is saved as ``permutation.npy`` and recorded in the manifest.  If only some
     ``severities`` are requested, the rows of the others are left zero and ``manifest.json`` records which
     severities each file holds; a later call with more severities fills them in. A file whose requested
-    severities are all present is skipped. ``manifest.json`` also pins ``seed``, ``preset``, ``N`` and the
-    row order: resuming with different ones is refused unless ``overwrite=True``. Returns ``{name: severities
-    present}``.
+    severities are all present is skipped. ``manifest.json`` also pins ``seed``, ``preset``, ``N``, the row
+    order and the source (:func:`source_digest` of the images and labels): resuming with different ones is
+    refused, naming them, unless ``overwrite=True``, which starts a new dataset there (its manifest is written
+    first; files of the old one that are not rewritten stay on disk unlisted, and ``tta_norm`` refuses to read
+    them). Returns ``{name: severities present}``.
     """
     if (
         not isinstance(images, np.ndarray)
@@ -318,19 +361,18 @@ def write_cifar_c(
             check_size(name, s, preset, h, w)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"seed": seed, "preset": preset, "n": int(n), "shape": [int(h), int(w)], "layout": "cifar"}
+    settings = {"seed": seed, "preset": preset, "n": int(n), "shape": [int(h), int(w)], "layout": "cifar",
+                "source_sha256": source_digest(images, labels)}  # fmt: skip
     if row_order is not None:
         settings["row_order"] = PERMUTATION
     manifest_path = out / MANIFEST
     manifest = {"settings": settings, "files": {}}
-    if manifest_path.exists() and not overwrite:
-        old = json.loads(manifest_path.read_text())
-        if old.get("settings") != settings:
-            raise ValueError(
-                f"{out} holds a dataset written with {old.get('settings')}, not {settings}; "
-                "choose another directory or pass overwrite=True"
-            )
+    old = _read_manifest(manifest_path) if manifest_path.exists() and not overwrite else None
+    if old is not None and not overwrite:
+        _check_settings(out, old.get("settings"), settings)
         manifest = old
+    else:  # a new dataset: its manifest (no files yet) replaces the old one before any file changes
+        _save_json(manifest_path, manifest)
     if row_order is not None:
         perm_path = out / PERMUTATION
         if not perm_path.exists() or not np.array_equal(np.load(perm_path), row_order):
@@ -391,6 +433,7 @@ def write_imagenet_c(
     workers: int | None = None,
     progress: bool = True,
     chunk: int = 64,
+    overwrite: bool = False,
 ) -> int:
     """Corrupt an ImageFolder tree into ``<out_dir>/<name>/<severity>/<class>/<file>`` JPEGs.
 
@@ -399,7 +442,10 @@ def write_imagenet_c(
     images must share one size), corrupted, and saved as JPEG ``quality`` with ``optimize=True``. Files keep
     their name (non-JPEG extensions become ``.jpg``). Existing files are skipped; the random draws of image
     ``i`` depend only on ``(seed, corruption, severity, preset, i)`` and the block it falls in, so resumed
-    runs write the same bytes. Returns the number of files written.
+    runs write the same bytes. ``manifest.json`` pins the settings (seed, preset, resize, crop, quality) and
+    the source (:func:`listing_digest`): resuming with other ones, or writing into a non-empty directory
+    without a manifest, is refused unless ``overwrite=True``, which rewrites every selected file (an
+    interrupted overwrite must be finished with ``overwrite=True``). Returns the number of files written.
     """
     from PIL import Image
 
@@ -419,6 +465,20 @@ def write_imagenet_c(
     for name in names:
         for s in sev:
             check_size(name, s, preset, h, w)
+    settings = {"layout": "imagenet", "seed": seed, "preset": preset, "resize": resize, "crop": crop,
+                "quality": int(quality), "source_sha256": listing_digest(index)}  # fmt: skip
+    manifest_path = out / MANIFEST
+    if not overwrite:
+        if manifest_path.exists():
+            old = _read_manifest(manifest_path)
+            _check_settings(out, old.get("settings"), settings)
+            if old.get("overwriting"):
+                raise ValueError(f"{out}: an overwrite was interrupted, so some files may hold the old settings; "
+                                 "finish it with overwrite=True")  # fmt: skip
+        elif out.is_dir() and any(out.iterdir()):
+            raise ValueError(f"{out} holds files but no {MANIFEST} (not written by this generator, or by an older "
+                             "version): choose another directory or pass overwrite=True")  # fmt: skip
+    _save_json(manifest_path, {"settings": settings, "files": {}, "overwriting": bool(overwrite)})
     bs = block_size(h, w)
     step = max(bs, (chunk // bs) * bs)  # chunks start at multiples of the block size
     jobs = [(name, s) for name in names for s in sev]
@@ -433,8 +493,9 @@ def write_imagenet_c(
         for i0 in range(0, n, step):
             rel = targets[i0 : i0 + step]
             pending = [
-                (name, s) for name, s in jobs if not all((out / name / str(s) / r).exists() for r in rel)
-            ]
+                (name, s) for name, s in jobs
+                if overwrite or not all((out / name / str(s) / r).exists() for r in rel)
+            ]  # fmt: skip
             if pending:
                 batch = np.stack(
                     [read_image(index.root / f, resize, crop) for f in index.files[i0 : i0 + step]]
@@ -446,12 +507,22 @@ def write_imagenet_c(
                     res = run_corruption(batch, name, s, seed, preset, nworkers, start=i0)
                     for img, r in zip(res, rel, strict=True):
                         path = out / name / str(s) / r
-                        if not path.exists():
+                        if overwrite or not path.exists():
                             save(img, path)
                             written += 1
                 if bar is not None:
                     bar.update(len(rel))
+    _save_json(manifest_path, {"settings": settings, "files": {}})
     return written
+
+
+def listing_digest(index: ImageFolderIndex) -> str:
+    """SHA-256 of an ImageFolder source's listing: each file's relative path, size and label (no image is read,
+    so a tree of a million files is fingerprinted in seconds)."""
+    h = hashlib.sha256()
+    for rel, label in zip(index.files, index.labels.tolist(), strict=True):
+        h.update(f"{rel}\0{(index.root / rel).stat().st_size}\0{label}\n".encode())
+    return h.hexdigest()
 
 
 def all_names(selection: str) -> list[str]:

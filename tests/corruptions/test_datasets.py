@@ -220,3 +220,108 @@ def test_python_m_corruptions_help():
 
     res = subprocess.run([sys.executable, "-m", "corruptions", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "--severities" in res.stdout
+
+
+def test_a_cifar_directory_is_resumed_only_from_the_same_source(tmp_path):
+    from tta_norm.data.readers import DataFormatError, read_cifar_c
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8) for _ in range(2))
+    y = np.array([0, 1, 2, 3])
+    out = tmp_path / "c"
+    write_cifar_c(a, y, out, ["contrast", "fog"], severities=[5], progress=False)
+    # other images of the same shape (CIFAR-100 after CIFAR-10): refused, naming what differs
+    with pytest.raises(ValueError, match="source_sha256"):
+        write_cifar_c(b, y, out, ["contrast"], severities=[5], progress=False)
+    with pytest.raises(ValueError, match="source_sha256"):
+        write_cifar_c(a, y[::-1].copy(), out, ["contrast"], severities=[5], progress=False)
+    # overwrite starts a new dataset: fog.npy (from the old source) stays on disk but is no longer readable
+    write_cifar_c(b, y, out, ["contrast"], severities=[5], progress=False, overwrite=True)
+    assert np.array_equal(read_cifar_c(out, "contrast", [5])[5].images, corrupt(b, "contrast", 5))
+    assert (out / "fog.npy").is_file()
+    with pytest.raises(DataFormatError, match="not listed in manifest.json"):
+        read_cifar_c(out, "fog", [5])
+
+
+def test_an_interrupted_overwrite_leaves_no_old_file_readable(tmp_path, monkeypatch):
+    from tta_norm.data.readers import DataFormatError, read_cifar_c
+
+    rng = np.random.default_rng(1)
+    a, b = (rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8) for _ in range(2))
+    out = tmp_path / "c"
+    write_cifar_c(a, [0, 1, 2, 3], out, ["contrast"], severities=[5], progress=False)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ds, "run_corruption", crash)
+    with pytest.raises(KeyboardInterrupt):
+        write_cifar_c(b, [3, 2, 1, 0], out, ["contrast"], severities=[5], progress=False, overwrite=True)
+    with pytest.raises(DataFormatError, match="not listed"):  # old images under the new labels: never read
+        read_cifar_c(out, "contrast", [5])
+
+
+def test_imagenet_c_tree_refuses_other_settings_and_foreign_trees(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    _write_folder(src, size=(32, 32), per_class=2)
+    out = tmp_path / "inc"
+    kw = dict(preset="imagenet", resize=None, crop=None, progress=False, workers=1)
+    assert write_imagenet_c(src, out, ["contrast"], [5], seed=0, **kw) == 4
+    victim = out / "contrast" / "5" / "cat" / "001.jpg"
+    with pytest.raises(ValueError, match="quality: 85 -> 10"):
+        write_imagenet_c(src, out, ["contrast"], [5], seed=0, quality=10, **kw)
+    with pytest.raises(ValueError, match="seed: 0 -> 1"):
+        write_imagenet_c(src, out, ["contrast"], [5], seed=1, **kw)
+    (src / "cat" / "003.png").write_bytes((src / "cat" / "001.png").read_bytes())  # the source changed
+    with pytest.raises(ValueError, match="source_sha256"):
+        write_imagenet_c(src, out, ["contrast"], [5], seed=0, **kw)
+    (src / "cat" / "003.png").unlink()
+    # overwrite rewrites every selected file with the new settings
+    before = victim.read_bytes()
+    assert write_imagenet_c(src, out, ["contrast"], [5], seed=0, quality=10, overwrite=True, **kw) == 4
+    assert victim.read_bytes() != before
+    # an interrupted overwrite must be finished with overwrite=True
+    monkeypatch.setattr(ds, "run_corruption", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        write_imagenet_c(src, out, ["contrast"], [5], seed=0, overwrite=True, **kw)
+    with pytest.raises(ValueError, match="overwrite was interrupted"):
+        write_imagenet_c(src, out, ["contrast"], [5], seed=0, **kw)
+    # a tree this generator did not write (no manifest) is not resumed into
+    foreign = tmp_path / "release"
+    (foreign / "contrast" / "5").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no manifest.json"):
+        write_imagenet_c(src, foreign, ["contrast"], [5], seed=0, **kw)
+
+
+def test_hidden_folders_and_files_are_not_classes_or_images(tmp_path):
+    expected = _write_folder(tmp_path / "src")
+    (tmp_path / "src" / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "src" / "cat" / "._001.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (tmp_path / "src" / "cat" / ".cache").mkdir()
+    Image.fromarray(expected[0]).save(tmp_path / "src" / "cat" / ".cache" / "x.png")
+    x, y, classes = load_image_folder(tmp_path / "src")
+    assert classes == ("cat", "dog") and list(y) == [0, 0, 0, 1, 1, 1]
+    assert np.array_equal(x, expected[[2, 1, 0, 5, 4, 3]])
+    (tmp_path / "src" / "ant").mkdir()  # an empty class folder would shift every later label
+    with pytest.raises(ValueError, match=r"class folders \['ant'\] hold no images"):
+        load_image_folder(tmp_path / "src")
+
+
+def test_a_planted_pickle_payload_is_refused_and_never_run(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    d = tmp_path / "evil" / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    (d / "test_batch").write_bytes(pickle.dumps({"data": Payload(), "labels": [0]}))
+    with pytest.raises(ValueError, match=r"refused global (posix|os)\.system.*nothing was run"):
+        load_cifar_batches(tmp_path / "evil")
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    assert cli.run(parser.parse_args([str(tmp_path / "evil"), str(tmp_path / "out"), "--no-progress"])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nothing was run" in err[0]
+    assert not marker.exists()

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from corruptions._pickle import CifarPickleError, load_cifar_pickle
 from tta_norm.data.paths import data_cache_dir
 from tta_norm.data.subsets import stratified_subset
 
@@ -92,79 +92,13 @@ CIFAR10_CLASSES = (
 )  # fmt: skip
 
 
-def _encode_latin1(text: str, encoding: str = "utf-8") -> bytes:
-    """``_codecs.encode`` as Python-3 pickles of ``bytes`` (protocol <= 2) call it: strings only."""
-    if not isinstance(text, str) or not isinstance(encoding, str):
-        raise pickle.UnpicklingError("_codecs.encode with non-string arguments")
-    return text.encode(encoding)
-
-
-def _array_scalar(dtype: np.dtype, data: bytes = b"") -> np.generic:
-    """``numpy`` scalar reconstruction, refused for object dtypes (their bytes would be raw pointers)."""
-    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes):
-        raise pickle.UnpicklingError("numpy scalar of an object dtype")
-    return np.frombuffer(data, dtype=dtype, count=1)[0]
-
-
-def _array_from_buffer(buf: object, dtype: np.dtype, shape: tuple[int, ...], order: str = "C") -> np.ndarray:
-    """``numpy``'s protocol-5 array reconstruction, refused for object dtypes."""
-    if not isinstance(dtype, np.dtype) or dtype.hasobject or order not in ("C", "F"):
-        raise pickle.UnpicklingError("numpy array of an object dtype")
-    return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order)  # type: ignore[call-overload]
-
-
-_RECONSTRUCT = np.zeros(0).__reduce__()[0]  # numpy's array reconstructor (its module moved in NumPy 2)
-
-#: the only globals a CIFAR pickle may name: NumPy array reconstruction (no object dtypes) and bytes decoding
-_PICKLE_GLOBALS = {
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy.core.multiarray", "scalar"): _array_scalar,
-    ("numpy._core.multiarray", "scalar"): _array_scalar,
-    ("numpy.core.numeric", "_frombuffer"): _array_from_buffer,
-    ("numpy._core.numeric", "_frombuffer"): _array_from_buffer,
-    ("_codecs", "encode"): _encode_latin1,
-}
-
-
-class _CifarUnpickler(pickle.Unpickler):
-    """An unpickler that builds only builtin containers, bytes, str, numbers and NumPy arrays: any other global
-    (``os.system``, ``builtins.eval``, a class) is refused before it is called."""
-
-    def find_class(self, module: str, name: str) -> object:
-        found = _PICKLE_GLOBALS.get((module, name))
-        if found is None:
-            raise pickle.UnpicklingError(
-                f"refused global {module}.{name}: a CIFAR batch holds only lists, dicts, bytes, str, numbers "
-                "and NumPy arrays"
-            )
-        return found
-
-    def persistent_load(self, pid: object) -> object:
-        raise pickle.UnpicklingError("refused persistent id: a CIFAR batch has none")
-
-
 def _unpickle(path: Path) -> dict:
-    """Read a CIFAR batch file with :class:`_CifarUnpickler` (never runs code named by the file)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"missing CIFAR batch file {path}")
+    """Read a CIFAR batch file with :class:`corruptions._pickle.CifarUnpickler` (never runs code named by the
+    file)."""
     try:
-        with open(path, "rb") as f:
-            obj = _CifarUnpickler(f, encoding="latin1").load()
-    except pickle.UnpicklingError as err:
-        if "refused" in str(err):
-            raise DataFormatError(f"{path} is not a plain CIFAR batch ({err}); nothing was run") from err
-        raise DataFormatError(f"could not unpickle {path}: {err} (truncated or not a CIFAR batch?)") from err
-    except Exception as err:
-        raise DataFormatError(f"could not unpickle {path}: {err} (truncated or not a CIFAR batch?)") from err
-    if not isinstance(obj, dict):
-        raise DataFormatError(f"{path}: expected a dict, got {type(obj).__name__}")
-    for value in obj.values():
-        if isinstance(value, np.ndarray) and value.dtype.hasobject:
-            raise DataFormatError(f"{path}: NumPy arrays of Python objects are not CIFAR data")
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+        return load_cifar_pickle(path)
+    except CifarPickleError as err:
+        raise DataFormatError(str(err)) from err
 
 
 def _cifar_rows_to_nhwc(data, path: Path) -> np.ndarray:
@@ -507,7 +441,8 @@ def check_cifar_c(
     Returns ``n``, the number of images per severity. Raises ``FileNotFoundError`` (naming every missing file)
     or :class:`DataFormatError` (truncated file, wrong dtype/shape, label count mismatch). A ``manifest.json``
     as written by ``corruptions.write_cifar_c`` (``{"files": {name: [severities present]}}``; absent rows are
-    zeros) is honoured: asking for a severity a file does not hold is an error."""
+    zeros) is honoured: asking for a severity a file does not hold, or for a file it does not list (left from
+    an earlier dataset in the directory), is an error."""
     root = Path(root)
     missing = [c for c in ["labels", *corruptions] if not (root / f"{c}.npy").is_file()]
     if missing:
@@ -544,7 +479,12 @@ def check_cifar_c(
             raise DataFormatError(f"{manifest} is not valid JSON ({err})") from err
         wanted = set(int(x) for x in (severities or range(1, CIFAR_C_SEVERITIES + 1)))
         for c in corruptions:
-            if c in present and not wanted <= set(present[c]):
+            if c not in present:
+                raise DataFormatError(
+                    f"{root / (c + '.npy')} is not listed in {manifest.name}: a file left from another dataset "
+                    "written to this directory (its rows need not match labels.npy); regenerate or remove it"
+                )
+            if not wanted <= set(present[c]):
                 raise DataFormatError(
                     f"{root / (c + '.npy')} holds severities {sorted(present[c])} only (manifest.json); "
                     f"requested {sorted(wanted)}"
