@@ -80,6 +80,31 @@ def test_imagenet_c_benchmark_subset_before_decoding(tmp_path, decode_counter):
     assert len(set(fog.labels[:4].tolist())) >= 2  # class-mixed order, not a class-sorted prefix
 
 
+def test_every_imagenet_c_domain_reads_the_same_files_or_fails(tmp_path, decode_counter):
+    from tta_norm.data.benchmark import imagenet_c_subset
+
+    _imagenet_c(tmp_path / "ImageNet-C")
+    chosen, _ = imagenet_c_subset(tmp_path / "ImageNet-C" / "fog" / "5", 8, seed=0)
+    snow = tmp_path / "ImageNet-C" / "snow" / "5"
+    left_out = next(f"{p.parent.name}/{p.name}" for p in sorted(snow.rglob("*.png"))
+                    if f"{p.parent.name}/{p.name}" not in chosen)  # fmt: skip
+    (snow / left_out).unlink()  # a partly extracted release: one file missing in one domain
+    bench = load_corruption_benchmark("imagenet", ["fog", "snow"], [5], data_dir=tmp_path, n_examples=8, seed=0,
+                                      progress=False)  # fmt: skip
+    read = [(p.parent.parent.parent.name, f"{p.parent.name}/{p.name}") for p in decode_counter]
+    assert [f for d, f in read if d == "fog"] == [f for d, f in read if d == "snow"] == chosen
+    assert "the same stratified n=8 seed=0 in every domain" in bench.describe()
+    (snow / chosen[0]).unlink()  # now the subset itself lacks a file in one domain: loud, not another subset
+    with pytest.raises(Exception, match="8 ids requested but only 7 files found"):
+        load_corruption_benchmark("imagenet", ["fog", "snow"], [5], data_dir=tmp_path, n_examples=8, seed=0,
+                                  progress=False)  # fmt: skip
+    with pytest.raises(Exception, match="requested but only"):  # every file: the same listing in every domain
+        load_corruption_benchmark("imagenet", ["fog", "snow"], [5], data_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="listed twice"):
+        load_corruption_benchmark("imagenet", ["fog"], [5], data_dir=tmp_path, progress=False,
+                                  imagenet_ids=[chosen[1]] * 2)  # fmt: skip
+
+
 def test_imagenet_ids_file_order_and_prefix(tmp_path, decode_counter):
     wnids = _imagenet_c(tmp_path / "ImageNet-C")
     ids = [f"{wnids[3]}/img004.png", f"{wnids[0]}/img001.png", f"{wnids[2]}/img000.png", f"{wnids[0]}/img005.png"]

@@ -45,6 +45,7 @@ from tta_norm.data.readers import (
     is_cifar100_python,
     is_cifar_c,
     is_image_folder_split,
+    list_image_folder,
     npy_header,
     read_cifar10_python,
     read_cifar100_python,
@@ -52,7 +53,7 @@ from tta_norm.data.readers import (
     read_image_folder,
     read_imagenet_c,
 )
-from tta_norm.data.subsets import read_image_ids
+from tta_norm.data.subsets import read_image_ids, stratified_subset
 
 DomainKey = tuple[str, int]
 CLEAN: DomainKey = ("clean", 0)
@@ -295,12 +296,19 @@ def load_corruption_benchmark(
                 if not (release / c / str(s)).is_dir():
                     raise FileNotFoundError(f"ImageNet-C release {release} lacks {c}/{s}/")
         ids = read_image_ids(imagenet_ids) if isinstance(imagenet_ids, (str, os.PathLike)) else imagenet_ids
+        if ids is not None:
+            ids = list(ids)[:n_examples]
+            if len(set(ids)) != len(ids):
+                raise ValueError("imagenet_ids: an image id is listed twice (it would be scored twice)")
+            subset = f"{len(ids)} listed images"
+        else:
+            ids, subset = imagenet_c_subset(release / corruptions[0] / str(severities[0]), n_examples, seed)
         for c in corruptions:
             for s in severities:
-                domains[(c, s)] = read_imagenet_c(release, c, s, ids=ids, n_examples=n_examples, seed=seed,
-                                                  progress=progress)  # fmt: skip
+                domains[(c, s)] = read_imagenet_c(release, c, s, ids=ids, progress=progress)
+                domains[(c, s)].info["subset"] = subset
                 provenance[(c, s)] = "release"
-        notes.append(f"release {release}")
+        notes.append(f"release {release}, the same {subset} in every domain")
     elif release is not None:
         check_cifar_c(release, corruptions, severities)  # every file validated before reading any
         for c in corruptions:
@@ -420,6 +428,22 @@ def _load_natural_shift_benchmark(
     n_classes = len(shift.wnids)
     return CorruptionBenchmark(shift.name, domains, provenance, None,
                                [f"release {root}, {n_classes} classes, {data.info.get('subset', 'all images')}"])
+
+
+def imagenet_c_subset(folder: Path, n_examples: int | None, seed: int) -> tuple[list[str], str]:
+    """The ``"wnid/file"`` ids every ImageNet-C domain reads, taken from one domain's ``folder``: all its files,
+    or a seeded class-stratified subset of ``n_examples`` (:func:`~tta_norm.data.subsets.stratified_subset`),
+    and a description.  Every domain then reads exactly these files, so a domain that lacks one is an error,
+    never a different subset (a partly extracted release would otherwise score each corruption on other
+    images)."""
+    from tta_norm.data.imagenet_classes import imagenet_index
+
+    files, labels, _ = list_image_folder(folder, class_index=imagenet_index())
+    if n_examples is not None and n_examples < len(files):
+        pick, subset = stratified_subset(labels, n_examples, seed), f"stratified n={n_examples} seed={seed}"
+    else:
+        pick, subset = np.arange(len(files)), f"all {len(files)} images"
+    return [f"{files[i].parent.name}/{files[i].name}" for i in pick], subset
 
 
 def _check_label_range(dataset: str, domains: dict[DomainKey, ArrayDataset]) -> None:
