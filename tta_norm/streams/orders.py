@@ -13,8 +13,10 @@
      (``floor(cumsum(p) * n_k)``).
   2. If some chunk ends with fewer than ``min_chunk`` (10) samples, redo step 1 (the original gives up after
      120 s of wall time; we count attempts instead, so the result never depends on machine speed: by default
-     ``max(10, 10**6 // C**2)`` of them, since an attempt costs about C**2 draws, which bounds the search at
-     some seconds for any C; fewer than ``min_chunk * C`` samples fail at once).
+     ``min(20000, 10**8 // C**2)`` of them (at least 10), since an attempt costs about C**2 draws, which bounds
+     a failing search at about a minute for any C; C = 200 classes of 50 images at delta 0.01, ImageNet-R/A
+     sized, took 5 to 464 attempts over 5 seeds; fewer than ``min_chunk * C`` samples fail at once).  Chunk
+     sizes are counted from the cut points, and the split itself is built only for the draw that is kept.
   3. Emit the chunks in order; inside a chunk, the classes in a random order, each as one contiguous run.
 
   One deviation: if every chunk still open has zero mass (possible when tiny delta underflows), the class is
@@ -70,25 +72,24 @@ def dirichlet_order(
             f"{c} classes cannot be split (need >= {min_chunk * c}); use more samples or the iid/sorted order"
         )
     if max_attempts is None:
-        max_attempts = max(10, 10**6 // c**2)
+        max_attempts = min(20_000, max(10, 10**8 // c**2))
     cap = n / c
     class_idx = [np.flatnonzero(labels == k) for k in range(c)]
+    concentration = np.full(c, float(delta))
     for _ in range(max_attempts):
         sizes = np.zeros(c, dtype=np.int64)
-        parts: list[list[np.ndarray]] = [[] for _ in range(c)]  # parts[chunk][class]
+        split: list[tuple[np.ndarray, np.ndarray]] = []  # per class: its shuffled indices and the cut points
         for k in range(c):
             idx = rng.permutation(class_idx[k])
-            p = rng.dirichlet(np.full(c, float(delta)))
+            p = rng.dirichlet(concentration)
             p = p * (sizes < cap)
             total = p.sum()
             if total <= 0 or not np.isfinite(total):  # every open chunk got (numerically) zero mass
                 p = (sizes < cap).astype(float)
                 total = p.sum()
             cuts = (np.cumsum(p / total) * len(idx)).astype(np.int64)[:-1]
-            pieces = np.split(idx, cuts)
-            for j, piece in enumerate(pieces):
-                parts[j].append(piece)
-                sizes[j] += len(piece)
+            sizes += np.diff(cuts, prepend=0, append=len(idx))
+            split.append((idx, cuts))
         if sizes.min() >= min_chunk:
             break
     else:
@@ -96,6 +97,8 @@ def dirichlet_order(
             f"could not build a Dirichlet(delta={delta}) order of {n} samples over {c} classes with every chunk "
             f">= {min_chunk} samples in {max_attempts} attempts; use more samples or another delta"
         )
+    parts = [np.split(idx, cuts) for idx, cuts in split]  # parts[class][chunk], built once, for the kept split
+    parts = [[parts[k][j] for k in range(c)] for j in range(c)]  # parts[chunk][class]
     out = []
     for j in range(c):
         for k in rng.permutation(c):
