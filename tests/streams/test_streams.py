@@ -314,6 +314,26 @@ def test_loader_early_stop_and_errors():
         StreamLoader(plan, small)
 
 
+def test_a_loader_stopped_near_its_end_shuts_down_at_once():
+    """Stopped with the last batch queued, the worker's end-of-stream marker finds the queue full: it must give
+    up when the consumer stops, not block (the consumer then waited 5 s and the thread was left hanging)."""
+    import threading
+    import time
+
+    keys = domain_schedule(CORR[:1])
+    data = _fake_domains(keys)
+    plan = build_stream({k: d.labels for k, d in data.items()}, keys, StreamSpec(batch_size=8))
+    loader = StreamLoader(plan, data, prefetch=1)
+    batches = iter(loader)
+    for _ in range(len(loader) - 1):
+        next(batches)
+    time.sleep(0.3)  # the worker has queued the last batch and now tries to queue the end marker
+    start = time.perf_counter()
+    batches.close()
+    assert time.perf_counter() - start < 2.0
+    assert not [t for t in threading.enumerate() if t.name == "tta-norm-stream-loader" and t.is_alive()]
+
+
 def test_loader_propagates_worker_errors(monkeypatch):
     keys = domain_schedule(CORR[:1])
     data = _fake_domains(keys)

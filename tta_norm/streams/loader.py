@@ -127,21 +127,24 @@ class StreamLoader:
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop_event = threading.Event()
 
+        def put(item: object) -> bool:
+            """Queue ``item`` unless the consumer has stopped (then ``False``): never blocks past a stop."""
+            while not stop_event.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         def worker() -> None:
             try:
                 for start, stop, _seg in self.batches:
-                    item = self._gather(start, stop)
-                    while not stop_event.is_set():
-                        try:
-                            q.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop_event.is_set():
+                    if not put(self._gather(start, stop)):
                         return
-                q.put(_DONE)
+                put(_DONE)
             except BaseException as err:  # surface loader errors in the consumer
-                q.put(err)
+                put(err)
 
         thread = threading.Thread(target=worker, name="tta-norm-stream-loader", daemon=True)
         thread.start()
