@@ -24,6 +24,11 @@ def test_resolve_imagenet_c_and_natural_shift(tmp_path, decode_counter):
         resolve_benchmark_source("imagenet_r", data_dir=tmp_path)
     write_tree(tmp_path / "imagenet-r", IMAGENET_R_WNIDS[:1], 1)
     assert resolve_benchmark_source("imagenet-r", data_dir=tmp_path).startswith("imagenet_r: release")
+    # the dry run refuses what the loader refuses
+    with pytest.raises(ValueError, match="imagenet_r cannot be regenerated"):
+        resolve_benchmark_source("imagenet_r", data_dir=tmp_path, source="regenerate")
+    with pytest.raises(ValueError, match="natural-shift sets use n_examples"):
+        resolve_benchmark_source("imagenet_r", data_dir=tmp_path, imagenet_ids=str(tmp_path / "ids.txt"))
     assert decode_counter == []  # nothing decoded
 
 

@@ -365,9 +365,7 @@ def resolve_benchmark_source(
     dry run."""
     shift = natural_shift(dataset)
     if shift is not None:
-        names = list(corruptions)
-        if names not in ([shift.name], list(CORRUPTIONS)):
-            raise ValueError(f"{shift.name} is one domain: corruptions must be [{shift.name}], got {names}")
+        _check_natural_shift_request(shift, corruptions, source, imagenet_ids)
         return f"{shift.name}: release {find_natural_shift(shift.name, data_dir)} ({len(shift.wnids)} classes)"
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose from {DATASETS}")
@@ -404,19 +402,24 @@ def resolve_benchmark_source(
     return f"{dataset}: regenerated from {root}"
 
 
-def _load_natural_shift_benchmark(
-    shift: NaturalShift, corruptions: Sequence[str], severities: Sequence[int], *, data_dir, source: str,
-    include_clean: bool, n_examples: int | None, seed: int, imagenet_ids, progress: bool,
-) -> CorruptionBenchmark:  # fmt: skip
+def _check_natural_shift_request(shift: NaturalShift, corruptions: Sequence[str], source: str, imagenet_ids) -> None:
+    """What a natural-shift set cannot be asked for (checked alike by the loader and the dry run)."""
     names = list(corruptions)
     if names not in ([shift.name], list(CORRUPTIONS)):
         raise ValueError(f"{shift.name} is one domain: corruptions must be [{shift.name}], got {names}")
     if source == "regenerate":
         raise ValueError(f"{shift.name} cannot be regenerated: use source 'auto' or 'release'")
-    if include_clean:
-        raise ValueError(f"{shift.name} has no clean test set to interleave: set clean_interleaved false")
     if imagenet_ids is not None:
         raise ValueError("imagenet_ids selects ImageNet-C images; natural-shift sets use n_examples")
+
+
+def _load_natural_shift_benchmark(
+    shift: NaturalShift, corruptions: Sequence[str], severities: Sequence[int], *, data_dir, source: str,
+    include_clean: bool, n_examples: int | None, seed: int, imagenet_ids, progress: bool,
+) -> CorruptionBenchmark:  # fmt: skip
+    _check_natural_shift_request(shift, corruptions, source, imagenet_ids)
+    if include_clean:
+        raise ValueError(f"{shift.name} has no clean test set to interleave: set clean_interleaved false")
     severities = list(dict.fromkeys(int(s) for s in severities))
     bad = [s for s in severities if not 1 <= s <= 5]
     if bad or not severities:
