@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -44,3 +47,25 @@ def test_resolve_cifar_release_and_errors(tmp_path):
         resolve_benchmark_source("cifar100", ["fog"], [5], data_dir=tmp_path)
     with pytest.raises(ValueError, match="unknown dataset"):
         resolve_benchmark_source("mnist")
+
+
+def test_a_download_goes_where_the_search_finds_it(tmp_path, monkeypatch):
+    import tta_norm.data.benchmark as benchmark
+    from tta_norm.data.paths import data_search_dirs
+
+    saved = []
+
+    def fake_download(dataset, dest, **kwargs):
+        saved.append(Path(dest))
+        raise FileNotFoundError("offline")
+
+    monkeypatch.setattr(benchmark, "download_cifar_c", fake_download)
+    first, second = tmp_path / "a", tmp_path / "b"
+    monkeypatch.setenv("TTA_NORM_DATA", f"{first}{os.pathsep}{second}")
+    monkeypatch.setenv("TTA_NORM_CACHE", str(tmp_path / "cache"))
+    for data_dir in (None, tmp_path / "explicit"):
+        with pytest.raises(FileNotFoundError, match="offline"):
+            benchmark.load_corruption_benchmark("cifar10", ["fog"], [5], data_dir=data_dir, source="release",
+                                                download=True, progress=False)  # fmt: skip
+        assert saved[-1] in data_search_dirs(data_dir)
+    assert saved == [first, tmp_path / "explicit"]

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from tta_norm.data.natural import NaturalShift, find_natural_shift, natural_shift, read_natural_shift
-from tta_norm.data.paths import data_cache_dir, describe_search, find_dataset_dir
+from tta_norm.data.paths import data_cache_dir, describe_search, download_dir, find_dataset_dir
 from tta_norm.data.readers import (
     CIFAR10_CLASSES,
     ArrayDataset,
@@ -278,7 +278,7 @@ def load_corruption_benchmark(
         if release is None and download:
             if dataset == "imagenet":
                 raise ValueError("ImageNet-C download is not supported; place ImageNet-C/ in a data directory")
-            release = download_cifar_c(dataset, Path(data_dir) if data_dir is not None else data_cache_dir())
+            release = download_cifar_c(dataset, download_dir(data_dir))
     if release is None and (source == "release" or dataset == "imagenet"):
         raise FileNotFoundError(
             f"{dataset} corruption release ({'/'.join(RELEASE_DIRS[dataset])}) not found; "

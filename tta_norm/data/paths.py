@@ -94,6 +94,15 @@ def data_search_dirs(data_dir: PathLike | None = None) -> list[Path]:
     return default_data_dirs()
 
 
+def download_dir(data_dir: PathLike | None = None) -> Path:
+    """Where a downloaded release is saved so that the search finds it next time: ``data_dir``, else the first
+    ``$TTA_NORM_DATA`` directory, else ``<cache>/data`` (one of the defaults)."""
+    if data_dir is not None:
+        return Path(data_dir).expanduser()
+    env_dirs = _split_env(os.environ.get(ENV_DATA) or "")
+    return env_dirs[0] if env_dirs else data_cache_dir()
+
+
 def model_search_dirs() -> list[Path]:
     """Directories searched for released checkpoints: ``$TTA_NORM_MODELS`` then ``../shared/models``
     (relative to the current directory and to the repository) and the checkpoint cache."""
