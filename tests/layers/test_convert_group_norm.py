@@ -54,3 +54,28 @@ def test_other_batchnorms_are_left_with_a_warning_and_groups_must_divide():
         convert_to_group_norm(nn.Sequential(nn.ReLU()), 2)  # nothing to convert: no warning
     with pytest.raises(ValueError, match="does not divide"):
         convert_to_group_norm(nn.Sequential(nn.BatchNorm2d(6)), 4)
+
+
+def test_a_batchnorm_shared_by_two_call_sites_becomes_one_shared_layer():
+    import torch
+    from torch import nn
+
+    from tta_norm.layers import (
+        convert_to_aux_bn,
+        convert_to_batch_group_norm,
+        convert_to_ghost_bn,
+        convert_to_group_norm,
+    )
+
+    def shared() -> nn.Sequential:
+        torch.manual_seed(0)
+        bn = nn.BatchNorm2d(4)
+        return nn.Sequential(nn.Conv2d(3, 4, 1), bn, nn.ReLU(), nn.Conv2d(4, 4, 1), bn)
+
+    for convert, kwargs in ((convert_to_ghost_bn, {"ghost_batch_size": 2}),
+                            (convert_to_batch_group_norm, {"num_groups": 2}),
+                            (convert_to_group_norm, {"num_groups": 2}), (convert_to_aux_bn, {})):  # fmt: skip
+        model = shared()
+        out = convert(model, **kwargs)
+        model = model if isinstance(out, list) else out
+        assert type(model[1]) is not nn.BatchNorm2d and model[4] is model[1], convert.__name__

@@ -161,7 +161,7 @@ def convert_to_aux_bn(model: nn.Module, kind: str = "saaux", num_domains: int = 
     if kind not in ("aux", "saaux"):
         raise ValueError(f"kind must be 'aux' or 'saaux', got {kind!r}")
     cls = AuxBatchNorm2d if kind == "aux" else SaAuxBatchNorm2d
-    found = [(n, m) for n, m in model.named_modules() if type(m) is nn.BatchNorm2d]
+    found = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if type(m) is nn.BatchNorm2d]
     extended = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
                 if isinstance(m, nn.BatchNorm2d) and type(m).forward is not nn.BatchNorm2d.forward]  # fmt: skip
     if extended:
@@ -172,8 +172,11 @@ def convert_to_aux_bn(model: nn.Module, kind: str = "saaux", num_domains: int = 
         )
     if not found:
         raise ValueError(f"model {type(model).__name__} has no nn.BatchNorm2d layer to convert")
+    built: dict[int, nn.Module] = {}  # a BN shared by several call sites becomes one shared layer
     for name, bn in found:
-        model.set_submodule(name, cls.from_batchnorm(bn, num_domains))
+        if id(bn) not in built:
+            built[id(bn)] = cls.from_batchnorm(bn, num_domains)
+        model.set_submodule(name, built[id(bn)])
     return [n for n, _ in found]
 
 

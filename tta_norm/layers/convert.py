@@ -84,15 +84,20 @@ _RELU_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_}
 def _replace_in_place(
     model: nn.Module, make: Callable[[str, nn.Module], nn.Module | None]
 ) -> tuple[nn.Module, list[str]]:
-    """Replace every module for which ``make(name, module)`` returns a module; returns (model, replaced names)."""
+    """Replace every module for which ``make(name, module)`` returns a module; returns (model, replaced names).
+    A module reachable under several names (one layer shared by two call sites) is built once, under its first
+    name, and that one replacement is set under every name, so the call sites still share one layer."""
     root_new = make("", model)
     if root_new is not None:
         return root_new, [""]
-    replaced = []
-    for name, module in list(model.named_modules()):
+    replaced: list[str] = []
+    built: dict[int, nn.Module | None] = {}
+    for name, module in list(model.named_modules(remove_duplicate=False)):
         if name == "":
             continue
-        new = make(name, module)
+        if id(module) not in built:
+            built[id(module)] = make(name, module)
+        new = built[id(module)]
         if new is not None:
             model.set_submodule(name, new)
             replaced.append(name)
