@@ -112,3 +112,23 @@ def test_is_norm_layer_and_errors() -> None:
         param_groups(Net(), 0.1, norm_decay=-1.0)
     with pytest.raises(ValueError, match="weight_decay"):
         param_groups(Net(), -0.1)
+
+
+def test_every_parameter_of_the_package_norm_layers_is_a_norm_parameter():
+    from tta_norm.layers import (
+        AuxBatchNorm2d,
+        BatchGroupNorm,
+        GhostBatchNorm2d,
+        GroupNormProxyAct,
+        ProxyNorm,
+        SaAuxBatchNorm2d,
+    )  # fmt: skip
+
+    layers = [AuxBatchNorm2d(4, 2), SaAuxBatchNorm2d(4, 2), BatchGroupNorm(4, 2), GhostBatchNorm2d(4, 2),
+              ProxyNorm(4), GroupNormProxyAct(4, 2)]  # fmt: skip
+    for layer in layers:
+        groups = {g["name"]: g for g in param_groups(torch.nn.Sequential(layer), 5e-4, norm_decay=False)}
+        regular = {n for m in layer.modules() for n in getattr(m, "regular_decay_params", ())}  # Proxy Norm's
+        params = [p for n, p in layer.named_parameters() if n.rpartition(".")[2] not in regular]
+        assert params and all(any(p is q for q in groups["norm"]["params"]) for p in params), type(layer).__name__
+        assert groups["norm"]["weight_decay"] == 0.0

@@ -43,6 +43,8 @@ def _placement(bn: nn.BatchNorm2d) -> dict[str, Any]:
 class _DomainNorm(nn.Module):
     """``num_domains`` ``BatchNorm2d`` layers (``bns``) and the selected ``domain``; subclasses add affines."""
 
+    is_norm_layer = True  # its own affines (SaAuxBN) are norm parameters for tta_norm.training.param_groups
+
     def __init__(
         self, num_features: int, num_domains: int, eps: float, momentum: float | None, affine: bool,
         track_running_stats: bool = True,
