@@ -142,6 +142,10 @@ def test_oracle_routing_needs_the_domain():
     with pytest.raises(ValueError, match="oracle"):
         router(x)
     torch.testing.assert_close(router(x, domain=1), tta(x, domain=1))
+    for bad in (5, -1, 1.5, True):  # refused before anything is recorded
+        with pytest.raises(ValueError, match=r"integer head index in 0\.\.1"):
+            router(x, domain=bad)
+    assert router.routes == [1]
     with pytest.raises(ValueError, match="needs a statistics bank"):
         SaBNRouter(tta, None, "stats")
 

@@ -3,6 +3,7 @@ the earlier "branch" names warn and behave as the "domain" ones."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -113,8 +114,12 @@ def test_convert_model_and_route_domains(kind):
     assert model.bn.domain == 0
     set_domain(model, 1)
     assert model.bn.domain == 1
-    with pytest.raises(ValueError, match="out of range"):
-        set_domain(model, 2)
+    for bad in (2, -1, 0.7, True, "1"):  # out of range, or not an integer: refused, nothing changed
+        with pytest.raises(ValueError, match=r"out of range: an integer in 0\.\.1"):
+            set_domain(model, bad)
+        assert model.bn.domain == 1
+    set_domain(model, np.int64(0))
+    assert model.bn.domain == 0 and type(model.bn.domain) is int
     with pytest.raises(ValueError, match="no nn.BatchNorm2d"):
         convert_to_aux_bn(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="kind"):

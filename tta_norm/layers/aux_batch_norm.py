@@ -23,6 +23,7 @@ state dicts saved under them load.
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Iterator
 from typing import Any
 
@@ -192,10 +193,16 @@ def set_domain(model: nn.Module, domain: int) -> None:
     layers = domain_layers(model)
     if not layers:
         raise ValueError("the model has no AuxBN/SaAuxBN layer")
-    for m in layers:
-        if not 0 <= domain < m.num_domains:
-            raise ValueError(f"domain {domain} out of range for {m.num_domains} domains")
-        m.domain = domain
+    fewest = min(m.num_domains for m in layers)
+    try:  # ints, NumPy and 0-d torch integers; never a float or a bool
+        k = -1 if isinstance(domain, bool) else operator.index(domain)
+    except TypeError:
+        k = -1
+    if not 0 <= k < fewest:
+        raise ValueError(f"domain {domain!r} out of range: an integer in 0..{fewest - 1} (the fewest domains of "
+                         "a layer)")  # fmt: skip
+    for m in layers:  # checked for every layer first: a bad domain changes none
+        m.domain = k
 
 
 @contextlib.contextmanager

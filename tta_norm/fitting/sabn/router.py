@@ -3,6 +3,7 @@ new heads adapted online (see :mod:`tta_norm.fitting.sabn`)."""
 
 from __future__ import annotations
 
+import operator
 import os
 from typing import Any, Literal
 
@@ -135,7 +136,13 @@ class SaBNRouter(nn.Module):
         if self.mode == "oracle":
             if domain is None:
                 raise ValueError("oracle routing needs the true domain: router(x, domain=k)")
-            return int(domain), None
+            try:  # ints, NumPy and 0-d torch integers; never a float or a bool (True is not head 1)
+                k = -1 if isinstance(domain, bool) else operator.index(domain)
+            except TypeError:
+                k = -1
+            if not 0 <= k < self.capacity:
+                raise ValueError(f"domain must be an integer head index in 0..{self.capacity - 1}, got {domain!r}")
+            return k, None
         if self.mode == "entropy":
             return self._entropy_route(x), None
         stats = probe_statistics(self.tta.model, x)
