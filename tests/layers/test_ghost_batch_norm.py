@@ -199,6 +199,11 @@ def test_single_value_chunk_errors_like_batchnorm() -> None:
     GhostBatchNorm1d(3, 4, remainder="merge")(torch.randn(9, 3))  # merged into the previous chunk: fine
     gbn.eval()
     assert gbn(torch.randn(1, 3)).shape == (1, 3)  # eval uses running statistics
+    untracked = GhostBatchNorm1d(3, 4, track_running_stats=False).eval()  # eval on batch statistics, as BN does
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        nn.BatchNorm1d(3, track_running_stats=False).eval()(torch.randn(1, 3))
+    with pytest.raises(ValueError, match="fewer than 2 values"):
+        untracked(torch.randn(1, 3))
 
 
 def test_eval_uses_running_stats_and_no_tracking_uses_ghost_stats() -> None:

@@ -141,11 +141,11 @@ class _GhostBatchNormMixin:
             )
         sizes = ghost_chunk_sizes(input.shape[0], self.ghost_batch_size, self.remainder)
         per_channel = input[0, 0].numel()  # spatial elements per sample and channel
-        if self.training and min(sizes) * per_channel <= 1:
+        if min(sizes) * per_channel <= 1:  # batch statistics in train mode, or in eval without running ones
             raise ValueError(
                 f"{type(self).__name__}: a ghost batch of {min(sizes)} sample(s) has fewer than 2 values per channel "
                 f"(input shape {tuple(input.shape)}, ghost batch sizes {sizes}); use a larger batch, "
-                "remainder='merge', or eval mode"
+                "remainder='merge', or eval mode with running statistics"
             )
         # Vectorized: the leading equal-size ghost batches in one reshape, an unequal last one separately.
         n_equal = len(sizes) if sizes[-1] == sizes[0] else len(sizes) - 1
