@@ -45,6 +45,11 @@ def test_quantiles_formula_and_known_variance_deficit() -> None:
     assert abs(float(q.mean())) < 1e-12
     # the midpoint quantiles cut the tails: their variance is 0.9936, not 1 (documented bias of the quadrature)
     assert float(q.var(unbiased=False)) == pytest.approx(0.99360, abs=1e-5)
+    with torch.no_grad():
+        mean, var = ProxyNorm(1).double().proxy_moments()
+        ref_mean, ref_var = ProxyNorm(1, moments="analytic").double().proxy_moments()
+    assert float(1 - mean / ref_mean) == pytest.approx(0.0012, abs=1e-4)  # the docstring's 0.12 %
+    assert float(1 - var / ref_var) == pytest.approx(0.0082, abs=1e-4)  # and 0.82 %
 
 
 MUS = [-2.0, -0.5, 0.0, 0.3, 1.0, 3.0]
@@ -206,7 +211,12 @@ def test_state_dict_round_trip_and_dtype_moves() -> None:
     x = torch.randn(2, 3, 5, generator=_gen(7))
     torch.testing.assert_close(other(x), pn(x))
     double = pn.to(torch.float64)
-    assert double.quantiles.dtype == torch.float64
+    assert torch.equal(double.quantiles, normal_quantiles(200))  # float64 points, not float32 ones cast up
+    with torch.inference_mode():  # the points first built under inference_mode still serve autograd later
+        ProxyNorm(3, num_quantiles=37).double().proxy_moments()
+    fresh = ProxyNorm(3, num_quantiles=37).double()
+    fresh.proxy_moments()[1].sum().backward()
+    assert fresh.weight.grad is not None
     assert double(x.double()).dtype == torch.float64
     half = ProxyNorm(3).to(torch.bfloat16)
     out = half(x.to(torch.bfloat16))

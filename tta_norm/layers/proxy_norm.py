@@ -14,8 +14,9 @@ for the normalized pre-activation ``y``:
 The moments are recomputed in every forward pass (they depend only on the parameters; a (C, n) tensor) and
 gradients flow through them. ``moments="analytic"`` (ReLU only) replaces the quadrature with the closed form for
 ReLU of a Gaussian; the 200-point quadrature is what the official code uses. Its points have variance 0.9936
-rather than 1 (the tails beyond the outermost quantiles are cut), so quadrature moments are biased low by
-about 0.3-0.6 % of the proxy variance; use ``num_quantiles`` to trade accuracy for cost.
+rather than 1 (the tails beyond the outermost quantiles are cut), so quadrature moments are biased low: with
+ReLU at initialisation the proxy variance by 0.82 % and its mean by 0.12 % of the closed form; use
+``num_quantiles`` to trade accuracy for cost.
 
 Weight decay: the official code decays the proxy offsets (gamma~, beta~); ``ProxyNorm`` declares them in
 ``regular_decay_params`` so ``tta_norm.training.param_groups`` gives them the ordinary weight decay while
@@ -25,6 +26,7 @@ gamma/beta are treated as normalization parameters.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable
 from typing import Literal
@@ -80,6 +82,12 @@ def make_activation(activation: Activation) -> nn.Module:
     raise TypeError(f"activation must be a name, an nn.Module or a callable, got {type(activation).__name__}")
 
 
+@functools.lru_cache(maxsize=32)
+def _cached_quantiles(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    with torch.inference_mode(False):  # a normal tensor even if first asked for under inference_mode
+        return normal_quantiles(n, dtype=dtype, device=device)
+
+
 def normal_quantiles(n: int = 200, *, dtype: torch.dtype = torch.float64, device: torch.device | None = None) -> Tensor:
     """The ``n`` midpoint quantiles of N(0, 1): ``sqrt(2) * erfinv(2 (i + 0.5) / n - 1)``, i = 0..n-1."""
     if n < 2:
@@ -123,8 +131,6 @@ class ProxyNorm(nn.Module):
     is_norm_layer = True  # marker read by tta_norm.training.param_groups
     regular_decay_params = ("proxy_weight", "proxy_bias")  # decayed like ordinary weights (official code)
 
-    quantiles: Tensor
-
     def __init__(
         self,
         num_features: int,
@@ -155,14 +161,17 @@ class ProxyNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_features, **factory))
         self.proxy_weight = nn.Parameter(torch.zeros(num_features, **factory))
         self.proxy_bias = nn.Parameter(torch.zeros(num_features, **factory))
-        # Not persistent: a pure function of num_quantiles, follows .to(device/dtype).
-        q = normal_quantiles(num_quantiles, device=torch.device(device) if device is not None else None)
-        self.register_buffer("quantiles", q.to(dtype or torch.get_default_dtype()), persistent=False)
 
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, eps={self.eps}, num_quantiles={self.num_quantiles}, moments={self.moments!r}"
         )
+
+    @property
+    def quantiles(self) -> Tensor:
+        """The quadrature points at the parameters' accumulation precision and on their device, computed there
+        (never a float32 copy cast up after ``.double()``) and once per precision and device."""
+        return _cached_quantiles(self.num_quantiles, stats_dtype(self.weight), self.weight.device)
 
     def proxy_moments(self) -> tuple[Tensor, Tensor]:
         """Per-channel mean and variance (each (C,)) of ``act(gamma * Y + beta)`` for the proxy Y."""
@@ -173,8 +182,6 @@ class ProxyNorm(nn.Module):
         if self.moments == "analytic":
             return relu_gaussian_moments(mu, sigma)
         q = self.quantiles
-        if q.dtype != acc:  # e.g. a .half() module: rebuild the points at full accumulation precision
-            q = normal_quantiles(self.num_quantiles, dtype=acc, device=q.device)
         pre = mu[:, None] + sigma[:, None] * q[None, :]  # (C, n)
         var, mean = torch.var_mean(self.activation(pre), dim=1, correction=0)
         return mean, var
