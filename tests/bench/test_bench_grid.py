@@ -307,3 +307,25 @@ def test_a_model_of_another_dataset_is_refused_before_any_cell_runs(tmp_path):
     with pytest.raises(ConfigError, match="gives 21843 logits per image, dataset imagenet_r needs 1000"):
         check_model_outputs(restrict_outputs(tiny_model(num_classes=21843), "imagenet_r"), bench, "imagenet_r", "cpu")
     check_model_outputs(restrict_outputs(tiny_model(num_classes=1000), "imagenet_r"), bench, "imagenet_r", "cpu")
+
+
+def test_the_dry_run_checks_what_the_method_entries_read(tmp_path):
+    from tta_norm.bench.validate import ConfigError
+
+    def validate(methods, data_dir=None):
+        BenchJob(bench_config(str(tmp_path / "out"), methods=methods, data_dir=data_dir), model=tiny_model(),
+                 bench=fake_benchmark()).validate()  # fmt: skip
+
+    with pytest.raises(ConfigError, match=r"methods: ttn\(init_state=nope/x.pt\): init_state file not found"):
+        validate([{"preset": "ttn", "kwargs": {"init_state": "nope/x.pt"}}])
+    (tmp_path / "junk.pt").write_bytes(b"not a state")
+    with pytest.raises(ConfigError, match="not a tensor state file"):
+        validate([{"preset": "ttn", "kwargs": {"init_state": str(tmp_path / "junk.pt")}}])
+    (tmp_path / "empty").mkdir()
+    for entry in ({"preset": "tbn", "method": "eata", "kwargs": {"fisher_samples": 4}},
+                  {"preset": "ttn", "kwargs": {"ttn_fit": {"n_images": 8}}}):  # fmt: skip
+        with pytest.raises(ConfigError, match="source ImageFolder 'cifar10-jpeg'.*not found"):
+            validate([entry], data_dir=str(tmp_path / "empty"))
+    state = tmp_path / "state.pt"
+    torch.save(tiny_model().state_dict(), state)
+    validate(["tbn", {"preset": "source", "kwargs": {"init_state": str(state)}}])

@@ -399,6 +399,7 @@ class AttackJob(ModelDataJob):
                     num_classes=robustbench_classes(self.config.model, self.config.dataset))  # fmt: skip
         check_data_available(self.config.dataset, self.config.data_dir, self.config.source, self.config.corruptions,
                              self.config.severities)  # fmt: skip
+        self.locate_entry_inputs()
 
     def prepare(self, device: Any) -> dict[str, Any]:
         from tta_norm.bench import runner

@@ -285,6 +285,19 @@ class ModelDataJob(GridJob):
                     raise user_error(f"methods: {entry.label}", err) from None
         return out
 
+    def locate_entry_inputs(self) -> None:
+        """The dry run's check of what the method entries read (:func:`~tta_norm.methods.entries.
+        locate_entry_inputs`): a missing ``init_state`` file or source split is a config error before any run."""
+        from tta_norm.methods.entries import locate_entry_inputs
+
+        cfg = self.config
+        for entry in cfg.method_entries():
+            try:
+                locate_entry_inputs(entry.preset, entry.method, dict(entry.kwargs), dataset=cfg.dataset,
+                                    data_dir=cfg.data_dir)  # fmt: skip
+            except (FileNotFoundError, ValueError) as err:
+                raise user_error(f"methods: {entry.label}", err) from None
+
     def entry_inputs(self, init_states: dict[str, tuple[str, Any]] | None = None) -> dict[str, dict[str, str]]:
         """``{entry digest: fingerprints}`` of the entries that read an ``init_state`` file (the fingerprints of
         ``init_states`` where given), Fisher images or TTN's source split; a missing file is a config error."""

@@ -176,6 +176,7 @@ class BenchJob(ModelDataJob):
         if self._bench is None:
             check_data_available(cfg.dataset, cfg.data_dir, cfg.source, cfg.corruptions, needed_severities(cfg),
                                  cfg.imagenet_ids)  # fmt: skip
+        self.locate_entry_inputs()
 
     def prepare(self, device: Any) -> dict[str, Any]:
         cfg = self.config

@@ -182,6 +182,36 @@ def entry_inputs(
     return out
 
 
+def locate_entry_inputs(
+    preset: str, method: str | None, kwargs: Mapping[str, Any], *, dataset: str = "cifar10",
+    data_dir: str | None = None,
+) -> None:  # fmt: skip
+    """What :func:`entry_inputs` reads, found without decoding an image (a config's dry run): the
+    ``init_state`` file is read and checked, the source split of Fisher images and of ``ttn_fit`` located.
+    Raises the one-line ``FileNotFoundError`` / ``ValueError`` the run would raise."""
+    from tta_norm.data.source import find_source_root
+
+    state = kwargs.get("init_state")
+    if isinstance(state, (str, os.PathLike)):
+        read_init_state(state)
+    splits: list[str] = []
+    if "fisher_samples" in kwargs and method == "eata":
+        fisher_sample_count(kwargs["fisher_samples"])
+        if dataset != "cifar10":  # the clean test set (a few MB of pickles; ImageNet has no reader and says so)
+            from tta_norm.data.benchmark import load_clean_test_set
+
+            load_clean_test_set(dataset, data_dir, progress=False)
+        else:
+            splits.append("cifar10-jpeg")
+    fit = kwargs.get("ttn_fit") or {}
+    if "ttn_fit" in kwargs and preset == "ttn" and isinstance(fit, Mapping):
+        splits.append(_ttn_source_settings(fit)[2])
+    for source in splits:
+        train = find_source_root(data_dir, source) / "train"
+        if not train.is_dir():
+            raise FileNotFoundError(f"{train} not found (the source images are read from its train split)")
+
+
 def fitted_ttn_state(
     model: nn.Module,
     fit: Mapping[str, Any],
