@@ -329,3 +329,11 @@ def test_the_dry_run_checks_what_the_method_entries_read(tmp_path):
     state = tmp_path / "state.pt"
     torch.save(tiny_model().state_dict(), state)
     validate(["tbn", {"preset": "source", "kwargs": {"init_state": str(state)}}])
+
+
+def test_cell_labels_are_distinct_within_a_grid(tmp_path):
+    cfg = bench_config(str(tmp_path), methods=["tbn"], orders=["iid", "dirichlet"], deltas=[0.01, 0.1],
+                       severities=[3, 5], settings=["reset_each_shift", "gradual"])  # fmt: skip
+    labels = [c.label for c in BenchJob(cfg, model=tiny_model(), bench=fake_benchmark()).cells()]
+    assert len(labels) == len(set(labels)) == (3 * 2 + 3) * 2  # (orders x severities + gradual) x seeds
+    assert "tbn reset_each_shift sev3 dirichlet(delta=0.01) b12 s0" in labels

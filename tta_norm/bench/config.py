@@ -196,6 +196,14 @@ class Cell:
         payload = json.dumps(self.describe(), sort_keys=True, default=str)
         return hashlib.sha1(payload.encode()).hexdigest()[:16]
 
+    @property
+    def label(self) -> str:
+        """The cell's name in logs and dry runs, distinct for distinct cells of a grid: entry, setting, severity,
+        order (with its delta), batch size and seed."""
+        order = f"{self.order}(delta={self.delta})" if self.delta is not None else self.order
+        severity = "" if self.setting == "gradual" else f" sev{self.severity}"
+        return f"{self.entry.label} {self.setting}{severity} {order} b{self.batch_size} s{self.seed}"
+
     def describe(self) -> dict[str, Any]:
         return {
             "method": self.entry.as_dict(),

@@ -163,8 +163,7 @@ class BenchJob(ModelDataJob):
         self._bench = bench
 
     def cells(self) -> list[GridCell]:
-        return [GridCell(i, c.describe(), f"{c.entry.label} {c.setting} {c.order} b{c.batch_size} s{c.seed}", c)
-                for i, c in enumerate(self.config.cells())]  # fmt: skip
+        return [GridCell(i, c.describe(), c.label, c) for i, c in enumerate(self.config.cells())]
 
     def validate(self) -> None:
         from tta_norm.bench.validate import check_data_available, check_model
