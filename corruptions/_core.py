@@ -128,7 +128,8 @@ def check_size(name: str, severity: int, preset: str, h: int, w: int) -> None:
         if h > max_h or w > max_w:
             raise ValueError(
                 f"frost ({preset} preset): images must be at most {max_h}x{max_w} pixels to fit in the "
-                f"frost textures, got {h}x{w}; use preset='imagenet' for larger images"
+                f"frost textures, got {h}x{w}"
+                + ("; use preset='imagenet' for larger images" if preset != "imagenet" else "; crop them first")
             )
 
 

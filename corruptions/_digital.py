@@ -65,11 +65,6 @@ def elastic_transform(x: np.ndarray, c: tuple, rng: np.random.Generator) -> np.n
     return finish_unit(_ops.map_coordinates_reflect(warped, yy, xx))
 
 
-def elastic_min_size(c: tuple) -> int:
-    """Three distinct affine control points need ``min(H, W) // 3 >= 1``."""
-    return 3
-
-
 def pixelate(x: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:
     """PIL BOX resize down to ``(int(W*c), int(H*c))`` and back up (Pillow's fixed-point resampler)."""
     _, h, w, _ = x.shape

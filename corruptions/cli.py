@@ -148,8 +148,9 @@ def run(args: argparse.Namespace) -> int:
                 overwrite=args.overwrite,
             )
             print(f"corrupt: wrote {written} JPEG files under {args.out}", file=sys.stderr)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
-        print(f"tta-norm corrupt: error: {err}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, RuntimeError) as err:  # OSError: unreadable images, permissions
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"tta-norm corrupt: error: {text}", file=sys.stderr)
         return 2
     return 0
 

@@ -198,6 +198,12 @@ def test_cli_cifar_batches_and_errors(tmp_path, capsys):
     imnet = parser.parse_args([str(tmp_path / "src"), str(tmp_path / "o3"), "--layout", "imagenet"])
     assert cli.run(imnet) == 2
     assert "ImageFolder" in capsys.readouterr().err
+    folder = tmp_path / "folder"
+    _write_folder(folder)
+    (folder / "cat" / "broken.png").write_bytes(b"not an image")  # an unreadable image: one line, exit 2
+    assert cli.run(parser.parse_args([str(folder), str(tmp_path / "o4"), "--no-progress"])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "broken.png" in err[0]
 
 
 def test_cli_imagenet_layout_auto(tmp_path):
