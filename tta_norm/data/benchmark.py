@@ -450,13 +450,19 @@ def imagenet_c_subset(folder: Path, n_examples: int | None, seed: int) -> tuple[
 
 
 def _check_label_range(dataset: str, domains: dict[DomainKey, ArrayDataset]) -> None:
-    """Labels outside ``0..classes-1`` would be scored as plain errors: refuse them (another dataset's files)."""
+    """Labels outside ``0..classes-1`` would be scored as plain errors: refuse them (another dataset's files).
+    A CIFAR domain of at least 10 images per class that holds fewer than half of the classes is refused too: a
+    CIFAR-10-C release read as CIFAR-100-C (labels 0..9 are in range) would be scored without a word."""
     n_classes = NUM_CLASSES[dataset]
     for key, data in domains.items():
         labels = np.asarray(data.labels)
         if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
             raise DataFormatError(f"{dataset} {key[0]}: labels span {labels.min()}..{labels.max()}, outside "
                                   f"0..{n_classes - 1} ({data.source}); files of another dataset?")  # fmt: skip
+        present = len(np.unique(labels))
+        if dataset in ("cifar10", "cifar100") and len(labels) >= 10 * n_classes and 2 * present < n_classes:
+            raise DataFormatError(f"{dataset} {key[0]}: {len(labels)} images of only {present} of its {n_classes} "
+                                  f"classes ({data.source}); files of another dataset?")  # fmt: skip
 
 
 def _find_release(dataset: str, data_dir: str | os.PathLike | None) -> Path | None:
