@@ -222,6 +222,28 @@ def test_a_reset_keeps_the_window() -> None:
     assert episodic.state()["window"].shape[0] == 3
 
 
+def test_the_window_keeps_copies_of_the_inputs() -> None:
+    """A caller that refills one input buffer in place must not rewrite the samples the window holds."""
+    stream = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+    reference = tta_norm.adapt(tiny_net(), "tbn", window=4)
+    expected = [reference(stream[i : i + 1].clone()) for i in range(4)]
+    reused = tta_norm.adapt(tiny_net(), "tbn", window=4)
+    buffer = torch.empty(1, 3, 8, 8)
+    for i in range(4):
+        buffer.copy_(stream[i : i + 1])
+        torch.testing.assert_close(reused(buffer), expected[i], rtol=0, atol=0)
+
+
+def test_gradients_left_on_the_parameters_do_not_enter_the_next_step() -> None:
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(8))
+    for method in ("tent", "eata"):
+        clean = tta_norm.adapt(tiny_net(), "tbn", method=method, optimizer="sgd", lr=0.1)
+        dirty = tta_norm.adapt(tiny_net(), "tbn", method=method, optimizer="sgd", lr=0.1)
+        dirty.differentiable_forward(x).sum().backward()  # leaves .grad on the trainable norm parameters
+        torch.testing.assert_close(dirty(x), clean(x), rtol=0, atol=0)
+        torch.testing.assert_close(dirty(x), clean(x), rtol=0, atol=0)
+
+
 class _TupleOut(nn.Module):
     def __init__(self, head: nn.Module) -> None:
         super().__init__()

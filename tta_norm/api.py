@@ -309,8 +309,8 @@ class TTAModel(nn.Module):
             xw = x
         else:
             xw = x if self._window_buffer is None else torch.cat([self._window_buffer, x])[-self.window :]
-        if self.window is not None and self.window > 1:
-            self._window_buffer = xw[-(self.window - 1) :].detach()
+        if self.window is not None and self.window > 1:  # a copy: the caller may refill x in place
+            self._window_buffer = xw[-(self.window - 1) :].detach().clone()
         if self.window is None or n >= self.window:
             return xw, True
         before, self._window_samples = self._window_samples, self._window_samples + n

@@ -226,6 +226,9 @@ class GradientMethod:
                     check_logits(logits)
                     if not all_finite(logits):
                         raise NonFiniteLogits
+                # gradients left on the parameters (e.g. by differentiable_forward(x).sum().backward()) must
+                # not be added into this step's
+                self.optimizer.zero_grad(set_to_none=True)
                 self.adapt_step(x, logits)
         return logits.detach()
 
