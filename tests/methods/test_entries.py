@@ -139,6 +139,10 @@ def test_paper_lr_follows_each_cells_batch_size() -> None:
     entry = {"optimizer": "sgd", "lr": "paper"}
     assert resolve_entry_kwargs("tbn", "sar", entry, tiny_net(), batch_size=4)["lr"] == paper_sgd_lr(4)
     assert resolve_entry_kwargs("tbn", "sar", entry, tiny_net(), batch_size=64)["lr"] == paper_sgd_lr(64)
+    # SAR's bs1 experiment doubles its rate; TENT and EATA keep the plain rule
+    assert resolve_entry_kwargs("tbn", "sar", entry, tiny_net(), batch_size=1)["lr"] == pytest.approx(1.5625e-5)
+    assert resolve_entry_kwargs("tbn", "tent", entry, tiny_net(), batch_size=1)["lr"] == pytest.approx(7.8125e-6)
+    assert paper_sgd_lr(1, vit=True, method="sar") == pytest.approx(3.125e-5)
     vit = resolve_entry_kwargs("source", "sar", {**entry, "lr": "paper-vit"}, tiny_net(), batch_size=8)
     assert vit["lr"] == paper_sgd_lr(8, vit=True)
     assert resolve_entry_kwargs("tbn", "tent", {"lr": 0.01}, tiny_net(), batch_size=8)["lr"] == 0.01

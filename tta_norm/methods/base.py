@@ -33,17 +33,20 @@ OPTIM_DEFAULTS: dict[str, dict[str, Any]] = {
     "sgd": {"lr": 2.5e-4, "momentum": 0.9, "weight_decay": 0.0},
 }
 
-def paper_sgd_lr(batch_size: int, *, vit: bool = False) -> float:
+def paper_sgd_lr(batch_size: int, *, vit: bool = False, method: str | None = None) -> float:
     """The SGD learning rate of SAR's ImageNet code at test batch size ``batch_size`` (``mr-eggplant/SAR``
     ``main.py``, also used there for TENT and EATA): ResNets (BN or GN) ``0.00025``, scaled to
-    ``0.00025 / 64 * batch_size * 2`` below batch 32; ViT ``0.001 / 64 * batch_size``.  The default SGD lr
+    ``0.00025 / 64 * batch_size * 2`` below batch 32; ViT ``0.001 / 64 * batch_size``; for ``method="sar"`` at
+    batch size 1 twice that (its ``bs1`` experiment doubles SAR's rate).  The default SGD lr
     (:data:`OPTIM_DEFAULTS`) is the ResNet value at batch 32 or more: pass ``lr=paper_sgd_lr(b, vit=...)`` for
     the paper's value at another batch size or for a ViT."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if vit:
-        return 0.001 / 64 * batch_size
-    return 0.00025 / 64 * batch_size * 2 if batch_size < 32 else 0.00025
+        lr = 0.001 / 64 * batch_size
+    else:
+        lr = 0.00025 / 64 * batch_size * 2 if batch_size < 32 else 0.00025
+    return 2 * lr if method == "sar" and batch_size == 1 else lr
 
 
 #: Optimiser settings a method also takes as plain keyword arguments (no NormSpec field has these names).

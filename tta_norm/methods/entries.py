@@ -277,7 +277,7 @@ def resolve_entry_kwargs(
     if isinstance(kwargs.get("lr"), str):
         if batch_size is None:
             raise ValueError(f"lr: {kwargs['lr']} scales with the batch size; none was given")
-        out["lr"] = paper_sgd_lr(batch_size, vit=PAPER_LR[kwargs["lr"]])
+        out["lr"] = paper_sgd_lr(batch_size, vit=PAPER_LR[kwargs["lr"]], method=method)
     path = kwargs.get("init_state")
     if isinstance(path, (str, os.PathLike)) and init_states is not None and str(path) in init_states:
         out["init_state"] = init_states[str(path)][1]
