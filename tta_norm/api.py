@@ -599,7 +599,9 @@ def adapt(
     spec, name = _resolve_spec("tbn" if preset is None else preset)
     if not has_batchnorm and (method is not None or name == "source"):
         spec_kwargs = sorted(set(kwargs) & spec_fields())
-        if (preset is not None and spec.uses_batch) or spec_kwargs:
+        # any preset but source, also sabn (no batch statistics, but its heads live in BatchNorm layers)
+        named = preset is not None and (spec.uses_batch or name not in (None, "source") or spec.num_domains > 1)
+        if named or spec_kwargs:
             raise ValueError(
                 f"model {type(model).__name__} has no BatchNorm layer, and statistics presets need BatchNorm "
                 f"(got preset {name or spec!r}{f' and {spec_kwargs}' if spec_kwargs else ''}); leave the preset "

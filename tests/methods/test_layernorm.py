@@ -97,7 +97,7 @@ def test_eata_adapts_a_layernorm_model() -> None:
     assert any(not torch.equal(a, p) for a, p in zip(before, tta.method.params, strict=True))
 
 
-@pytest.mark.parametrize("preset", ["tbn", "medbn", "ema"])
+@pytest.mark.parametrize("preset", ["tbn", "medbn", "ema", "sabn", "iew"])
 def test_statistics_presets_need_batchnorm(preset: str) -> None:
     with pytest.raises(ValueError, match="statistics presets need BatchNorm"):
         tta_norm.adapt(vit(), preset, "tent")
