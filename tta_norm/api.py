@@ -148,8 +148,9 @@ class TTAModel(nn.Module):
 
     def state(self) -> dict[str, Any]:
         """Everything adaptation changes, deep-copied: the model's parameters and buffers, the method's
-        optimiser and own state, the counters and the window buffer.  :meth:`load_state` puts it back (on this
-        wrapper or on a copy of it: attacks and fitting fork a deployed model this way)."""
+        optimiser and own state, the counters and the window buffer, with the :class:`NormSpec` they belong to.
+        :meth:`load_state` puts it back (on this wrapper or on a copy of it: attacks and fitting fork a deployed
+        model this way)."""
         with self._lock:
             return {
                 "model": copy.deepcopy(self.model.state_dict()),
@@ -157,12 +158,13 @@ class TTAModel(nn.Module):
                 "counters": {k: getattr(self, k) for k in self.COUNTERS},
                 "window": None if self._window_buffer is None else self._window_buffer.clone(),
                 "window_samples": self._window_samples,
+                "spec": self.spec,
             }
 
     def load_state(self, state: Mapping[str, Any]) -> None:
         """Make this wrapper carry ``state`` (from :meth:`state` of this wrapper or of one built the same way).
-        A state that does not fit (another architecture, preset or method, a missing part) is a ``ValueError``
-        and leaves this wrapper as it was."""
+        A state that does not fit (another architecture, spec or method, a missing or mistyped part, a window
+        this wrapper's window cannot hold) is a ``ValueError`` and leaves this wrapper as it was."""
         with self._lock:
             self._check_state(state)
             before = self.state()
@@ -200,12 +202,46 @@ class TTAModel(nn.Module):
                 raise ValueError(f"load_state: the state is of method {kind!r}, this wrapper runs "
                                  f"{type(self.method).__name__!r}")  # fmt: skip
             self._check_optimizer_state(state["method"].get("optimizer"))
+            attributes = state["method"].get("attributes")
+            ours = {k for k in vars(self.method) if k not in self.method.WIRING}
+            if not isinstance(attributes, Mapping) or set(attributes) != ours:
+                given = sorted(attributes) if isinstance(attributes, Mapping) else type(attributes).__name__
+                raise ValueError(f"load_state: the method part's attributes ({given}) are not this "
+                                 f"{type(self.method).__name__}'s {sorted(ours)}")  # fmt: skip
         if not isinstance(state["model"], Mapping):
             raise ValueError("load_state: the model part must be a state dict")
-        if not isinstance(state["counters"], Mapping) or set(state["counters"]) != set(self.COUNTERS):
+        spec = state.get("spec", self.spec)  # (states saved before they named their spec: not checked)
+        if spec != self.spec:
+            raise ValueError(f"load_state: the state's statistics are those of {spec!r}, this wrapper computes "
+                             f"{self.spec!r}")  # fmt: skip
+        counters = state["counters"]
+        if not isinstance(counters, Mapping) or set(counters) != set(self.COUNTERS):
             raise ValueError(f"load_state: the counters must be {list(self.COUNTERS)}")
-        if state["window"] is not None and not isinstance(state["window"], Tensor):
+        counts = {**counters, "window_samples": state.get("window_samples", 0)}
+        bad = [k for k, v in counts.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0]
+        if bad:
+            raise ValueError(f"load_state: counter {bad[0]!r} must be an int >= 0, got {counts[bad[0]]!r}")
+        self._check_window_state(state["window"])
+
+    def _check_window_state(self, window: Any) -> None:
+        """A window part this wrapper's window can hold: None, or 1 to W-1 earlier samples of the kind it
+        has seen (a window of another shape failed every later forward, in ``torch.cat``)."""
+        if window is None:
+            return
+        if not isinstance(window, Tensor):
             raise ValueError("load_state: the window part must be a tensor or None (from TTAModel.state())")
+        held = 0 if self.window is None else self.window - 1
+        if window.dim() < 2 or not 1 <= window.shape[0] <= held:
+            raise ValueError(f"load_state: the window part holds {tuple(window.shape)}, this wrapper's window keeps "
+                             f"up to {held} earlier samples (a batch of shape (n, ...), 1 <= n <= {held})")
+        try:
+            window = self._validate(window)  # (moved to the model's device and input dtype, as a batch is)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"load_state: the window part is not a batch this wrapper takes: {err}") from None
+        ours = self._window_buffer
+        if ours is not None and (window.shape[1:], window.dtype) != (ours.shape[1:], ours.dtype):
+            raise ValueError(f"load_state: the window part holds samples of shape {tuple(window.shape[1:])} "
+                             f"({window.dtype}), this wrapper's window {tuple(ours.shape[1:])} ({ours.dtype})")
 
     def _check_optimizer_state(self, given: Any) -> None:
         """The state's optimiser is this wrapper's kind: the same groups, parameter counts and setting names
@@ -233,7 +269,7 @@ class TTAModel(nn.Module):
         for key, value in state["counters"].items():
             setattr(self, key, value)
         window = state["window"]
-        self._window_buffer = None if window is None else window.clone()
+        self._window_buffer = None if window is None else self._validate(window).clone()
         self._window_samples = int(state.get("window_samples", 0))  # (states saved before it was kept: 0)
 
     @property

@@ -221,10 +221,20 @@ def test_a_state_that_does_not_fit_is_refused_and_loads_nothing():
     with pytest.raises(ValueError):
         sar.load_state(late)
     stray = sar.state()
-    stray["method"]["attributes"] = {"stray": 1, **stray["method"]["attributes"], "uncopyable": (i for i in ())}
+    stray["method"]["attributes"] = {"stray": 1, **stray["method"]["attributes"]}
+    with pytest.raises(ValueError, match="attributes"):
+        sar.load_state(stray)  # an attribute this method does not have
+    assert not hasattr(sar.method, "stray")
+    for broken_method in ({"class": "SAR", "optimizer": sar.state()["method"]["optimizer"]},
+                          {**sar.state()["method"], "attributes": [1]}):  # fmt: skip
+        with pytest.raises(ValueError, match="attributes"):  # (a KeyError/AttributeError once)
+            sar.load_state({**sar.state(), "method": broken_method})
+    uncopyable = sar.state()
+    rest = {k: v for k, v in uncopyable["method"]["attributes"].items() if k not in ("steps", "loss_ema")}
+    uncopyable["method"]["attributes"] = {"steps": 99, **rest, "loss_ema": (i for i in ())}
     with pytest.raises(TypeError):
-        sar.load_state(stray)  # fails after it set an attribute the method did not have: that one goes too
-    assert not hasattr(sar.method, "stray") and not hasattr(sar.method, "uncopyable")
+        sar.load_state(uncopyable)  # fails after it set an attribute: that one comes back
+    assert sar.method.steps != 99
     adam = tta_norm.adapt(_conv_net(), "ema", "sar")
     sgd = tta_norm.adapt(_conv_net(), "ema", "sar", optimizer="sgd")
     sgd_before = _state(sgd)
@@ -236,6 +246,9 @@ def test_a_state_that_does_not_fit_is_refused_and_loads_nothing():
     no_window["window"] = [1.0]
     with pytest.raises(ValueError, match="window"):
         sar.load_state(no_window)
+    for counters in ({**sar.state()["counters"], "num_batches": "3"}, {**sar.state()["counters"], "num_resets": -1}):
+        with pytest.raises(ValueError, match="counter"):
+            sar.load_state({**sar.state(), "counters": counters})
     no_counters = {k: v for k, v in sar.state().items() if k != "counters"}
     with pytest.raises(ValueError, match="parts"):
         sar.load_state(no_counters)
@@ -267,3 +280,27 @@ def test_loading_keeps_the_layers_own_key_migrations():
         tta.load_state_dict(old)
     with pytest.warns(DeprecationWarning):
         tta_norm.adapt(net, "tbn", init_state={k[len("model."):]: v for k, v in old.items()})
+
+
+def test_a_state_of_other_statistics_or_window_is_refused():
+    """States that loaded and then failed every forward (or silently changed nothing): tbn statistics into a
+    medbn wrapper (the same tensors), a window of other samples or of more samples than the window keeps."""
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    medbn = tta_norm.adapt(_conv_net(), "medbn", "tent")
+    with pytest.raises(ValueError, match="statistics"):
+        medbn.load_state(tta_norm.adapt(_conv_net(), "tbn", "tent").state())
+    windowed = tta_norm.adapt(_conv_net(), "tbn", window=4)
+    windowed(x[:1])
+    windowed(x[1:2])
+    before = _state(windowed)
+    good = windowed.state()
+    for window in (torch.randn(2, 3, 16, 16), torch.randn(4, 3, 32, 32), torch.randn(3, 32, 32)[None, None],
+                   torch.zeros(2, 3, 32, 32, dtype=torch.uint8)):  # fmt: skip
+        with pytest.raises(ValueError, match="window part"):
+            windowed.load_state({**good, "window": window})
+    _assert_same(before, _state(windowed))
+    with pytest.raises(ValueError, match="window part"):  # a wrapper without a window keeps none
+        tta_norm.adapt(_conv_net(), "tbn").load_state({**good, "counters": good["counters"]})
+    windowed.load_state({**good, "window": good["window"].double()})  # cast like a batch is
+    assert windowed.state()["window"].dtype == torch.float32
+    windowed(x[2:3])
