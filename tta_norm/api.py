@@ -470,14 +470,14 @@ class TTAModel(nn.Module):
         compute their statistics from ``x`` exactly as an adapting forward does, but nothing is committed (no
         EMA update, no method step, counters unchanged).  With ``adapt=True`` (statistics-only presets) the
         forward also adapts, as one transaction like :meth:`forward`.  Gradients flow only if autograd is
-        enabled by the caller.  ``domain`` as in :meth:`forward`.
+        enabled by the caller.  ``domain`` as in :meth:`forward`.  With ``window=W``, a batch smaller than W is
+        normalised together with the window's samples, as :meth:`forward` does (gradients reach ``x`` only).
         """
         x = self._validate(x)
         self._check_domain(domain, x.shape[0])
         with self._lock:
             if not adapt:
-                with self.layer_frame(x.shape[0], update_state=False, domain=_option(domain)):
-                    return self.model(x)
+                return self._windowed_logits(x, domain)
             if self.method is not None:
                 raise ValueError(
                     "differentiable_forward(adapt=True) needs a statistics-only preset: a gradient method's "
@@ -499,6 +499,22 @@ class TTAModel(nn.Module):
             self.num_adapted += 1
             self.num_batches += 1
             return logits
+
+    def _windowed_logits(self, x: Tensor, domain: int | Tensor | None) -> Tensor:
+        """The logits :meth:`forward` gives ``x`` (its window included), with their graph, committing nothing."""
+        n = x.shape[0]
+        if self.window is None or n >= self.window:
+            with self.layer_frame(n, update_state=False, domain=_option(domain)):
+                return self.model(x)
+        if isinstance(domain, Tensor):
+            raise ValueError("per-sample domain indices cannot be combined with window=W; pass an int domain")
+        buffer = self._window_buffer
+        xw = x if buffer is None else torch.cat([buffer, x])[-self.window :]
+        if xw.shape[0] < 2:  # the forward predicts a lone first sample with the current state
+            with layer_options(self._layers, use_batch=False, domain=_option(domain)):
+                return self.model(xw)
+        with self.layer_frame(xw.shape[0], update_state=False, domain=_option(domain)):
+            return self.model(xw)[-n:]
 
     def extra_repr(self) -> str:
         method = self.method.name if self.method is not None else None

@@ -44,6 +44,22 @@ def test_differentiable_forward_gives_input_gradients_and_changes_nothing():
     assert tta.num_batches == 0 and tta.num_adapted == 0
 
 
+@pytest.mark.parametrize("method", [None, "tent"])
+def test_differentiable_forward_sees_the_window_as_the_forward_does(method):
+    """With window=W the forward normalises a small batch with the window's samples; the differentiable
+    forward gave the logits of the batch alone."""
+    tta = tta_norm.adapt(_conv_net(), "tbn", method=method, window=4)
+    xs = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    for i, n in enumerate((1, 1, 2, 1, 1)):
+        x = xs[i : i + n].clone().requires_grad_(True)
+        window = None if tta._window_buffer is None else tta._window_buffer.clone()
+        logits = tta.differentiable_forward(x)
+        logits.logsumexp(1).sum().backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0
+        assert (window is None and tta._window_buffer is None) or torch.equal(window, tta._window_buffer)
+        torch.testing.assert_close(logits.detach(), tta(x.detach()), rtol=1e-5, atol=1e-6)  # (kernel vs autograd)
+
+
 def test_differentiable_forward_adapt_commits_as_one_transaction():
     tta = tta_norm.adapt(_conv_net(), "ema")
     before = tta.model[1].ema_mean.clone()
