@@ -459,3 +459,17 @@ def test_the_unsqueeze_hint_is_given_only_for_a_missing_batch_dimension() -> Non
     with pytest.raises(TypeError, match="floating-point"):
         plain(torch.randn(2, 3, 8, 8, dtype=torch.complex64))
     assert plain.num_batches == spectrogram.num_batches == 0
+
+
+@pytest.mark.parametrize("preset,method", [("tbn", None), ("medbn", "tent"), ("ttn", "sar")])
+def test_a_wrapper_adapts_under_bfloat16_autocast(preset, method):
+    """The forward of a float32 network under CPU autocast (the docs' advice for reduced precision)."""
+    full = tta_norm.adapt(tiny_net(), preset, method)
+    mixed = tta_norm.adapt(tiny_net(), preset, method)
+    for batch in (X, X.flip(0)):
+        expected = full(batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = mixed(batch)
+        assert got.dtype == torch.bfloat16 and bool(torch.isfinite(got).all())
+        assert (got.float().argmax(1) == expected.argmax(1)).float().mean() >= 0.75
+    assert all(p.dtype == torch.float32 for p in mixed.parameters())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 
@@ -381,3 +382,25 @@ def test_ema_in_place_path_equals_functional_path() -> None:
     with torch.no_grad():
         a(bad)
     assert torch.isfinite(a.ema_mean).all() and a.ema_mean[2] == before[0][2] and a.ema_var[2] == before[1][2]
+
+
+@pytest.mark.parametrize("preset", ["tbn", "medbn", "ema", "alpha", "iabn"])
+def test_reduced_precision_activations_use_float_statistics(preset):
+    """Under bfloat16 autocast a layer with float32 statistics estimates, mixes and normalises in float32 and
+    returns bfloat16, as BatchNorm's mixed-dtype path does (it failed: "mixed dtype", or lerp of two dtypes)."""
+    bn = make_bn(4, seed=3)
+    x = 3 + 2 * torch.randn(16, 4, 5, 5, generator=torch.Generator().manual_seed(4))
+    full, half = layer(preset, bn), layer(preset, bn)
+    low = x.bfloat16()
+    with torch.no_grad():
+        expected = full(low.float())
+        got = half(low)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=1e-2)  # the output's bfloat16 rounding
+    assert half.source_mean.dtype == torch.float32
+    for name, buffer in full.named_buffers():
+        torch.testing.assert_close(dict(half.named_buffers())[name], buffer, rtol=1e-6, atol=1e-6)  # (EMA state)
+    if preset == "tbn":  # the model's own layer in train mode, under autocast
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+            reference = copy.deepcopy(bn).train()(low)
+        torch.testing.assert_close(got.float(), reference.float(), rtol=1e-2, atol=1e-2)

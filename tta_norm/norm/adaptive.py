@@ -38,6 +38,9 @@ class InputRankError(ValueError):
     """An adaptive norm layer got an input of a rank its BatchNorm does not take (e.g. an image without its
     batch dimension reaching a ``BatchNorm2d``)."""
 
+_REDUCED = (torch.float16, torch.bfloat16)
+
+
 class AdaptiveNorm(nn.Module):
     """A BatchNorm whose statistics come from a :class:`NormSpec` (test batch, source prior, EMA, median...).
 
@@ -275,6 +278,12 @@ class AdaptiveNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() not in self._dims or x.shape[1] != self.num_features or x.shape[0] == 0:
             self._check_input(x)
+        stat_dtype = self._buffers["source_mean"].dtype
+        if x.dtype != stat_dtype and x.dtype in _REDUCED and stat_dtype not in _REDUCED:
+            # a reduced-precision activation (autocast) with float statistics: estimate, mix and normalise in
+            # the statistics' precision and hand back the activation's dtype, as BatchNorm's mixed-dtype path
+            # does (statistics of bfloat16 values summed in bfloat16 lose most of their digits)
+            return self.forward(x.to(stat_dtype)).to(x.dtype)
         update_state, use_batch, domain = self._options()
         if self._fused is not None and x.is_cpu and use_batch and (domain is None or not self._heads):
             out = self._fused_forward(x, update_state)
