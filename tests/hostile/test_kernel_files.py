@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import re
 import subprocess
@@ -102,7 +103,7 @@ def test_private_directory_is_created_0700(fresh_kernels):
 def test_planted_library_never_runs_and_is_rebuilt(fresh_kernels, tmp_path):
     built = kernels._build(kernels._compiler())
     record = built.with_name(built.name + ".sha256")
-    assert record.read_text().strip() == kernels._sha256(built)
+    assert record.read_text().strip() == hashlib.sha256(built.read_bytes()).hexdigest()
     marker = tmp_path / "constructor-ran"
     planted = _constructor_library(tmp_path, marker)
     os.replace(planted, built)  # the planted file at the predictable path (its hash does not match the record)
@@ -114,8 +115,43 @@ def test_planted_library_never_runs_and_is_rebuilt(fresh_kernels, tmp_path):
 
 
 @needs_compiler
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="loads through the descriptor on Linux only")
+def test_a_library_swapped_in_after_its_check_never_runs(fresh_kernels, tmp_path, monkeypatch):
+    """The file that is loaded is the file that was hashed: a swap at the path between the check and the
+    load (a race an attacker with access to the path could win) loads the checked file, not the swapped one."""
+    built = kernels._build(kernels._compiler())
+    marker = tmp_path / "constructor-ran"
+    planted = _constructor_library(tmp_path, marker)
+    real_cdll = ctypes.CDLL
+
+    def swap_then_load(name, *args, **kwargs):
+        if planted.exists():
+            os.replace(planted, built)  # after every check, right before the load
+        return real_cdll(name, *args, **kwargs)
+
+    monkeypatch.setattr(kernels.ctypes, "CDLL", swap_then_load)
+    lib = kernels.kernel()
+    assert not planted.exists()  # the swap happened
+    assert not marker.exists()  # and the swapped-in library's constructor never ran
+    assert lib is not None and lib.path == built
+
+
+def test_a_kernel_directory_swapped_after_its_check_is_refused(fresh_kernels, tmp_path):
+    """The directory is checked through the descriptor the library is opened with, not by path beforehand."""
+    target = kernels.private_dir() / "cpu_norm-test.so"
+    target.write_bytes(b"not a library")
+    target.with_name(target.name + ".sha256").write_text(hashlib.sha256(b"not a library").hexdigest())
+    assert kernels._verified(target)
+    fresh_kernels.chmod(0o755)  # e.g. another directory moved in at this path
+    assert not kernels._verified(target)
+
+
+@needs_compiler
 def test_library_without_the_symbol_falls_back_with_one_warning(fresh_kernels, tmp_path, monkeypatch):
-    empty = _compile_library(tmp_path, "int unrelated(void) { return 1; }\n", "nosymbol")
+    compiled = _compile_library(tmp_path, "int unrelated(void) { return 1; }\n", "nosymbol")
+    empty = kernels.private_dir() / compiled.name  # a verified library: in the private directory, recorded
+    os.replace(compiled, empty)
+    empty.with_name(empty.name + ".sha256").write_text(hashlib.sha256(empty.read_bytes()).hexdigest())
     monkeypatch.setattr(kernels, "_build", lambda cxx, extra_flags=(): empty)
     x = torch.randn(3, 3, 6, 6)
     with pytest.warns(kernels.KernelWarning, match="tta_fused_norm"):

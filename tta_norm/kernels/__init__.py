@@ -11,8 +11,9 @@ second) explicitly with ``tta-norm build-kernels``, or else on first use (by :fu
 timed forward), under a file lock so that concurrent processes never build it twice.  It goes into a private
 directory ``<cache>/kernels/private-<uid>`` (``$TTA_NORM_CACHE``, default ``~/.cache/tta_norm``) that must be a
 real directory owned by the user with mode 0700 (created so; anything else is refused).  The SHA-256 of the
-built library is recorded next to it and checked before the library is loaded with ``ctypes``; a file that
-does not match is rebuilt, never loaded.  Without a compiler, with ``TTA_NORM_KERNELS=0``, or when anything
+built library is recorded next to it and checked before the library is loaded with ``ctypes``, through the
+descriptor the library is then loaded from (on Linux), so a file swapped in after the check never runs; a file
+that does not match is rebuilt, never loaded.  Without a compiler, with ``TTA_NORM_KERNELS=0``, or when anything
 in building, verifying or loading fails (a refused directory, a missing symbol), everything runs on the ATen
 path and gives the same numbers (to float rounding); the reason is given once as a :class:`KernelWarning`
 and by :func:`status`.  ``TTA_NORM_KERNELS=1`` makes such a failure an error instead.  GPUs, other dtypes and
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import os
 import platform
 import re
@@ -36,6 +38,7 @@ import subprocess
 import threading
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import Tensor
@@ -136,34 +139,68 @@ def private_dir() -> Path:
         os.mkdir(path, 0o700)
     except FileExistsError:
         pass
-    info = os.lstat(path)
+    _check_private(os.lstat(path), path)
+    return path
+
+
+def _check_private(info: os.stat_result, path: Path) -> None:
+    """Raise :class:`KernelDirectoryError` unless ``info`` is a directory of the user's with mode 0700."""
     if not stat.S_ISDIR(info.st_mode):
         raise KernelDirectoryError(f"refusing kernel directory {path}: not a directory (a symlink?); remove it")
-    if info.st_uid != getuid():
+    if info.st_uid != os.getuid():
         raise KernelDirectoryError(f"refusing kernel directory {path}: owned by uid {info.st_uid}, not by you")
     if info.st_mode & 0o077:
         raise KernelDirectoryError(
             f"refusing kernel directory {path}: mode {stat.S_IMODE(info.st_mode):o}, must be 700 "
             f"(chmod 700 {path}, or remove it)"
         )
-    return path
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _sha256(file: BinaryIO) -> str:
+    """SHA-256 of what ``file`` reads from its current position on."""
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: file.read(1 << 20), b""):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _open_verified(target: Path) -> int | None:
+    """An open descriptor of ``target`` if it is a regular file owned by the user, not writable by others, in
+    a private directory, and its contents match the recorded SHA-256; else ``None``.
+
+    Everything is checked through descriptors (the directory opened without following links, the file
+    opened in it, its status and contents read from the open file), so what was checked is what the
+    descriptor holds even if the paths change meanwhile; :class:`_Kernel` loads the library through it."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        dir_fd = os.open(target.parent, flags | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return None
+    try:
+        _check_private(os.fstat(dir_fd), target.parent)
+        with open(os.open(target.name + ".sha256", flags, dir_fd=dir_fd), "rb") as record:
+            expected = record.read(256).decode("ascii", "replace").strip()
+        fd = os.open(target.name, flags, dir_fd=dir_fd)
+    except (OSError, KernelDirectoryError):
+        return None
+    finally:
+        os.close(dir_fd)
+    info = os.fstat(fd)
+    if stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022:
+        with open(os.dup(fd), "rb") as file:
+            if _sha256(file) == expected:
+                return fd
+    os.close(fd)
+    return None
 
 
 def _verified(target: Path) -> bool:
-    """Whether ``target`` exists, is a regular file owned by the user and matches its recorded SHA-256."""
-    record = target.with_name(target.name + ".sha256")
-    try:
-        info = os.lstat(target)
-        expected = record.read_text().strip()
-    except OSError:
+    """Whether ``target`` passes :func:`_open_verified`."""
+    fd = _open_verified(target)
+    if fd is None:
         return False
-    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
-        return False
-    return _sha256(target) == expected
+    os.close(fd)
+    return True
 
 
 def _build(cxx: str, extra_flags: tuple[str, ...] = ()) -> Path:
@@ -188,7 +225,8 @@ def _build(cxx: str, extra_flags: tuple[str, ...] = ()) -> Path:
             cmd = [cxx, *flags, *openmp, str(_SOURCE), "-o", str(tmp)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode == 0:
-                digest = _sha256(tmp)
+                with open(tmp, "rb") as file:
+                    digest = _sha256(file)
                 record = target.with_name(target.name + ".sha256")
                 record_tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
                 record_tmp.write_text(digest + "\n")
@@ -202,6 +240,9 @@ def _build(cxx: str, extra_flags: tuple[str, ...] = ()) -> Path:
     raise RuntimeError("compiling the fused norm kernel failed:\n" + "\n".join(errors))
 
 
+_LOADS = itertools.count()
+
+
 class _Kernel:
     """The loaded library: ``call`` releases the GIL (large inputs: other Python threads, e.g. a prefetching
     loader, keep running), ``call_holding_gil`` does not (small inputs: releasing and re-taking the GIL costs
@@ -211,12 +252,24 @@ class _Kernel:
         p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
         argtypes = [p, p, i64, i64, i64, i64, i32, i32, i32, i32, p, f64, p, p, i32, p, p, f64, p, i32, f64, i32, p]
         self.path = path
-        self.call = ctypes.CDLL(str(path)).tta_fused_norm
-        self.call_holding_gil = ctypes.PyDLL(str(path)).tta_fused_norm
+        fd = _open_verified(path)
+        if fd is None:
+            raise RuntimeError(f"{path} does not match its recorded SHA-256 (changed since it was built?)")
+        try:
+            # loaded through the verified descriptor where the system names one (Linux), so the file that
+            # runs is the file that was hashed; elsewhere by its path in the private directory.  The loader
+            # reuses an already loaded library of the same *name*, and descriptor numbers are reused: each
+            # load spells its name differently ("./" steps), so only the file's identity can match
+            source = (f"/proc/self/fd/{'./' * next(_LOADS)}{fd}" if os.path.isdir("/proc/self/fd")
+                      else str(path))  # fmt: skip
+            self.call = ctypes.CDLL(source).tta_fused_norm
+            self.call_holding_gil = ctypes.PyDLL(source).tta_fused_norm
+            self.fallbacks = ctypes.CDLL(source).tta_median_fallbacks
+        finally:
+            os.close(fd)
         for fn in (self.call, self.call_holding_gil):
             fn.argtypes = argtypes
             fn.restype = i32
-        self.fallbacks = ctypes.CDLL(str(path)).tta_median_fallbacks
         self.fallbacks.restype = i64
 
 
