@@ -408,6 +408,37 @@ def test_will_reset_and_device() -> None:
     assert tta_norm.adapt(tiny_net(), "tbn", episodic=True).will_reset
 
 
+@pytest.mark.parametrize("method", ["tent", "eata", "sar"])
+def test_to_moves_the_adaptation_state_with_the_model(method) -> None:
+    """After ``.double()`` (or ``.to(device)``) a wrapper goes on adapting as it would have: the optimiser's
+    moments, the method's tensors and the window follow the model (Adam's step failed on float32 moments)."""
+    kwargs = {"fisher_data": [X.flip(0)]} if method == "eata" else {}
+    tta = tta_norm.adapt(tiny_net(), "tbn", method, window=4, **kwargs)
+    tta(X)
+    tta(X[:3] * 0.5)  # a step on the first batch, then three samples in the window
+    single = copy.deepcopy(tta)
+    tta.double()
+    for batch in (X[3:5], X * 0.7, X.flip(0)):
+        torch.testing.assert_close(tta(batch).float(), single(batch), rtol=1e-4, atol=1e-5)
+    state = tta.state()
+    tensors = [state["window"], *[t for v in state["method"]["attributes"].values() for t in _tensors(v)],
+               *[t for s in state["method"]["optimizer"]["state"].values() for k, t in s.items() if k != "step"]]
+    assert tensors and all(t.dtype == torch.float64 for t in tensors if t.is_floating_point())
+    tta.reset()
+    single.reset()
+    torch.testing.assert_close(tta(X).float(), single(X), rtol=1e-4, atol=1e-5)
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
 class _Spectrogram(torch.nn.Module):
     """(N, F, T) spectrograms, unsqueezed to (N, 1, F, T) before a conv and a BatchNorm2d."""
 

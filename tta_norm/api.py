@@ -122,6 +122,24 @@ class TTAModel(nn.Module):
         super().__setstate__(state)
         self._lock = threading.RLock()
 
+    def _apply(self, fn: Any, recurse: bool = True) -> TTAModel:
+        """``.to()``, ``.cuda()``, ``.double()``...: the model's tensors as for any module, and with them the
+        adaptation state kept outside it, so the next step runs where and in what dtype the model now does:
+        the optimiser's state (cast as ``Optimizer.load_state_dict`` casts it to its parameters), the method's
+        tensors (EATA's Fisher weights and moving average...), the window and the reset snapshot."""
+        super()._apply(fn, recurse)
+        with self._lock:
+            if self._window_buffer is not None:
+                self._window_buffer = fn(self._window_buffer)
+            self._initial_model_state = _map_tensors(fn, self._initial_model_state)
+            if self.method is not None:
+                optimizer = self.method.optimizer
+                optimizer.load_state_dict(optimizer.state_dict())
+                for key, value in list(vars(self.method).items()):
+                    if key not in self.method.WIRING:
+                        setattr(self.method, key, _map_tensors(fn, value))
+        return self
+
     # -- reset ---------------------------------------------------------------------------------------------
     def _restore(self) -> None:
         self.model.load_state_dict(self._initial_model_state)
@@ -182,7 +200,8 @@ class TTAModel(nn.Module):
         """``nn.Module.load_state_dict`` (the model's tensors; layers' own key migrations included), all or
         nothing: a state that does not fit raises a one-line ``RuntimeError`` and leaves every tensor as it was."""
         try:
-            with _undone_on_error(self, values=True):  # the tensor objects (assign=True swaps them) and values
+            # under the wrapper's lock: a forward in another thread sees the old state or the new, never a mix
+            with self._lock, _undone_on_error(self, values=True):  # tensor objects (assign=True swaps them), values
                 return super().load_state_dict(state_dict, strict=strict, assign=assign)
         except RuntimeError as err:
             raise RuntimeError(f"load_state_dict: the state does not fit this wrapper "
@@ -519,6 +538,17 @@ class TTAModel(nn.Module):
     def extra_repr(self) -> str:
         method = self.method.name if self.method is not None else None
         return f"preset={self.preset_name or self.spec!r}, method={method}, episodic={self.episodic}"
+
+
+def _map_tensors(fn: Any, value: Any) -> Any:
+    """``value`` with ``fn`` applied to every tensor in it (through dicts, lists and tuples)."""
+    if isinstance(value, Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return type(value)((k, _map_tensors(fn, v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_map_tensors(fn, v) for v in value)
+    return value
 
 
 def _is_rank_error(err: BaseException) -> bool:

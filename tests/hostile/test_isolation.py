@@ -248,3 +248,42 @@ def test_copies_get_their_own_lock():
     assert twin._lock is not tta._lock
     twin(torch.randn(4, 3, 32, 32))
     assert twin.num_adapted == 1 and tta.num_adapted == 0
+
+
+_PAUSE: dict[str, threading.Event] = {}
+
+
+class _Paused(nn.Module):
+    """A network whose forward waits for ``_PAUSE["resume"]`` after it has started (``_PAUSE["started"]``);
+    the events live outside the module, which ``adapt`` copies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _conv_net()
+
+    def forward(self, x):
+        if _PAUSE:
+            _PAUSE["started"].set()
+            assert _PAUSE["resume"].wait(10)
+        return self.net(x)
+
+
+def test_load_state_dict_waits_for_a_forward_in_another_thread():
+    """A state loaded in the middle of another thread's adapting forward lands after it (it landed inside it:
+    the step then ran on half-loaded parameters and the forward's commit overwrote the loaded statistics)."""
+    tta = tta_norm.adapt(_Paused(), "ema")
+    loaded = {k: v.clone() + 1 if v.is_floating_point() else v for k, v in tta.state_dict().items()}
+    done = []
+    _PAUSE.update(started=threading.Event(), resume=threading.Event())
+    thread = threading.Thread(target=lambda: done.append(tta(torch.randn(4, 3, 32, 32))))
+    thread.start()
+    assert _PAUSE["started"].wait(10)
+    loader = threading.Thread(target=lambda: tta.load_state_dict(loaded))
+    loader.start()
+    time.sleep(0.2)
+    assert loader.is_alive()  # waiting for the forward
+    _PAUSE["resume"].set()
+    thread.join(10)
+    loader.join(10)
+    _PAUSE.clear()
+    assert done and all(torch.equal(v, loaded[k]) for k, v in tta.state_dict().items())
