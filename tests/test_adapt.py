@@ -492,6 +492,32 @@ def test_the_unsqueeze_hint_is_given_only_for_a_missing_batch_dimension() -> Non
     assert plain.num_batches == spectrogram.num_batches == 0
 
 
+@pytest.mark.parametrize("window", [None, 4])
+def test_an_unbatched_image_gets_the_hint_on_a_model_with_norm_layers_of_several_ranks(window) -> None:
+    """tiny_net has a BatchNorm2d and a BatchNorm1d: the 1d layer's 2-D rank hid the missing dimension."""
+    tta = tta_norm.adapt(tiny_net(), "tbn", window=window)
+    with pytest.raises(ValueError, match="unsqueeze"):
+        tta(X[0])
+    assert tta.num_batches == 0 and tta.state()["window"] is None
+
+
+def test_integer_pixels_and_out_of_memory_errors() -> None:
+    """Integer pixels to a conv net: a ValueError that says what to do (the raw dtype RuntimeError before);
+    an out-of-memory error stays what it is (the message-based rewording must not turn it into a ValueError)."""
+    tta = tta_norm.adapt(tiny_net(), "tbn")
+    for dtype in (torch.int64, torch.int32):
+        with pytest.raises(ValueError, match="x.float\\(\\) / 255"):
+            tta((X * 50).round().to(dtype))
+
+    class Exhausted(nn.Module):
+        def forward(self, x):
+            raise torch.OutOfMemoryError("tried to allocate 2.00 GiB: the tensor size exceeds what is free")
+
+    exhausted = tta_norm.adapt(nn.Sequential(tiny_net(), Exhausted()), "tbn")
+    with pytest.raises(torch.OutOfMemoryError):
+        exhausted(X)
+
+
 @pytest.mark.parametrize("preset,method", [("tbn", None), ("medbn", "tent"), ("ttn", "sar")])
 def test_a_wrapper_adapts_under_bfloat16_autocast(preset, method):
     """The forward of a float32 network under CPU autocast (the docs' advice for reduced precision)."""

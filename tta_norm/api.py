@@ -102,8 +102,8 @@ class TTAModel(nn.Module):
         self._first_float = tuple(p for p in model.parameters() if p.is_floating_point())[:1]
         self._layer_defaults = [(layer.update_state, layer.use_batch, layer.domain) for layer in self._layers]
         self._num_domains = max((layer.spec.num_domains for layer in self._layers), default=1)
-        ranks = [min(layer.expected_dims) for layer in self._layers if layer.expected_dims]
-        self._min_rank = min(ranks, default=2)
+        ranks = [max(layer.expected_dims) for layer in self._layers if layer.expected_dims]
+        self._max_rank = max(ranks, default=2)  # an input of lower rank that a layer refuses lacks a dimension
         self._mutable_buffers = MutableBuffers(model)
         self._lock = threading.RLock()
         self._initial_model_state = copy.deepcopy(model.state_dict())
@@ -459,14 +459,19 @@ class TTAModel(nn.Module):
             return self._predict_without_adapting(x, domain)
         except (RuntimeError, ValueError) as err:
             snapshot.restore()
-            if x.dim() < self._min_rank and _is_rank_error(err):  # e.g. one image without its batch dimension
+            first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+            if x.dim() < self._max_rank and _is_rank_error(err):  # e.g. one image without its batch dimension
                 raise ValueError(
-                    f"the model could not process a batch of shape {tuple(x.shape)} (its norm layers take "
-                    f"{self._min_rank}-D inputs; for a single sample add the batch dimension: x.unsqueeze(0)): "
-                    f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+                    f"the model could not process a batch of shape {tuple(x.shape)} (a batch is (N, ...): for a "
+                    f"single sample add the batch dimension, x.unsqueeze(0)): {first_line}"
                 ) from err
-            if isinstance(err, ValueError):
+            if isinstance(err, ValueError) or isinstance(err, torch.OutOfMemoryError):
                 raise
+            if not x.is_floating_point() and "type" in str(err):  # integer ids are passed on as given
+                raise ValueError(
+                    f"the model does not take {x.dtype} inputs ({first_line}); convert images to floats first, "
+                    "e.g. x.float() / 255 for 0-255 pixel values"
+                ) from err
             if "channel" in str(err) or "size" in str(err) or "shape" in str(err):
                 raise ValueError(
                     f"the model could not process a batch of shape {tuple(x.shape)}: {err}. "
