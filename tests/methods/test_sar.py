@@ -130,3 +130,51 @@ def test_a_rejected_batch_after_a_recovery_leaves_the_kept_optimiser_state_intac
 
     for a, b in zip(stream(False), stream(True), strict=True):
         assert torch.equal(a, b)
+
+
+class DeepLNNet(nn.Module):
+    """ViT-Large's layout: 24 blocks and a final norm."""
+
+    def __init__(self, depth: int = 24, nested: bool = False) -> None:
+        super().__init__()
+        blocks = nn.ModuleList(nn.LayerNorm(4) for _ in range(depth))
+        self.stages = nn.ModuleList([nn.Module()]) if nested else None
+        if nested:
+            self.stages[0].blocks = blocks
+        else:
+            self.blocks = blocks
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        for b in self.stages[0].blocks if self.stages is not None else self.blocks:
+            x = b(x)
+        return self.head(self.norm(x))
+
+
+def test_the_top_layer_rule_warns_where_it_does_not_fit_and_takes_a_callable() -> None:
+    """The official rule names ViT-Base's blocks 9-11: on 24 blocks (ViT-L) or a ConvNeXt-like stage it leaves
+    out middle blocks; that is said, and a caller's rule replaces it."""
+    import warnings
+
+    from tta_norm.methods.sar import SARTopLayerWarning, sar_top_layer_misfit
+
+    assert sar_top_layer_misfit([f"blocks.{i}.norm1" for i in range(12)]) is None  # ViT-B/S/Ti: 12 blocks
+    assert sar_top_layer_misfit(["layer1.0.bn1", "layer4.2.bn3"]) is None  # ResNets: no numbered blocks
+    assert sar_top_layer_misfit([f"blocks.{i}" for i in range(24)]) == "blocks.0-23"
+    assert sar_top_layer_misfit(["stages.2.blocks.26.norm", "stages.3.blocks.2"]) == (
+        "stages.2.blocks.0-26, stages.3.blocks.0-2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SAR(LNNet())  # the rule's own layout: silent
+        tta_norm.adapt(tiny_net(), "tbn", "sar")
+    for model in (DeepLNNet(), DeepLNNet(nested=True)):
+        with pytest.warns(SARTopLayerWarning, match="blocks.9'?,? .*freeze_top"):
+            names = {n.rpartition(".")[0] for n, _ in SAR(model).named_params}
+        assert len(names) == 21  # the literal rule: blocks 9-11 and the final norm left out
+    top = lambda name: name == "norm" or any(name == f"blocks.{i}" for i in (21, 22, 23))  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        chosen = tta_norm.adapt(DeepLNNet(), method="sar", freeze_top=top).method
+    names = {n.rpartition(".")[0] for n, _ in chosen.named_params}
+    assert names == {f"blocks.{i}" for i in range(21)}

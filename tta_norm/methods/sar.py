@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import copy
 import math
+import re
+import warnings
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from tta_norm.methods.base import GradientMethod, collect_norm_params, softmax_entropy
+from tta_norm.methods.base import ADAPTABLE_NORMS, GradientMethod, collect_norm_params, softmax_entropy
 from tta_norm.methods.eata import entropy_margin
 from tta_norm.norm.convert import keep_state
 
@@ -29,6 +32,28 @@ def is_sar_top_layer(module_name: str) -> bool:
     )
 
 
+class SARTopLayerWarning(UserWarning):
+    """SAR's official top-layer rule does not fit the model's block numbering (it names ViT-Base's)."""
+
+
+_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)(?=\.|$)")
+
+
+def sar_top_layer_misfit(module_names: Iterable[str]) -> str | None:
+    """Where the official rule's ``blocks.9``-``blocks.11`` are not the model's top blocks: a description of the
+    model's numbered blocks, or ``None`` when they are (a 12-block ViT) or the model has none (ResNets).
+
+    The rule matches names, so on a 24-block ViT-Large it leaves out three middle blocks and on a ConvNeXt
+    (``stages.<s>.blocks.<i>``) the middle of a deep stage, while a model with fewer blocks keeps them all."""
+    groups: dict[str, set[int]] = {}
+    for name in module_names:
+        for match in _BLOCK.finditer(name):
+            groups.setdefault(name[: match.start()], set()).add(int(match.group(1)))
+    if not groups or (set(groups) == {""} and max(groups[""]) == 11):
+        return None
+    return ", ".join(f"{prefix + '.' if prefix else ''}blocks.0-{max(ix)}" for prefix, ix in sorted(groups.items()))
+
+
 class SAR(GradientMethod):
     """SAR: reliable-entropy filtering, a sharpness-aware (SAM) step, and model recovery on collapse.
 
@@ -46,8 +71,10 @@ class SAR(GradientMethod):
     Deviation: an explicit ``reset()`` (and ``episodic`` / ``reset_every``) returns to the source state with a
     fresh optimiser, where the reference's ``reset`` (also its episodic mode) keeps the base optimiser's state.
 
-    Trained parameters: the official selection (:func:`is_sar_top_layer` layers left out); ``freeze_top=False``
-    adapts every norm layer.  Base optimiser: the toolkit default (Adam lr 1e-3, Marsden & Doebler's and MedBN's
+    Trained parameters: the official selection (:func:`is_sar_top_layer` layers left out), with a
+    :class:`SARTopLayerWarning` on a model whose numbered blocks it does not fit (:func:`sar_top_layer_misfit`);
+    ``freeze_top=False`` adapts every norm layer, ``freeze_top=<callable(module_name) -> bool>`` leaves out the
+    layers it returns ``True`` for.  Base optimiser: the toolkit default (Adam lr 1e-3, Marsden & Doebler's and MedBN's
     CIFAR setting); the paper's ImageNet setting is ``optimizer="sgd"`` (momentum 0.9, lr 0.00025 for a ResNet at
     batch >= 32; :func:`~tta_norm.methods.base.paper_sgd_lr` gives the paper's lr at other batch sizes and for ViT).
     """
@@ -61,7 +88,7 @@ class SAR(GradientMethod):
         e_margin: float | None = None,
         rho: float = 0.05,
         reset_constant: float = 0.2,
-        freeze_top: bool = True,
+        freeze_top: bool | Callable[[str], bool] = True,
         **optim_kwargs: Any,
     ) -> None:
         if rho < 0:
@@ -76,11 +103,29 @@ class SAR(GradientMethod):
 
     def select_params(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
         """The official ``collect_params`` selection (on the names of the network inside the package's input and
-        logit wrappers), or every norm affine with ``freeze_top=False``."""
+        logit wrappers), the caller's rule (``freeze_top`` callable), or every norm affine (``False``)."""
         from tta_norm.models.wrappers import inner_name
 
-        skip = (lambda name: is_sar_top_layer(inner_name(model, name))) if self.freeze_top else None
-        return collect_norm_params(model, skip=skip)
+        if callable(self.freeze_top):
+            rule = self.freeze_top
+        elif self.freeze_top:
+            rule = is_sar_top_layer
+            misfit = sar_top_layer_misfit(inner_name(model, name) for name, _ in model.named_modules())
+            if misfit is not None:
+                left_out = [inner_name(model, n) for n, m in model.named_modules()
+                            if isinstance(m, ADAPTABLE_NORMS) and is_sar_top_layer(inner_name(model, n))]  # fmt: skip
+                some = f"{len(left_out)} norm layer(s) {left_out[:4]}{'...' if len(left_out) > 4 else ''}"
+                warnings.warn(
+                    f"SAR's official top-layer rule leaves out blocks.9-11 (the top of ViT-Base's 12 blocks); this "
+                    f"model has {misfit}, and the rule leaves out {some if left_out else 'none of its norm layers'}"
+                    ". Pass freeze_top=<callable(module_name) -> bool> to choose its top layers, or "
+                    "freeze_top=False to adapt them all",
+                    SARTopLayerWarning,
+                    stacklevel=4,
+                )
+        else:
+            return collect_norm_params(model)
+        return collect_norm_params(model, skip=lambda name: bool(rule(inner_name(model, name))))
 
     def reset_method_state(self) -> None:
         self.loss_ema = None
