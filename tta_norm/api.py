@@ -56,7 +56,8 @@ class TTAModel(nn.Module):
     concurrent calls from several threads are serialised by a lock, in arrival order.
 
     Counters: ``num_batches`` (batches answered; a refused call is not counted), ``num_adapted`` (batches
-    adapted on since the last reset), ``skipped_batches``, ``num_resets``.
+    adapted on since the last reset), ``skipped_batches``, ``num_resets`` (every return to the source state:
+    explicit, episodic, periodic, and SAR's model recovery, which also restarts the ``reset_every`` count).
     """
 
     def __init__(
