@@ -25,7 +25,8 @@ OPTIM_SETTINGS: dict[str, tuple[str, ...]] = {
 }
 
 #: The authors' optimiser defaults.  Adam: TENT's CIFAR setting (``DequanWang/tent`` ``cfgs/tent.yaml``: lr 1e-3,
-#: betas (0.9, 0.999), wd 0), also used by Marsden & Doebler's and MedBN's CIFAR configs for TENT, EATA and SAR.
+#: betas (0.9, 0.999), wd 0), also used by MedBN's CIFAR configs for TENT, EATA and SAR and by Marsden & Doebler's
+#: for TENT and EATA (their SAR builds SGD, momentum 0.9, at the config's lr).
 #: SGD: the ImageNet setting of TENT, EATA and SAR (``mr-eggplant/EATA`` and ``mr-eggplant/SAR`` ``main.py``:
 #: lr 0.00025 at batch 64, momentum 0.9, no Nesterov, wd 0).
 OPTIM_DEFAULTS: dict[str, dict[str, Any]] = {

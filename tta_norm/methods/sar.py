@@ -74,9 +74,11 @@ class SAR(GradientMethod):
     Trained parameters: the official selection (:func:`is_sar_top_layer` layers left out), with a
     :class:`SARTopLayerWarning` on a model whose numbered blocks it does not fit (:func:`sar_top_layer_misfit`);
     ``freeze_top=False`` adapts every norm layer, ``freeze_top=<callable(module_name) -> bool>`` leaves out the
-    layers it returns ``True`` for.  Base optimiser: the toolkit default (Adam lr 1e-3, Marsden & Doebler's and MedBN's
-    CIFAR setting); the paper's ImageNet setting is ``optimizer="sgd"`` (momentum 0.9, lr 0.00025 for a ResNet at
-    batch >= 32; :func:`~tta_norm.methods.base.paper_sgd_lr` gives the paper's lr at other batch sizes and for ViT).
+    layers it returns ``True`` for.  Base optimiser: the toolkit default (Adam lr 1e-3, MedBN's CIFAR setting,
+    ``cfgs/cifar10/sar.yaml``); the paper's ImageNet setting is ``optimizer="sgd"`` (momentum 0.9, lr 0.00025 for a
+    ResNet at batch >= 32; :func:`~tta_norm.methods.base.paper_sgd_lr` gives the paper's lr at other batch sizes and
+    for ViT).  Marsden & Doebler's SAR takes SGD whatever its config names (``SAR.setup_optimizer``: momentum 0.9,
+    the config's lr, 1e-3 on CIFAR): ``optimizer="sgd", optim={"lr": 1e-3}``.
     """
 
     name = "sar"
