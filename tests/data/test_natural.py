@@ -102,3 +102,22 @@ def test_bench_source_model_gets_the_matching_logits(tmp_path):
     assert isinstance(model, LogitSubset) and model(torch.rand(1, 3, 32, 32)).shape == (1, 200)
     with pytest.raises(ValueError, match="random_init"):
         load_source_model(BenchConfig.from_mapping({"model": "resnet18"}), torch.device("cpu"))
+
+
+def test_fisher_images_of_imagenet_come_from_the_clean_validation_set(tmp_path, monkeypatch, decode_counter):
+    """EATA's Fisher source on ImageNet and its natural shifts: a seeded stratified subset of the clean
+    validation folders, 224 crops like ImageNet-C (there was no ImageNet source: a FileNotFoundError)."""
+    from tta_norm.methods.entries import clean_source_images, locate_entry_inputs
+
+    monkeypatch.setenv("TTA_NORM_CACHE", str(tmp_path / "cache"))
+    kwargs = {"fisher_samples": 4}
+    with pytest.raises(FileNotFoundError, match="clean ImageNet validation set"):
+        locate_entry_inputs("tbn", "eata", kwargs, dataset="imagenet", data_dir=str(tmp_path))
+    write_tree(tmp_path / "imagenet" / "val", [IMAGENET_WNIDS[0], IMAGENET_WNIDS[999]], 5, size=(300, 260), ext="jpg")
+    for dataset in ("imagenet", "imagenet_r"):
+        locate_entry_inputs("tbn", "eata", kwargs, dataset=dataset, data_dir=str(tmp_path))
+    a = clean_source_images("imagenet", 4, seed=0, data_dir=str(tmp_path))
+    assert a.shape == (4, 3, 224, 224) and a.dtype == torch.float32 and 0 <= a.min() and a.max() <= 1
+    assert len(decode_counter) == 4  # chosen before decoding
+    assert torch.equal(clean_source_images("imagenet_a", 4, seed=0, data_dir=str(tmp_path)), a)
+    assert not torch.equal(clean_source_images("imagenet", 4, seed=1, data_dir=str(tmp_path)), a)

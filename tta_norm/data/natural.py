@@ -29,7 +29,13 @@ from pathlib import Path
 
 from torch import nn
 
-from tta_norm.data.imagenet_classes import IMAGENET_A_WNIDS, IMAGENET_R_WNIDS, IMAGENET_WNIDS, output_indices
+from tta_norm.data.imagenet_classes import (
+    IMAGENET_A_WNIDS,
+    IMAGENET_R_WNIDS,
+    IMAGENET_WNIDS,
+    imagenet_index,
+    output_indices,
+)
 from tta_norm.data.paths import describe_search, find_dataset_dir
 from tta_norm.data.readers import ArrayDataset, read_image_folder
 
@@ -121,6 +127,39 @@ def read_natural_shift(
                            cache=cache, cache_dir=cache_dir, progress=progress)  # fmt: skip
     ds.source = f"release:{root}"
     ds.info["dataset"] = shift.name
+    return ds
+
+
+#: conventional names of the clean ImageNet-1k validation set as ``<wnid>/`` class folders
+IMAGENET_VAL_FOLDERS: tuple[str, ...] = ("imagenet/val", "ImageNet/val", "imagenet-val", "ILSVRC2012_img_val")
+
+
+def find_imagenet_val(data_dir: str | os.PathLike | None = None) -> Path:
+    """The clean ImageNet-1k validation folder in the data search list (``FileNotFoundError`` otherwise)."""
+    root = find_dataset_dir(IMAGENET_VAL_FOLDERS, _is_wnid_folder, data_dir)
+    if root is None:
+        raise FileNotFoundError(
+            f"the clean ImageNet validation set ({' / '.join(IMAGENET_VAL_FOLDERS)} with <wnid>/ class folders) "
+            f"was not found; {describe_search(data_dir)}"
+        )
+    return root
+
+
+def read_imagenet_val(
+    n_examples: int,
+    *,
+    seed: int = 0,
+    data_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> ArrayDataset:
+    """A seeded class-stratified subset of ``n_examples`` clean ImageNet-1k validation images (chosen before
+    decoding), short side resized to 256 and center-cropped to 224 as ImageNet-C's images were made, labels the
+    ImageNet-1k indices of the ``<wnid>/`` folders.  The source images of EATA's Fisher weights on ImageNet and
+    its natural shifts (``mr-eggplant/EATA`` ``main.py`` draws them from the clean validation set)."""
+    root = find_imagenet_val(data_dir)
+    ds = read_image_folder(root, size=256, crop=224, n_examples=n_examples, seed=seed, class_index=imagenet_index(),
+                           progress=progress)  # fmt: skip
+    ds.source = f"clean:{root}"
     return ds
 
 

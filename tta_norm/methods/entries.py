@@ -70,7 +70,9 @@ def clean_source_images(
     """``n`` clean source images as float NCHW in [0, 1], chosen by a seeded permutation.
 
     CIFAR-10: the ``cifar10-jpeg`` train split (Marsden & Doebler draw EATA's Fisher images from the source
-    training data); other datasets: their clean test set (as ``mr-eggplant/EATA`` does on ImageNet).
+    training data); ImageNet and its natural shifts: the clean ImageNet validation set, a class-stratified
+    subset (:func:`~tta_norm.data.natural.read_imagenet_val`, as ``mr-eggplant/EATA`` does); CIFAR-100: its
+    clean test set.
     """
     from tta_norm.data.benchmark import load_clean_test_set
     from tta_norm.data.tensors import to_float_nchw
@@ -80,11 +82,22 @@ def clean_source_images(
         raise ValueError(f"fisher_samples must be >= 1, got {n}")
     if dataset == "cifar10":
         images, _ = load_source_split("train", n, seed=seed, data_dir=data_dir, progress=progress)
+    elif _imagenet_source(dataset):
+        from tta_norm.data.natural import read_imagenet_val
+
+        images = read_imagenet_val(n, seed=seed, data_dir=data_dir, progress=progress).images
     else:
         data = load_clean_test_set(dataset, data_dir, progress)
         idx = np.sort(seeded_subset(len(data), n, seed))
         images = np.ascontiguousarray(data.images[idx])
     return to_float_nchw(torch.from_numpy(images))
+
+
+def _imagenet_source(dataset: str) -> bool:
+    """Whether ``dataset``'s source is ImageNet-1k (ImageNet-C and the natural shifts)."""
+    from tta_norm.data.natural import natural_shift
+
+    return dataset == "imagenet" or natural_shift(dataset) is not None
 
 
 def _state_fingerprint(model: nn.Module, extra: Any) -> str:
@@ -197,7 +210,11 @@ def locate_entry_inputs(
     splits: list[str] = []
     if "fisher_samples" in kwargs and method == "eata":
         fisher_sample_count(kwargs["fisher_samples"])
-        if dataset != "cifar10":  # the clean test set (a few MB of pickles; ImageNet has no reader and says so)
+        if _imagenet_source(dataset):  # the clean validation folder, found, not decoded
+            from tta_norm.data.natural import find_imagenet_val
+
+            find_imagenet_val(data_dir)
+        elif dataset != "cifar10":  # the clean test set (a few MB of pickles)
             from tta_norm.data.benchmark import load_clean_test_set
 
             load_clean_test_set(dataset, data_dir, progress=False)
