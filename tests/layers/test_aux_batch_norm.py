@@ -211,3 +211,12 @@ def test_saaux_branch_affine_names_and_old_state_dicts():
     x = torch.rand(4, 3, 4, 4)
     with use_domain(source, 1), use_domain(target, 1):
         assert torch.equal(source(x), target(x))
+
+
+def test_integer_index_reads_ints_and_refuses_bools_and_floats():
+    import numpy as np
+
+    from tta_norm._integers import integer_index
+
+    assert [integer_index(v) for v in (0, 3, np.int64(2), torch.tensor(1), np.uint8(4))] == [0, 3, 2, 1, 4]
+    assert [integer_index(v) for v in (True, False, 1.0, torch.tensor(1.0), "1", None)] == [None] * 6

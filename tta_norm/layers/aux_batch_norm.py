@@ -23,7 +23,6 @@ state dicts saved under them load.
 from __future__ import annotations
 
 import contextlib
-import operator
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from tta_norm._deprecation import renamed_attribute, renamed_keywords, warn_renamed
+from tta_norm._integers import integer_index
 
 from ._common import check_channels
 
@@ -194,11 +194,8 @@ def set_domain(model: nn.Module, domain: int) -> None:
     if not layers:
         raise ValueError("the model has no AuxBN/SaAuxBN layer")
     fewest = min(m.num_domains for m in layers)
-    try:  # ints, NumPy and 0-d torch integers; never a float or a bool
-        k = -1 if isinstance(domain, bool) else operator.index(domain)
-    except TypeError:
-        k = -1
-    if not 0 <= k < fewest:
+    k = integer_index(domain)
+    if k is None or not 0 <= k < fewest:
         raise ValueError(f"domain {domain!r} out of range: an integer in 0..{fewest - 1} (the fewest domains of "
                          "a layer)")  # fmt: skip
     for m in layers:  # checked for every layer first: a bad domain changes none

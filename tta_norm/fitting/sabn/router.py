@@ -3,13 +3,13 @@ new heads adapted online (see :mod:`tta_norm.fitting.sabn`)."""
 
 from __future__ import annotations
 
-import operator
 import os
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from tta_norm._integers import integer_index
 from tta_norm.device import resolve_device
 from tta_norm.fitting.sabn.bank import StatsBank, probe_statistics
 from tta_norm.fitting.sabn.heads import expand_heads
@@ -136,11 +136,8 @@ class SaBNRouter(nn.Module):
         if self.mode == "oracle":
             if domain is None:
                 raise ValueError("oracle routing needs the true domain: router(x, domain=k)")
-            try:  # ints, NumPy and 0-d torch integers; never a float or a bool (True is not head 1)
-                k = -1 if isinstance(domain, bool) else operator.index(domain)
-            except TypeError:
-                k = -1
-            if not 0 <= k < self.capacity:
+            k = integer_index(domain)
+            if k is None or not 0 <= k < self.capacity:
                 raise ValueError(f"domain must be an integer head index in 0..{self.capacity - 1}, got {domain!r}")
             return k, None
         if self.mode == "entropy":
