@@ -32,6 +32,7 @@ DEFAULT_MODELS = ["efficientnet_b0", "mobilenetv3_large_100", "resnet50"]
 DEFAULT_PRESETS = ["source", "tbn", "alpha", "ema", "medbn", "iabn"]
 
 CLOCK: Callable[[], float] = CLOCKS["process"]
+CHANNELS_LAST = False
 
 
 def build(name: str) -> torch.nn.Module:
@@ -56,6 +57,8 @@ def bench_model(
     """``(median seconds per batch, median paired ratio to the plain forward)`` of every variant."""
     model = build(name)
     x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    if CHANNELS_LAST:
+        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
     fns = variants(model, presets, tent)
     for key, fn in fns.items():  # warm-up (the compiled kernel loads on first use)
         time_call(fn, x, 1, key == "tent", CLOCK)
@@ -73,14 +76,17 @@ def main() -> None:
     parser.add_argument("--clock", choices=("process", "wall"), default="process")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
     parser.add_argument("--json", help="also write the medians (seconds per batch and paired ratios) here")
+    parser.add_argument("--channels-last", action="store_true", help="model and input in channels_last memory format")
     args = parser.parse_args()
     presets = tta_norm.presets() if args.presets == ["all"] else args.presets
-    global CLOCK
+    global CLOCK, CHANNELS_LAST
     CLOCK = CLOCKS[args.clock]
+    CHANNELS_LAST = args.channels_last
     torch.set_num_threads(args.threads)
     rounds = 3 if args.quick else 9
     print(f"clock: {args.clock}, threads: {args.threads}, torch {torch.__version__}, kernel: {kernels.status()}, "
-          f"batch {args.batch} x {args.size} px, {rounds} rounds")  # fmt: skip
+          f"batch {args.batch} x {args.size} px, {rounds} rounds"
+          + (", channels_last" if CHANNELS_LAST else ""))  # fmt: skip
     results, paired = {}, {}
     for name in args.models:
         med, ratio = bench_model(name, args.batch, args.size, list(presets), not args.no_tent, rounds)
@@ -97,7 +103,8 @@ def main() -> None:
     print(f"| (plain eval forward) | {plain} | |")
     if args.json:
         with open(args.json, "w") as fh:
-            record = {"seconds": results, "paired_ratio": paired, "batch": args.batch, "size": args.size}
+            record = {"seconds": results, "paired_ratio": paired, "batch": args.batch, "size": args.size,
+                      "channels_last": CHANNELS_LAST}  # fmt: skip
             json.dump(record, fh, indent=1)
 
 

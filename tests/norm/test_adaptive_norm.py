@@ -404,3 +404,22 @@ def test_reduced_precision_activations_use_float_statistics(preset):
         with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
             reference = copy.deepcopy(bn).train()(low)
         torch.testing.assert_close(got.float(), reference.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("preset", ["tbn", "ema", "medbn", "source"])
+def test_channels_last_inputs_give_the_contiguous_results_in_their_format(preset):
+    """A channels_last activation (the compiled kernel takes only contiguous ones) is normalised like its
+    contiguous copy and stays channels_last for the next convolution."""
+    bn = make_bn(4, seed=5)
+    x = 1 + 2 * torch.randn(6, 4, 5, 7, generator=torch.Generator().manual_seed(6))
+    last = x.to(memory_format=torch.channels_last)
+    a, b = layer(preset, bn), layer(preset, bn)
+    with torch.no_grad():
+        expected, got = a(x), b(last)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for (name, buffer), other in zip(a.named_buffers(), b.buffers(), strict=True):
+        torch.testing.assert_close(other, buffer, rtol=1e-6, atol=1e-6, msg=name)
+    if preset == "tbn":
+        with torch.no_grad():
+            torch.testing.assert_close(got, copy.deepcopy(bn).train()(last), rtol=1e-5, atol=1e-5)

@@ -331,8 +331,9 @@ class AdaptiveNorm(nn.Module):
                 # one sample: its batch statistics are its instance statistics, i.e. group norm with one
                 # channel per group (one fused kernel, and a fused backward)
                 return F.group_norm(x, x.shape[1], weight, bias, self.eps)
-            if x.device.type != "cpu" or _needs_grad(x, weight):
-                # fused statistics + normalisation (and its fused backward)
+            if x.device.type != "cpu" or _needs_grad(x, weight) or not x.is_contiguous():
+                # fused statistics + normalisation (and its fused backward); also for a channels_last input,
+                # which the compiled kernel does not take and ATen's batch norm reads in place
                 return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
         if self._plain_medbn and x.requires_grad and torch.is_grad_enabled() and x.dtype in _CLOSED_FORM_DTYPES:
             frozen = not ((weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad))
