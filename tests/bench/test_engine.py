@@ -280,6 +280,17 @@ def test_a_missing_optional_package_is_found_before_overwrite_clears_anything(
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
+def test_merge_counts_a_cell_two_overlapping_grids_miss_once(tmp_path, caplog):
+    """Run B's grid is run A's plus one cell; each stored one shard: the two cells both miss are 2 missing
+    of 4 planned (they were counted once per grid: 4 of 6)."""
+    run_grid(ToyJob(ToyConfig(output=str(tmp_path / "a"), values=[1, 2, 3])), RunOptions(shard=(1, 3), progress=False))
+    run_grid(ToyJob(ToyConfig(output=str(tmp_path / "b"), values=[1, 2, 3, 4])),
+             RunOptions(shard=(4, 4), progress=False))  # fmt: skip
+    with caplog.at_level("WARNING"):
+        merge_dirs([tmp_path / "a", tmp_path / "b"], tmp_path / "m")
+    assert "merge: 2 cell(s) of the merged runs' grids have no record" in caplog.text
+
+
 def test_merging_different_grids_keeps_their_reports_apart(tmp_path):
     from tta_norm.bench.merge import write_outputs
     from tta_norm.bench.store import ResultStore

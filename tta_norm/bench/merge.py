@@ -200,7 +200,7 @@ def merge_dirs(dirs: list[str | Path], out: str | Path, *, overwrite: bool = Fal
     stored = {r["key"] for r in records}
     same = {Path(d).resolve() for d in dirs}
     grids = planned_grids([*dirs, *([out] if resume and out.resolve() not in same else [])])
-    missing = sum(len(grid - stored) for grid in grids)
+    missing = len(set().union(*grids) - stored)  # a cell two overlapping grids plan is missing once
     _record_merge(out, dirs, grids)
     if missing:
         log.warning(f"merge: {missing} cell(s) of the merged runs' grids have no record (a shard not merged, or "
