@@ -195,3 +195,21 @@ def test_a_refused_batch_leaves_the_accumulator_as_it_was(logits, labels, domain
     with pytest.raises(ValueError, match=message):
         acc.update(logits, labels, domain)
     assert acc.batches == 1 and len(acc) == 4 and json.dumps(acc.summary(), sort_keys=True) == before
+
+
+def test_domain_and_segment_ids_must_name_one():
+    """A negative id was read from the end of the names (scored under the wrong domain); one past the end was
+    accepted and summary() failed after the whole stream had run."""
+    acc = MetricsAccumulator(["fog@5", "snow@5"], [5, 5], segment_names=["a", "b"])
+    acc.update(torch.eye(2, 3) * 5, torch.arange(2), 1, segment=1)
+    before = json.dumps(acc.summary(), sort_keys=True)
+    for domain, segment in ((-1, None), (2, None), (np.array([0, 2]), None), (0, 2), (0, -1)):
+        with pytest.raises(ValueError, match="domain|segment"):
+            acc.update(torch.eye(2, 3) * 5, torch.arange(2), domain, segment=segment)
+    assert json.dumps(acc.summary(), sort_keys=True) == before
+    with pytest.raises(ValueError, match="severities"):
+        MetricsAccumulator(["fog@5", "snow@5"], [5])
+    unnamed = MetricsAccumulator()  # ids without names: any id >= 0
+    unnamed.update(torch.eye(2, 3) * 5, torch.arange(2), 7, segment=3)
+    with pytest.raises(ValueError, match="domain"):
+        unnamed.update(torch.eye(2, 3) * 5, torch.arange(2), -2)

@@ -117,6 +117,8 @@ class MetricsAccumulator:
         clean_domains: Sequence[int] = (),
         n_bins: int = 15,
     ) -> None:
+        if domain_names is not None and domain_severity is not None and len(domain_severity) != len(domain_names):
+            raise ValueError(f"{len(domain_names)} domain names but {len(domain_severity)} severities")
         self.domain_names = list(domain_names) if domain_names is not None else None
         self.domain_severity = list(domain_severity) if domain_severity is not None else None
         self.segment_names = list(segment_names) if segment_names is not None else None
@@ -179,6 +181,15 @@ class MetricsAccumulator:
             )
         if not bool(torch.isfinite(logits).all()):
             raise ValueError("logits contain NaN or Inf: their predictions cannot be scored")
+        known = self.domain_names if self.domain_names is not None else self.domain_severity
+        if n and ((known is not None and not (0 <= dom.min() and dom.max() < len(known))) or dom.min() < 0):
+            raise ValueError(f"domain ids {int(dom.min())}..{int(dom.max())} do not name a domain "
+                             f"({'0..' + str(len(known) - 1) if known is not None else 'ids are >= 0'})")  # fmt: skip
+        if segment is not None and not (
+            0 <= int(segment) and (self.segment_names is None or int(segment) < len(self.segment_names))
+        ):
+            raise ValueError(f"segment {segment} does not name a segment of the stream"
+                             + (f" (0..{len(self.segment_names) - 1})" if self.segment_names is not None else ""))
         # every check passed: only now is the batch added (a refused batch leaves the accumulator as it was)
         logp = torch.log_softmax(logits.float(), dim=1)
         conf, pred = logp.max(1)
