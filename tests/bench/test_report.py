@@ -66,3 +66,30 @@ def test_bench_report_keeps_sweeps_apart_and_says_what_is_missing(tmp_path, monk
     assert [ys for _, ys in sweeps if len(ys) == 2] == [(31.0, 28.0), (47.0, 50.0)]
     assert "| tent (2 seeds) |" in text and "| tbn (1 seed) |" in text  # uneven seed counts are labelled
     assert "**Incomplete:** 3 of the grid's 9 cells have no stored result" in text
+
+
+def test_online_curves_share_a_seed_and_uneven_batch_size_cells_say_their_count(tmp_path, monkeypatch):
+    """tent ran seeds 0 and 1, tbn only seed 1: the online plot showed tent's seed 0 beside tbn's seed 1 (two
+    streams as one); the batch-size table averaged 2 seeds beside 1 without saying so."""
+    from tta_norm.bench import report
+
+    def with_curve(record, error):
+        record["metrics"]["online_error"] = {"samples": [1, 2], "error": [error, error]}
+        return record
+
+    records = [with_curve(_bench_record("tent", 10, 5, seed, error), error) for seed, error in ((0, 0.9), (1, 0.1))]
+    records += [with_curve(_bench_record("tbn", 10, 5, 1, 0.3), 0.3), _bench_record("tbn", 20, 5, 1, 0.2),
+                _bench_record("tent", 20, 5, 1, 0.2)]  # fmt: skip
+    lines, titles = [], []
+    real = report.save_figure
+
+    def keep(fig, path):
+        if path.name.startswith("online_error"):
+            lines.extend((line.get_label(), float(line.get_ydata()[0])) for ax in fig.axes for line in ax.get_lines())
+            titles.extend(ax.get_title() for ax in fig.axes)
+        return real(fig, path)
+
+    monkeypatch.setattr(report, "save_figure", keep)
+    text = report.write_report(tmp_path, records, plots=True).read_text()
+    assert sorted(lines) == [("tbn", 30.0), ("tent", 10.0)] and titles[0].endswith("seed 1")
+    assert "| tent | 50.0±56.6 (n=2) | 20.0 (n=1) |" in text and "| tbn | 30.0 (n=1) | 20.0 (n=1) |" in text

@@ -147,7 +147,8 @@ def tables(records: list[dict[str, Any]]) -> str:
 
 
 def batch_size_table(records: list[dict[str, Any]]) -> str:
-    """Mean corruption error vs batch size, one table per (setting, order, severity)."""
+    """Mean corruption error vs batch size, one table per (setting, order, severity); when cells rest on different
+    numbers of seeds (an incomplete grid), each says its count."""
     ok = [r for r in records if r["status"] == "ok"]
     sizes = sorted({r["cell"]["batch_size"] for r in ok})
     if len(sizes) < 2:
@@ -157,12 +158,17 @@ def batch_size_table(records: list[dict[str, Any]]) -> str:
     for key, rows in group_ok_records(records, SWEEP_AXES).items():
         header = "| method | " + " | ".join(f"b{b}" for b in sizes) + " |"
         lines = [f"### mean error vs batch size: {_sweep_title(key)}", "", header, "|" + "---|" * (len(sizes) + 1)]
+        counts = {(r["cell"]["method"]["name"], r["cell"]["batch_size"]): 0 for r in rows}
+        for r in rows:
+            counts[(r["cell"]["method"]["name"], r["cell"]["batch_size"])] += 1
+        uneven = len(set(counts.values())) > 1  # cells averaged over different numbers of seeds say their count
         for m in methods:
             vals = []
             for b in sizes:
                 mine = [r for r in rows if r["cell"]["method"]["name"] == m and r["cell"]["batch_size"] == b]
                 per = [domain_errors(r["metrics"], key[0]) for r in mine]
-                vals.append(_fmt([statistics.fmean(p.values()) for p in per if p]))
+                text = _fmt([statistics.fmean(p.values()) for p in per if p])
+                vals.append(f"{text} (n={len(mine)})" if uneven and mine else text)
             lines.append(f"| {m} | " + " | ".join(vals) + " |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
@@ -218,17 +224,23 @@ def make_plots(out: Path, records: list[dict[str, Any]]) -> list[Path]:
         written.append(save_figure(fig, plot_dir / f"per_corruption_{i}.png"))
 
         fig, ax = plt.subplots(figsize=(6, 4))
+        # one stream for every curve: the lowest seed all methods ran; where they share none, each curve says
+        # its own seed
+        seeds = {m: {r["cell"]["seed"] for r in rows if r["cell"]["method"]["name"] == m} for m in present}
+        shared = set.intersection(*seeds.values()) if seeds else set()
         for m in present:
-            first = min((r for r in rows if r["cell"]["method"]["name"] == m), key=lambda r: r["cell"]["seed"])
-            curve = first["metrics"].get("online_error") or {}
+            seed = min(shared) if shared else min(seeds[m])
+            record = next(r for r in rows if r["cell"]["method"]["name"] == m and r["cell"]["seed"] == seed)
+            curve = record["metrics"].get("online_error") or {}
             if curve.get("samples"):
-                ax.plot(curve["samples"], [100 * e for e in curve["error"]], label=m)
+                label = m if shared else f"{m} (seed {seed})"
+                ax.plot(curve["samples"], [100 * e for e in curve["error"]], label=label)
         if not ax.get_lines():  # no record of this group kept an online curve
             pyplot().close(fig)
             continue
         ax.set_xlabel("samples seen")
         ax.set_ylabel("cumulative error (%)")
-        ax.set_title(_group_title(key), fontsize=8)
+        ax.set_title(_group_title(key) + (f", seed {min(shared)}" if shared else ", seeds differ"), fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         written.append(save_figure(fig, plot_dir / f"online_error_{i}.png"))
