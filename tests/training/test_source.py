@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -246,3 +247,65 @@ def test_cli_never_reuses_a_file_of_another_training_and_refuses_bad_options(tin
         assert train_cli.run(parser.parse_args([*base, "--force", *bad])) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_training_cut_short_or_on_other_data_is_never_cached(tiny_source, tmp_path, capsys, monkeypatch):
+    """A checkpoint stopped by --max-minutes was reused as "cached" by the full training (and by the bench's
+    cache); one trained on another source folder too."""
+    parser = argparse.ArgumentParser()
+    train_cli.add_arguments(parser)
+    out = tmp_path / "short.pt"
+    base = ["--source", "toy", "--init", "scratch", "--batch-size", "8", "--no-amp", "--epochs", "2", "--quiet",
+            "--out", str(out)]  # fmt: skip
+    clock = iter(range(0, 10**6, 60))  # each reading a minute later: the loop stops after its first step
+    monkeypatch.setattr(source_mod.warnings, "warn", lambda *a, **k: None)
+    from tta_norm.training import loop
+
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: float(next(clock)))
+    assert train_cli.run(parser.parse_args([*base, "--data-dir", str(tiny_source), "--max-minutes", "0.5"])) == 0
+    monkeypatch.undo()
+    assert read_checkpoint_meta(out)["stopped_early"] is True
+    capsys.readouterr()
+    assert train_cli.run(parser.parse_args([*base, "--data-dir", str(tiny_source)])) == 2
+    assert "cut short by --max-minutes" in capsys.readouterr().err
+    assert train_cli.run(parser.parse_args([*base, "--data-dir", str(tiny_source), "--max-minutes", "9"])) == 0
+    assert "cached checkpoint" in capsys.readouterr().out  # a caller who sets a budget takes a budgeted run
+    full = tmp_path / "full.pt"
+    args = [*base[:-1], str(full)]
+    assert train_cli.run(parser.parse_args([*args, "--data-dir", str(tiny_source)])) == 0
+    capsys.readouterr()
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(tiny_source, copy_dir)
+    assert train_cli.run(parser.parse_args([*args, "--data-dir", str(copy_dir)])) == 2
+    assert "was trained on" in capsys.readouterr().err
+    cfg = TrainConfig(init="scratch", epochs=1, batch_size=8, amp=False)
+    short = TrainConfig(init="scratch", epochs=1, batch_size=8, amp=False, max_minutes=1.0)
+    path = source_mod.default_checkpoint_path(cfg, tiny_source / "toy")
+    assert path == source_mod.default_checkpoint_path(short, tiny_source / "toy")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    path.with_suffix(".json").write_text('{"stopped_early": true, "epochs_done": 0.5, "config": {"epochs": 1}}')
+    trained = []
+    monkeypatch.setattr(source_mod, "train_source_model", lambda *a, **k: trained.append(1))
+    source_mod.prepare_source_model("resnet20", data_dir=tiny_source, source="toy", config=cfg, progress=False)
+    assert trained == [1]  # the bench's cache retrains a cut-short checkpoint
+
+
+def test_train_refuses_bad_numbers_and_paths_before_any_work(tiny_source, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    train_cli.add_arguments(parser)
+    base = ["--data-dir", str(tiny_source), "--source", "toy", "--init", "scratch", "--batch-size", "8", "--no-amp",
+            "--epochs", "1", "--quiet", "--force"]  # fmt: skip
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "readme.txt").write_text("not a checkpoint")
+    for extra, message in ((["--label-smoothing", "2"], "label_smoothing must be in"),
+                           (["--threads", "0"], "threads must be"), (["--ema-decay", "1.5"], "ema_decay must be"),
+                           (["--weight-decay", "-1"], "weight_decay must be"), (["--cutout", "-3"], "cutout must be"),
+                           (["--max-minutes", "-1"], "max_minutes must be > 0"),
+                           (["--out", str(tmp_path / "m.json")], "ends in .json"),
+                           (["--out", str(tmp_path / "adir")], "is a directory"),
+                           (["--init", str(tmp_path / "readme.txt")], "could not read checkpoint")):  # fmt: skip
+        assert train_cli.run(parser.parse_args([*base, *extra])) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (extra, err)
+    assert not list((tmp_path / "adir").iterdir()) and not list(tmp_path.glob(".*.tmp"))

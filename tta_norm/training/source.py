@@ -30,6 +30,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,6 +91,22 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise ValueError(f"max_train_samples must be >= 1, got {self.max_train_samples!r}")
+        ranges = {  # (low, high, high included): each a one-line error here, not a traceback or a silent run
+            "label_smoothing": (0.0, 1.0, False), "momentum": (0.0, 1.0, False), "weight_decay": (0.0, math.inf, True),
+            "warmup_epochs": (0.0, math.inf, True), "cutout": (0, math.inf, True), "pad": (0, math.inf, True),
+        }  # fmt: skip
+        for name, (low, high, closed) in ranges.items():
+            value = getattr(self, name)
+            if not (low <= value <= high if closed else low <= value < high):
+                raise ValueError(f"{name} must be in [{low:g}, {high:g}{']' if closed else ')'}, got {value!r}")
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1) (0 or None: the last iterate), got {self.ema_decay!r}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes must be > 0, got {self.max_minutes!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or self.threads < 1):
+            raise ValueError(f"threads must be an integer >= 1 (or None: chosen by timing), got {self.threads!r}")
+        if self.pad_mode not in ("zeros", "reflect"):
+            raise ValueError(f"pad_mode must be 'zeros' or 'reflect', got {self.pad_mode!r}")
 
     def result_fields(self) -> dict:
         """The fields that change the result (``max_minutes`` and ``threads`` excluded)."""
@@ -179,6 +196,8 @@ def train_source_model(
     t_start = time.perf_counter()
     cpu_start = time.process_time()
     device = resolve_device(device if device is not None else "cpu")
+    if out is not None:
+        check_checkpoint_path(out)  # before any work: a bad path failed only after the whole training
     root = find_source_root(data_dir, source)
     train = load_split(root, "train", progress)
     test = load_split(root, "test", progress) if evaluate else None
@@ -267,6 +286,7 @@ def train_source_model(
         "test_accuracy": acc,
         "test_accuracy_last_iterate": acc_raw if ema is not None else acc,
         "epochs_done": step / steps_per_epoch,
+        "stopped_early": bool(run.stopped_early),
         "train_time_s": round(train_time, 1),
         "wall_time_s": round(wall, 1),
         "process_cpu_time_s": round(time.process_time() - cpu_start, 1),
@@ -277,12 +297,43 @@ def train_source_model(
         "history": history,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state, "meta": meta}, tmp)
-    os.replace(tmp, out)
-    out.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    _atomic_write(out, lambda tmp: torch.save({"state_dict": state, "meta": meta}, tmp))
+    _atomic_write(out.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
     return TrainResult(out, acc, wall, train_time, step / steps_per_epoch, history)
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """``write(tmp)`` then rename ``tmp`` over ``path``; the temporary file never stays behind."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_checkpoint_path(out: str | os.PathLike) -> Path:
+    """``out`` as a checkpoint path, or a one-line ``ValueError``: not a directory, not ending in ``.json``
+    (the meta file is written beside it as ``<stem>.json``: such a checkpoint was overwritten by its own meta)."""
+    out = Path(out)
+    if out.suffix == ".json":
+        raise ValueError(f"checkpoint path {out} ends in .json: the meta file goes beside the checkpoint as "
+                         f"<name>.json and would replace it; use e.g. {out.with_suffix('.pt')}")  # fmt: skip
+    if out.is_dir():
+        raise ValueError(f"checkpoint path {out} is a directory; give a file path, e.g. {out / 'model.pt'}")
+    parent = next((p for p in (out.parent, *out.parent.parents) if p.exists()), None)
+    if parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK)):
+        raise ValueError(f"cannot write the checkpoint {out}: {parent} is not a writable directory")
+    return out
+
+
+def checkpoint_is_complete(meta: dict, config: TrainConfig) -> bool:
+    """Whether a checkpoint's ``meta`` is a finished training: one cut short by ``max_minutes`` serves only a
+    caller who also set ``max_minutes``."""
+    done, planned = meta.get("epochs_done"), (meta.get("config") or {}).get("epochs")
+    short = bool(meta.get("stopped_early")) or (done is not None and planned is not None and done < planned - 1e-9)
+    return config.max_minutes is not None or not short
 
 
 def default_checkpoint_path(config: TrainConfig, source_root: Path) -> Path:
@@ -313,7 +364,7 @@ def prepare_source_model(
     config = dataclasses.replace(config or TrainConfig(), model=name)
     root = find_source_root(data_dir, source)
     path = default_checkpoint_path(config, root)
-    if path.is_file() and not force:
+    if path.is_file() and not force and checkpoint_is_complete(read_checkpoint_meta(path), config):
         return path
     if progress:
         print(f"[tta-norm] preparing source model {name} on {root} -> {path} (first use; trains once)")
