@@ -426,3 +426,19 @@ def test_two_different_uncommitted_edits_are_two_code_revisions(tmp_path):
     assert first.startswith(clean + "-dirty-") and second.startswith(clean + "-dirty-") and first != second
     (tmp_path / "m.py").write_text("MOMENTUM = 0.2\n")
     assert checkout_revision(tmp_path) == first
+
+
+def test_merge_refuses_grid_options_and_a_file_as_output(tmp_path, capsys):
+    """`bench merge ... --dry-run` merged and wrote its output (the option was ignored, as -s, --shard...);
+    an output path that is a file was a traceback."""
+    from tta_norm.cli import main
+
+    run_grid(ToyJob(ToyConfig(output=str(tmp_path / "a"), values=[1, 2])), RunOptions(progress=False))
+    for extra in (["--dry-run"], ["-s", "n_examples=5"], ["--shard", "1/2"], ["--executor", "ray"]):
+        assert main(["bench", "merge", str(tmp_path / "a"), "-o", str(tmp_path / "m"), *extra]) == 2
+        assert "does not apply to merge" in capsys.readouterr().err.replace("do(es)", "does")
+    assert not (tmp_path / "m").exists()
+    (tmp_path / "afile").write_text("x")
+    assert main(["bench", "merge", str(tmp_path / "a"), "-o", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tta-norm bench merge:") and len(err.strip().splitlines()) == 1

@@ -221,9 +221,17 @@ def merge_command(args: argparse.Namespace) -> int:
         print("tta-norm bench merge: give the run directories and -o OUT (tta-norm bench merge A B -o C)",
               file=sys.stderr)  # fmt: skip
         return 2
+    options = (("-s/--set", args.overrides), ("--data-dir", args.data_dir), ("--device", args.device),
+               ("--shard", args.shard), ("--executor", args.executor != "local"), ("--ray-address", args.ray_address),
+               ("--list-configs", args.list_configs), ("--dry-run", args.dry_run))  # fmt: skip
+    ignored = [flag for flag, given in options if given]
+    if ignored:  # (they were accepted and ignored: a --dry-run merge wrote its output)
+        print(f"tta-norm bench merge: {', '.join(ignored)} do(es) not apply to merge (it combines stored records, "
+              "runs nothing)", file=sys.stderr)  # fmt: skip
+        return 2
     try:
         n, conflicts, report = merge_dirs(args.dirs, args.output, overwrite=args.overwrite, resume=args.resume)
-    except ConfigError as err:
+    except (ConfigError, OSError) as err:
         print(f"tta-norm bench merge: {err}", file=sys.stderr)
         return 2
     for key in conflicts:
