@@ -442,3 +442,17 @@ def test_merge_refuses_grid_options_and_a_file_as_output(tmp_path, capsys):
     assert main(["bench", "merge", str(tmp_path / "a"), "-o", str(tmp_path / "afile")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("tta-norm bench merge:") and len(err.strip().splitlines()) == 1
+
+
+def test_an_output_that_is_a_file_is_a_config_error_also_in_a_dry_run(tmp_path, capsys):
+    """It was a FileExistsError traceback with exit status 1 (the "some cells failed" status) after the model
+    and data were loaded, and a dry run said "config ok"."""
+    from tta_norm.cli import main
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a directory"):
+        run_grid(ToyJob(ToyConfig(output=str(afile))), RunOptions(progress=False))
+    assert main(["bench", "quick", "-o", str(afile), "--dry-run"]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert afile.read_text() == "x"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from collections import Counter
@@ -162,13 +163,25 @@ def write_provenance(out: Path, entry: dict[str, Any]) -> None:
         atomic_write(path, json.dumps({"runs": runs}, indent=1, default=str))
 
 
+def check_output_dir(out: str | os.PathLike) -> Path:
+    """``out`` as a run directory, or :class:`ConfigError`: an existing file, or under no writable directory
+    (found before the model and data are loaded, and by a dry run)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output: {out} is a file, not a directory; choose another --output")
+    parent = next((p for p in (out, *out.parents) if p.exists()), None)
+    if parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK)):
+        raise ConfigError(f"output: cannot write into {out} ({parent} is not a writable directory)")
+    return out
+
+
 def run_grid(job: GridJob, options: RunOptions | None = None) -> GridOutcome:
     """Run ``job``'s cells into ``job.config.output`` (see the module docstring); raises :class:`ConfigError`
     for a user mistake before any cell runs."""
     options = options or RunOptions()
     options.check()
     cfg = job.config
-    out = Path(cfg.output)
+    out = check_output_dir(cfg.output)
     cells = job.cells()
     mine = shard_cells(cells, options.shard)
     store = ResultStore(out)

@@ -70,7 +70,7 @@ def configure_logging(level: str) -> None:
 
 
 def run_grid_command(args: argparse.Namespace, command: GridCommand) -> int:
-    from tta_norm.bench.engine import RunOptions, run_grid
+    from tta_norm.bench.engine import RunOptions, check_output_dir, run_grid
     from tta_norm.bench.grid import parse_shard, shard_cells
     from tta_norm.bench.validate import ConfigError
 
@@ -90,6 +90,7 @@ def run_grid_command(args: argparse.Namespace, command: GridCommand) -> int:
         job = command.job(cfg)
         cells = job.cells()
         if args.dry_run:
+            check_output_dir(cfg.output)
             job.validate()
             mine = shard_cells(cells, shard)
             print(f"{len(mine)} cells" + (f" (shard {args.shard} of {len(cells)})" if shard else "") + ":")
