@@ -24,6 +24,8 @@ from typing import Any
 
 from filelock import FileLock
 
+from tta_norm._files import write_atomically
+
 log = logging.getLogger("tta_norm.bench")
 
 RESULTS = "results.jsonl"
@@ -32,10 +34,7 @@ DERIVED = ("results.csv", "report.md")
 
 def atomic_write(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 @dataclass

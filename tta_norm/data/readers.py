@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from corruptions._pickle import CifarPickleError, load_cifar_pickle
+from tta_norm._files import write_atomically
 from tta_norm.data.paths import data_cache_dir
 from tta_norm.data.subsets import stratified_subset
 
@@ -385,10 +386,11 @@ def read_image_folder(
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # (a file object: np.save would append ".npy" to a path)
+            np.save(f, array)
+
+    write_atomically(path, save)
 
 
 def is_image_folder_split(path: Path) -> bool:

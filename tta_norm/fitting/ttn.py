@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tta_norm._files import write_atomically
 from tta_norm.device import resolve_device
 from tta_norm.fitting._data import ImageArray, as_image_tensor, as_labels, to_model_input
 from tta_norm.fitting.augment import SHIFT_OPS, ShiftAugment
@@ -292,10 +293,7 @@ class TTNResult:
                 "normalize": self.prior.normalize,
             },
         }
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-        return path
+        return write_atomically(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_ttn(path: str | os.PathLike) -> dict[str, Any]:

@@ -30,13 +30,13 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tta_norm._files import write_atomically
 from tta_norm.data.paths import checkpoint_dir
 from tta_norm.data.source import DEFAULT_SOURCE, find_source_root, load_split
 from tta_norm.data.tensors import to_float_nchw
@@ -298,19 +298,9 @@ def train_source_model(
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(out, lambda tmp: torch.save({"state_dict": state, "meta": meta}, tmp))
-    _atomic_write(out.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+    write_atomically(out, lambda tmp: torch.save({"state_dict": state, "meta": meta}, tmp))
+    write_atomically(out.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
     return TrainResult(out, acc, wall, train_time, step / steps_per_epoch, history)
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """``write(tmp)`` then rename ``tmp`` over ``path``; the temporary file never stays behind."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def check_checkpoint_path(out: str | os.PathLike) -> Path:
