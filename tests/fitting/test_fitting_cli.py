@@ -106,3 +106,27 @@ def test_train_command_trains_sabn_heads(tiny_folder, resnet20, tmp_path):
     assert SaBNRouter.from_file(resnet20, out, "stats").bank.names == ["clean", "blur"]
     no_out = parse(train_cli.add_arguments, ["--sabn-domains", "clean,blur"])
     assert train_cli.run(no_out) == 2
+
+
+def test_fitting_commands_never_replace_an_output_unasked(tiny_folder, tmp_path, capsys):
+    """ttn-fit, sabn-train and train --sabn-domains wrote over an existing --out (the result of an earlier
+    fit); train --sabn-domains also accepted and ignored the training recipe's options."""
+    from tta_norm.cli import train as train_cli
+
+    kept = tmp_path / "earlier.pt"
+    kept.write_bytes(b"an earlier result")
+    common = ["--data-dir", str(tiny_folder), "--source", "tiny-source", "--device", "cpu", "--quiet"]
+    for add, run, argv in (
+        (ttn_fit.add_arguments, ttn_fit.run, [*common, "--n-images", "12", "--out", str(kept)]),
+        (sabn_train.add_arguments, sabn_train.run, [*common, "--n-images", "12", "--domains", "clean", "--out",
+                                                     str(kept)]),
+        (ttn_fit.add_arguments, ttn_fit.run, [*common, "--out", str(tmp_path)]),
+        (train_cli.add_arguments, train_cli.run, [*common, "--sabn-domains", "clean", "--out", str(kept)]),
+        (train_cli.add_arguments, train_cli.run, [*common, "--sabn-domains", "clean", "--out", str(tmp_path / "n.pt"),
+                                                  "--weight-decay", "5", "--no-amp"]),
+    ):  # fmt: skip
+        assert run(parse(add, argv)) == 2
+        err = capsys.readouterr().err
+        assert ("exists; --force" in err or "is a directory" in err or "do(es) not apply" in err), err
+        assert len(err.strip().splitlines()) == 1
+    assert kept.read_bytes() == b"an earlier result" and not (tmp_path / "n.pt").exists()

@@ -22,6 +22,7 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the subset, batches and augmentations")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto (default: auto)")
     parser.add_argument("--out", required=True, help="output file (torch.save of {state_dict, meta, ...})")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out file")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -62,6 +63,11 @@ def fit_on_source(
         args.device = str(available_device(args.device if args.device is not None else "auto"))
         if args.n_images < 1:
             raise ValueError(f"--n-images must be >= 1, got {args.n_images}")
+        out = Path(args.out)
+        if out.is_dir():
+            raise ValueError(f"--out {out} is a directory; give a file path, e.g. {out / 'fit.pt'}")
+        if out.exists() and not args.force:  # checked before the fit, which takes minutes
+            raise ValueError(f"--out {out} exists; --force replaces it, or choose another --out")
         config = given(args, options)
         for name, parse in (parsed or {}).items():
             if getattr(args, name):

@@ -177,6 +177,14 @@ def _run_sabn(args: argparse.Namespace) -> int:
         print("tta-norm train: --sabn-domains trains heads on a trained model: give --init release or a "
               "checkpoint path, and --out", file=sys.stderr)  # fmt: skip
         return 2
+    options = (("--weight-decay", args.weight_decay), ("--ema-decay", args.ema_decay), ("--cutout", args.cutout),
+               ("--pad-mode", args.pad_mode), ("--label-smoothing", args.label_smoothing), ("--no-amp", args.no_amp),
+               ("--max-minutes", args.max_minutes), ("--threads", args.threads))  # fmt: skip
+    ignored = [flag for flag, value in options if value not in (None, False)]
+    if ignored:  # (they were accepted and ignored)
+        print(f"tta-norm train: {', '.join(ignored)} do(es) not apply to --sabn-domains (see tta-norm sabn-train "
+              "--help for its options)", file=sys.stderr)  # fmt: skip
+        return 2
     argv = ["--model", args.model, "--source", args.source, "--out", args.out, "--domains", args.sabn_domains,
             "--n-images", str(args.max_train_samples or 4000), "--seed", str(args.seed or 0)]  # fmt: skip
     for flag, value in (("--checkpoint", None if args.init == "release" else args.init), ("--data-dir", args.data_dir),
@@ -184,6 +192,6 @@ def _run_sabn(args: argparse.Namespace) -> int:
                         ("--batch-size", args.batch_size)):  # fmt: skip
         if value is not None:
             argv += [flag, str(value)]
-    if args.quiet:
-        argv.append("--quiet")
+    argv += ["--quiet"] if args.quiet else []
+    argv += ["--force"] if args.force else []
     return sabn_train.run(sabn_train.parse(argv))
