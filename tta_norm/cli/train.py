@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"padding of the random-crop augmentation (default {d.pad_mode})")  # fmt: skip
     parser.add_argument("--label-smoothing", type=float, default=None,
                         help=f"cross-entropy label smoothing (default {d.label_smoothing:g})")  # fmt: skip
-    parser.add_argument("--seed", type=int, default=None, help=f"random seed (default {d.seed})")
+    parser.add_argument("--seed", type=int, default=None,
+                        help=f"random seed (default {d.seed}; identical weights need a fixed --threads)")  # fmt: skip
     parser.add_argument("--no-amp", action="store_true", help="train in float32 instead of bfloat16 autocast")
     parser.add_argument("--max-train-samples", type=int, default=None, help="train on a random subset")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop training after this wall time")
