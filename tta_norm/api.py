@@ -357,14 +357,17 @@ class TTAModel(nn.Module):
             x = x.to(device=device, dtype=dtype)
         return x
 
+    def _with_window(self, x: Tensor) -> Tensor:
+        """``x`` after the window's samples, the last W in all (``x`` itself without a window or when it has W)."""
+        if self.window is None or x.shape[0] >= self.window or self._window_buffer is None:
+            return x
+        return torch.cat([self._window_buffer, x])[-self.window :]
+
     def _windowed(self, x: Tensor) -> tuple[Tensor, bool]:
         """The batch to normalise ``x`` with (``x`` and the window's previous samples), and whether a gradient
         method steps on it (always without a window or for a batch of W or more; else once per W samples)."""
         n = x.shape[0]
-        if self.window is None or n >= self.window:
-            xw = x
-        else:
-            xw = x if self._window_buffer is None else torch.cat([self._window_buffer, x])[-self.window :]
+        xw = self._with_window(x)
         if self.window is not None and self.window > 1:  # a copy: the caller may refill x in place
             self._window_buffer = xw[-(self.window - 1) :].detach().clone()
         if self.window is None or n >= self.window:
@@ -533,8 +536,7 @@ class TTAModel(nn.Module):
                 return self.model(x)
         if isinstance(domain, Tensor):
             raise ValueError("per-sample domain indices cannot be combined with window=W; pass an int domain")
-        buffer = self._window_buffer
-        xw = x if buffer is None else torch.cat([buffer, x])[-self.window :]
+        xw = self._with_window(x)
         if xw.shape[0] < 2:  # the forward predicts a lone first sample with the current state
             with layer_options(self._layers, use_batch=False, domain=_option(domain)):
                 return self.model(xw)
