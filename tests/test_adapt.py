@@ -278,6 +278,14 @@ def test_adapting_an_adapted_model_says_so() -> None:
     for wrapped in (adapted, nn.Sequential(adapted)):
         with pytest.raises(ValueError, match="already adapted"):
             tta_norm.adapt(wrapped, method="tent")
+    model = tiny_net()  # converted in place: it holds the first wrapper's layers, spec and adapted state
+    first = tta_norm.adapt(model, "ema", inplace=True)
+    first(X)
+    state = {k: v.clone() for k, v in first.state_dict().items()}
+    for preset, method in (("source", None), (None, "tent"), ("tbn", None)):
+        with pytest.raises(ValueError, match="already adapted"):  # ("source" ran the ema layers and adapted them)
+            tta_norm.adapt(model, preset, method)
+    assert all(torch.equal(v, first.state_dict()[k]) for k, v in state.items())
 
 
 def test_spatial_batch_one_is_defined_for_tbn() -> None:
@@ -530,3 +538,28 @@ def test_a_wrapper_adapts_under_bfloat16_autocast(preset, method):
         assert got.dtype == torch.bfloat16 and bool(torch.isfinite(got).all())
         assert (got.float().argmax(1) == expected.argmax(1)).float().mean() >= 0.75
     assert all(p.dtype == torch.float32 for p in mixed.parameters())
+
+
+def test_train_mode_of_the_wrapper_keeps_the_network_in_eval() -> None:
+    """tta.train() turned the wrapped network's dropout on: predictions became random, also after reset()."""
+    torch.manual_seed(0)
+    net = nn.Sequential(tiny_net(), nn.Dropout(0.5), nn.Linear(tiny_net()(X).shape[1], 4))
+    tta = tta_norm.adapt(net, "tbn")
+    expected = tta(X)
+    tta.train()
+    assert tta.training and not tta.model.training
+    torch.testing.assert_close(tta(X), expected, rtol=0, atol=0)
+    tta.eval()
+    assert not tta.training
+
+
+def test_a_statistics_setting_the_preset_does_not_use_is_refused() -> None:
+    """adapt(m, "tbn", momentum=0.9) and the like were accepted and gave exactly the plain preset."""
+    for preset, kwargs in (("tbn", {"momentum": 0.9}), ("alpha", {"momentum": 0.9}), ("medbn", {"unbiased": True}),
+                           ("tbn", {"median": "average"}), ("ema", {"iabn_k": 0.0}),
+                           ("tbn", {"example_weight": 1.0})):  # fmt: skip
+        with pytest.raises(ValueError, match="change.*nothing"):
+            tta_norm.adapt(tiny_net(), preset, **kwargs)
+    tta_norm.adapt(tiny_net(), "ema", momentum=0.2)  # used: accepted
+    tta_norm.adapt(tiny_net(), "medbn", median="average")
+    tta_norm.adapt(tiny_net(), "tbn", unbiased=True)

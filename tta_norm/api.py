@@ -21,7 +21,7 @@ from tta_norm.methods.base import NonFiniteLogits, all_finite, optim_setting_nam
 from tta_norm.norm.adaptive import AdaptiveNorm, InputRankError, adaptive_layers, check_domain
 from tta_norm.norm.context import UNSET, layer_options
 from tta_norm.norm.convert import convert_batchnorms, find_batchnorms
-from tta_norm.norm.spec import NormSpec, spec_fields
+from tta_norm.norm.spec import NormSpec, spec_fields, unused_fields
 from tta_norm.presets import Preset, UnfittedTTNWarning, get_preset
 from tta_norm.transaction import MutableBuffers, Snapshot
 
@@ -122,6 +122,13 @@ class TTAModel(nn.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._lock = threading.RLock()
+
+    def train(self, mode: bool = True) -> TTAModel:
+        """Sets the wrapper's own flag only: the adapted network stays in ``eval()`` as :func:`adapt` left it
+        (dropout off; adaptive norm layers ignore the mode).  Propagated, ``tta.train()`` turned dropout on and
+        every prediction random, also after :meth:`reset`."""
+        self.training = mode
+        return self
 
     def _apply(self, fn: Any, recurse: bool = True) -> TTAModel:
         """``.to()``, ``.cuda()``, ``.double()``...: the model's tensors as for any module, and with them the
@@ -389,6 +396,14 @@ class TTAModel(nn.Module):
         with torch.no_grad(), layer_options(self._layers, use_batch=False, domain=_option(domain)):
             return self.model(x)
 
+    def _skip(self, x: Tensor, domain: int | Tensor | None) -> Tensor:
+        """A skipped batch, predicted without adapting from the state it would have been adapted from: after the
+        reset that is due (``episodic``, ``reset_every``), not from the previous batch's adapted state."""
+        if self._reset_due():
+            self.reset()
+        self.skipped_batches += 1
+        return self._predict_without_adapting(x, domain)
+
     def _reset_due(self) -> bool:
         return self.episodic or (self.reset_every is not None and self.num_adapted >= self.reset_every)
 
@@ -418,8 +433,7 @@ class TTAModel(nn.Module):
                         "the batch contains NaN or Inf values; nothing was adapted. Clean the input, or build the "
                         "wrapper with on_bad_batch='skip' to predict such batches without adapting"
                     )
-                logits = self._predict_without_adapting(x, domain)
-                self.skipped_batches += 1
+                logits = self._skip(x, domain)
             else:
                 logits = self._adapt(x, domain, policy)
             self.num_batches += 1  # a batch answered; a refused one changes nothing
@@ -459,8 +473,7 @@ class TTAModel(nn.Module):
                     "adapted. Rescale the input, or use on_bad_batch='skip' to predict such batches without "
                     "adapting"
                 ) from None
-            self.skipped_batches += 1
-            return self._predict_without_adapting(x, domain)
+            return self._skip(x, domain)
         except (RuntimeError, ValueError) as err:
             snapshot.restore()
             first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -496,10 +509,12 @@ class TTAModel(nn.Module):
 
         For attacks and for training heads through the wrapper: with ``adapt=False`` (default) the layers
         compute their statistics from ``x`` exactly as an adapting forward does, but nothing is committed (no
-        EMA update, no method step, counters unchanged).  With ``adapt=True`` (statistics-only presets) the
-        forward also adapts, as one transaction like :meth:`forward`.  Gradients flow only if autograd is
-        enabled by the caller.  ``domain`` as in :meth:`forward`.  With ``window=W``, a batch smaller than W is
-        normalised together with the window's samples, as :meth:`forward` does (gradients reach ``x`` only).
+        EMA update, no method step, counters unchanged), from the current state: when a reset is due
+        (``episodic``, ``reset_every``) the forward would reset first, so call :meth:`reset` to match it.  With
+        ``adapt=True`` (statistics-only presets) the forward also adapts, as one transaction like
+        :meth:`forward`.  Gradients flow only if autograd is enabled by the caller.  ``domain`` as in
+        :meth:`forward`.  With ``window=W``, a batch smaller than W is normalised together with the window's
+        samples, as :meth:`forward` does (gradients reach ``x`` only).
         """
         x = self._validate(x)
         self._check_domain(domain, x.shape[0])
@@ -682,9 +697,12 @@ def adapt(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if any(isinstance(m, TTAModel) for m in model.modules()):
-        raise ValueError("the model is already adapted (it holds a TTAModel): adapt the source model, once; "
-                         "reset() or load_state() change how an adapted one runs")  # fmt: skip
+    if any(isinstance(m, (TTAModel, AdaptiveNorm)) for m in model.modules()):
+        # (a model converted with inplace=True holds the first wrapper's layers: a second wrapper would run them,
+        # with their spec and adapted state, under its own preset's name)
+        raise ValueError("the model is already adapted (it holds a TTAModel or adaptive norm layers, e.g. from "
+                         "adapt(..., inplace=True)): adapt the source model, once; reset() or load_state() change "
+                         "how an adapted one runs")  # fmt: skip
     has_batchnorm = bool(find_batchnorms(model))
     spec, name = _resolve_spec("tbn" if preset is None else preset)
     if not has_batchnorm and (method is not None or name == "source"):
@@ -711,6 +729,11 @@ def adapt(
     method_kwargs = {k: v for k, v in kwargs.items() if k not in spec_fields()}
     if spec_overrides:
         spec = spec.replace(**spec_overrides)
+        ignored = sorted(set(spec_overrides) & unused_fields(spec))
+        if ignored:  # (they were accepted, and the wrapper computed exactly the plain preset)
+            raise ValueError(f"{ignored} change(s) nothing in preset {name or spec!r} ({spec.estimator} statistics, "
+                             f"{spec.mixing} mixing, instance {spec.instance}); drop them or pick a preset that "
+                             "uses them")  # fmt: skip
     if method_kwargs and method is None:
         raise TypeError(
             f"unknown keyword argument(s) {sorted(method_kwargs)}: not NormSpec fields, and no method was given"

@@ -304,3 +304,19 @@ def test_a_state_of_other_statistics_or_window_is_refused():
     windowed.load_state({**good, "window": good["window"].double()})  # cast like a batch is
     assert windowed.state()["window"].dtype == torch.float32
     windowed(x[2:3])
+
+
+@pytest.mark.parametrize("policy", [{"episodic": True}, {"reset_every": 1}])
+def test_a_skipped_batch_is_predicted_after_the_reset_that_is_due(policy):
+    """An episodic (or reset_every) wrapper predicted a skipped batch from the previous batch's adapted state."""
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    bad = x.flip(0).clone()
+    bad[0, 0, 0, 0] = float("nan")  # skipped; the other samples' predictions stay finite
+    fresh = tta_norm.adapt(_conv_net(), "ema", on_bad_batch="skip")
+    expected = fresh(bad)
+    tta = tta_norm.adapt(_conv_net(), "ema", on_bad_batch="skip", **policy)
+    tta(x)
+    got = tta(bad)
+    assert bool(torch.isfinite(got[1:]).all())
+    torch.testing.assert_close(got, expected, equal_nan=True)
+    assert tta.skipped_batches == 1 and tta.num_batches == 2

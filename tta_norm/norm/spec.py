@@ -134,6 +134,24 @@ class NormSpec:
         return dataclasses.replace(self, **changes)
 
 
+def unused_fields(spec: NormSpec) -> frozenset[str]:
+    """The fields whose value does not change what ``spec`` computes (a value given for them is ignored): the EMA
+    ``momentum`` without ``"ema"`` mixing, ``unbiased`` without the mean/variance estimator, ``median`` without a
+    median estimator, ``iabn_k`` / ``example_weight`` without their instance refinement."""
+    unused = set()
+    if spec.mixing != "ema":
+        unused.add("momentum")
+    if spec.estimator != "mean_var" or spec.mixing == "source":
+        unused.add("unbiased")
+    if not spec.estimator.startswith("median") or spec.mixing == "source":
+        unused.add("median")
+    if spec.instance != "iabn":
+        unused.add("iabn_k")
+    if spec.instance != "example":
+        unused.add("example_weight")
+    return frozenset(unused)
+
+
 def spec_fields() -> frozenset[str]:
     """Names of the :class:`NormSpec` fields (used to route keyword overrides)."""
     return frozenset(f.name for f in dataclasses.fields(NormSpec))
