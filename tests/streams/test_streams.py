@@ -193,6 +193,11 @@ def test_batches_never_cross_segments_and_support_batch_size_one():
         s = plan.segments[seg]
         assert s.start <= start < stop <= s.stop
     assert len(plan.batches(1)) == 50 + 64 + 33
+    for bad in (0, -4, 2.5):  # -4 gave no batch (the whole stream dropped), 0 the spec's size
+        with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+            plan.batches(bad)
+        with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+            StreamLoader(plan, {k: None for k in keys}, batch_size=bad)
 
 
 def test_mixed_setting_pools_all_domains_once():

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from tta_norm.data.tensors import to_float_nchw
-from tta_norm.streams.plan import DomainKey, StreamPlan, domain_name
+from tta_norm.streams.plan import DomainKey, StreamPlan, check_batch_size, domain_name
 
 
 class Batch(NamedTuple):
@@ -62,7 +62,7 @@ class StreamLoader:
     ) -> None:
         self.plan = plan
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.batch_size = batch_size or plan.spec.batch_size
+        self.batch_size = check_batch_size(plan.spec.batch_size if batch_size is None else batch_size)
         self.prefetch = prefetch
         self.images: list[np.ndarray] = []
         self.labels: list[np.ndarray] = []

@@ -66,6 +66,9 @@ def dirichlet_order(
     if n == 0:
         return np.zeros(0, dtype=np.int64)
     c = int(num_classes if num_classes is not None else labels.max() + 1)
+    if labels.min() < 0 or labels.max() >= c:  # (such samples fell in no chunk: a shorter stream, silently)
+        raise ValueError(f"labels {int(labels.min())}..{int(labels.max())} are not all in 0..{c - 1} "
+                         f"(num_classes {c}); every sample must belong to a class")  # fmt: skip
     if n < min_chunk * c:
         raise ValueError(
             f"a Dirichlet order needs >= {min_chunk} samples per chunk and one chunk per class: {n} samples over "

@@ -76,10 +76,21 @@ class StreamSpec:
             raise ValueError(f"unknown order {self.order!r}; choose from {ORDERS}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        for name in ("n_per_domain", "n_clean"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1 (or None: all), got {value!r}")
         if self.order == "dirichlet" and not self.delta > 0:
             raise ValueError(f"dirichlet order needs delta > 0, got {self.delta}")
         if self.clean_interleaved and self.setting == "mixed":
             raise ValueError("clean_interleaved blocks need a sequential setting, not 'mixed'")
+
+
+def check_batch_size(batch_size: int) -> int:
+    """``batch_size`` if it is an integer >= 1, else ``ValueError`` (a negative one gave an empty stream)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    return batch_size
 
 
 def domain_schedule(
@@ -157,7 +168,7 @@ class StreamPlan:
 
     def batches(self, batch_size: int | None = None) -> list[tuple[int, int, int]]:
         """``(start, stop, segment index)`` of every batch; the last batch of a segment may be smaller."""
-        bs = batch_size or self.spec.batch_size
+        bs = check_batch_size(self.spec.batch_size if batch_size is None else batch_size)
         out = []
         for seg in self.segments:
             out += [(s, min(s + bs, seg.stop), seg.index) for s in range(seg.start, seg.stop, bs)]
