@@ -66,7 +66,7 @@ def test_a_refused_inplace_adapt_undoes_a_loaded_init_state(tmp_path) -> None:
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
     torch.save({"state_dict": 5}, tmp_path / "bad.pt")
-    for bad in (torch.zeros(3), [1, 2], tmp_path / "bad.pt"):
+    for bad in (torch.zeros(3), [1, 2], tmp_path / "bad.pt", {"state_dict": 5}):
         with pytest.raises(ValueError, match="init_state must be a state dict"):
             tta_norm.adapt(model, "ema", init_state=bad)
 
@@ -563,3 +563,14 @@ def test_a_statistics_setting_the_preset_does_not_use_is_refused() -> None:
     tta_norm.adapt(tiny_net(), "ema", momentum=0.2)  # used: accepted
     tta_norm.adapt(tiny_net(), "medbn", median="average")
     tta_norm.adapt(tiny_net(), "tbn", unbiased=True)
+
+
+def test_init_state_given_as_the_saved_dict_loads_like_its_file(tmp_path) -> None:
+    """A {"state_dict": ...} file was unwrapped, the same dict passed in memory was refused (missing keys)."""
+    donor = tta_norm.adapt(tiny_net(seed=1), "ema")
+    donor(X)
+    saved = {"state_dict": donor.model.state_dict(), "meta": {"note": "fitted"}}
+    torch.save(saved, tmp_path / "s.pt")
+    from_file = tta_norm.adapt(tiny_net(), "ema", init_state=tmp_path / "s.pt")
+    from_dict = tta_norm.adapt(tiny_net(), "ema", init_state=saved)
+    torch.testing.assert_close(from_dict(X), from_file(X), rtol=0, atol=0)

@@ -600,8 +600,8 @@ def load_adapted_state(model: nn.Module, state: Mapping[str, Any] | str | os.Pat
     """Load the state dict of an adapted model (strict: the same architecture and spec-dependent tensors)."""
     if isinstance(state, (str, os.PathLike)):
         state = torch.load(state, map_location="cpu", weights_only=True)
-        if isinstance(state, Mapping) and "state_dict" in state:
-            state = state["state_dict"]
+    if isinstance(state, Mapping) and "state_dict" in state:  # a saved {"state_dict", "meta", ...}, read or not
+        state = state["state_dict"]
     if not isinstance(state, Mapping):
         raise ValueError(f"init_state must be a state dict (names to tensors), got {type(state).__name__}")
     try:
