@@ -708,7 +708,8 @@ def adapt(
     if not has_batchnorm and (method is not None or name == "source"):
         spec_kwargs = sorted(set(kwargs) & spec_fields())
         # any preset but source, also sabn (no batch statistics, but its heads live in BatchNorm layers)
-        named = preset is not None and (spec.uses_batch or name not in (None, "source") or spec.num_domains > 1)
+        named = preset is not None and (spec.uses_batch or name not in (None, "", "source") or spec.num_domains > 1
+                                        or spec.channelwise)  # (a NormSpec has no name: its fields decide)
         if named or spec_kwargs:
             raise ValueError(
                 f"model {type(model).__name__} has no BatchNorm layer, and statistics presets need BatchNorm "

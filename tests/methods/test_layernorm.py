@@ -107,6 +107,12 @@ def test_statistics_presets_need_batchnorm(preset: str) -> None:
         tta_norm.adapt(vit(), method="tent", alpha=0.5)
     tta = tta_norm.adapt(vit(), "source", "tent")
     assert tta.preset_name == "source"
+    from tta_norm.norm import NormSpec
+
+    # a NormSpec equal to the source preset is the source preset (it was refused for having no name)
+    assert tta_norm.adapt(vit(), NormSpec(mixing="source"), "tent").preset_name == "source"
+    with pytest.raises(ValueError, match="statistics presets need BatchNorm"):
+        tta_norm.adapt(vit(), NormSpec(mixing="test"), "tent")
     model = vit().eval()
     with torch.no_grad():  # "source" alone wraps the model unchanged
         torch.testing.assert_close(tta_norm.adapt(model, "source")(X), model(X), rtol=0, atol=0)
