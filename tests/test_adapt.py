@@ -574,3 +574,16 @@ def test_init_state_given_as_the_saved_dict_loads_like_its_file(tmp_path) -> Non
     from_file = tta_norm.adapt(tiny_net(), "ema", init_state=tmp_path / "s.pt")
     from_dict = tta_norm.adapt(tiny_net(), "ema", init_state=saved)
     torch.testing.assert_close(from_dict(X), from_file(X), rtol=0, atol=0)
+
+
+def test_a_model_without_batchnorm_is_told_what_it_has() -> None:
+    """A network without any norm layer, or with frozen BatchNorms only, was told that gradient methods adapt
+    LayerNorm/GroupNorm (which it does not have)."""
+    from torchvision.ops import FrozenBatchNorm2d
+
+    with pytest.raises(ValueError, match="no norm layer at all"):
+        tta_norm.adapt(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), "tbn")
+    with pytest.raises(ValueError, match="frozen BatchNorms.*register_norm_converter"):
+        tta_norm.adapt(nn.Sequential(nn.Conv2d(3, 4, 3), FrozenBatchNorm2d(4)), "tbn")
+    with pytest.raises(ValueError, match="LayerNorm/GroupNorm"):
+        tta_norm.adapt(nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4)), "tbn")

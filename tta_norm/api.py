@@ -720,11 +720,16 @@ def adapt(
         spec, name = get_preset("source").spec, "source"
     elif not has_batchnorm:
         kinds = sorted({type(m).__name__ for m in model.modules() if "Norm" in type(m).__name__})
-        raise ValueError(
-            f"model {type(model).__name__} has no BatchNorm layer{f' (it has {kinds})' if kinds else ''}: "
-            "statistics presets need BatchNorm; a gradient method (method='tent', 'eata' or 'sar') adapts "
-            "LayerNorm/GroupNorm affine parameters"
-        )
+        if not kinds:
+            hint = "it has no norm layer at all, so there is nothing to adapt"
+        elif any("Frozen" in k for k in kinds):
+            hint = (f"it has {kinds}: frozen BatchNorms keep fixed statistics; teach the converter the layer with "
+                    "tta_norm.norm.register_norm_converter, or build the model with ordinary BatchNorm")
+        else:
+            hint = (f"it has {kinds}; a gradient method (method='tent', 'eata' or 'sar') adapts LayerNorm/GroupNorm "
+                    "affine parameters")
+        raise ValueError(f"model {type(model).__name__} has no BatchNorm layer, and statistics presets need "
+                         f"BatchNorm: {hint}")  # fmt: skip
     check_ambiguous_kwargs(method, kwargs)
     spec_overrides = {k: v for k, v in kwargs.items() if k in spec_fields()}
     method_kwargs = {k: v for k, v in kwargs.items() if k not in spec_fields()}
