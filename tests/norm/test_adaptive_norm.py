@@ -423,3 +423,15 @@ def test_channels_last_inputs_give_the_contiguous_results_in_their_format(preset
     if preset == "tbn":
         with torch.no_grad():
             torch.testing.assert_close(got, copy.deepcopy(bn).train()(last), rtol=1e-5, atol=1e-5)
+
+
+def test_a_zero_eps_is_refused_where_the_batch_enters_the_statistics():
+    """torch's BatchNorm refuses eps=0 in training; the tbn layer ran and divided a constant channel by 0."""
+    bn = make_bn(3)
+    bn.eps = 0.0
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        layer("tbn", bn)
+    ones = torch.ones(4, 3, 2, 2)
+    with torch.no_grad():  # the source statistics keep torch's eval semantics, where eps=0 is allowed
+        torch.testing.assert_close(layer("source", bn)(ones), bn.eval()(ones))
+    assert layer("tbn", bn, eps=1e-5).eps == 1e-5

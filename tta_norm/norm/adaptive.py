@@ -87,6 +87,10 @@ class AdaptiveNorm(nn.Module):
         self.num_features = num_features
         self.spec = spec
         self.eps = spec.eps if spec.eps is not None else eps
+        if spec.uses_batch and not self.eps > 0:  # (torch's BatchNorm refuses it in training mode too)
+            raise ValueError(f"{'layer ' + repr(name) + ': ' if name else ''}eps must be > 0 when the test batch "
+                             f"enters the statistics (a constant channel would divide by 0), got {self.eps}; pass "
+                             "eps=... to adapt()")  # fmt: skip
         self.expected_dims = expected_dims
         self.name = name
         self.update_state = True  # the defaults of the per-call options (properties below)
