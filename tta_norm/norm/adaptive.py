@@ -149,7 +149,8 @@ class AdaptiveNorm(nn.Module):
             raise ValueError(
                 f"BatchNorm layer {name or bn!r} has no running statistics (track_running_stats=False), but "
                 f"the spec (mixing={spec.mixing!r}, instance={spec.instance!r}) needs source statistics; "
-                "use a test-statistics preset such as 'tbn' or 'medbn'"
+                "use a test-statistics preset such as 'tbn' or 'medbn' (in eval mode torch normalises such a "
+                "layer with its batch statistics too: for this model 'tbn' is what eval() computes there)"
             )
         ref = bn.weight if bn.weight is not None else bn.running_mean
         factory = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
