@@ -199,7 +199,7 @@ class TTAModel(nn.Module):
                 self._put_state(state)
             except BaseException:
                 self._put_state(before)
-                if attributes is not None:  # also drops attributes only the refused state had
+                if attributes is not None:  # every attribute as it was before the failed load
                     vars(self.method).clear()
                     vars(self.method).update(attributes)
                 raise
