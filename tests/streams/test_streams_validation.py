@@ -31,3 +31,12 @@ def test_to_float_nchw_takes_uint8_only():
     assert to_float_nchw(img).max() == 1.0 and to_float_nchw(img).shape == (1, 3, 2, 2)
     with pytest.raises(TypeError, match="uint8"):
         to_float_nchw(torch.rand(1, 2, 2, 3))  # it returned values in [0, 1/255]
+
+
+def test_a_domain_without_samples_is_refused():
+    """An empty first visit took the stream's reset flag with it; an empty visit scored nothing, silently."""
+    from tta_norm.streams import build_stream
+
+    labels = {("fog", 5): np.zeros(0, dtype=np.int64), ("snow", 5): np.arange(10) % 2}
+    with pytest.raises(ValueError, match="fog@5.*no samples"):
+        build_stream(labels, [("fog", 5), ("snow", 5)], StreamSpec(batch_size=4))

@@ -220,7 +220,10 @@ def build_stream(
     if spec.setting == "mixed" and len(set(schedule)) != len(schedule):
         raise ValueError("the mixed setting pools each domain once; the schedule repeats domains")
     domains = tuple(dict.fromkeys(schedule))
-    num_classes = int(max(int(np.max(labels[k])) for k in domains if len(labels[k])) + 1)
+    empty = [k for k in domains if len(labels[k]) == 0]
+    if empty:  # (a visit of no rows scored nothing, and a first one took the stream's reset with it)
+        raise ValueError(f"domain(s) {[domain_name(k) for k in empty]} have no samples; a stream visits each one")
+    num_classes = int(max(int(np.max(labels[k])) for k in domains) + 1)
     seqs = np.random.SeedSequence(seed).spawn(len(schedule) + 1)
 
     dom_parts, idx_parts, lab_parts = [], [], []
