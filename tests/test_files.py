@@ -22,3 +22,12 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     with pytest.raises(OSError):
         write_atomically(tmp_path / "adir", lambda tmp: tmp.write_text("x"))  # the rename fails: tmp removed
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_unwritable_ancestor_names_the_blocking_path(tmp_path):
+    from tta_norm._files import unwritable_ancestor
+
+    assert unwritable_ancestor(tmp_path / "new" / "deeper") is None  # can be made
+    (tmp_path / "afile").write_text("x")
+    assert unwritable_ancestor(tmp_path / "afile" / "sub") == tmp_path / "afile"
+    assert unwritable_ancestor(tmp_path / "afile") == tmp_path / "afile"

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tta_norm._files import unwritable_ancestor
 from tta_norm.bench.executors import CellRun, run_locally
 from tta_norm.bench.grid import GridCell, GridJob, code_revisions, environment, git_revision, shard_cells
 from tta_norm.bench.store import ResultStore, StoreContents, atomic_write
@@ -169,8 +170,8 @@ def check_output_dir(out: str | os.PathLike) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output: {out} is a file, not a directory; choose another --output")
-    parent = next((p for p in (out, *out.parents) if p.exists()), None)
-    if parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK)):
+    parent = unwritable_ancestor(out)
+    if parent is not None:
         raise ConfigError(f"output: cannot write into {out} ({parent} is not a writable directory)")
     return out
 

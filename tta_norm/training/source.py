@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tta_norm._files import write_atomically
+from tta_norm._files import unwritable_ancestor, write_atomically
 from tta_norm.data.paths import checkpoint_dir
 from tta_norm.data.source import DEFAULT_SOURCE, find_source_root, load_split
 from tta_norm.data.tensors import to_float_nchw
@@ -312,8 +312,8 @@ def check_checkpoint_path(out: str | os.PathLike) -> Path:
                          f"<name>.json and would replace it; use e.g. {out.with_suffix('.pt')}")  # fmt: skip
     if out.is_dir():
         raise ValueError(f"checkpoint path {out} is a directory; give a file path, e.g. {out / 'model.pt'}")
-    parent = next((p for p in (out.parent, *out.parent.parents) if p.exists()), None)
-    if parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK)):
+    parent = unwritable_ancestor(out.parent)
+    if parent is not None:
         raise ValueError(f"cannot write the checkpoint {out}: {parent} is not a writable directory")
     return out
 
