@@ -512,9 +512,9 @@ class TTAModel(nn.Module):
         EMA update, no method step, counters unchanged), from the current state: when a reset is due
         (``episodic``, ``reset_every``) the forward would reset first, so call :meth:`reset` to match it.  With
         ``adapt=True`` (statistics-only presets) the forward also adapts, as one transaction like
-        :meth:`forward`.  Gradients flow only if autograd is enabled by the caller.  ``domain`` as in
-        :meth:`forward`.  With ``window=W``, a batch smaller than W is normalised together with the window's
-        samples, as :meth:`forward` does (gradients reach ``x`` only).
+        :meth:`forward` (a reset that is due comes first).  Gradients flow only if autograd is enabled by the
+        caller.  ``domain`` as in :meth:`forward`.  With ``window=W``, a batch smaller than W is normalised
+        together with the window's samples, as :meth:`forward` does (gradients reach ``x`` only).
         """
         x = self._validate(x)
         self._check_domain(domain, x.shape[0])
@@ -530,8 +530,13 @@ class TTAModel(nn.Module):
                 raise ValueError("differentiable_forward(adapt=True) does not support window=W")
             if not bool(torch.isfinite(x.detach()).all()):
                 raise ValueError("the batch contains NaN or Inf values; nothing was adapted")
-            snapshot = Snapshot(self, self._mutable_buffers, None, owner_attributes=("num_adapted",))
+            reset_due = self._reset_due()
+            snapshot = Snapshot(
+                self, self._mutable_buffers, None, full=reset_due, owner_attributes=("num_adapted", "num_resets")
+            )
             try:
+                if reset_due:  # as forward() does: the adapting call starts from the source state
+                    self.reset()
                 with self.layer_frame(x.shape[0], domain=_option(domain)):
                     logits = self.model(x)
                 if not bool(torch.isfinite(logits.detach()).all()):

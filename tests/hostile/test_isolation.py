@@ -70,6 +70,20 @@ def test_differentiable_forward_adapt_commits_as_one_transaction():
         tta_norm.adapt(_conv_net(), "tbn", method="tent").differentiable_forward(x, adapt=True)
 
 
+@pytest.mark.parametrize("policy", [{"episodic": True}, {"reset_every": 2}])
+def test_differentiable_forward_adapt_takes_the_reset_that_is_due(policy):
+    """The adapting differentiable forward went on from the previous batch's state where forward() resets."""
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(4, 3, 32, 32, generator=g) + shift for shift in (3.0, 0.0, -2.0, 1.0)]
+    by_forward = tta_norm.adapt(_conv_net(), "ema", **policy)
+    by_graph = tta_norm.adapt(_conv_net(), "ema", **policy)
+    for x in xs:
+        expected = by_forward(x)
+        got = by_graph.differentiable_forward(x, adapt=True).detach()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)  # (kernel vs autograd)
+    assert by_graph.num_resets == by_forward.num_resets > 0
+
+
 # --------------------------------------------------------------------------------------- threads and options
 def _run_threads(*targets) -> None:
     errors: list[BaseException] = []
