@@ -106,6 +106,19 @@ def test_bad_input_errors() -> None:
         tta_norm.adapt(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)), "tbn")
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("lazy", [nn.LazyBatchNorm2d, nn.LazyConv2d])
+def test_lazy_modules_are_refused_until_initialised(lazy, inplace) -> None:
+    """Uninitialised lazy modules made adapt() fail inside torch with an UninitializedParameter traceback."""
+    middle = lazy() if lazy is nn.LazyBatchNorm2d else lazy(4, 1)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), middle, nn.Flatten(), nn.Linear(64, 10)).eval()
+    with pytest.raises(ValueError, match="uninitialised lazy modules.*run one forward"):
+        tta_norm.adapt(model, "tbn", inplace=inplace)
+    assert isinstance(model[2], lazy) and isinstance(model[1], nn.BatchNorm2d)  # the model is as it was
+    model(torch.randn(2, 3, 6, 6))
+    tta_norm.adapt(model, "tbn", method="tent")(torch.randn(4, 3, 6, 6))
+
+
 @pytest.mark.parametrize("method", [None, "tent"])
 def test_nan_batch_raises_or_skips_without_touching_state(method: str | None) -> None:
     bad = X.clone()

@@ -708,6 +708,11 @@ def adapt(
         raise ValueError("the model is already adapted (it holds a TTAModel or adaptive norm layers, e.g. from "
                          "adapt(..., inplace=True)): adapt the source model, once; reset() or load_state() change "
                          "how an adapted one runs")  # fmt: skip
+    lazy = sorted({type(m).__name__ for m in model.modules()
+                   if any(nn.parameter.is_lazy(t) for t in (*m._parameters.values(), *m._buffers.values()))})
+    if lazy:  # (their shapes, and the norm layers' channel counts, are not known yet)
+        raise ValueError(f"model {type(model).__name__} has uninitialised lazy modules {lazy}: run one forward on a "
+                         "batch of the real input size before adapting it")  # fmt: skip
     has_batchnorm = bool(find_batchnorms(model))
     spec, name = _resolve_spec("tbn" if preset is None else preset)
     if not has_batchnorm and (method is not None or name == "source"):
