@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import tta_norm
 from tests.nets import randomize_bn, resnet20, tiny_net
 from tta_norm.methods.base import softmax_entropy
 from tta_norm.norm import AdaptiveNorm
+from tta_norm.presets import UnfittedTTNWarning
 
 X = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(0))
 
@@ -58,7 +60,10 @@ def test_a_refused_inplace_adapt_leaves_the_model_as_it_was(bad: dict) -> None:
 
 
 def test_a_refused_inplace_adapt_undoes_a_loaded_init_state(tmp_path) -> None:
-    donor = tta_norm.adapt(tiny_net(seed=1), "ema")  # a valid adapted state with other weights
+    donor = tta_norm.adapt(tiny_net(), "ema")  # a valid adapted state: other affine and EMA values
+    donor(X)
+    for _, layer in donor.norm_layers():
+        layer.weight.data.add_(1.0)
     model = tiny_net().train()
     state = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match="window"):
@@ -580,13 +585,41 @@ def test_a_statistics_setting_the_preset_does_not_use_is_refused() -> None:
 
 def test_init_state_given_as_the_saved_dict_loads_like_its_file(tmp_path) -> None:
     """A {"state_dict": ...} file was unwrapped, the same dict passed in memory was refused (missing keys)."""
-    donor = tta_norm.adapt(tiny_net(seed=1), "ema")
+    donor = tta_norm.adapt(tiny_net(), "ema")
     donor(X)
     saved = {"state_dict": donor.model.state_dict(), "meta": {"note": "fitted"}}
     torch.save(saved, tmp_path / "s.pt")
     from_file = tta_norm.adapt(tiny_net(), "ema", init_state=tmp_path / "s.pt")
     from_dict = tta_norm.adapt(tiny_net(), "ema", init_state=saved)
     torch.testing.assert_close(from_dict(X), from_file(X), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("preset", ["ttn", "ema", "sabn"])
+def test_an_init_state_fitted_on_another_model_is_refused(preset, tmp_path) -> None:
+    """A state fitted on another checkpoint of the same architecture loaded whole: the model ran with the other
+    model's convolutions and source statistics under its own name."""
+    kwargs = {"num_domains": 2} if preset == "sabn" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnfittedTTNWarning)
+        fitted = tta_norm.adapt(tiny_net(seed=1), preset, **kwargs)
+        for _, layer in fitted.norm_layers():  # what fitting learns: affine, TTN weights, heads
+            layer.weight.data.add_(0.5)
+            for name in ("mix_weight", "domain_weight"):
+                if hasattr(layer, name):
+                    getattr(layer, name).data.mul_(0.5)
+        torch.save({"state_dict": fitted.model.state_dict(), "meta": {}}, tmp_path / "fitted.pt")
+        own = tiny_net(seed=1)
+        tta_norm.adapt(own, preset, init_state=tmp_path / "fitted.pt", **kwargs)  # its own model: loads
+        other = tiny_net(seed=2)
+        before = copy.deepcopy(other.state_dict())
+        for init_state in (tmp_path / "fitted.pt", fitted.model.state_dict()):
+            for inplace in (False, True):
+                with pytest.raises(ValueError, match="fitted on another model.*differ from the model's"):
+                    tta_norm.adapt(other, preset, init_state=init_state, inplace=inplace, **kwargs)
+                assert all(torch.equal(v, other.state_dict()[k]) for k, v in before.items())
+        torch.save({"state_dict": fitted.model.state_dict(), "meta": {"config": {"train": "all"}}}, tmp_path / "w.pt")
+        whole = tta_norm.adapt(other, preset, init_state=tmp_path / "w.pt", **kwargs)  # a whole-network training
+    assert torch.equal(whole.model.conv.weight, fitted.model.conv.weight)
 
 
 def test_a_model_without_batchnorm_is_told_what_it_has() -> None:

@@ -602,13 +602,24 @@ def _check_policy(policy: str) -> BadBatchPolicy:
 
 
 def load_adapted_state(model: nn.Module, state: Mapping[str, Any] | str | os.PathLike) -> None:
-    """Load the state dict of an adapted model (strict: the same architecture and spec-dependent tensors)."""
+    """Load the state dict of an adapted model (strict: the same architecture and spec-dependent tensors).
+
+    The state must have been fitted on ``model``'s own weights: a tensor outside what adaptation and fitting
+    learn (norm affine, TTN weights, SaBN heads, EMA state) that differs is a ``ValueError``, except in a file
+    of a whole-network training (``sabn-train --train all``, which says so in its meta)."""
     if isinstance(state, (str, os.PathLike)):
         state = torch.load(state, map_location="cpu", weights_only=True)
+    whole_network = False
     if isinstance(state, Mapping) and "state_dict" in state:  # a saved {"state_dict", "meta", ...}, read or not
+        meta = state.get("meta")
+        config = meta.get("config") if isinstance(meta, Mapping) else None
+        whole_network = isinstance(config, Mapping) and config.get("train") == "all"  # (sabn-train --train all)
         state = state["state_dict"]
     if not isinstance(state, Mapping):
         raise ValueError(f"init_state must be a state dict (names to tensors), got {type(state).__name__}")
+    misfit = None if whole_network else _other_weights(model, state)
+    if misfit is not None:
+        raise ValueError(f"init_state was fitted on another model: {misfit}")
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
@@ -616,6 +627,29 @@ def load_adapted_state(model: nn.Module, state: Mapping[str, Any] | str | os.Pat
             f"init_state does not fit the adapted model ({_describe_misfit(model, state, err)}); it must come from "
             "a model adapted with the same architecture and preset (e.g. saved by ttn-fit for the 'ttn' preset)"
         ) from None
+
+
+def _other_weights(model: nn.Module, state: Mapping[str, Any]) -> str | None:
+    """Where ``state`` holds other weights than ``model`` outside what adaptation and fitting learn (every tensor
+    of an adaptive layer but its source statistics, the affine of LayerNorm/GroupNorm layers), or ``None``: a
+    state fitted on another model (another checkpoint of the same architecture) would silently replace the
+    model's weights."""
+    learned: set[str] = set()
+    for name, layer in model.named_modules(remove_duplicate=False):
+        prefix = f"{name}." if name else ""
+        if isinstance(layer, AdaptiveNorm):
+            learned.update(prefix + k for k in (*layer._parameters, *layer._buffers) if not k.startswith("source_"))
+        elif isinstance(layer, (nn.LayerNorm, nn.GroupNorm)):
+            learned.update((prefix + "weight", prefix + "bias"))
+    own = model.state_dict()
+    differ = [k for k, mine in own.items() if k not in learned and isinstance(state.get(k), Tensor)
+              and state[k].shape == mine.shape
+              and not torch.equal(mine, state[k].to(device=mine.device, dtype=mine.dtype))]  # fmt: skip
+    if not differ:
+        return None  # (missing keys and shapes are load_state_dict's to report, after the layers' key migrations)
+    return (f"{len(differ)} of its tensors outside the norm layers' learned ones differ from the model's (e.g. "
+            f"{differ[0]!r}). Pass the model it was fitted on; a state trained with the whole network is taken "
+            "from the file sabn-train saved, or load its weights into the model first")
 
 
 def _describe_misfit(module: nn.Module, state: Any, err: Exception) -> str:

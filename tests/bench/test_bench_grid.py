@@ -220,7 +220,9 @@ def test_an_init_state_file_is_read_once_so_every_cell_uses_the_fingerprinted_st
     path = tmp_path / "state.pt"
 
     def save_state(seed):
-        tta = tta_norm.adapt(tiny_model(seed), "ema")
+        tta = tta_norm.adapt(tiny_model(), "ema")  # (a state of the bench's model: other affine values per seed)
+        for _, layer in tta.norm_layers():
+            layer.weight.data.fill_(1.0 + seed)
         torch.save(tta.model.state_dict(), path)
 
     def job(out):

@@ -54,12 +54,16 @@ def test_trained_single_domain_sabn_is_a_batchnorm_with_new_affine():
 
 
 @pytest.mark.parametrize("train", ["affine", "all"])
-def test_trained_heads_fold_into_batchnorm_and_differ(train):
+def test_trained_heads_fold_into_batchnorm_and_differ(train, tmp_path):
     net = tiny_net(1)
     x, y = tiny_data(36)
     res = train_sabn(net, x, y, domains=("clean", "color", "noise"), epochs=2, batch_size=6, lr=0.05,
                      bank_batches=2, train=train, progress=False)  # fmt: skip
-    sabn = tta_norm.adapt(net, "sabn", num_domains=3, init_state=res.state_dict)
+    if train == "all":  # the whole network was trained: its saved file says so, a bare state dict is refused
+        with pytest.raises(ValueError, match="fitted on another model.*conv"):
+            tta_norm.adapt(net, "sabn", num_domains=3, init_state=res.state_dict)
+    init_state = res.save(tmp_path / "sabn.pt") if train == "all" else res.state_dict
+    sabn = tta_norm.adapt(net, "sabn", num_domains=3, init_state=init_state)
     with torch.no_grad():
         outs = [sabn(x, domain=k) for k in range(3)]
         for k in range(3):
