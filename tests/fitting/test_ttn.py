@@ -71,6 +71,18 @@ def test_config_validation():
         TTNConfig(ops=("jpeg",))
 
 
+@pytest.mark.parametrize("name", ["lr", "lam", "clean_prob"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_config_refuses_a_non_finite_number(name, value):
+    with pytest.raises(ValueError, match=f"^{name} must be a finite number, got"):
+        TTNConfig(**{name: value})
+    net = tiny_net(0)
+    x, y = tiny_data(8, seed=1)
+    with pytest.raises(ValueError, match=f"^{name} must be a finite number"):  # before the fit, which saved NaNs
+        fit_ttn(net, x, y, prior_batches=2, prior_batch_size=4, epochs=1, batch_size=4, fit_batch_sizes=(4,),
+                progress=False, **{name: value})  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------ the prior
 
 

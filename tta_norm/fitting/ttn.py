@@ -34,6 +34,7 @@ updates gamma/beta and leaves ``a`` fixed).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 import warnings
@@ -101,6 +102,9 @@ class TTNConfig:
             raise ValueError("epochs must be >= 0 and batch sizes >= 1")
         if not self.fit_batch_sizes or min(self.fit_batch_sizes) < 1:
             raise ValueError(f"fit_batch_sizes must be positive, got {self.fit_batch_sizes}")
+        for name in ("lam", "lr", "clean_prob"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.lam < 0 or self.lr <= 0 or not 0 <= self.clean_prob <= 1:
             raise ValueError("need lam >= 0, lr > 0 and clean_prob in [0, 1]")
         ShiftAugment(ops=self.ops)
