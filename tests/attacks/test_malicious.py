@@ -80,6 +80,64 @@ def test_bad_input_errors():
         attack_batch(tta, x, y, attack, mode="sometimes")
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [{"step_size": float("nan")}, {"clamp_ce": float("inf")}, {"stealth_weight": float("nan")}, {"steps": 2.5},
+     {"num_malicious": 2.5}, {"target_index": 1.0}, {"step_size": "0.1"}],
+)  # fmt: skip
+def test_attack_settings_are_checked_when_made(fields):
+    """NaN step sizes, fractional step and sample counts were accepted, and failed (or ran) later."""
+    with pytest.raises(ValueError, match="must be"):
+        MaliciousAttack(**{"num_malicious": 2, **fields})
+
+
+def test_fractions_round_half_up_as_written():
+    """0.29 of 50 is 14.5, which rounds to 15; the float product 14.4999... gave 14 (23 such cells up to 400)."""
+    from tta_norm.attacks.malicious import malicious_count
+
+    assert malicious_count(0.29, 50) == 15 and malicious_count(0.35, 90) == 32 and malicious_count(0.125, 4) == 1
+    for batch_size in range(2, 401):
+        for percent in range(1, 100):
+            exact = percent * batch_size  # the count times 100
+            assert malicious_count(percent / 100, batch_size) == (exact + 50) // 100
+
+
+@pytest.mark.parametrize("method", [None, "tent"])
+def test_a_refused_batch_leaves_the_deployed_model_as_it_was(method):
+    """Labels outside the classes, NaN pixels and an update the unrolled attacker cannot write out failed after
+    the deployed model had adapted on the clean batch (a targeted attack even wrapped a bad label into a target)."""
+    tta = tta_norm.adapt(pool_bn_net(), "tbn", method)
+    x, y = batch(8)
+    before = _state(tta)
+    classes = tta(x).shape[1]
+    tta = tta_norm.adapt(pool_bn_net(), "tbn", method)
+    for objective in ("targeted", "indiscriminate"):
+        attack = MaliciousAttack(num_malicious=2, steps=1, objective=objective)
+        for labels, match in ((y.clone().fill_(classes), "not a class"), (y - 1 - y.max(), ">= 0")):
+            with pytest.raises(ValueError, match=match):
+                attack_batch(tta, x, labels, attack)
+            _assert_same_state(_state(tta), before)
+            assert tta.num_batches == tta.num_adapted == 0
+        with pytest.raises(ValueError, match="NaN"):
+            attack_batch(tta, x.clone().index_fill_(0, torch.tensor([0]), float("nan")), y, attack)
+    if method is not None:
+        tta.method.steps = 2
+        with pytest.raises(ValueError, match="unrolled.*2 steps"):
+            attack_batch(tta, x, y, MaliciousAttack(num_malicious=2, steps=1, attacker="unrolled"))
+        _assert_same_state(_state(tta), before)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "optim", "steps", "problem"),
+    [("adam", {"amsgrad": True}, 1, "amsgrad"), ("sgd", {}, 3, "3 steps")],
+)  # fmt: skip
+def test_the_unrolled_attacker_refuses_updates_it_does_not_write_out(optimizer, optim, steps, problem):
+    """AMSGrad and several TENT steps were unrolled as one plain step: the attacked logits were off by 0.1-0.2."""
+    tta = tta_norm.adapt(conv_bn_net(), "tbn", "tent", optimizer=optimizer, lr=0.05, optim=optim, steps=steps)
+    with pytest.raises(ValueError, match=f"unrolled.*{problem}.*surrogate"):
+        unrolled_logits(tta, batch(10, seed=2)[0])
+
+
 # ---------------------------------------------------------------------------------------------- objectives
 def test_objectives_by_hand():
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 9.0, 0.0], [1.0, 1.0, 1.0], [5.0, 0.0, 0.0]])

@@ -48,6 +48,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -55,6 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
+from tta_norm._integers import integer_index
 from tta_norm.api import TTAModel
 from tta_norm.methods import Tent
 from tta_norm.methods.base import softmax_entropy
@@ -82,8 +84,11 @@ ATTACK_PROTOCOLS: dict[str, dict[str, Any]] = {
 
 
 def malicious_count(fraction: float, batch_size: int) -> int:
-    """``fraction`` of ``batch_size`` rounded half up (0.05 of 50 is 3), the malicious count of an attack."""
-    return int(math.floor(fraction * batch_size + 0.5))
+    """``fraction`` of ``batch_size`` rounded half up (0.05 of 50 is 3), the malicious count of an attack.
+
+    The fraction is taken as the decimal it is written as (0.29 of 50 is 14.5, hence 15: the binary float
+    0.28999... would round down)."""
+    return int(math.floor(Fraction(repr(float(fraction))) * batch_size + Fraction(1, 2)))
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,14 @@ class MaliciousAttack:
             raise ValueError(f"victim must be one of {VICTIMS}, got {self.victim!r}")
         if self.attacker not in ATTACKERS:
             raise ValueError(f"attacker must be one of {ATTACKERS}, got {self.attacker!r}")
+        for name in ("steps", "target_index", *(("num_malicious",) if self.num_malicious is not None else ())):
+            if integer_index(getattr(self, name)) is None:
+                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        for name in ("eps", "step_size", "stealth_weight", "clamp_ce", *(("fraction",) if self.fraction is not None
+                                                                           else ())):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if (self.num_malicious is None) == (self.fraction is None):
             raise ValueError("give exactly one of num_malicious (a count) or fraction (of the batch)")
         if self.num_malicious is not None and self.num_malicious < 0:
@@ -216,6 +229,10 @@ def _check_batch(tta: TTAModel, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         raise TypeError("x must be a floating-point batch (N, C, ...) with pixels in [0, 1]")
     if not isinstance(y, Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point():
         raise ValueError(f"y must be integer labels of shape ({x.shape[0]},), got {getattr(y, 'shape', y)}")
+    if y.numel() and int(y.min()) < 0:
+        raise ValueError(f"labels must be class indices >= 0, got {int(y.min())}")
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError("the batch contains NaN or Inf pixels")
     if x.numel() and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
         raise ValueError("pixels must be in [0, 1] (the attack budget and clipping are on that scale)")
     device = tta.device
@@ -282,10 +299,35 @@ def unrolled_logits(tta: TTAModel, x: Tensor) -> Tensor:
         return _unrolled_logits(tta, x)
 
 
+def check_unrollable(tta: TTAModel) -> None:
+    """Refuse a TENT whose update :func:`unrolled_logits` does not write out exactly: several steps per batch,
+    several parameter groups, an optimiser other than plain SGD or Adam (AMSGrad, decoupled weight decay,
+    ``maximize``)."""
+    method = tta.method
+    if not isinstance(method, Tent):
+        return
+    opt = method.optimizer
+    group = opt.param_groups[0]
+    if method.steps != 1:
+        problem = f"it takes {method.steps} steps per batch"
+    elif len(opt.param_groups) != 1:
+        problem = f"its optimiser has {len(opt.param_groups)} parameter groups"
+    elif type(opt) not in (torch.optim.SGD, torch.optim.Adam):
+        problem = f"its optimiser is {type(opt).__name__}"
+    elif group.get("maximize") or group.get("amsgrad") or group.get("decoupled_weight_decay"):
+        problem = "its optimiser uses " + ", ".join(k for k in ("maximize", "amsgrad", "decoupled_weight_decay")
+                                                   if group.get(k))  # fmt: skip
+    else:
+        return
+    raise ValueError(f"attacker='unrolled' writes out one step of plain SGD or Adam, but this TENT's update differs "
+                     f"({problem}); use attacker='surrogate'")  # fmt: skip
+
+
 def _unrolled_logits(tta: TTAModel, x: Tensor) -> Tensor:
     method = tta.method
     if not isinstance(method, Tent):
         return tta.model(x)
+    check_unrollable(tta)
     names = [n for n, _ in method.named_params]
     params = [p for _, p in method.named_params]
     logits = tta.model(x)
@@ -316,7 +358,7 @@ def _unrolled_logits(tta: TTAModel, x: Tensor) -> Tensor:
                 if group.get("nesterov", False):
                     d = g + mom * d
             new[name] = p - lr * d
-        else:
+        else:  # pragma: no cover - refused by check_unrollable
             raise TypeError(f"cannot unroll optimizer {type(opt).__name__}; use attacker='surrogate'")
     return functional_call(tta.model, new, (x,), strict=False)
 
@@ -388,6 +430,8 @@ def craft_malicious(
     episodic/``reset_every`` resets.  ``y`` are the true labels (the attacker knows the benign labels).
     """
     x, y = _check_batch(tta, x, y)
+    if _unrolls(tta, attack):
+        check_unrollable(tta)
     m = attack.count(x.shape[0])
     nb = x.shape[0] - m
     x_own = x[nb:]
@@ -450,24 +494,35 @@ def attack_batch(
     clean batch (the no-attack reference); (3) the malicious samples are crafted against the victim's state;
     (4) the victim adapts on the poisoned batch and predicts it.  ``mode="instant"``: ``tta`` keeps the state
     of step 2; ``"cumulative"``: ``tta`` takes the victim's poisoned state (parameters, statistics, optimiser,
-    method state, counters).
+    method state, counters).  A call that fails leaves ``tta`` as it was.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
     x, y = _check_batch(tta, x, y)
+    if _unrolls(tta, attack):
+        check_unrollable(tta)
     m = attack.count(x.shape[0])
     nb = x.shape[0] - m
     victim = copy.deepcopy(tta)
-    clean_logits = victim_predict(tta, x, attack)
-    keep_labels = clean_logits[:nb].argmax(1)
-    if victim.will_reset:
-        victim.reset()
-        victim.num_adapted = 0
-    crafted = craft_malicious(victim, x, y, attack, generator=generator, keep_labels=keep_labels, progress=progress)
-    x_mal = crafted.x_malicious
-    attacked_logits = victim_predict(victim, torch.cat([x[:nb], x_mal]), attack)
-    if mode == "cumulative":
-        copy_state(tta, victim)
+    before = tta.state()
+    try:
+        clean_logits = victim_predict(tta, x, attack)
+        if int(y.max()) >= clean_logits.shape[1]:
+            raise ValueError(f"label {int(y.max())} is not a class of the model's {clean_logits.shape[1]} outputs")
+        keep_labels = clean_logits[:nb].argmax(1)
+        if victim.will_reset:
+            victim.reset()
+            victim.num_adapted = 0
+        crafted = craft_malicious(victim, x, y, attack, generator=generator, keep_labels=keep_labels,
+                                  progress=progress)  # fmt: skip
+        x_mal = crafted.x_malicious
+        attacked_logits = victim_predict(victim, torch.cat([x[:nb], x_mal]), attack)
+        if mode == "cumulative":
+            copy_state(tta, victim)
+    except BaseException:
+        before["window"] = None
+        tta.load_state(before)
+        raise
     pred_clean, pred_att = clean_logits[:nb].argmax(1), attacked_logits[:nb].argmax(1)
     yb = y[:nb]
     targeted = attack.objective != "indiscriminate"
