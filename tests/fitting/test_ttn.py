@@ -71,6 +71,42 @@ def test_config_validation():
         TTNConfig(ops=("jpeg",))
 
 
+def test_fit_batch_sizes_are_groups_of_a_step():
+    with pytest.raises(ValueError, match=r"^fit_batch_sizes has 64 > batch_size 8 "):
+        TTNConfig(batch_size=8, fit_batch_sizes=(4, 64))
+    with pytest.raises(ValueError, match=r"^batch_size 10 is not a multiple of fit batch size 4 "):
+        TTNConfig(batch_size=10, fit_batch_sizes=(1, 4))
+    assert TTNConfig().group_sizes == (1, 4, 16, 64) and TTNConfig().batch_size == 64  # the default fits
+    assert TTNConfig(batch_size=8).group_sizes == (1, 4)  # the default sizes that divide the batch
+    assert TTNConfig(batch_size=8, fit_batch_sizes=[2, 8]).group_sizes == (2, 8)
+    net = tiny_net(0)
+    x, y = tiny_data(8, seed=1)
+    with pytest.raises(ValueError, match="fit_batch_sizes has 64 > batch_size 4"):
+        fit_ttn(net, x, y, batch_size=4, fit_batch_sizes=(64,), progress=False)
+
+
+@pytest.mark.parametrize(
+    ("n", "sizes", "groups", "used"),
+    [
+        (20, (4, 8), {4, 8}, 20),  # the partial last batch of 4 is cut in groups of 4
+        (20, (8,), {8}, 16),  # no size divides the partial batch of 4: it is left out
+        (22, (2, 8), {2, 8}, 22),  # the partial batch of 6 is cut in groups of 2
+    ],
+)
+def test_the_fit_normalises_groups_of_the_sizes_asked_for_only(n, sizes, groups, used):
+    from tta_norm.fitting.ttn import fit_mix_weights, ttn_layers
+
+    x, y = tiny_data(n, seed=1)
+    net = tta_norm.adapt(tiny_net(0), "ttn").model
+    prior = {name: torch.full_like(layer.mix_weight, 0.5) for name, layer in ttn_layers(net)}
+    seen = []
+    hook = net.conv1.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].shape[0]))
+    cfg = TTNConfig(batch_size=8, fit_batch_sizes=sizes, epochs=3)
+    fit_mix_weights(net, x, y, prior, config=cfg, shift=fixed_shift)
+    hook.remove()
+    assert set(seen) == groups and sum(seen) == 3 * used  # images per epoch
+
+
 @pytest.mark.parametrize("name", ["lr", "lam", "clean_prob"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_config_refuses_a_non_finite_number(name, value):

@@ -17,7 +17,7 @@ OPTIONS = ("epochs", "lr", "lam", "batch_size", "prior_batches", "distance", "no
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from tta_norm.fitting.ttn import TTNConfig
+    from tta_norm.fitting.ttn import DEFAULT_FIT_BATCH_SIZES, TTNConfig
 
     d = TTNConfig()
     add_source_arguments(parser)
@@ -26,8 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lam", type=float, default=None, help=f"weight of MSE(a, prior) (default {d.lam})")
     parser.add_argument("--batch-size", type=int, default=None, help=f"images per step (default {d.batch_size})")
     parser.add_argument("--fit-batch-sizes", default=None,
-                        help="comma-separated test batch sizes simulated in the fit (default "
-                             f"{','.join(map(str, d.fit_batch_sizes))})")  # fmt: skip
+                        help="comma-separated test batch sizes simulated in the fit, each a divisor of "
+                             f"--batch-size (default: those of {','.join(map(str, DEFAULT_FIT_BATCH_SIZES))} "
+                             "that divide it)")  # fmt: skip
     parser.add_argument("--prior-batches", type=int, default=None,
                         help=f"batches for the prior (default {d.prior_batches})")  # fmt: skip
     parser.add_argument("--distance", choices=["cosine", "l2"], default=None,

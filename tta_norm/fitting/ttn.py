@@ -23,7 +23,9 @@ and fixed at test time.  **No official code exists; the details below are our ch
    Adam; ``a`` is projected onto [0, 1] after every step (the layer also clamps in its forward).  Each step
    draws ``batch_size`` source images and one shift domain for them (left clean with probability
    ``clean_prob``), and, because the learned ``a`` must serve every test batch size, normalises them in
-   groups of a test batch size drawn from ``fit_batch_sizes`` (each group is one forward pass).  The
+   groups of a test batch size drawn from ``fit_batch_sizes`` (each group is one forward pass; every size
+   divides ``batch_size``).  The epoch's partial last batch draws among the sizes that divide its length, and
+   is left out of the epoch when none does.  The
    third-party batch-size rescaling ``a_B = 1 - 16 (1 - a) / sqrt(B)`` is *not* used (unconfirmed).
 
 The result is the state dict of the ``ttn``-adapted model; load it with
@@ -63,12 +65,23 @@ Normalization = Literal["model", "layer"]
 #: The version of the fit's arithmetic: cached fits and benchmark cells of another version are not reused.
 #: 2: the clamp of the weights passes the gradient through (a channel on the boundary moves again).
 #: 3: inside (0, 1) that gradient is the identity too (version 2 doubled it there, halving the prior's lambda).
-FIT_VERSION = 3
+#: 4: no group of a size outside ``fit_batch_sizes`` (a partial batch was split by the drawn size, a larger size
+#: capped at the batch), and by default only the sizes that divide ``batch_size``.
+FIT_VERSION = 4
+
+#: The test batch sizes the fit simulates by default (those that divide ``batch_size``): the paper's small test
+#: batch sizes up to the default ``batch_size`` (it reports 200, 64, 16, 4, 2 and 1; REFERENCE.md part 2).
+DEFAULT_FIT_BATCH_SIZES: tuple[int, ...] = (1, 4, 16, 64)
 
 
 @dataclass
 class TTNConfig:
-    """Hyper-parameters of the TTN post-training (our choices; the paper's are unverified)."""
+    """Hyper-parameters of the TTN post-training (our choices; the paper's are unverified).
+
+    ``fit_batch_sizes``: the test batch sizes the fit normalises its groups of images with, each a divisor of
+    ``batch_size`` (the images of one step); ``None``: those of :data:`DEFAULT_FIT_BATCH_SIZES` (1, 4, 16, 64:
+    the paper's test batch sizes up to the default ``batch_size`` 64, REFERENCE.md part 2) that divide
+    ``batch_size``, read from :attr:`group_sizes`."""
 
     prior_batches: int = 32
     prior_batch_size: int = 64
@@ -77,7 +90,7 @@ class TTNConfig:
     normalize: Normalization = "model"
     epochs: int = 2
     batch_size: int = 64
-    fit_batch_sizes: tuple[int, ...] = (1, 4, 16, 64)
+    fit_batch_sizes: tuple[int, ...] | None = None
     lr: float = 0.02
     lam: float = 1.0
     clean_prob: float = 0.25
@@ -86,7 +99,8 @@ class TTNConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        self.fit_batch_sizes = tuple(int(b) for b in self.fit_batch_sizes)
+        if self.fit_batch_sizes is not None:
+            self.fit_batch_sizes = tuple(int(b) for b in self.fit_batch_sizes)
         self.ops = tuple(self.ops)
         if self.distance not in ("cosine", "l2"):
             raise ValueError(f"distance must be 'cosine' or 'l2', got {self.distance!r}")
@@ -100,14 +114,29 @@ class TTNConfig:
             raise ValueError("prior_batches must be >= 2 (the cosine is taken over batches)")
         if self.epochs < 0 or self.batch_size < 1 or self.prior_batch_size < 1:
             raise ValueError("epochs must be >= 0 and batch sizes >= 1")
-        if not self.fit_batch_sizes or min(self.fit_batch_sizes) < 1:
-            raise ValueError(f"fit_batch_sizes must be positive, got {self.fit_batch_sizes}")
+        if self.fit_batch_sizes is not None:
+            if not self.fit_batch_sizes or min(self.fit_batch_sizes) < 1:
+                raise ValueError(f"fit_batch_sizes must be positive, got {self.fit_batch_sizes}")
+            if max(self.fit_batch_sizes) > self.batch_size:
+                raise ValueError(f"fit_batch_sizes has {max(self.fit_batch_sizes)} > batch_size {self.batch_size} "
+                                 "(a group is part of a step's images); raise batch_size or drop the size")  # fmt: skip
+            odd = [b for b in self.fit_batch_sizes if self.batch_size % b]
+            if odd:
+                raise ValueError(f"batch_size {self.batch_size} is not a multiple of fit batch size {odd[0]} (a "
+                                 "step's images are normalised in groups of that size)")  # fmt: skip
         for name in ("lam", "lr", "clean_prob"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.lam < 0 or self.lr <= 0 or not 0 <= self.clean_prob <= 1:
             raise ValueError("need lam >= 0, lr > 0 and clean_prob in [0, 1]")
         ShiftAugment(ops=self.ops)
+
+    @property
+    def group_sizes(self) -> tuple[int, ...]:
+        """The test batch sizes the fit draws from: ``fit_batch_sizes``, or its default for ``batch_size``."""
+        if self.fit_batch_sizes is not None:
+            return self.fit_batch_sizes
+        return tuple(b for b in DEFAULT_FIT_BATCH_SIZES if self.batch_size % b == 0)
 
 
 # ------------------------------------------------------------------------------------------------- the prior
@@ -288,7 +317,11 @@ class TTNResult:
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "state_dict": self.state_dict,
-            "meta": {**self.meta, "config": dataclasses.asdict(self.config), "history": self.history},
+            "meta": {
+                **self.meta,
+                "config": {**dataclasses.asdict(self.config), "fit_batch_sizes": self.config.group_sizes},
+                "history": self.history,
+            },
             "ttn": {
                 "prior": self.prior.prior,
                 "scores": self.prior.scores,
@@ -311,7 +344,12 @@ def mix_weight_vector(model: nn.Module) -> Tensor:
 
 
 def _groups(n: int, size: int) -> list[slice]:
-    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+    return [slice(i, i + size) for i in range(0, n, size)]
+
+
+def _sizes_for(n: int, sizes: tuple[int, ...]) -> tuple[int, ...]:
+    """The sizes that cut a batch of ``n`` images into whole groups."""
+    return tuple(b for b in sizes if n % b == 0)
 
 
 def fit_mix_weights(
@@ -329,7 +367,8 @@ def fit_mix_weights(
 
     Every other parameter is frozen during the fit; ``requires_grad`` flags are restored afterwards.  ``shift``
     replaces the random shift domains (it is then applied to every batch, ``clean_prob`` unused).  Returns the
-    per-epoch history (mean CE, mean prior MSE, mean ``a``)."""
+    per-epoch history (mean CE, mean prior MSE, mean ``a``).  A batch is normalised in groups of one size of
+    ``config.group_sizes`` drawn among those that divide it: a partial last batch without one is left out."""
 
     config = config or TTNConfig()
     device = resolve_device(device, model)
@@ -346,7 +385,8 @@ def fit_mix_weights(
         x = to_model_input(images[idx], device)
         x = shift(x, gen) if shift is not None else aug(x, gen, clean_prob=config.clean_prob)
         y = y_all[idx].to(device)
-        b = config.fit_batch_sizes[int(torch.randint(len(config.fit_batch_sizes), (), generator=gen))]
+        sizes = _sizes_for(len(idx), config.group_sizes)
+        b = sizes[int(torch.randint(len(sizes), (), generator=gen))]
         logits = torch.cat([model(x[s]) for s in _groups(len(idx), b)])
         ce = F.cross_entropy(logits, y)
         mse = (torch.cat([w.flatten() for w in weights]) - target).square().mean()
@@ -366,8 +406,10 @@ def fit_mix_weights(
         for w in weights:
             w.requires_grad_(True)
         opt = torch.optim.Adam(weights, lr=config.lr)
+        remainder = len(images) % config.batch_size
+        drop_last = remainder > 0 and not _sizes_for(remainder, config.group_sizes)
         history = fit(opt, loss_fn, n=len(images), batch_size=config.batch_size, epochs=config.epochs,
-                      generator=gen, after_step=clamp, on_epoch_end=summary, progress=progress,
+                      generator=gen, drop_last=drop_last, after_step=clamp, on_epoch_end=summary, progress=progress,
                       desc="ttn fit").history  # fmt: skip
     finally:
         for p in model.parameters():
@@ -397,7 +439,7 @@ def fit_ttn(
     """
     import tta_norm
 
-    config = dataclasses.replace(config or TTNConfig(), **overrides)
+    config = TTNConfig(**overrides) if config is None else dataclasses.replace(config, **overrides)
     device = resolve_device(device, model)
     t0 = time.perf_counter()
     with warnings.catch_warnings():  # the weights being fitted start unfitted, by definition
