@@ -85,6 +85,17 @@ def test_fit_batch_sizes_are_groups_of_a_step():
         fit_ttn(net, x, y, batch_size=4, fit_batch_sizes=(64,), progress=False)
 
 
+def test_fit_refuses_data_without_a_step():
+    net = tiny_net(0)
+    x, y = tiny_data(8, seed=1)
+    with pytest.raises(ValueError, match=r"^no source images to fit TTN on \(0 given"):  # was ZeroDivisionError
+        fit_ttn(net, x[:0], y[:0], prior_batches=2, prior_batch_size=4, epochs=1, batch_size=4, progress=False)
+    with pytest.raises(ValueError, match=r"^3 images make no step: fewer than batch_size 4"):
+        fit_ttn(net, x[:3], y[:3], prior_batches=2, epochs=1, batch_size=4, fit_batch_sizes=(4,), progress=False)
+    with pytest.raises(ValueError, match="^epochs must be >= 1"):
+        TTNConfig(epochs=0)
+
+
 @pytest.mark.parametrize(
     ("n", "sizes", "groups", "used"),
     [

@@ -184,6 +184,30 @@ def test_ttn_fit_settings_are_checked_by_name_and_type(fit, message) -> None:
     assert parse_method({"preset": "ttn", "kwargs": {"ttn_fit": {"n_images": 100, "fit_batch_sizes": [1, 4]}}})
 
 
+@pytest.mark.parametrize(
+    ("fit", "message"),
+    [
+        ({"n_images": 0}, "n_images must be >= 1"),
+        ({"prior_batches": 1}, "prior_batches must be >= 2"),
+        ({"lr": -1.0}, "lr > 0"),
+        ({"lam": float("nan")}, "lam must be a finite number"),
+        ({"fit_batch_sizes": [0]}, "fit_batch_sizes must be positive"),
+        ({"fit_batch_sizes": [128]}, "fit_batch_sizes has 128 > batch_size 64"),
+        ({"ops": ["jpeg"]}, "shift op"),
+        ({"epochs": -3}, "epochs must be >= 1"),
+        ({"epochs": 0}, "epochs must be >= 1"),
+        ({"clean_prob": 2.0}, "clean_prob in \\[0, 1\\]"),
+        ({"n_images": 6, "batch_size": 8, "fit_batch_sizes": [4, 8]}, "6 images make no step"),
+    ],
+)
+def test_ttn_fit_values_are_checked_by_the_fit_config(fit, message) -> None:
+    """A value the fit refuses is a config error (a dry run passed it, then every cell failed)."""
+    from tta_norm.bench.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"^methods.*ttn_fit.*: .*{message}"):
+        parse_method({"preset": "ttn", "kwargs": {"ttn_fit": fit}})
+
+
 def test_well_typed_entries_pass() -> None:
     entry = {"episodic": False, "alpha": 1, "betas": [0.9, 0.99], "optim": {"amsgrad": True}, "window": None,
              "e_margin": 0.5, "reset_every": 3}  # fmt: skip

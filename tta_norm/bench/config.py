@@ -333,11 +333,12 @@ def parse_method(item: Any, path: str = "methods") -> MethodEntry:
 
 def check_ttn_fit(path: str, fit: Any) -> None:
     """``ttn_fit``: a mapping of ``n_images``, ``seed``, ``source`` and :class:`~tta_norm.fitting.ttn.TTNConfig`
-    fields, each of its type."""
+    fields, each of its type, whose values the config and the fit accept (:class:`TTNConfig`'s own checks)."""
     import typing
 
     from tta_norm.bench.validate import _fits, _hint_text
     from tta_norm.fitting.ttn import TTNConfig
+    from tta_norm.methods.entries import _ttn_source_settings
 
     if fit is None:
         return
@@ -351,6 +352,11 @@ def check_ttn_fit(path: str, fit: Any) -> None:
                               + f"; settings: {', '.join(sorted(hints))}")  # fmt: skip
         if not _fits(value, hints[key]):
             raise ConfigError(f"{path}.{key}: expected {_hint_text(hints[key])}, got {value!r}")
+    fields = {f.name for f in dataclasses.fields(TTNConfig)}
+    try:
+        TTNConfig(**{k: v for k, v in fit.items() if k in fields}).check_images(_ttn_source_settings(fit)[0])
+    except ValueError as err:
+        raise user_error(path, err) from None
 
 
 def check_entry_builds(path: str, entry: MethodEntry) -> None:

@@ -112,8 +112,10 @@ class TTNConfig:
             raise ValueError(f"init must be 'prior' or 'preset', got {self.init!r}")
         if self.prior_batches < 2:
             raise ValueError("prior_batches must be >= 2 (the cosine is taken over batches)")
-        if self.epochs < 0 or self.batch_size < 1 or self.prior_batch_size < 1:
-            raise ValueError("epochs must be >= 0 and batch sizes >= 1")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1 (passes of the fit over the images), got {self.epochs}")
+        if self.batch_size < 1 or self.prior_batch_size < 1:
+            raise ValueError(f"batch sizes must be >= 1, got {self.batch_size} and {self.prior_batch_size}")
         if self.fit_batch_sizes is not None:
             if not self.fit_batch_sizes or min(self.fit_batch_sizes) < 1:
                 raise ValueError(f"fit_batch_sizes must be positive, got {self.fit_batch_sizes}")
@@ -137,6 +139,14 @@ class TTNConfig:
         if self.fit_batch_sizes is not None:
             return self.fit_batch_sizes
         return tuple(b for b in DEFAULT_FIT_BATCH_SIZES if self.batch_size % b == 0)
+
+    def check_images(self, n: int) -> None:
+        """A one-line ``ValueError`` unless ``n`` source images give the fit a step in every epoch."""
+        if n < 1:
+            raise ValueError(f"no source images to fit TTN on ({n} given; n_images must be >= 1)")
+        if n < self.batch_size and not _sizes_for(n, self.group_sizes):
+            raise ValueError(f"{n} images make no step: fewer than batch_size {self.batch_size} and no fit batch "
+                             f"size of {self.group_sizes} divides {n}")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------- the prior
@@ -262,6 +272,8 @@ def shift_sensitivity_prior(
     device = resolve_device(device, model)
     images = as_image_tensor(images)
     y_all = as_labels(labels, len(images))
+    if len(images) < 1:
+        raise ValueError("TTN's prior is taken on labelled source images; got 0")
     layers = ttn_layers(model)
     gen = torch.Generator().manual_seed(config.seed)
     aug = ShiftAugment(ops=config.ops)
@@ -374,6 +386,7 @@ def fit_mix_weights(
     device = resolve_device(device, model)
     images = as_image_tensor(images)
     y_all = as_labels(labels, len(images))
+    config.check_images(len(images))
     layers = ttn_layers(model)
     weights = [layer.mix_weight for _, layer in layers]
     target = torch.cat([prior[name].to(device).flatten() for name, _ in layers])
@@ -440,6 +453,7 @@ def fit_ttn(
     import tta_norm
 
     config = TTNConfig(**overrides) if config is None else dataclasses.replace(config, **overrides)
+    config.check_images(len(source_images))
     device = resolve_device(device, model)
     t0 = time.perf_counter()
     with warnings.catch_warnings():  # the weights being fitted start unfitted, by definition
