@@ -130,3 +130,37 @@ def test_fitting_commands_never_replace_an_output_unasked(tiny_folder, tmp_path,
         assert ("exists; --force" in err or "is a directory" in err or "do(es) not apply" in err), err
         assert len(err.strip().splitlines()) == 1
     assert kept.read_bytes() == b"an earlier result" and not (tmp_path / "n.pt").exists()
+
+
+def test_fitting_commands_check_that_out_can_be_written_before_loading(tmp_path, capsys, monkeypatch):
+    """An --out under a file was found only when the finished fit was saved, as a traceback."""
+    from tta_norm.cli import _source
+
+    def no_load(args):
+        raise AssertionError("the model and data were loaded before --out was checked")
+
+    monkeypatch.setattr(_source, "load_model_and_source", no_load)
+    afile = tmp_path / "afile"
+    afile.write_text("a file, not a directory")
+    out = afile / "fit.pt"
+    for command, module, extra in (("ttn-fit", ttn_fit, []), ("sabn-train", sabn_train, ["--domains", "clean"])):
+        assert module.run(parse(module.add_arguments, ["--device", "cpu", "--out", str(out), *extra])) == 2
+        err = capsys.readouterr().err
+        assert err == f"tta-norm {command}: cannot write --out {out}: {afile} is not a writable directory\n"
+
+
+def test_fitting_commands_report_a_failed_save_in_one_line(tmp_path, capsys, monkeypatch):
+    from tta_norm.cli import _source
+
+    class Unsaved:
+        meta: dict = {}
+
+        def save(self, path):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_source, "load_model_and_source", lambda args: (None, None, None))
+    args = parse(ttn_fit.add_arguments, ["--device", "cpu", "--out", str(tmp_path / "fit.pt")])
+    assert _source.fit_on_source(args, "ttn-fit", lambda *a, **k: Unsaved(), ()) is None
+    err = capsys.readouterr().err
+    assert err.startswith(f"tta-norm ttn-fit: cannot write --out {tmp_path / 'fit.pt'}: ") and "No space" in err
+    assert len(err.strip().splitlines()) == 1

@@ -55,8 +55,10 @@ def fit_on_source(
 
     ``config`` holds the ``options`` given on the command line, and the text options named in ``parsed``
     converted by their function (``{"domains": parse_domains}``).  Returns the result and the saved file; ``None``
-    after printing ``tta-norm COMMAND: ...`` for a missing file or a bad value (the command then exits with
-    status 2)."""
+    after printing ``tta-norm COMMAND: ...`` for a missing file, a bad value or an ``--out`` that cannot be
+    written (the command then exits with status 2)."""
+    from tta_norm._files import unwritable_ancestor
+
     try:
         from tta_norm.device import available_device
 
@@ -68,6 +70,9 @@ def fit_on_source(
             raise ValueError(f"--out {out} is a directory; give a file path, e.g. {out / 'fit.pt'}")
         if out.exists() and not args.force:  # checked before the fit, which takes minutes
             raise ValueError(f"--out {out} exists; --force replaces it, or choose another --out")
+        parent = unwritable_ancestor(out.parent)
+        if parent is not None:
+            raise ValueError(f"cannot write --out {out}: {parent} is not a writable directory")
         config = given(args, options)
         for name, parse in (parsed or {}).items():
             if getattr(args, name):
@@ -78,4 +83,8 @@ def fit_on_source(
         print(f"tta-norm {command}: {err.args[0] if isinstance(err, KeyError) and err.args else err}", file=sys.stderr)
         return None
     result.meta.update({"model": args.model, "checkpoint": args.checkpoint, "source": args.source})
-    return result, result.save(args.out)
+    try:
+        return result, result.save(args.out)
+    except OSError as err:
+        print(f"tta-norm {command}: cannot write --out {args.out}: {err}", file=sys.stderr)
+        return None
