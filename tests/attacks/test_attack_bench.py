@@ -146,12 +146,12 @@ def test_cli_dry_run_and_bad_config(tmp_path, capsys):
 def test_report_gives_denominators_wilson_intervals_and_steps(tmp_path, patched):
     from tta_norm.metrics.functional import wilson_interval
 
-    cfg = _tiny_cfg(tmp_path, methods=["tbn"], seeds=[0, 1])
+    cfg = _tiny_cfg(tmp_path, methods=["tbn"], seeds=[0, 1], init="random")
     outcome = ab.run_attack_grid(cfg, progress=False)
     records = outcome.records
     targeted = [r for r in records if r["cell"]["objective"] == "targeted"]
     counts = ab.pooled_counts(targeted)
-    assert counts["attacks"] == 2 * 2  # 2 batches of one domain x 2 seeds, pooled
+    assert counts["attacks"] == 2 * 2  # 2 batches of one domain x 2 random starts, pooled
     assert counts["samples"] == 2 * 2 * (8 - 2)
     for r in targeted:
         m = r["metrics"]
@@ -164,6 +164,23 @@ def test_report_gives_denominators_wilson_intervals_and_steps(tmp_path, patched)
     assert ab.rate_text(ind["errors_attacked"], ind["samples"]) + " (4 attacks)" in report
     head = (outcome.out / "results.csv").read_text().splitlines()[0].split(",")
     assert {"attacks", "attack_success_lo", "attack_success_hi", "mean_steps_to_success", "benign_samples"} <= set(head)
+
+
+def test_seeds_that_repeat_a_deterministic_attack_count_once(tmp_path, patched):
+    """With a grey start the seeds changed nothing, yet the report pooled them as separate attacks (n=6 and an
+    interval of [61-100] for 2 attacks)."""
+    with pytest.raises(ConfigError, match="seeds.*repeat the same attacks.*init: random"):
+        _tiny_cfg(tmp_path, methods=["tbn"], seeds=[0, 1, 2])
+    records = ab.run_attack_grid(_tiny_cfg(tmp_path, methods=["tbn"]), progress=False).records
+    replicated = [{**r, "cell": {**r["cell"], "seed": seed}} for r in records for seed in (2, 0, 1)]  # (merged runs)
+    for objective in ("targeted", "indiscriminate"):
+        mine = [r for r in records if r["cell"]["objective"] == objective]
+        assert ab.pooled_counts([r for r in replicated if r["cell"]["objective"] == objective]) == ab.pooled_counts(
+            mine
+        )
+    random_start = [{**r, "identity": {**r["identity"], "params": {**r["identity"]["params"], "init": "random"}}}
+                    for r in replicated if r["cell"]["objective"] == "targeted"]  # fmt: skip
+    assert ab.pooled_counts(random_start)["attacks"] == 3 * 2
 
 
 def test_rate_text_and_counts_from_batches():
@@ -196,7 +213,8 @@ def test_no_attack_error_counts_each_image_once():
 
 
 def test_report_no_attack_column_counts_distinct_images(tmp_path, patched):
-    cfg = _tiny_cfg(tmp_path, methods=["tbn"], fractions=[0.125, 0.25], seeds=[0, 1], objectives=["targeted"])
+    cfg = _tiny_cfg(tmp_path, methods=["tbn"], fractions=[0.125, 0.25], seeds=[0, 1], init="random",
+                    objectives=["targeted"])  # fmt: skip
     outcome = ab.run_attack_grid(cfg, progress=False)
     errors, samples = ab.no_attack_counts(outcome.records)
     assert samples == 2 * (8 - 1)  # 2 batches of the one domain, on the benign set of the smaller fraction

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import json
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -121,6 +122,12 @@ class AttackConfig(GridConfig):
         else:
             check_int("n_batches", self.n_batches, minimum=1)
         check_int("steps", self.steps, minimum=0)
+        if len(set(self.seeds)) > 1 and self.init != "random":
+            raise ConfigError(
+                f"seeds: {self.seeds} with init {self.init!r} repeat the same attacks (the batches are fixed by "
+                "data_seed and the attack draws nothing at random), and their counts would be pooled as separate "
+                "attacks; give one seed, or init: random"
+            )
         for bs, frac in itertools.product(self.batch_sizes, self.fractions):
             if malicious_count(frac, bs) >= bs:
                 raise ConfigError(f"fraction {frac} of batch {bs} leaves no benign sample")
@@ -209,13 +216,30 @@ def attack_counts(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def pooled_counts(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """:func:`attack_counts` summed over records (seeds)."""
+    """:func:`attack_counts` summed over records: the seeds of a random start are separate attacks on the same
+    batches; without one (``init`` grey or clean) the seeds repeat the same attacks, and one seed counts."""
     total: dict[str, Any] = {"attacks": 0, "successes": 0, "clean_hits": 0, "success_steps": [], "samples": 0,
                              "errors_attacked": 0, "batches": 0}  # fmt: skip
-    for r in records:
+    for r in _distinct_attacks(records):
         for k, v in attack_counts(r).items():
             total[k] = total[k] + v
     return total
+
+
+def _distinct_attacks(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``records`` without the replicates of a deterministic attack: per cell, the lowest seed of those whose
+    start is not random."""
+    kept: dict[str, tuple[int, dict[str, Any]]] = {}
+    out = []
+    for r in records:
+        init = ((r.get("identity") or {}).get("params") or {}).get("init")
+        if init == "random" or "seed" not in r["cell"]:
+            out.append(r)
+            continue
+        cell = json.dumps({k: v for k, v in r["cell"].items() if k != "seed"}, sort_keys=True)
+        if cell not in kept or r["cell"]["seed"] < kept[cell][0]:
+            kept[cell] = (r["cell"]["seed"], r)
+    return out + [r for _, r in kept.values()]
 
 
 def no_attack_counts(records: list[dict[str, Any]]) -> tuple[int, int]:
@@ -494,7 +518,8 @@ def cell_text(objective: str, counts: dict[str, Any]) -> str:
 
 def attack_tables(records: list[dict[str, Any]]) -> str:
     """One table per (objective, budget, batch size, mode): rows = method, columns = malicious fraction; every
-    figure with its 95 % Wilson interval and denominator (attacks or benign samples), pooled over seeds."""
+    figure with its 95 % Wilson interval and denominator (attacks or benign samples), pooled as
+    :func:`pooled_counts` says."""
     methods = method_order(records)
     parts = []
     for (objective, eps, bs, mode), rows in sorted(_groups(records).items(), key=lambda kv: str(kv[0])):
@@ -601,7 +626,8 @@ def threat_model(records: list[dict[str, Any]]) -> list[str]:
         "batch; cumulative: the poisoned state carries over (no-attack error then from a separate clean stream).",
         "",
         "Every figure: value in %, [95 % Wilson interval], n = its denominator (targeted: attacks, one per "
-        "batch; errors: benign samples, which share batches, so the interval is optimistic), pooled over seeds; "
+        "batch; errors: benign samples, which share batches, so the interval is optimistic), pooled over the seeds "
+        "of a random start (each a separate attack on the same batches; other starts count one seed); "
         "the no-attack error counts each benign image once (the cells of a row predict the same clean batches).",
         "",
         f"Model {model['name']}" + (f" ({model['checkpoint']})" if model.get("checkpoint") else "")
