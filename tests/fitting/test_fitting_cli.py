@@ -164,3 +164,29 @@ def test_fitting_commands_report_a_failed_save_in_one_line(tmp_path, capsys, mon
     err = capsys.readouterr().err
     assert err.startswith(f"tta-norm ttn-fit: cannot write --out {tmp_path / 'fit.pt'}: ") and "No space" in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("module", "extra", "message"),
+    [
+        (ttn_fit, ["--fit-batch-sizes", ""], "fit_batch_sizes must be positive, got ()"),
+        (ttn_fit, ["--ops", ""], "unknown or no shift op(s) ()"),
+        (sabn_train, ["--domains", ""], "bad SaBN domains ()"),
+        (ttn_fit, ["--fit-batch-sizes", "4,x"], "--fit-batch-sizes takes comma-separated integers, got '4,x'"),
+        (ttn_fit, ["--batch-size", "8", "--fit-batch-sizes", "64"], "fit_batch_sizes has 64 > batch_size 8"),
+        (ttn_fit, ["--lr", "nan"], "lr must be a finite number"),
+        (sabn_train, ["--domains", "clean", "--lr", "inf"], "lr must be a finite number"),
+    ],
+)
+def test_fitting_commands_refuse_empty_and_bad_values_before_loading(module, extra, message, tmp_path, capsys,
+                                                                     monkeypatch):  # fmt: skip
+    """An empty --domains, --ops or --fit-batch-sizes was replaced by the default."""
+    from tta_norm.cli import _source
+
+    def no_load(args):
+        raise AssertionError("the model and data were loaded before the options were checked")
+
+    monkeypatch.setattr(_source, "load_model_and_source", no_load)
+    assert module.run(parse(module.add_arguments, ["--device", "cpu", "--out", str(tmp_path / "x.pt"), *extra])) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err

@@ -49,14 +49,16 @@ def fit_on_source(
     fit: Callable[..., Any],
     options: tuple[str, ...],
     parsed: dict[str, Callable[[str], Any]] | None = None,
+    check: Callable[[dict[str, Any]], Any] | None = None,
 ) -> tuple[Any, Path] | None:
     """Run ``fit(model, images, labels, device=..., progress=..., **config)`` on the model and source images of
     ``args`` and save the result, with the model and source it was fitted on in its ``meta``, to ``--out``.
 
     ``config`` holds the ``options`` given on the command line, and the text options named in ``parsed``
-    converted by their function (``{"domains": parse_domains}``).  Returns the result and the saved file; ``None``
-    after printing ``tta-norm COMMAND: ...`` for a missing file, a bad value or an ``--out`` that cannot be
-    written (the command then exits with status 2)."""
+    converted by their function (``{"domains": parse_domains}``); ``check(config)`` raises ``ValueError`` for a
+    bad value before anything is loaded.  Returns the result and the saved file; ``None`` after printing
+    ``tta-norm COMMAND: ...`` for a missing file, a bad value or an ``--out`` that cannot be written (the
+    command then exits with status 2)."""
     from tta_norm._files import unwritable_ancestor
 
     try:
@@ -75,8 +77,10 @@ def fit_on_source(
             raise ValueError(f"cannot write --out {out}: {parent} is not a writable directory")
         config = given(args, options)
         for name, parse in (parsed or {}).items():
-            if getattr(args, name):
+            if getattr(args, name) is not None:  # an empty text is the option's own error, not its default
                 config[name] = parse(getattr(args, name))
+        if check is not None:
+            check(config)
         model, images, labels = load_model_and_source(args)
         result = fit(model, images, labels, device=args.device, progress=not args.quiet, **config)
     except (FileNotFoundError, ValueError, KeyError) as err:

@@ -34,9 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train SaBN heads on source domains and save the state with its statistics bank."""
-    from tta_norm.fitting.sabn import parse_domains, train_sabn
+    from tta_norm.fitting.sabn import SaBNConfig, parse_domains, train_sabn
 
-    done = fit_on_source(args, "sabn-train", train_sabn, OPTIONS, {"domains": parse_domains})
+    done = fit_on_source(args, "sabn-train", train_sabn, OPTIONS, {"domains": parse_domains},
+                         lambda config: SaBNConfig(**config))  # fmt: skip
     if done is None:
         return 2
     result, path = done

@@ -46,12 +46,19 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from tta_norm.fitting.augment import parse_ops
-    from tta_norm.fitting.ttn import fit_ttn
+    from tta_norm.fitting.ttn import TTNConfig, fit_ttn
 
     def batch_sizes(text: str) -> tuple[int, ...]:
-        return tuple(int(b) for b in text.split(","))
+        try:
+            return tuple(int(b) for b in text.split(",") if b.strip())
+        except ValueError:
+            raise ValueError(f"--fit-batch-sizes takes comma-separated integers, got {text!r}") from None
 
-    done = fit_on_source(args, "ttn-fit", fit_ttn, OPTIONS, {"fit_batch_sizes": batch_sizes, "ops": parse_ops})
+    def check(config: dict) -> None:
+        TTNConfig(**config).check_images(args.n_images)
+
+    done = fit_on_source(args, "ttn-fit", fit_ttn, OPTIONS, {"fit_batch_sizes": batch_sizes, "ops": parse_ops},
+                         check)  # fmt: skip
     if done is None:
         return 2
     result, path = done
