@@ -59,6 +59,17 @@ def test_subset_is_random_cached_and_shared_across_domains(sorted_clean, tmp_pat
     assert "random subset of 15" in bench.describe()
 
 
+def test_a_substitute_generator_needs_its_own_cache(tmp_path, monkeypatch):
+    """Its images went to the default cache, and were later served as the real corruption."""
+    from tta_norm import data
+
+    monkeypatch.setenv("TTA_NORM_CACHE", str(tmp_path))
+    monkeypatch.setattr(data, "load_clean_test_set", lambda *a, **k: pytest.fail("checked before any work"))
+    with pytest.raises(ValueError, match=r"^corrupt= needs its own cache_dir="):
+        subset_corruption_benchmark(4, ["fog"], corrupt=fake_corrupt, progress=False)
+    assert not any(tmp_path.iterdir())
+
+
 def test_run_grid_writes_the_harness_records(sorted_clean, tmp_path):
     bench = subset_corruption_benchmark(12, ["fog", "gaussian_noise"], cache_dir=tmp_path / "cache",
                                         corrupt=fake_corrupt, progress=False)  # fmt: skip

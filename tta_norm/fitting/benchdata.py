@@ -41,12 +41,15 @@ def subset_corruption_benchmark(
 ):
     """A CIFAR-10-C benchmark on ``n_per_domain`` random clean test images (the same images in every domain).
 
-    ``corrupt`` replaces the generator ``corruptions.corrupt`` (tests)."""
+    ``corrupt`` replaces the generator ``corruptions.corrupt`` (tests); it needs its own ``cache_dir`` (the
+    default cache holds the real generator's images, and serves them by corruption name)."""
     from tqdm.auto import tqdm
 
     from tta_norm.data import CLEAN, CORRUPTIONS, CorruptionBenchmark, load_clean_test_set, regenerate_domain
     from tta_norm.data.paths import data_cache_dir
 
+    if corrupt is not None and cache_dir is None:
+        raise ValueError("corrupt= needs its own cache_dir= (the default cache is the real generator's)")
     corruptions = list(corruptions or CORRUPTIONS)
     clean_all = load_clean_test_set("cifar10", data_dir, progress)
     idx = np.sort(seeded_subset(len(clean_all), n_per_domain, subset_seed))
