@@ -32,6 +32,19 @@ def test_parse_number_and_validation():
             ab.AttackConfig.from_mapping(bad)
 
 
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [({"stealth_weight": -1}, "stealth_weight"), ({"stealth_weight": float("nan")}, "stealth_weight"),
+     ({"step_size": float("inf")}, "step_size"), ({"fractions": [0.001], "batch_sizes": [100]}, "rounds to no"),
+     ({"methods": [{"preset": "tbn", "kwargs": {"window": 4}}]}, "window")],
+)  # fmt: skip
+def test_settings_that_failed_every_cell_are_config_errors(bad, match):
+    """A dry run said 'config ok', then every cell failed after loading the model (or a fraction rounding to no
+    malicious sample ran as a no-attack cell under the attack's name)."""
+    with pytest.raises(ConfigError, match=match):
+        ab.AttackConfig.from_mapping({"methods": ["tbn"], **bad})
+
+
 def test_shipped_configs_load():
     shipped = ab.shipped_attack_configs()
     assert {"attack_quick", "attack_medbn"} <= set(shipped)

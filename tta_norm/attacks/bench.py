@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tta_norm.attacks.malicious import ATTACK_PROTOCOLS, INITS, MODES, OBJECTIVES, malicious_count
+from tta_norm.attacks.malicious import ATTACK_PROTOCOLS, INITS, MODES, OBJECTIVES, MaliciousAttack, malicious_count
 from tta_norm.bench.config import GridConfig, MethodEntry, read_config_data, validate_common
 from tta_norm.bench.grid import GridCell, ModelDataJob
 from tta_norm.bench.report import group_ok_records, method_order, pyplot, save_figure, write_markdown_report
@@ -131,6 +131,20 @@ class AttackConfig(GridConfig):
         for bs, frac in itertools.product(self.batch_sizes, self.fractions):
             if malicious_count(frac, bs) >= bs:
                 raise ConfigError(f"fraction {frac} of batch {bs} leaves no benign sample")
+            if frac > 0 and malicious_count(frac, bs) == 0:
+                raise ConfigError(f"fractions: {frac} of batch {bs} rounds to no malicious sample (the cell would be "
+                                  "a no-attack cell under an attack's name); use 0 for the no-attack reference")
+        for objective, eps in itertools.product(self.objectives, self.budgets):
+            try:  # every setting as the attack itself checks it (finite numbers, ranges)
+                MaliciousAttack.from_protocol(self.protocol, objective=objective, num_malicious=1, eps=eps,
+                                              step_size=self.step_size, steps=self.steps, init=self.init,
+                                              stealth_weight=self.stealth_weight)  # fmt: skip
+            except ValueError as err:
+                raise ConfigError(f"attack settings: {err}") from None
+        for entry in self.method_entries():
+            if dict(entry.kwargs).get("window") is not None:
+                raise ConfigError(f"methods: {entry.label} sets window; the malicious-sample attack normalises each "
+                                  "batch on its own (window=W mixes in earlier samples): leave window out")  # fmt: skip
 
     def batches_for(self, objective: str) -> int:
         """Attacked batches per domain for ``objective`` (``n_batches``, an int or a per-objective mapping)."""
