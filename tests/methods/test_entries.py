@@ -97,6 +97,43 @@ def test_ttn_fit_is_fitted_once_per_model_and_cached(monkeypatch, tmp_path) -> N
         tta_norm.adapt(model, "ttn", **first)
 
 
+def test_a_cached_ttn_fit_that_cannot_be_used_is_fitted_again(monkeypatch, tmp_path) -> None:
+    """A corrupt cache file raised UnpicklingError in every cell, for good."""
+    import numpy as np
+
+    from tta_norm.fitting import _data, ttn
+
+    monkeypatch.setenv("TTA_NORM_CACHE", str(tmp_path))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (16, 6, 6, 3), dtype=np.uint8)
+    labels = rng.integers(0, 3, 16)
+    monkeypatch.setattr(_data, "load_source_split", lambda *a, **k: (images, labels))
+    fits = []
+    real_fit = ttn.fit_ttn
+    monkeypatch.setattr(ttn, "fit_ttn", lambda *a, **k: fits.append(k) or real_fit(*a, **k))
+    fit = {"n_images": 16, "prior_batches": 2, "prior_batch_size": 8, "epochs": 1, "batch_size": 8}
+    model = tiny_net()
+    entries._ttn_states.clear()
+    good = resolve_entry_kwargs("ttn", None, {"ttn_fit": fit}, model)["init_state"]
+    (path,) = (tmp_path / "ttn").glob("ttn-*.pt")
+    state = {k: v.clone() for k, v in good.items()}
+    for content in (b"garbage", [1, 2], {"state_dict": {"bn1.weight": torch.ones(4)}},
+                    {"state_dict": {**state, "bn1.mix_weight": torch.ones(5)}}):  # fmt: skip
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            torch.save(content, path)
+        entries._ttn_states.clear()
+        again = resolve_entry_kwargs("ttn", None, {"ttn_fit": fit}, model)["init_state"]
+        assert all(torch.equal(again[k], v) for k, v in good.items()) and again.keys() == good.keys()
+        payload = torch.load(path, weights_only=True)  # replaced by the new fit
+        assert all(torch.equal(payload["state_dict"][k], v) for k, v in good.items())
+    assert len(fits) == 5
+    entries._ttn_states.clear()
+    resolve_entry_kwargs("ttn", None, {"ttn_fit": fit}, model)
+    assert len(fits) == 5  # a usable file is read back
+
+
 def test_unfitted_ttn_warns_and_iabn_says_what_it_lacks() -> None:
     import tta_norm
 

@@ -239,7 +239,8 @@ def fitted_ttn_state(
 ) -> dict[str, torch.Tensor]:
     """The ``ttn``-adapted state dict of ``model`` fitted with the ``ttn_fit`` settings, cached per model, fit
     settings and the content of the source images it is fitted on (``expected_source``: their fingerprint
-    must be this one)."""
+    must be this one).  A cache file that cannot be read, or does not hold a state of the ``ttn``-adapted
+    model's tensor names and shapes, is fitted again and replaced."""
     from tta_norm.bench.identity import array_fingerprint
     from tta_norm.data.paths import cache_root
     from tta_norm.fitting.ttn import FIT_VERSION, fit_ttn
@@ -254,14 +255,38 @@ def fitted_ttn_state(
     if key in _ttn_states:
         return _ttn_states[key]
     path = Path(cache_root()) / "ttn" / f"ttn-{key}.pt"
-    if path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    else:
+    state = _cached_ttn_state(path, model)
+    if state is None:
         result = fit_ttn(model, images, labels, device=device, progress=False, seed=seed, **fit)
-        result.save(path)
+        result.save(path)  # atomically, over a file that could not be used
         state = result.state_dict
     _ttn_states[key] = state
     return state
+
+
+def _cached_ttn_state(path: Path, model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The state dict of the fit cached in ``path``, or ``None`` when there is none, it cannot be read, or it is
+    not a state of the ``ttn``-adapted ``model``'s tensor names and shapes."""
+    import warnings
+
+    import tta_norm
+    from tta_norm.presets import UnfittedTTNWarning
+
+    if not path.is_file():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a truncated, corrupt or unreadable file is a miss, whatever the loader says
+        return None
+    state = payload.get("state_dict") if isinstance(payload, Mapping) else None
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return None
+    with warnings.catch_warnings():  # the layout only: the weights are unfitted
+        warnings.simplefilter("ignore", UnfittedTTNWarning)
+        expected = tta_norm.adapt(model, "ttn").model.state_dict()
+    if {k: tuple(v.shape) for k, v in state.items()} != {k: tuple(v.shape) for k, v in expected.items()}:
+        return None
+    return dict(state)
 
 
 def resolve_entry_kwargs(
