@@ -113,3 +113,37 @@ def test_threat_model_text():
     text = threat_model(attack="AutoAttack", norm="Linf", eps=8 / 255, batch_size=200, attacker_fraction=1.0,
                         box="white", state="frozen snapshot")  # fmt: skip
     assert "8/255" in text and "100%" in text and "white box" in text
+
+
+@pytest.mark.parametrize("policy", [{"window": 16}, {"episodic": True, "method": "tent"}, {"reset_every": 1}])
+def test_pgd_differentiates_what_the_deployed_model_will_compute(policy):
+    """The attacked function skipped the window's samples and a reset that was due: its logits were 0.08-0.36
+    off the deployed model's."""
+    method = policy.pop("method", None)
+    lr = {"lr": 0.05} if method else {}
+    tta = tta_norm.adapt(conv_bn_net(), "ema" if "reset_every" in policy else "tbn", method, **lr, **policy)
+    with torch.enable_grad():
+        for seed in (4, 5):
+            tta(batch(6, seed=seed)[0] * 0.5)
+    x, _ = batch(6, seed=2)
+    before = _state(tta)
+    with torch.no_grad():
+        attacked = deployed_forward(tta)(x)
+    _assert_same_state(_state(tta), before)
+    with torch.enable_grad():
+        expected = tta(x)
+    torch.testing.assert_close(attacked, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_pgd_takes_inputs_as_the_wrapper_does_and_refuses_bad_ones():
+    """A float32 batch on a float64 wrapper failed inside the convolution; NaN pixels passed the range check."""
+    tta = tta_norm.adapt(conv_bn_net().double(), "tbn")
+    x, y = batch(6, seed=2)
+    x_adv = pgd_attack(tta, x, y, steps=2, generator=torch.Generator().manual_seed(0))
+    assert x_adv.dtype == x.dtype and (x_adv - x).abs().max() <= 8 / 255 + 1e-6
+    with pytest.raises(ValueError, match="NaN"):
+        pgd_attack(tta, x.clone().index_fill_(0, torch.tensor([1]), float("nan")), y, steps=1)
+    with pytest.raises(ValueError, match="labels of shape"):
+        pgd_attack(tta, x, y[:3], steps=1)
+    with pytest.raises(ValueError, match="non-empty"):
+        pgd_attack(tta, x[:0], y[:0], steps=1)

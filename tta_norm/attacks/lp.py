@@ -5,9 +5,10 @@
 * :func:`pgd_attack` on a :class:`~tta_norm.api.TTAModel` attacks the *deployed function*: the adapted
   forward of the **whole perturbed batch** (every adaptive norm layer takes its statistics from the adversarial
   batch itself, as the deployed model will when it receives it), with the model's **current** adaptation state
-  (parameters adapted so far, EMA statistics, SaBN heads).  It never calls ``train()``/``eval()``, never
-  resets, commits no EMA update (:func:`tta_norm.norm.keep_state`) and takes no optimiser step; gradients are
-  taken w.r.t. the input only.  (torchattacks switches the model to ``eval()`` during an attack, which for a
+  (parameters adapted so far, EMA statistics, SaBN heads), the window's samples included.  It never calls
+  ``train()``/``eval()``, never resets the model (a reset that is due is taken on a copy), commits no EMA
+  update (:func:`tta_norm.norm.keep_state`) and takes no optimiser step; gradients are taken w.r.t. the input
+  only.  (torchattacks switches the model to ``eval()`` during an attack, which for a
   plain BatchNorm model means attacking the source statistics instead of the deployed batch statistics; this
   is the pitfall avoided here.)  Since TENT-style methods return the logits of the forward used for their
   update, this is exactly the prediction the victim makes on the adversarial batch.  On a plain ``nn.Module``
@@ -56,14 +57,16 @@ def project(x_adv: Tensor, x: Tensor, eps: float, norm: Norm) -> Tensor:
 
 
 def deployed_forward(model: nn.Module) -> Callable[[Tensor], Tensor]:
-    """The function a PGD attack differentiates: see the module docstring."""
+    """The function a PGD attack differentiates: see the module docstring.  For a ``TTAModel`` it is
+    :meth:`~tta_norm.api.TTAModel.differentiable_forward` (the window's samples included, the input moved to the
+    model's device and dtype), from the state the deployed model will adapt from: a copy of it reset first when
+    a reset is due (``episodic``, ``reset_every``)."""
     if isinstance(model, TTAModel):
-
-        def forward(x: Tensor) -> Tensor:
-            with keep_state(model.model), model.layer_frame(x.shape[0]):
-                return model.model(x)
-
-        return forward
+        deployed = model
+        if model.will_reset:
+            deployed = copy.deepcopy(model)
+            deployed.reset()
+        return deployed.differentiable_forward
     return model
 
 
@@ -92,8 +95,15 @@ def pgd_attack(
         raise ValueError(f"norm must be 'Linf' or 'L2', got {norm!r}")
     if eps < 0 or step_size < 0 or steps < 0:
         raise ValueError("eps, step_size and steps must be >= 0")
-    if not x.is_floating_point() or float(x.min()) < 0 or float(x.max()) > 1:
-        raise ValueError("x must be a floating-point batch with pixels in [0, 1]")
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2 or x.shape[0] == 0:
+        raise ValueError("x must be a non-empty floating-point batch (N, C, ...) with pixels in [0, 1]")
+    if not bool(torch.isfinite(x).all()) or float(x.min()) < 0 or float(x.max()) > 1:
+        raise ValueError("x must be a floating-point batch with pixels in [0, 1] (no NaN or Inf)")
+    for name, labels in (("y", y), ("target", target)):
+        if labels is not None and (not isinstance(labels, Tensor) or labels.is_floating_point()
+                                   or tuple(labels.shape) != (x.shape[0],)):  # fmt: skip
+            raise ValueError(f"{name} must be integer labels of shape ({x.shape[0]},), got "
+                             f"{getattr(labels, 'shape', labels)}")  # fmt: skip
     forward = deployed_forward(model)
     x = x.detach()
     if random_start and eps > 0:
@@ -111,7 +121,8 @@ def pgd_attack(
     with torch.enable_grad(), torch.inference_mode(False):
         for _ in range(steps):
             x_adv.requires_grad_(True)
-            loss = F.cross_entropy(forward(x_adv), labels, reduction="sum")
+            logits = forward(x_adv)
+            loss = F.cross_entropy(logits, labels.to(logits.device), reduction="sum")
             (grad,) = torch.autograd.grad(loss, [x_adv])
             grad = torch.nan_to_num(grad.detach())
             if norm == "Linf":
