@@ -19,6 +19,7 @@ model's layers as they are, e.g. plain BN); ``branch=`` is its deprecated name.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tta_norm._deprecation import renamed_keywords
+from tta_norm._integers import integer_index
 from tta_norm.attacks.lp import pgd_attack
 from tta_norm.data.tensors import to_float_nchw
 from tta_norm.layers.aux_batch_norm import convert_to_aux_bn, domain_layers, use_domain
@@ -58,8 +60,18 @@ class AdvTrainConfig:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
         if self.craft_mode not in CRAFT_MODES:
             raise ValueError(f"craft_mode must be one of {CRAFT_MODES}, got {self.craft_mode!r}")
+        for name in ("steps", "epochs", "batch_size", "seed"):
+            if integer_index(getattr(self, name)) is None:
+                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
         if self.epochs < 1 or self.batch_size < 2 or self.steps < 0:
             raise ValueError("epochs >= 1, batch_size >= 2 and steps >= 0 are required")
+        for name, low, high in (("eps", 0.0, 1.0), ("step_size", 0.0, 1.0), ("lr", 0.0, math.inf),
+                                ("momentum", 0.0, 1.0), ("weight_decay", 0.0, math.inf)):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            if not low <= value <= high or (name == "lr" and value == 0):
+                raise ValueError(f"{name} must be in [{low}, {high}]{' and > 0' if name == 'lr' else ''}, got {value}")
 
 
 def _on_domain(model: nn.Module, domain: int | None) -> contextlib.AbstractContextManager[Any]:
@@ -157,12 +169,17 @@ def evaluate_robustness(
     seed: int = 0,
     device: torch.device | str | None = None,
 ) -> dict[str, Any]:
-    """Clean and PGD-k accuracy (Linf, random start) of ``model`` in ``eval()`` mode on ``domain``."""
+    """Clean and PGD-k accuracy (Linf, random start) of ``model`` in ``eval()`` mode on ``domain``.
+
+    Each ``k`` draws its random starts from its own generator seeded with ``seed`` (a figure does not depend on
+    which other ``k`` are asked for)."""
+    if any(integer_index(k) is None or k < 0 for k in pgd_steps) or len(set(pgd_steps)) != len(pgd_steps):
+        raise ValueError(f"pgd_steps must be distinct integers >= 0, got {pgd_steps}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
     labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     correct = {"clean": 0, **{f"pgd{k}": 0 for k in pgd_steps}}
-    g = torch.Generator().manual_seed(seed)
+    generators = {k: torch.Generator().manual_seed(seed) for k in pgd_steps}
     with _on_domain(model, domain):
         for start in range(0, labels_t.shape[0], batch_size):
             x = _as_input(images[start : start + batch_size], device)
@@ -170,7 +187,7 @@ def evaluate_robustness(
             with torch.no_grad():
                 correct["clean"] += int((model(x).argmax(1) == y).sum())
             for k in pgd_steps:
-                x_adv = pgd_attack(model, x, y, eps=eps, step_size=step_size, steps=k, generator=g)
+                x_adv = pgd_attack(model, x, y, eps=eps, step_size=step_size, steps=k, generator=generators[k])
                 with torch.no_grad():
                     correct[f"pgd{k}"] += int((model(x_adv).argmax(1) == y).sum())
     n = labels_t.shape[0]
