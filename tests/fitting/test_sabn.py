@@ -216,3 +216,12 @@ def test_calibrated_threshold_is_a_quantile_of_own_domain_distances():
     eager = SaBNRouter(tta, bank, "open_set", num_known=2, threshold=0.0)
     eager(x[:8])
     assert eager.active == 3 and eager.routes == [2]
+
+
+@pytest.mark.parametrize("bad", [{"head_lr": float("nan")}, {"head_lr": -0.1}, {"bank_momentum": 1.5},
+                                 {"bank_momentum": float("inf")}, {"threshold": float("nan")}, {"threshold": -1.0}])
+def test_router_settings_are_checked_when_made(bad):
+    """A NaN head learning rate or bank momentum was accepted and turned the heads or the bank to NaN later."""
+    tta = tta_norm.adapt(tiny_net(0), "sabn", num_domains=2)
+    with pytest.raises(ValueError, match="must be a finite number"):
+        SaBNRouter(tta, None, "entropy", **bad)
