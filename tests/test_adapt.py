@@ -633,3 +633,26 @@ def test_a_model_without_batchnorm_is_told_what_it_has() -> None:
         tta_norm.adapt(nn.Sequential(nn.Conv2d(3, 4, 3), FrozenBatchNorm2d(4)), "tbn")
     with pytest.raises(ValueError, match="LayerNorm/GroupNorm"):
         tta_norm.adapt(nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4)), "tbn")
+
+
+class _TupleNet(nn.Module):
+    """Returns (logits, features), as detection-style or distillation models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_net()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net(x), x
+
+
+@pytest.mark.parametrize("call", ["forward", "graph", "graph_adapt"])
+def test_a_model_returning_a_tuple_is_told_to_wrap_it(call) -> None:
+    """differentiable_forward handed the tuple on (an attack then failed far from the cause)."""
+    tta = tta_norm.adapt(_TupleNet(), "ema")
+    before = {k: v.clone() for k, v in tta.state_dict().items()}
+    run = {"forward": lambda: tta(X), "graph": lambda: tta.differentiable_forward(X),
+           "graph_adapt": lambda: tta.differentiable_forward(X, adapt=True)}[call]  # fmt: skip
+    with pytest.raises(TypeError, match="returned a tuple, not a tensor of logits; wrap it"):
+        run()
+    assert all(torch.equal(v, tta.state_dict()[k]) for k, v in before.items()) and tta.num_adapted == 0

@@ -460,9 +460,7 @@ class TTAModel(nn.Module):
                 else:  # statistics only (no method, or a window between two of the method's steps)
                     with torch.no_grad() if self.method is not None else contextlib.nullcontext():
                         logits = self.model(xw)
-            if not isinstance(logits, Tensor):
-                raise TypeError(f"the model returned a {type(logits).__name__}, not a tensor of logits; wrap it in "
-                                "a module that returns the (N, classes) logits")  # fmt: skip
+            _check_tensor_output(logits)
             if not all_finite(logits):
                 raise NonFiniteLogits
         except NonFiniteLogits:
@@ -520,7 +518,7 @@ class TTAModel(nn.Module):
         self._check_domain(domain, x.shape[0])
         with self._lock:
             if not adapt:
-                return self._windowed_logits(x, domain)
+                return _check_tensor_output(self._windowed_logits(x, domain))
             if self.method is not None:
                 raise ValueError(
                     "differentiable_forward(adapt=True) needs a statistics-only preset: a gradient method's "
@@ -538,7 +536,7 @@ class TTAModel(nn.Module):
                 if reset_due:  # as forward() does: the adapting call starts from the source state
                     self.reset()
                 with self.layer_frame(x.shape[0], domain=_option(domain)):
-                    logits = self.model(x)
+                    logits = _check_tensor_output(self.model(x))
                 if not bool(torch.isfinite(logits.detach()).all()):
                     raise ValueError("the adapting forward gave NaN or Inf logits; nothing was adapted")
             except BaseException:
@@ -566,6 +564,14 @@ class TTAModel(nn.Module):
     def extra_repr(self) -> str:
         method = self.method.name if self.method is not None else None
         return f"preset={self.preset_name or self.spec!r}, method={method}, episodic={self.episodic}"
+
+
+def _check_tensor_output(logits: Any) -> Tensor:
+    """``logits`` if the model returned a tensor; otherwise a ``TypeError`` saying how to wrap the model."""
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"the model returned a {type(logits).__name__}, not a tensor of logits; wrap it in a module "
+                        "that returns the (N, classes) logits")  # fmt: skip
+    return logits
 
 
 def _map_tensors(fn: Any, value: Any) -> Any:
