@@ -329,7 +329,8 @@ def write_cifar_c(
     order and the source (:func:`source_digest` of the images and labels): resuming with different ones is
     refused, naming them, unless ``overwrite=True``, which starts a new dataset there (its manifest is written
     first; files of the old one that are not rewritten stay on disk unlisted, and ``tta_norm`` refuses to read
-    them). Returns ``{name: severities present}``.
+    them). A non-empty directory without ``manifest.json`` (e.g. a downloaded release) is likewise refused
+    unless ``overwrite=True``. Returns ``{name: severities present}``.
     """
     if (
         not isinstance(images, np.ndarray)
@@ -360,12 +361,15 @@ def write_cifar_c(
         for s in sev:
             check_size(name, s, preset, h, w)
     out = Path(out_dir)
+    manifest_path = out / MANIFEST
+    if not overwrite and not manifest_path.exists() and out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"{out} holds files but no {MANIFEST} (not written by this generator, e.g. a downloaded "
+                         "release): choose another directory or pass overwrite=True")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     settings = {"seed": seed, "preset": preset, "n": int(n), "shape": [int(h), int(w)], "layout": "cifar",
                 "source_sha256": source_digest(images, labels)}  # fmt: skip
     if row_order is not None:
         settings["row_order"] = PERMUTATION
-    manifest_path = out / MANIFEST
     manifest = {"settings": settings, "files": {}}
     old = _read_manifest(manifest_path) if manifest_path.exists() and not overwrite else None
     if old is not None and not overwrite:

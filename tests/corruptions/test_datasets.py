@@ -331,3 +331,30 @@ def test_a_planted_pickle_payload_is_refused_and_never_run(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nothing was run" in err[0]
     assert not marker.exists()
+
+
+def _cli_run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    return cli.run(parser.parse_args([*argv, "--no-progress", "--workers", "1"]))
+
+
+def test_a_cifar_release_directory_without_manifest_is_not_written_into(tmp_path, capsys):
+    rel = tmp_path / "release"  # a downloaded CIFAR-10-C: no manifest.json
+    rel.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("gaussian_noise", "shot_noise"):
+        np.save(rel / f"{name}.npy", rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8))
+    np.save(rel / "labels.npy", np.tile(np.arange(4, dtype=np.uint8), 5))
+    before = {p.name: p.read_bytes() for p in rel.iterdir()}
+    x = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="holds files but no manifest.json"):
+        write_cifar_c(x, [0, 1, 2], rel, ["gaussian_noise"], severities=[1], progress=False)
+    src = tmp_path / "src"
+    _write_folder(src)
+    assert _cli_run([str(src), str(rel), "--corruptions", "gaussian_noise"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("tta-norm corrupt: error:") and "no manifest.json" in err[-1]
+    assert {p.name: p.read_bytes() for p in rel.iterdir()} == before  # nothing written
+    write_cifar_c(x, [0, 1, 2], rel, ["gaussian_noise"], severities=[1], progress=False, overwrite=True)
+    assert json.loads((rel / "manifest.json").read_text())["files"] == {"gaussian_noise": [1]}
