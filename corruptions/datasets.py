@@ -4,7 +4,7 @@ Readers (no torchvision needed):
 
 * :func:`load_cifar_batches` - the python pickles of ``cifar-10-batches-py`` / ``cifar-100-python``.
 * :func:`load_image_folder` - an ImageFolder tree ``<root>/<class>/<image>`` (classes sorted by name,
-  files sorted, as torchvision orders them).
+  files sorted, as torchvision orders them; only the files directly inside each class folder).
 
 Writers:
 
@@ -116,32 +116,32 @@ class ImageFolderIndex:
 
     root: Path
     classes: tuple[str, ...]
-    files: tuple[str, ...]  # paths relative to root, "<class>/<...>/<file>"
+    files: tuple[str, ...]  # paths relative to root, "<class>/<file>"
     labels: np.ndarray
 
 
-def index_image_folder(root: str | os.PathLike) -> ImageFolderIndex:
-    """List ``<root>/<class>/**/<image>`` like torchvision's ``ImageFolder`` (classes and files sorted).
+def _is_image_entry(entry: os.DirEntry) -> bool:
+    return entry.is_file() and not entry.name.startswith(".") and entry.name.lower().endswith(IMG_EXTENSIONS)
 
-    Hidden folders and files (``.ipynb_checkpoints``, macOS ``._*``) are skipped, as ``tta_norm``'s reader
-    skips them; a class folder without images is an error, since labels are folder positions and it would
-    shift every later one."""
+
+def index_image_folder(root: str | os.PathLike) -> ImageFolderIndex:
+    """List ``<root>/<class>/<image>`` like ``tta_norm``'s reader (``tta_norm.data.readers.list_image_folder``):
+    classes are the sorted non-hidden folders, and each holds the sorted image files directly inside it.
+
+    Sub-folders of a class folder are not read (the reader that evaluates the output does not read them
+    either); hidden files (macOS ``._*``) are skipped. A class folder without images is an error, since labels
+    are folder positions and it would shift every later one."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     files, labels, empty = [], [], []
     for label, cls in enumerate(classes):
-        count = len(files)
-        for dirpath, _, fnames in sorted(os.walk(root / cls)):
-            if any(part.startswith(".") for part in Path(dirpath).relative_to(root).parts):
-                continue
-            for fname in sorted(fnames):
-                if fname.lower().endswith(IMG_EXTENSIONS) and not fname.startswith("."):
-                    files.append(str(Path(dirpath, fname).relative_to(root)))
-                    labels.append(label)
-        if len(files) == count:
+        names = sorted(e.name for e in os.scandir(root / cls) if _is_image_entry(e))
+        if not names:
             empty.append(cls)
+        files += [f"{cls}/{name}" for name in names]
+        labels += [label] * len(names)
     if empty and files:
         raise ValueError(f"{root}: class folders {empty[:5]} hold no images; labels are folder positions, so "
                          "remove them (or the folders that are not classes)")  # fmt: skip

@@ -358,3 +358,22 @@ def test_a_cifar_release_directory_without_manifest_is_not_written_into(tmp_path
     assert {p.name: p.read_bytes() for p in rel.iterdir()} == before  # nothing written
     write_cifar_c(x, [0, 1, 2], rel, ["gaussian_noise"], severities=[1], progress=False, overwrite=True)
     assert json.loads((rel / "manifest.json").read_text())["files"] == {"gaussian_noise": [1]}
+
+
+def test_an_image_folder_is_listed_as_tta_norms_reader_lists_it(tmp_path):
+    from tta_norm.data.readers import list_image_folder
+
+    src = tmp_path / "nest"
+    rng = np.random.default_rng(0)
+    for rel in ("b/0.png", "a/0.png", "a/extra/1.png", "a/extra/deeper/2.png", "a/B.PNG", "a/.hidden.png"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(src / rel, format="PNG")
+    (src / "a" / "notes.txt").write_text("not an image")
+    index = ds.index_image_folder(src)
+    files, labels, classes = list_image_folder(src)
+    assert index.classes == classes == ("a", "b")
+    assert [str(index.root / f) for f in index.files] == [str(f) for f in files]
+    assert index.files == ("a/0.png", "a/B.PNG", "b/0.png")  # a/extra/... is not read: not an image of 'a'
+    assert np.array_equal(index.labels, labels)
+    x, y, _ = load_image_folder(src)
+    assert x.shape == (3, 32, 32, 3) and list(y) == [0, 0, 1]
