@@ -5,8 +5,9 @@ Two layouts, as released by Hendrycks & Dietterich (ICLR 2019):
 * ``cifar``: ``OUT/<corruption>.npy`` uint8 ``(5*N, H, W, 3)``, severity ``k`` in rows ``(k-1)*N .. k*N-1``,
   and ``OUT/labels.npy`` (uint8, tiled 5x) - readable by ``robustbench.data.load_cifar10c`` unchanged.
   Source: CIFAR python batches (``cifar-10-batches-py`` / ``cifar-100-python``, kept in their stored order) or
-  an ImageFolder tree, whose class-sorted rows are shuffled once with a fixed seed (the permutation the
-  benchmark applies to the same clean set; saved as ``OUT/permutation.npy``) so that any prefix mixes classes.
+  an ImageFolder tree (of a directory with ``train/`` and ``test/`` trees, the one ``--split`` names), whose
+  class-sorted rows are shuffled once with a fixed seed (the permutation the benchmark applies to the same clean
+  set; saved as ``OUT/permutation.npy``) so that any prefix mixes classes.
 * ``imagenet``: ``OUT/<corruption>/<severity>/<class>/<file>`` JPEGs (quality 85) from an ImageFolder tree,
   after Resize(256) + CenterCrop(224).
 
@@ -50,8 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--workers", type=int, default=None, help="worker threads (default: available CPUs)")
     parser.add_argument(
-        "--split", choices=("test", "train"), default="test", help="CIFAR batches split (default test)"
-    )
+        "--split", choices=("test", "train"), default=None,
+        help="split to read (default test): of CIFAR batches, or the test/ or train/ folder of an ImageFolder "
+        "dataset directory (such as cifar10-jpeg)",
+    )  # fmt: skip
     parser.add_argument(
         "--overwrite", action="store_true",
         help="recompute existing files (needed to reuse a directory written with other settings or another source)",
@@ -82,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         _find_cifar_dir,
         all_names,
         class_mixing_permutation,
+        image_folder_split,
         index_image_folder,
         load_cifar_batches,
         load_image_folder,
@@ -95,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
         severities = _parse_severities(args.severities)
         source = Path(args.source)
         is_cifar_batches = _find_cifar_dir(source) is not None
+        if not is_cifar_batches:  # an ImageFolder tree, or a directory of train/ and test/ trees
+            source = image_folder_split(source, args.split)
         layout = args.layout
         if layout == "auto":
             if is_cifar_batches:

@@ -150,6 +150,37 @@ def index_image_folder(root: str | os.PathLike) -> ImageFolderIndex:
     return ImageFolderIndex(root, tuple(classes), tuple(files), np.asarray(labels, dtype=np.int64))
 
 
+SPLITS = ("test", "train")
+
+
+def has_split_folders(root: str | os.PathLike) -> bool:
+    """``root`` is a dataset directory with ``test/`` or ``train/`` ImageFolder trees (like ``cifar10-jpeg``):
+    one of them holds folders (``tta_norm.data.readers.is_image_folder_split``)."""
+    for split in SPLITS:
+        p = Path(root) / split
+        if p.is_dir() and any(e.is_dir() for e in os.scandir(p)):
+            return True
+    return False
+
+
+def image_folder_split(root: str | os.PathLike, split: str | None = None) -> Path:
+    """The ImageFolder tree to read from ``root``: ``root/<split>`` (``split`` defaults to ``"test"``) if ``root``
+    has split folders (:func:`has_split_folders`), else ``root`` itself, for which a ``split`` is an error."""
+    root = Path(root)
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split must be 'test' or 'train', got {split!r}")
+    if has_split_folders(root):
+        path = root / (split or "test")
+        if not path.is_dir():
+            raise FileNotFoundError(f"{root} has no {path.name}/ folder (expected "
+                                    f"{root}/{{train,test}}/<class>/<image>)")  # fmt: skip
+        return path
+    if split is not None:
+        raise ValueError(f"split {split!r} asked for, but {root} has no train/ or test/ folder of class folders; "
+                         "pass the ImageFolder tree itself without a split")  # fmt: skip
+    return root
+
+
 def _resize_center_crop(img, resize: int | None, crop: int | None):
     """torchvision ``Resize(resize)`` (shorter side, PIL bilinear) and ``CenterCrop(crop)`` on a PIL image."""
     from PIL import Image
@@ -198,10 +229,11 @@ def load_image_folder(
 
 
 def load_source(path: str | os.PathLike, train: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Images and labels from CIFAR python batches (if found under ``path``) or an ImageFolder tree."""
+    """Images and labels from CIFAR python batches (if found under ``path``) or an ImageFolder tree (the
+    ``train/`` or ``test/`` one of a directory that has them: :func:`image_folder_split`)."""
     if _find_cifar_dir(Path(path)) is not None:
         return load_cifar_batches(path, train=train)
-    images, labels, _ = load_image_folder(path)
+    images, labels, _ = load_image_folder(image_folder_split(path, "train" if train else None))
     return images, labels
 
 

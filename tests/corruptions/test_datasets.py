@@ -377,3 +377,31 @@ def test_an_image_folder_is_listed_as_tta_norms_reader_lists_it(tmp_path):
     assert np.array_equal(index.labels, labels)
     x, y, _ = load_image_folder(src)
     assert x.shape == (3, 32, 32, 3) and list(y) == [0, 0, 1]
+
+
+def test_split_picks_the_train_or_test_tree_of_an_image_folder_dataset(tmp_path, capsys):
+    root = tmp_path / "cifar10-jpeg"  # <root>/{train,test}/<class>/<image>, like ../shared/data/cifar10-jpeg
+    _write_folder(root / "test", per_class=2)
+    _write_folder(root / "train", per_class=3)
+    train, _, _ = load_image_folder(root / "train")
+    out = tmp_path / "out"
+    assert _cli_run([str(root), str(out), "--corruptions", "contrast", "--severities", "1"]) == 0  # default test
+    x, y, classes = load_image_folder(root / "test")
+    assert classes == ("cat", "dog") and np.load(out / "contrast.npy").shape == (5 * 4, 32, 32, 3)
+    perm = np.load(out / "permutation.npy")
+    assert np.array_equal(np.load(out / "contrast.npy")[:4], corrupt(x[perm], "contrast", 1))
+    assert np.array_equal(np.load(out / "labels.npy")[:4], y[perm])
+    assert _cli_run([str(root), str(tmp_path / "tr"), "--split", "train", "--corruptions", "contrast"]) == 0
+    perm = np.load(tmp_path / "tr" / "permutation.npy")
+    assert np.array_equal(np.load(tmp_path / "tr" / "contrast.npy")[:6], corrupt(train[perm], "contrast", 1))
+    x, y = ds.load_source(root, train=True)
+    assert np.array_equal(x, train)
+    capsys.readouterr()
+    # a split of a plain ImageFolder tree, or one the directory lacks: one line, exit 2, nothing written
+    for src, split in ((root / "test", "train"), (tmp_path / "only_train", "test")):
+        if split == "test":
+            _write_folder(src / "train")
+        assert _cli_run([str(src), str(tmp_path / "bad"), "--split", split, "--corruptions", "contrast"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("tta-norm corrupt: error:") and split in err[0]
+        assert not (tmp_path / "bad").exists()
