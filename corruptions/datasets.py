@@ -80,7 +80,8 @@ def load_cifar_batches(root: str | os.PathLike, train: bool = False) -> tuple[np
     """Read the CIFAR-10 (``cifar-10-batches-py``) or CIFAR-100 (``cifar-100-python``) python pickles.
 
     ``root`` is that directory or its parent. Returns uint8 images ``(N, 32, 32, 3)`` and int64 labels
-    (fine labels for CIFAR-100) in the stored order, as ``torchvision.datasets.CIFAR10(...).data`` does.
+    (fine labels for CIFAR-100) in the stored order, as ``torchvision.datasets.CIFAR10(...).data`` does. Each
+    batch's ``data`` must be uint8 ``(N, 3072)`` and its labels ``N`` integers in range (10 or 100 classes).
     The files are pickles, read without running code (:func:`corruptions._pickle.load_cifar_pickle`: a file
     that names anything but plain data is a :class:`~corruptions._pickle.CifarPickleError`).
     """
@@ -93,10 +94,10 @@ def load_cifar_batches(root: str | os.PathLike, train: bool = False) -> tuple[np
     d, kind = found
     if kind == "cifar10":
         files = [d / f"data_batch_{i}" for i in range(1, 6)] if train else [d / "test_batch"]
-        label_key = "labels"
+        label_key, n_classes = "labels", 10
     else:
         files = [d / ("train" if train else "test")]
-        label_key = "fine_labels"
+        label_key, n_classes = "fine_labels", 100
     data, labels = [], []
     for f in files:
         if not f.is_file():
@@ -104,10 +105,27 @@ def load_cifar_batches(root: str | os.PathLike, train: bool = False) -> tuple[np
         entry = load_cifar_pickle(f)
         if "data" not in entry or label_key not in entry:
             raise ValueError(f"{f}: missing 'data' or {label_key!r} (keys: {sorted(entry)[:6]}); not a CIFAR batch")
-        data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.extend(entry[label_key])
+        x, y = _cifar_batch_arrays(f, entry["data"], entry[label_key], label_key, n_classes)
+        data.append(x.reshape(-1, 3, 32, 32))
+        labels.append(y)
     images = np.ascontiguousarray(np.concatenate(data).transpose(0, 2, 3, 1))
-    return images, np.asarray(labels, dtype=np.int64)
+    return images, np.concatenate(labels)
+
+
+def _cifar_batch_arrays(path: Path, data, labels, label_key: str, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """A batch's ``data`` as stored (uint8 ``(N, 3072)``, as ``tta_norm``'s reader requires; nothing is cast or
+    reshaped to fit) and its labels: ``N`` integers in ``0..n_classes-1``."""
+    try:
+        x, y = np.asarray(data), np.asarray(labels)
+    except (ValueError, TypeError) as err:  # ragged lists
+        raise ValueError(f"{path}: 'data' or {label_key!r} is not an array ({err})") from None
+    if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"{path}: 'data' must be uint8 (N, 3072), got {x.dtype} {x.shape}")
+    if y.shape != (len(x),) or (y.size and y.dtype.kind not in "iu"):
+        raise ValueError(f"{path}: {len(x)} images but {label_key!r} is {y.dtype} {y.shape}, not {len(x)} integers")
+    if y.size and (y.min() < 0 or y.max() >= n_classes):
+        raise ValueError(f"{path}: {label_key!r} must be in 0..{n_classes - 1}, got {y.min()}..{y.max()}")
+    return x, y.astype(np.int64)
 
 
 @dataclass(frozen=True)

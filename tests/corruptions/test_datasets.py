@@ -405,3 +405,41 @@ def test_split_picks_the_train_or_test_tree_of_an_image_folder_dataset(tmp_path,
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("tta-norm corrupt: error:") and split in err[0]
         assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize(
+    ("data", "labels", "message"),
+    [
+        (np.full((4, 3072), 300, np.int64), [0, 1, 2, 3], r"'data' must be uint8 \(N, 3072\), got int64"),
+        (np.zeros((4, 3072), np.float32), [0, 1, 2, 3], "got float32"),
+        (np.zeros((2, 6144), np.uint8), [0, 1, 2, 3], r"got uint8 \(2, 6144\)"),  # 4 images' bytes, other shape
+        (np.zeros(4 * 3072, np.uint8), [0, 1, 2, 3], r"got uint8 \(12288,\)"),
+        ([[0] * 3072] * 4, [0, 1, 2, 3], "got int64"),  # a list: cast nothing
+        (np.zeros((4, 3072), np.uint8), [0, 1, 2], "4 images but 'labels' is int64 \\(3,\\)"),
+        (np.zeros((4, 3072), np.uint8), [0, 1, 2, 3, 4], "not 4 integers"),
+        (np.zeros((4, 3072), np.uint8), [0.0, 1.5, 2.0, 3.0], "float64"),
+        (np.zeros((4, 3072), np.uint8), [0, 1, 2, 10], r"must be in 0\.\.9, got 0\.\.10"),
+        (np.zeros((4, 3072), np.uint8), [0, 1, -1, 3], r"got -1\.\.3"),
+    ],
+)
+def test_a_cifar_batch_is_read_only_as_stored(tmp_path, capsys, data, labels, message):
+    d = tmp_path / "lax" / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    with open(d / "test_batch", "wb") as f:
+        pickle.dump({b"data": data, b"labels": labels}, f)
+    with pytest.raises(ValueError, match=message):
+        load_cifar_batches(tmp_path / "lax")
+    assert _cli_run([str(tmp_path / "lax"), str(tmp_path / "out"), "--corruptions", "contrast"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tta-norm corrupt: error:") and "test_batch" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_cifar100_fine_labels_range_up_to_99(tmp_path):
+    d = tmp_path / "cifar-100-python"
+    d.mkdir()
+    (d / "meta").write_bytes(pickle.dumps({}))
+    with open(d / "test", "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [99, 100]}, f)
+    with pytest.raises(ValueError, match=r"'fine_labels' must be in 0\.\.99"):
+        load_cifar_batches(tmp_path)
