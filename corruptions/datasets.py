@@ -494,7 +494,8 @@ def write_imagenet_c(
     Each image is read as RGB, resized (shorter side ``resize``, bilinear) and centre-cropped to ``crop``
     (``Resize(256)``/``CenterCrop(224)`` like ``make_imagenet_c.py``; pass ``None`` to skip either; then all
     images must share one size), corrupted, and saved as JPEG ``quality`` with ``optimize=True``. Files keep
-    their name (non-JPEG extensions become ``.jpg``). Existing files are skipped; the random draws of image
+    their name (non-JPEG extensions become ``.jpg``; two sources that would get one name, such as ``x.png`` and
+    ``x.bmp``, are refused before anything is written). Existing files are skipped; the random draws of image
     ``i`` depend only on ``(seed, corruption, severity, preset, i)`` and the block it falls in, so resumed
     runs write the same bytes. ``manifest.json`` pins the settings (seed, preset, resize, crop, quality) and
     the source (:func:`listing_digest`): resuming with other ones, or writing into a non-empty directory
@@ -514,6 +515,11 @@ def write_imagenet_c(
     out = Path(out_dir)
     n = len(index.files)
     targets = [_jpeg_name(f) for f in index.files]
+    first_source: dict[str, str] = {}
+    for f, t in zip(index.files, targets, strict=True):
+        if first_source.setdefault(t, f) != f:
+            raise ValueError(f"{index.root / first_source[t]} and {index.root / f} would both be written as {t}; "
+                             "rename one of them")  # fmt: skip
     first = read_image(index.root / index.files[0], resize, crop)
     h, w, _ = first.shape
     for name in names:

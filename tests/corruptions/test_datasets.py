@@ -443,3 +443,21 @@ def test_cifar100_fine_labels_range_up_to_99(tmp_path):
         pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [99, 100]}, f)
     with pytest.raises(ValueError, match=r"'fine_labels' must be in 0\.\.99"):
         load_cifar_batches(tmp_path)
+
+
+def test_two_sources_with_one_output_name_are_refused_before_writing(tmp_path, capsys):
+    src = tmp_path / "src" / "n01440764"
+    src.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for ext in (".png", ".bmp"):  # both would be written as img1.jpg: one image would be lost
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(src / f"img1{ext}")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"img1\.bmp and .*img1\.png would both be written as n01440764/img1\.jpg"):
+        write_imagenet_c(tmp_path / "src", out, ["contrast"], [1], resize=None, crop=None, progress=False)
+    assert not out.exists()
+    argv = [str(tmp_path / "src"), str(out), "--layout", "imagenet", "--resize", "0", "--crop", "0",
+            "--corruptions", "contrast", "--severities", "1"]  # fmt: skip
+    assert _cli_run(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "would both be written as" in err[0]
+    assert not out.exists()
