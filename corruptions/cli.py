@@ -81,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
     """Execute ``tta-norm corrupt``; returns the process exit code (0 ok, 2 bad input)."""
     from pathlib import Path
 
+    from PIL import Image
+
     from .datasets import (
         _find_cifar_dir,
         all_names,
@@ -154,8 +156,11 @@ def run(args: argparse.Namespace) -> int:
                 overwrite=args.overwrite,
             )
             print(f"corrupt: wrote {written} JPEG files under {args.out}", file=sys.stderr)
-    except (ValueError, TypeError, OSError, RuntimeError) as err:  # OSError: unreadable images, permissions
+    except (ValueError, TypeError, OSError, RuntimeError, MemoryError, Image.DecompressionBombError) as err:
+        # OSError: unreadable images, permissions; MemoryError: a source or an output too large to hold
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, MemoryError):
+            text = f"out of memory: {text}"
         print(f"tta-norm corrupt: error: {text}", file=sys.stderr)
         return 2
     return 0

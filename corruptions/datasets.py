@@ -222,12 +222,18 @@ def _resize_center_crop(img, resize: int | None, crop: int | None):
 
 
 def read_image(path: str | os.PathLike, resize: int | None = None, crop: int | None = None) -> np.ndarray:
-    """One image as RGB uint8 ``(H, W, 3)``, optionally resized (shorter side) and centre-cropped."""
+    """One image as RGB uint8 ``(H, W, 3)``, optionally resized (shorter side) and centre-cropped.
+
+    An image PIL refuses as a decompression bomb (over twice ``PIL.Image.MAX_IMAGE_PIXELS``) is a
+    ``ValueError`` naming the file."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        img = _resize_center_crop(im.convert("RGB"), resize, crop)
-        return np.asarray(img, dtype=np.uint8).copy()
+    try:
+        with Image.open(path) as im:
+            img = _resize_center_crop(im.convert("RGB"), resize, crop)
+            return np.asarray(img, dtype=np.uint8).copy()
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"{path}: {err}") from err
 
 
 def load_image_folder(

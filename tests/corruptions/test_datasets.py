@@ -461,3 +461,29 @@ def test_two_sources_with_one_output_name_are_refused_before_writing(tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "would both be written as" in err[0]
     assert not out.exists()
+
+
+def test_a_decompression_bomb_or_running_out_of_memory_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    src = tmp_path / "src"
+    _write_folder(src)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # a 32 x 32 image is over twice the limit: refused
+    with pytest.raises(ValueError, match=r"001\.png: Image size \(1024 pixels\) exceeds limit"):
+        ds.read_image(src / "cat" / "001.png")
+    for layout in ("auto", "cifar", "imagenet"):
+        assert _cli_run([str(src), str(tmp_path / "o"), "--layout", layout, "--corruptions", "contrast"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("tta-norm corrupt: error:") and "decompression bomb" in err[-1]
+        assert not any(line.startswith("Traceback") for line in err)
+    monkeypatch.undo()
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 28.6 GiB for an array with shape (10000000, 3072) and data type uint8")
+
+    monkeypatch.setattr(ds, "run_corruption", no_memory)
+    assert _cli_run([str(src), str(tmp_path / "o"), "--corruptions", "contrast"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "tta-norm corrupt: error: out of memory: Unable to allocate 28.6 GiB for an array with shape " \
+        "(10000000, 3072) and data type uint8"  # fmt: skip
+    monkeypatch.setattr(ds, "run_corruption", lambda *a, **k: (_ for _ in ()).throw(MemoryError()))
+    assert _cli_run([str(src), str(tmp_path / "o2"), "--corruptions", "contrast"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "tta-norm corrupt: error: out of memory: MemoryError"
