@@ -16,9 +16,9 @@ Conventions (the literature disagrees; this module picks one and names the other
 Speed (CPU): moments come from per-instance sums and sums of squares over the contiguous spatial axis, which
 is an order of magnitude faster than ``torch.var_mean`` over non-contiguous dims; when an instance's mean is
 large against its spread (``mean^2 > 1e4 var``, where that formula loses digits in float32) the exact
-two-pass ``torch.var_mean`` is used instead.  Inputs that need no gradient use one fused, exact ATen
-kernel instead of several small ops: the group-norm moments kernel per instance on CPU (up to
-``FUSED_MOMENTS_MAX`` elements), ``batch_norm_update_stats`` on GPUs.
+two-pass ``torch.var_mean`` is used instead.  Inputs that need no gradient use one fused ATen kernel instead
+of several small ops: the group-norm moments kernel per instance on CPU (up to ``FUSED_MOMENTS_MAX`` elements,
+under the same conditioning rule), ``batch_norm_update_stats`` on GPUs.
 Medians use NumPy's introselect (``np.partition``, O(n)), which
 is ~15x faster than ``torch.kthvalue`` on CPU; other devices use ``torch.kthvalue``.
 """
@@ -92,19 +92,24 @@ def _fused_moments_ok(x: Tensor) -> bool:
 def _instance_moments(x: Tensor) -> Stats:
     """Biased per-(sample, channel) mean and variance over the spatial dims of a ``(N, C, *spatial)`` input."""
     n, c = x.shape[0], x.shape[1]
+    xv = x.reshape(n, c, -1)
+    shifts: tuple[Tensor | None, ...] = (None, xv[:, :, :1])
     if _fused_moments_ok(x):
-        # group norm with one channel per group reduces exactly over each instance's spatial values; with
-        # eps = 0 its inverse standard deviation gives the variance back (inf -> 0 for constant instances).
-        # Its mean and inverse std come out as (N, groups) = (N, C).
+        # group norm with one channel per group reduces over each instance's spatial values; with eps = 0 its
+        # inverse standard deviation gives the variance back (inf -> 0 for constant instances).  Its mean and
+        # inverse std come out as (N, groups) = (N, C).  On the CPU it too loses digits where an offset dominates
+        # (a relative error of 4e-4 at mean 100, std 0.01): those inputs take the shifted sums below.
         xc = x if x.is_contiguous() else x.contiguous()
         _, mean, rstd = torch.native_group_norm(xc, None, None, n, c, x.numel() // max(n * c, 1), c, 0.0)
-        return Stats(mean, rstd.pow(-2))
-    xv = x.reshape(n, c, -1)
+        var = rstd.pow(-2)
+        if x.device.type != "cpu" or xv.shape[2] == 1 or not bool((mean.square() > _ILL_CONDITIONED * var).any()):
+            return Stats(mean, var)
+        shifts = shifts[1:]
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
         # E[x^2] - E[x]^2 from two fast reductions; where an offset dominates (mean^2 >> var), the same of the
         # values shifted by each instance's first value (Welford's shifted data: the offset cancels exactly),
         # and torch.var_mean (7-15x slower on the CPU) only if the shifted data are still dominated by it
-        for shift in (None, xv[:, :, :1]):
+        for shift in shifts:
             xs = xv if shift is None else xv - shift
             mean, var = _raw_moments(xs)
             if not bool((mean.detach().square() > _ILL_CONDITIONED * var.detach()).any()):
@@ -147,6 +152,12 @@ def batch_mean_var(x: Tensor, *, unbiased: bool = False) -> Stats:
         mean, var = torch.ops.aten.batch_norm_update_stats(x, None, None, 1.0)
     else:
         mean, var = batch_from_instance(_instance_moments(x))
+        if bool((mean.detach().square() > _ILL_CONDITIONED * var.detach()).any()):
+            # an offset dominates: the instance means round at its scale, and their spread with them (a relative
+            # error of 3e-3 at mean 1000, std 0.001); shifted by one value of each channel, they do not
+            shift = x[:1].reshape(1, x.shape[1], -1)[:, :, :1].reshape(1, x.shape[1], *[1] * (x.dim() - 2))
+            mean, var = batch_from_instance(_instance_moments(x - shift))
+            mean = mean + shift.reshape(-1)
     if unbiased:
         var = var * (n / (n - 1))
     return Stats(mean, var)
