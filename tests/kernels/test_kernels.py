@@ -224,6 +224,42 @@ def test_layer_fused_ema_keeps_state_of_non_finite_channels():
     assert layer.ema_var[2] == before[1][2]
 
 
+@pytest.mark.parametrize(
+    "spec", [NormSpec(mixing="mixture", alpha=0.5), NormSpec(mixing="mixture", alpha=0.5, channelwise=True)]
+)
+def test_layer_fused_mixed_variance_beyond_float_range_is_nan_as_on_the_aten_path(spec, aten_only):
+    """A finite input whose mixed variance (alpha (1 - alpha) (mu_t - mu_s)^2) overflows float32: the kernel
+    normalised with 1 / sqrt(inf) = 0 (every value its channel's bias), the ATen path with NaN, which the
+    wrapper refuses."""
+    x = 6e19 + torch.randn(4, 5, 5, 5, generator=torch.Generator().manual_seed(0)) * 1e14
+    assert torch.isfinite(x).all()
+    fused, aten = _layer(spec, 5), _layer(spec, 5)
+    with torch.no_grad():
+        got = fused(x)
+        aten_only()
+        expected = aten(x)
+    assert expected.isnan().any() and torch.equal(got.isnan(), expected.isnan())  # (channelwise: where 0 < a < 1)
+
+
+def test_layer_fused_ema_momentum_one_keeps_exactly_the_last_batch(aten_only):
+    """ms + a (loc - ms) cancels at a = 1 when the old state dwarfs the batch: the kernel committed 0 for the
+    batch's statistics (outputs off by up to 1e3); torch.lerp's two-sided form returns them exactly."""
+    g = torch.Generator().manual_seed(0)
+    big, small = torch.randn(4, 5, 6, 6, generator=g) * 1e18, torch.randn(4, 5, 6, 6, generator=g)
+    spec = NormSpec(mixing="ema", momentum=1.0)
+    fused, aten = _layer(spec, 5), _layer(spec, 5)
+    with torch.no_grad():
+        fused(big)
+        got = fused(small)
+        aten_only()
+        aten(big)
+        expected = aten(small)
+    stats = batch_mean_var(small)
+    torch.testing.assert_close(fused.ema_mean, stats.mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.ema_var, stats.var, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_layer_uses_aten_path_when_a_gradient_is_needed():
     layer = _layer(SPECS["alpha"], 5)
     x = _data((4, 5, 6, 6), "normal").requires_grad_()

@@ -322,9 +322,13 @@ extern "C" int tta_fused_norm(const float* x, float* out, int64_t x_numel, int64
     } else if (rule != RULE_test) {
       const double a = alpha_c ? std::clamp(static_cast<double>(alpha_c[ch]), 0.0, 1.0) : alpha;
       const double ms = ref_mean[ch], vs = ref_var[ch];
-      m = ms + a * (loc - ms);
-      v = vs + a * (sq - vs);
+      // torch.lerp's two-sided form: exact at a = 1 (loc itself, however large the reference) as at a = 0
+      m = a < 0.5 ? ms + a * (loc - ms) : loc - (1.0 - a) * (loc - ms);
+      v = a < 0.5 ? vs + a * (sq - vs) : sq - (1.0 - a) * (sq - vs);
       if (rule == RULE_mixture) v += (m - ms) * (loc - m);  // alpha (1 - alpha) (mu_t - mu_s)^2
+      // a mixed variance beyond float range is not finite on the ATen path, which then normalises to NaN (not
+      // to a constant channel, 1 / sqrt(inf) = 0): the wrapper refuses the batch on both paths
+      if (rule != RULE_ema && !std::isfinite(static_cast<float>(v))) v = std::numeric_limits<double>::quiet_NaN();
       if (rule == RULE_ema && commit) {
         if (std::isfinite(m + v)) {
           ref_mean[ch] = static_cast<float>(m);
