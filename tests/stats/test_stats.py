@@ -323,6 +323,20 @@ def test_fused_moments_of_offset_heavy_activations_keep_float32_precision(offset
         torch.testing.assert_close(got.mean.detach().double(), ref.mean, rtol=1e-6, atol=0)
 
 
+def test_order_statistics_of_a_channel_with_nan_are_nan_on_every_path() -> None:
+    """NumPy's introselect orders NaN last, so the CPU median and MAD of a channel holding a NaN came out finite
+    (torch.median, the other devices' path and the kernel give NaN); the gradient then found no element."""
+    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(2))
+    x[1, 1, 2, 2] = float("nan")
+    rows = x.transpose(0, 1).reshape(3, -1)
+    torch.testing.assert_close(batch_median(x), rows.median(1).values, equal_nan=True)
+    for stats in (batch_median_mad(x), batch_median_msd(x)):
+        assert stats.mean.isnan().tolist() == [False, True, False] and stats.var[1].isnan()
+    xg = x.clone().requires_grad_(True)
+    batch_median(xg).sum().backward()
+    assert xg.grad.sum() == 3 and xg.grad[1, 1, 2, 2] == 1  # the NaN's channel: to the NaN, as torch.median
+
+
 def test_shifted_instance_moments_are_differentiable() -> None:
     from tta_norm.stats.estimators import batch_mean_var
 

@@ -180,9 +180,11 @@ class _SelectKth(torch.autograd.Function):
         if rows.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
             rows = rows.clone()  # one channel: the "copy" was a view; never partition the input in place
         arr = rows.numpy()
+        with_nan = np.isnan(arr).any(axis=1)  # (introselect orders NaN last: it would pick a finite value)
         kth = [k - 1 for k in ks]
         arr.partition(kth, axis=1)
         picked = torch.from_numpy(np.ascontiguousarray(arr[:, kth]))
+        picked[torch.from_numpy(with_nan)] = float("nan")  # as torch.median and torch.kthvalue on other devices
         ctx.save_for_backward(x, picked)
         ctx.ks = ks
         return picked.mean(1) if len(ks) > 1 else picked[:, 0].clone()
@@ -205,7 +207,8 @@ def subgradient_positions(rows: Tensor, value: Tensor, *, lower_median: bool = T
     """``(C, 1)`` positions, in the ``(C, N * prod(spatial))`` channel rows, of the element equal to ``value[c]``
     that receives an order statistic's gradient: the one ``torch.median(dim=1)`` returns when ``value`` is the
     lower median of a row with ties (MedBN's official rule), else the first equal element in row order."""
-    hits = (rows == value.unsqueeze(1)).nonzero()  # (row, column) pairs in row-major order
+    target = value.unsqueeze(1)
+    hits = ((rows == target) | (rows.isnan() & target.isnan())).nonzero()  # (row, column) pairs, row-major
     counts = torch.bincount(hits[:, 0], minlength=rows.shape[0])
     if bool((counts == 0).any()):
         raise ValueError("subgradient_positions: a value is not an element of its row (NaN in the activation?)")
