@@ -182,6 +182,27 @@ def test_medbn_mad_hand_computation() -> None:
     torch.testing.assert_close(out, ref_norm(X, med, (1.4826 * mad) ** 2, bn))
 
 
+@pytest.mark.parametrize("eps", [1e-3, 0.05])
+@pytest.mark.parametrize("graph", [False, True])
+def test_iabn_thresholds_add_the_layers_epsilon(eps, graph) -> None:
+    """NOTE's layer adds its own eps to the reference variance in the shrink thresholds; both paths added 1e-5
+    whatever the BatchNorm's eps (a difference of 0.55 at eps 1e-3 and running variances of 1e-3)."""
+    bn = make_bn()
+    bn.eps = eps
+    with torch.no_grad():
+        bn.running_var.fill_(1e-3)
+    x = (torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(1)) * 0.04 + bn.running_mean.view(1, -1, 1, 1))
+    k, L = 4.0, 16
+    mu_b, var_b = bn.running_mean, bn.running_var
+    xi = x.reshape(4, 3, -1)
+    mu_i, var_i = xi.mean(2), xi.var(2, unbiased=True)
+    s_mu, s_var = torch.sqrt((var_b + eps) / L), (var_b + eps) * math.sqrt(2 / (L - 1))
+    mu = mu_b + torch.sign(mu_i - mu_b) * torch.relu((mu_i - mu_b).abs() - k * s_mu)
+    var = torch.relu(var_b + torch.sign(var_i - var_b) * torch.relu((var_i - var_b).abs() - k * s_var))
+    out = layer("iabn", bn)(x.requires_grad_(graph))  # the compiled kernel without a graph, ATen with one
+    torch.testing.assert_close(out.detach(), ref_norm(x.detach(), mu, var, bn, eps=eps), rtol=1e-4, atol=1e-4)
+
+
 def test_iabn_hand_computation() -> None:
     bn = make_bn()
     k, eps, L = 4.0, 1e-5, 16

@@ -358,7 +358,7 @@ extern "C" int tta_fused_norm(const float* x, float* out, int64_t x_numel, int64
     }
     // refined toward the channel statistics in float, like the ATen path
     const float mu_b = static_cast<float>(mu[ch]), var_b = static_cast<float>(var[ch]);
-    const float scale_b = var_b + 1e-5f;  // NOTE's epsilon (tta_norm.stats.iabn_shrink), not the layer's
+    const float scale_b = var_b + static_cast<float>(eps);  // the layer's epsilon, as NOTE's layer adds its own
     double mi, vi;
     row_moments(p, l, &mi, &vi);
     float m_out = mu_b, v_out = var_b;

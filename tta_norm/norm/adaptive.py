@@ -309,6 +309,7 @@ class AdaptiveNorm(nn.Module):
             mix_weight=getattr(self, "mix_weight", None),
             use_batch=use_batch,
             samples=self._sample_count(x) if self.spec.pseudo_count is not None else None,
+            eps=self.eps,
         )
         if new_state is not None and update_state:
             self._commit(new_state)

@@ -67,6 +67,7 @@ def layer_statistics(
     mix_weight: Tensor | None = None,
     use_batch: bool = True,
     samples: int | None = None,
+    eps: float = 1e-5,
 ) -> tuple[Stats, Stats | None]:
     """The statistics an adaptive norm layer normalises ``x`` with, and its new EMA state.
 
@@ -74,7 +75,9 @@ def layer_statistics(
     refinement.  ``new_ema_state`` is ``None`` unless ``spec.mixing == "ema"`` and the batch was used.
     With ``use_batch=False`` the batch is not looked at: the result is the current state (the EMA state for
     ``"ema"``, else the source statistics).  ``samples``: the number of test samples ``n`` of pseudo-count
-    mixing (default: the rows of ``x``).  See :class:`NormSpec` for the three steps.
+    mixing (default: the rows of ``x``).  ``eps``: the layer's epsilon, which IABN's shrink thresholds add to the
+    reference variance (NOTE's layer uses its own ``eps`` there and in the normalisation).  See :class:`NormSpec`
+    for the three steps.
     """
     reference_state = ema_state if spec.mixing == "ema" else source
     if reference_state is None:
@@ -100,7 +103,7 @@ def layer_statistics(
     if spec.instance == "iabn":
         spatial = math.prod(x.shape[2:])
         instance = instance_mean_var(x, unbiased=spatial > 1)
-        stats = iabn_shrink(instance, stats, spatial, k=spec.iabn_k)
+        stats = iabn_shrink(instance, stats, spatial, k=spec.iabn_k, eps=eps)
     elif spec.instance == "example":
         stats = mix(example_stats(x), stats, spec.example_weight, "mixture")
     return stats, new_state

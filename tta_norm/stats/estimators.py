@@ -330,7 +330,8 @@ def iabn_shrink(
 
     i.e. an instance statistic is used only where it deviates from the reference by more than ``k`` standard
     errors.  ``k = 4`` is what NOTE's scripts use.  For ``L <= 1`` the correction is skipped and the reference
-    is returned (NOTE's threshold).  Instance variances are expected unbiased (NOTE's convention).
+    is returned (NOTE's threshold).  Instance variances are expected unbiased (NOTE's convention).  ``eps`` is
+    the normalising layer's epsilon (NOTE's ``InstanceAwareBatchNorm2d`` adds its own ``eps`` here).
     Returns ``(N, C)`` statistics.
     """
     mu_i, var_i = instance
