@@ -656,3 +656,13 @@ def test_a_model_returning_a_tuple_is_told_to_wrap_it(call) -> None:
     with pytest.raises(TypeError, match="returned a tuple, not a tensor of logits; wrap it"):
         run()
     assert all(torch.equal(v, tta.state_dict()[k]) for k, v in before.items()) and tta.num_adapted == 0
+
+
+@pytest.mark.parametrize("make", [torch.jit.script, lambda m: torch.jit.trace(m, X)])
+def test_a_torchscript_model_is_told_to_adapt_the_eager_one(make) -> None:
+    """A scripted model failed with an AttributeError of TorchScript's internals, or was said to have no norm
+    layer at all."""
+    scripted = make(tiny_net())
+    for preset in ("source", "tbn"):
+        with pytest.raises(TypeError, match="TorchScript.*adapt the eager model"):
+            tta_norm.adapt(scripted, preset)

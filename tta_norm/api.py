@@ -742,6 +742,9 @@ def adapt(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):  # (its layers cannot be replaced; it looked like a norm-free net)
+        raise TypeError("model is a TorchScript module (torch.jit.script / trace), whose layers cannot be replaced: "
+                        "adapt the eager model it was made from")  # fmt: skip
     if any(isinstance(m, (TTAModel, AdaptiveNorm)) for m in model.modules()):
         # (a model converted with inplace=True holds the first wrapper's layers: a second wrapper would run them,
         # with their spec and adapted state, under its own preset's name)
