@@ -57,27 +57,33 @@ def test_fisher_samples_become_cached_fisher_images(monkeypatch) -> None:
         resolve_entry_kwargs("tbn", None, {"ttn_fit": {}}, tiny_net())
 
 
-def test_ttn_fit_is_fitted_once_per_model_and_cached(monkeypatch, tmp_path) -> None:
+TINY_FIT = {"n_images": 16, "prior_batches": 2, "prior_batch_size": 8, "epochs": 1, "batch_size": 8}
+
+
+def _counted_fits_on_fake_source(monkeypatch, tmp_path, classes: int) -> list:
+    """A cache in ``tmp_path``, 16 random source images of ``classes`` classes, and the list of ttn fits run."""
     import numpy as np
 
-    import tta_norm
     from tta_norm.fitting import _data, ttn
 
     monkeypatch.setenv("TTA_NORM_CACHE", str(tmp_path))
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (16, 6, 6, 3), dtype=np.uint8)
-    labels = rng.integers(0, 5, 16)
+    labels = rng.integers(0, classes, 16)
     monkeypatch.setattr(_data, "load_source_split", lambda *a, **k: (images, labels))
-    fits = []
+    fits: list = []
     real_fit = ttn.fit_ttn
-
-    def counting_fit(*a, **k):
-        fits.append(k)
-        return real_fit(*a, **k)
-
-    monkeypatch.setattr(ttn, "fit_ttn", counting_fit)
+    monkeypatch.setattr(ttn, "fit_ttn", lambda *a, **k: fits.append(k) or real_fit(*a, **k))
     entries._ttn_states.clear()
-    fit = {"n_images": 16, "prior_batches": 2, "prior_batch_size": 8, "epochs": 1, "batch_size": 8}
+    return fits
+
+
+def test_ttn_fit_is_fitted_once_per_model_and_cached(monkeypatch, tmp_path) -> None:
+    import tta_norm
+    from tta_norm.fitting import ttn
+
+    fits = _counted_fits_on_fake_source(monkeypatch, tmp_path, classes=5)
+    fit = dict(TINY_FIT)
     model = tiny_net()
     first = resolve_entry_kwargs("ttn", None, {"ttn_fit": fit}, model)
     second = resolve_entry_kwargs("ttn", "tent", {"ttn_fit": fit, "lr": 0.01}, model)
@@ -99,21 +105,9 @@ def test_ttn_fit_is_fitted_once_per_model_and_cached(monkeypatch, tmp_path) -> N
 
 def test_a_cached_ttn_fit_that_cannot_be_used_is_fitted_again(monkeypatch, tmp_path) -> None:
     """A corrupt cache file raised UnpicklingError in every cell, for good."""
-    import numpy as np
-
-    from tta_norm.fitting import _data, ttn
-
-    monkeypatch.setenv("TTA_NORM_CACHE", str(tmp_path))
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (16, 6, 6, 3), dtype=np.uint8)
-    labels = rng.integers(0, 3, 16)
-    monkeypatch.setattr(_data, "load_source_split", lambda *a, **k: (images, labels))
-    fits = []
-    real_fit = ttn.fit_ttn
-    monkeypatch.setattr(ttn, "fit_ttn", lambda *a, **k: fits.append(k) or real_fit(*a, **k))
-    fit = {"n_images": 16, "prior_batches": 2, "prior_batch_size": 8, "epochs": 1, "batch_size": 8}
+    fits = _counted_fits_on_fake_source(monkeypatch, tmp_path, classes=3)
+    fit = dict(TINY_FIT)
     model = tiny_net()
-    entries._ttn_states.clear()
     good = resolve_entry_kwargs("ttn", None, {"ttn_fit": fit}, model)["init_state"]
     (path,) = (tmp_path / "ttn").glob("ttn-*.pt")
     state = {k: v.clone() for k, v in good.items()}
