@@ -22,7 +22,8 @@ activation; every other BatchNorm (e.g. ``bn2`` of a ResNet BasicBlock, which fe
   dependent control flow) raise an error that points to ``method="sequential"``. A BatchNorm module called at
   several places in ``forward`` is rejected.
 * ``method="sequential"``: in place, without tracing; only a BN immediately followed by an activation module
-  inside the same ``nn.Sequential`` is fused (the activation entry becomes ``nn.Identity``). Any other BN is
+  inside the same ``nn.Sequential`` is fused (the activation entry becomes ``nn.Identity``), never inside a
+  ``Sequential`` subclass with its own ``forward`` (which need not chain its children). Any other BN is
   converted by the ``unfused`` rule and listed in a warning, because an activation applied in ``forward``
   (e.g. ``F.relu``) cannot be seen or removed without tracing.
 
@@ -338,7 +339,7 @@ def _select(
     if missing:
         hint = (
             "with method='sequential' only a BN directly followed by an activation module inside an "
-            "nn.Sequential is recognised; try method='fx'"
+            "nn.Sequential (not a subclass with its own forward) is recognised; try method='fx'"
             if method == "sequential"
             else "they are not BatchNorms whose output goes only into a supported elementwise activation"
         )
@@ -406,7 +407,7 @@ def convert_to_gn_pn(
         num_groups: GN groups, an int dividing every BN's channel count or a callable ``channels -> groups``
             (1 gives LN + PN).
         method: "fx" (trace and rewrite; returns an ``fx.GraphModule``) or "sequential" (in place; only
-            BN -> activation module pairs inside an ``nn.Sequential``).
+            BN -> activation module pairs inside an ``nn.Sequential`` that keeps ``Sequential.forward``).
         activation_after: restrict fusion to these BN names / this predicate (default: all detected pairs).
         unfused: BNs not fused become ``nn.GroupNorm`` with affine ("gn") or stay BatchNorm ("keep").
         norm_eps: GN epsilon (default: each BN's eps; the paper's code uses 1e-3).
@@ -464,8 +465,8 @@ def convert_to_gn_pn(
     # method == "sequential": in place, adjacent (BN, activation module) entries of nn.Sequential containers
     seq_pairs: dict[str, tuple[nn.Sequential, str, str, nn.Module]] = {}
     for parent_name, parent in model.named_modules():
-        if not isinstance(parent, nn.Sequential):
-            continue
+        if not isinstance(parent, nn.Sequential) or type(parent).forward is not nn.Sequential.forward:
+            continue  # a subclass with its own forward may not chain its children (e.g. act(bn(x) + x))
         children = list(parent.named_children())
         for (n1, m1), (n2, m2) in zip(children, children[1:], strict=False):
             if isinstance(m1, _BatchNorm) and isinstance(m2, ACTIVATION_MODULES):
@@ -488,8 +489,9 @@ def convert_to_gn_pn(
         what = "converted to GroupNorm with affine" if unfused == "gn" else "kept as BatchNorm"
         warnings.warn(
             f"convert_to_gn_pn(method='sequential'): {len(rest)} BatchNorm(s) are not directly followed by an "
-            f"activation module inside an nn.Sequential and were {what}: {rest}. If their output goes into an "
-            "activation in forward() (e.g. F.relu), use method='fx' to fuse them into GN + Proxy Norm.",
+            f"activation module inside an nn.Sequential that keeps Sequential's forward and were {what}: {rest}. "
+            "If their output goes into an activation in forward() (e.g. F.relu), use method='fx' to fuse them "
+            "into GN + Proxy Norm.",
             UserWarning,
             stacklevel=2,
         )
