@@ -46,3 +46,22 @@ def test_sequential_method_pairs_only_inside_containers_that_chain_their_childre
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         convert_to_gn_pn(PlainSubclass(nn.BatchNorm2d(4), nn.ReLU()), 1, method="sequential")  # fused: no warning
+
+
+def test_sequential_method_refuses_a_shared_batchnorm_before_any_change() -> None:
+    bn = nn.BatchNorm2d(4)
+    model = nn.Sequential(nn.Sequential(bn, nn.ReLU()), nn.Conv2d(4, 4, 1), nn.Sequential(bn, nn.ReLU()))
+    kinds = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=r"\['0\.0', '2\.0'\] .*called more than once"):
+        convert_to_gn_pn(model, 1, method="sequential")
+    assert [type(m) for m in model.modules()] == kinds and model[0][0] is bn and model[2][0] is bn
+
+
+@pytest.mark.parametrize("bad", [{"num_groups": 4}, {"num_groups": 2, "moments": "analytic"}])
+def test_sequential_method_checks_every_layer_before_the_first_change(bad: dict) -> None:
+    # the second BN (6 channels) refuses 4 groups; the SiLU pair refuses analytic moments: nothing is replaced
+    model = nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 1), nn.BatchNorm2d(6), nn.SiLU())
+    kinds = [type(m) for m in model]
+    with pytest.raises(ValueError):
+        convert_to_gn_pn(model, method="sequential", **bad)
+    assert [type(m) for m in model] == kinds

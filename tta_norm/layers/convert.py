@@ -463,6 +463,14 @@ def convert_to_gn_pn(
         return gm
 
     # method == "sequential": in place, adjacent (BN, activation module) entries of nn.Sequential containers
+    every_bn = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, _BatchNorm)]
+    uses = Counter(id(m) for _, m in every_bn)
+    shared = [n for n, m in every_bn if uses[id(m)] > 1]
+    if shared:
+        raise ValueError(
+            f"BatchNorm module(s) {shared} are one module under several names, so called more than once; a shared BN "
+            "cannot be converted per call site. Give each call its own BatchNorm."
+        )
     seq_pairs: dict[str, tuple[nn.Sequential, str, str, nn.Module]] = {}
     for parent_name, parent in model.named_modules():
         if not isinstance(parent, nn.Sequential) or type(parent).forward is not nn.Sequential.forward:
@@ -474,17 +482,21 @@ def convert_to_gn_pn(
     all_bns = {n: m for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
     chosen = _select(seq_pairs, all_bns, activation_after, method)
     _refuse_extended([n for n in all_bns if n in chosen or unfused == "gn"], all_bns)
+    plan: list[tuple[nn.Module, str, nn.Module]] = []  # every replacement is built before the first change
     for name in sorted(chosen):
         parent, n1, n2, act = seq_pairs[name]
         bn = all_bns[name]  # type: ignore[assignment]
         groups = _resolve_groups(num_groups, bn.num_features, name)
-        setattr(parent, n1, _gn_pn_from_bn(bn, make_activation(act), groups, **pn_kwargs))
-        setattr(parent, n2, nn.Identity())
+        fused = _gn_pn_from_bn(bn, make_activation(act), groups, **pn_kwargs)
+        plan += [(parent, n1, fused), (parent, n2, nn.Identity())]
     rest = [n for n in all_bns if n not in chosen]
     for name in rest:
         new = unfused_replacement(name, all_bns[name])  # type: ignore[arg-type]
         if new is not None:
-            model.set_submodule(name, new)
+            parent_name, _, attr = name.rpartition(".")
+            plan.append((model.get_submodule(parent_name), attr, new))
+    for parent, attr, new in plan:
+        setattr(parent, attr, new)
     if rest:
         what = "converted to GroupNorm with affine" if unfused == "gn" else "kept as BatchNorm"
         warnings.warn(
