@@ -1,14 +1,16 @@
-"""convert_to_gn_pn on models that defeat a naive pairing: Sequential subclasses with their own forward."""
+"""convert_to_gn_pn on models that defeat a naive pairing: Sequential subclasses with their own forward, shared
+BNs, identities and dropout between a BN and its activation (timm)."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from tta_norm.layers import GroupNormProxyAct, convert_to_gn_pn
+from tta_norm.layers import GroupNormProxyAct, convert_to_gn_pn, convert_to_group_norm, find_bn_activations
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -65,3 +67,65 @@ def test_sequential_method_checks_every_layer_before_the_first_change(bad: dict)
     with pytest.raises(ValueError):
         convert_to_gn_pn(model, method="sequential", **bad)
     assert [type(m) for m in model] == kinds
+
+
+class ThroughIdentity(nn.Module):
+    """bn -> nn.Identity -> ReLU (fusable); bn_d -> Dropout -> ReLU and bn_s -> Identity used twice (not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn, self.bn_d, self.bn_s = nn.BatchNorm2d(4), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        self.drop_block, self.drop, self.skip = nn.Identity(), nn.Dropout(0.5), nn.Identity()
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.drop_block(self.drop_block(self.bn(x))))
+        y = torch.relu(self.drop(self.bn_d(y)))
+        s = self.skip(self.bn_s(y))
+        return torch.relu(s) + s
+
+
+def test_fx_method_fuses_through_identity_calls_not_dropout_and_warns_about_the_rest() -> None:
+    model = ThroughIdentity().eval()
+    assert set(find_bn_activations(model)) == {"bn"}
+    with pytest.warns(UserWarning, match=r"convert_to_gn_pn\(method='fx'\): 2 BatchNorm.*\['bn_d', 'bn_s'\]"):
+        gm = convert_to_gn_pn(model, 2)
+    assert isinstance(gm.bn, GroupNormProxyAct) and type(gm.bn_d) is nn.GroupNorm and type(gm.bn_s) is nn.GroupNorm
+    x = torch.randn(2, 4, 3, 3, generator=_gen(2))
+    y = torch.relu(gm.drop(gm.bn_d(gm.bn(x))))  # the ReLU and the two identities after bn are gone
+    s = gm.bn_s(y)
+    torch.testing.assert_close(gm(x), torch.relu(s) + s)
+    with pytest.warns(UserWarning, match=r"kept as BatchNorm: \['bn_d', 'bn_s'\]"):
+        convert_to_gn_pn(model, 2, unfused="keep")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert_to_gn_pn(nn.Sequential(nn.BatchNorm2d(4), nn.ReLU()), 2)  # everything fused: no warning
+
+
+def test_fx_method_on_timm_resnet18_equals_the_hand_built_conversion() -> None:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=5).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    # the stem and every block: bn1 -> (drop_block: nn.Identity) -> act1 fused; bn2 and downsample BNs not
+    fused = ["bn1"] + [f"layer{i}.{j}.bn1" for i in range(1, 5) for j in range(2)]
+    assert sorted(find_bn_activations(model)) == sorted(fused)
+    with pytest.warns(UserWarning, match="11 BatchNorm"):
+        gm = convert_to_gn_pn(model, 8)
+    reference = copy.deepcopy(model)
+    for name in fused:
+        owner = reference.get_submodule(name.rpartition(".")[0])
+        bn = owner.bn1
+        layer = GroupNormProxyAct(bn.num_features, 8, nn.ReLU(), norm_eps=bn.eps)
+        with torch.no_grad():
+            layer.proxy.weight.copy_(bn.weight)
+            layer.proxy.bias.copy_(bn.bias)
+        owner.bn1, owner.act1 = layer, nn.Identity()
+    reference = convert_to_group_norm(reference, 8).eval()
+    x = torch.randn(2, 3, 32, 32, generator=_gen(3))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), reference(x))

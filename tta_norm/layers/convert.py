@@ -16,7 +16,9 @@ activation; every other BatchNorm (e.g. ``bn2`` of a ResNet BasicBlock, which fe
   graph is rewritten. Supported: a BN whose single user is ``F.relu``/``torch.relu``/``Tensor.relu`` (also the
   in-place forms), ``F.silu``, ``F.gelu``, ``F.leaky_relu``, or a call of an activation module (``nn.ReLU``,
   ``nn.SiLU``, ``nn.GELU``, ...), wherever it is written (``nn.Sequential``, ``self.relu`` in a BasicBlock,
-  functional calls in ``forward``). The result is an ``fx.GraphModule`` with the same submodule names and
+  functional calls in ``forward``), also through ``nn.Identity`` calls in between (timm's disabled
+  ``drop_block``); a dropout in between is not fused across (the fused layer has no place for it). Every BN not
+  fused is listed in a warning. The result is an ``fx.GraphModule`` with the same submodule names and
   state-dict keys for everything that was called in ``forward``; the original model is not modified, but the
   GraphModule shares its remaining submodules (convs, linears) with it. Models that fx cannot trace (data-
   dependent control flow) raise an error that points to ``method="sequential"``. A BatchNorm module called at
@@ -294,8 +296,21 @@ def _activation_of(node: fx.Node, source: fx.Node, modules: dict[str, nn.Module]
     return None
 
 
-def _fx_candidates(gm: fx.GraphModule) -> tuple[dict[str, tuple[fx.Node, fx.Node, nn.Module]], list[str]]:
-    """BN -> activation pairs in a traced model: ({bn name: (bn node, activation node, activation)}, all BNs)."""
+def _identity_of(node: fx.Node, source: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """True if ``node`` calls an ``nn.Identity`` (e.g. timm's disabled drop_block) on ``source`` alone."""
+    m = modules.get(str(node.target)) if node.op == "call_module" else None
+    return (
+        isinstance(m, nn.Identity) and type(m).forward is nn.Identity.forward and _only_input(node, source, set(), 1)
+    )
+
+
+_Pair = tuple[fx.Node, fx.Node, nn.Module, list[fx.Node]]
+
+
+def _fx_candidates(gm: fx.GraphModule) -> tuple[dict[str, _Pair], list[str]]:
+    """BN -> activation pairs in a traced model: ({bn name: (bn node, activation node, activation, identity nodes
+    between them)}, all BNs). The BN's output may pass through single-user ``nn.Identity`` calls on its way; a
+    dropout in between stops the pairing (the fused layer has no place for it)."""
     modules = dict(gm.named_modules())
     bn_nodes = [
         n for n in gm.graph.nodes if n.op == "call_module" and isinstance(modules.get(str(n.target)), _BatchNorm)
@@ -309,22 +324,30 @@ def _fx_candidates(gm: fx.GraphModule) -> tuple[dict[str, tuple[fx.Node, fx.Node
         )
     pairs = {}
     for node in bn_nodes:
-        users = list(node.users)
-        if len(users) == 1:
-            act = _activation_of(users[0], node, modules)
+        chain: list[fx.Node] = []
+        current = node
+        while len(current.users) == 1:
+            user = next(iter(current.users))
+            if _identity_of(user, current, modules):
+                chain.append(user)
+                current = user
+                continue
+            act = _activation_of(user, current, modules)
             if act is not None:
-                pairs[str(node.target)] = (node, users[0], act)
+                pairs[str(node.target)] = (node, user, act, chain)
+            break
     return pairs, [str(n.target) for n in bn_nodes]
 
 
 def find_bn_activations(model: nn.Module) -> dict[str, nn.Module]:
-    """BatchNorms whose output goes only into an elementwise activation, found by tracing with ``torch.fx``.
+    """BatchNorms whose output goes only into an elementwise activation (directly or through ``nn.Identity``
+    calls), found by tracing with ``torch.fx``.
 
     Returns ``{qualified BN name: activation module}`` (functional calls such as ``F.relu`` are reported as the
     equivalent module, e.g. ``nn.ReLU()``). Raises ``RuntimeError`` if the model is not fx-traceable.
     """
     pairs, _ = _fx_candidates(_trace(model))
-    return {name: act for name, (_, _, act) in pairs.items()}
+    return {name: act for name, (_, _, act, _) in pairs.items()}
 
 
 def _select(
@@ -449,17 +472,27 @@ def convert_to_gn_pn(
         for name in bn_names:
             bn: _BatchNorm = all_bns[name]  # type: ignore[assignment]
             if name in chosen:
-                bn_node, act_node, act = pairs[name]
+                bn_node, act_node, act, between = pairs[name]
                 groups = _resolve_groups(num_groups, bn.num_features, name)
                 gm.set_submodule(name, _gn_pn_from_bn(bn, act, groups, **pn_kwargs))
                 act_node.replace_all_uses_with(bn_node)
-                gm.graph.erase_node(act_node)
+                for node in [act_node, *reversed(between)]:
+                    gm.graph.erase_node(node)
             else:
                 new = unfused_replacement(name, bn)
                 if new is not None:
                     gm.set_submodule(name, new)
         gm.graph.lint()
         gm.recompile()
+        rest = [n for n in bn_names if n not in chosen]
+        if rest:
+            what = "converted to GroupNorm with affine" if unfused == "gn" else "kept as BatchNorm"
+            warnings.warn(
+                f"convert_to_gn_pn(method='fx'): {len(rest)} BatchNorm(s) do not feed an elementwise activation "
+                f"alone (directly or through nn.Identity) or were not selected, and were {what}: {rest}",
+                UserWarning,
+                stacklevel=2,
+            )
         return gm
 
     # method == "sequential": in place, adjacent (BN, activation module) entries of nn.Sequential containers
