@@ -4,13 +4,17 @@
 ``convert_to_ghost_bn``, ``convert_to_batch_group_norm`` and ``convert_to_group_norm`` replace modules in place
 (like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``) and return the model (a new object only when the model
 itself is a BatchNorm). They convert modules whose type is exactly ``nn.BatchNorm1d/2d/3d``; other
-``_BatchNorm`` subclasses (SyncBatchNorm, lazy BN, adaptive wrappers, ghost BNs already converted) are left
-alone, with a warning (for ``convert_to_ghost_bn``: for the ones that are not ghost BNs already).
+``_BatchNorm`` subclasses (SyncBatchNorm, lazy BN, adaptive wrappers, ghost BNs already converted) and frozen
+BNs (modules with running statistics that are no ``_BatchNorm``: torchvision's ``FrozenBatchNorm2d``, timm's
+``FrozenBatchNormAct2d``) are left alone, with one warning naming them (not the ghost BNs for
+``convert_to_ghost_bn`` nor the ``BatchGroupNorm`` layers for ``convert_to_batch_group_norm``: they are converted
+already).
 
 ``convert_to_gn_pn`` turns every BatchNorm whose output goes straight into an elementwise activation into
 ``GroupNormProxyAct`` (GN without affine -> affine -> activation -> proxy normalization) and removes that
 activation; every other BatchNorm (e.g. ``bn2`` of a ResNet BasicBlock, which feeds the residual sum) becomes
-``nn.GroupNorm`` with affine (``unfused="gn"``) or is kept (``unfused="keep"``). Two detection methods:
+``nn.GroupNorm`` with affine (``unfused="gn"``) or is kept (``unfused="keep"``). Frozen BNs are left as they are,
+with a warning naming them. Two detection methods:
 
 * ``method="fx"`` (default): the model is traced with ``torch.fx`` (normalization layers are leaves) and the
   graph is rewritten. Supported: a BN whose single user is ``F.relu``/``torch.relu``/``Tensor.relu`` (also the
@@ -115,14 +119,15 @@ def _convert_plain_batchnorms(
     quiet: type | tuple[type, ...] = (),
 ) -> nn.Module:
     """Replace, in place, every module whose type is exactly ``nn.BatchNorm1d/2d/3d`` by ``build(name, bn)``;
-    every other ``_BatchNorm`` is left unchanged and named in one warning, except instances of ``quiet``.
-    Returns the model (or the replacement when ``model`` itself is a BatchNorm)."""
+    every other ``_BatchNorm`` or module with running statistics (a frozen BN) is left unchanged and named in one
+    warning, except instances of ``quiet``. Returns the model (or the replacement when ``model`` itself is a
+    BatchNorm)."""
     skipped: list[str] = []
 
     def make(name: str, module: nn.Module) -> nn.Module | None:
         if type(module) in GHOST_BN_FOR:
             return build(name, module)  # type: ignore[arg-type]
-        if isinstance(module, _BatchNorm) and not isinstance(module, quiet):
+        if (isinstance(module, _BatchNorm) or _has_running_stats(module)) and not isinstance(module, quiet):
             skipped.append(f"{name or '<root>'} ({type(module).__name__})")
         return None
 
@@ -133,6 +138,29 @@ def _convert_plain_batchnorms(
             f"{converter}: left unchanged (not exactly nn.BatchNorm1d/2d/3d): {listing}", UserWarning, stacklevel=3
         )
     return out
+
+
+def _has_running_stats(module: nn.Module) -> bool:
+    """True if ``module`` holds running statistics of its own (a BatchNorm, or a frozen one such as torchvision's
+    ``FrozenBatchNorm2d`` or timm's ``FrozenBatchNormAct2d``, which are no ``_BatchNorm``)."""
+    return any(module._buffers.get(b) is not None for b in ("running_mean", "running_var"))
+
+
+def _warn_other_norms(model: nn.Module) -> Callable[[], None]:
+    """For ``convert_to_gn_pn``, which replaces ``_BatchNorm`` layers only: the other modules with running
+    statistics (frozen BNs) found now, named in one warning when the returned function is called."""
+    left = [f"{n or '<root>'} ({type(m).__name__})" for n, m in model.named_modules()
+            if _has_running_stats(m) and not isinstance(m, _BatchNorm)]  # fmt: skip
+
+    def warn() -> None:
+        if left:
+            warnings.warn(
+                f"convert_to_gn_pn: left unchanged (running statistics, but not a torch BatchNorm): {', '.join(left)}",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    return warn
 
 
 def _resolve_groups(num_groups: GroupSpec, channels: int, name: str) -> int:
@@ -207,7 +235,7 @@ def convert_to_batch_group_norm(
         g = _resolve_groups(num_groups, bn.num_features, name) if grouping == "channel" else num_groups
         return BatchGroupNorm.from_batchnorm(bn, g, grouping=grouping)  # type: ignore[arg-type]
 
-    return _convert_plain_batchnorms(model, "convert_to_batch_group_norm", build)
+    return _convert_plain_batchnorms(model, "convert_to_batch_group_norm", build, quiet=BatchGroupNorm)
 
 
 def convert_to_group_norm(model: nn.Module, num_groups: GroupSpec, *, copy_affine: bool = True) -> nn.Module:
@@ -458,6 +486,7 @@ def convert_to_gn_pn(
             bn, _resolve_groups(num_groups, bn.num_features, name), norm_eps=norm_eps, copy_affine=copy_affine
         )
 
+    warn_other_norms = _warn_other_norms(model)
     if isinstance(model, _BatchNorm):
         _refuse_extended([""] if unfused == "gn" else [], {"": model})
         out = unfused_replacement("", model)
@@ -493,6 +522,7 @@ def convert_to_gn_pn(
                 UserWarning,
                 stacklevel=2,
             )
+        warn_other_norms()
         return gm
 
     # method == "sequential": in place, adjacent (BN, activation module) entries of nn.Sequential containers
@@ -540,4 +570,5 @@ def convert_to_gn_pn(
             UserWarning,
             stacklevel=2,
         )
+    warn_other_norms()
     return model
