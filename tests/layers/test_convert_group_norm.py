@@ -79,3 +79,13 @@ def test_a_batchnorm_shared_by_two_call_sites_becomes_one_shared_layer():
         out = convert(model, **kwargs)
         model = model if isinstance(out, list) else out
         assert type(model[1]) is not nn.BatchNorm2d and model[4] is model[1], convert.__name__
+
+
+def test_a_refused_conversion_leaves_the_model_as_it_was():
+    from tta_norm.layers import convert_to_batch_group_norm
+
+    for convert in (convert_to_group_norm, convert_to_batch_group_norm):
+        model = nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 6, 1), nn.BatchNorm2d(6))
+        with pytest.raises(ValueError, match="layer '2': num_groups=4 does not divide its 6 channels"):
+            convert(model, 4)
+        assert [type(m) for m in model] == [nn.BatchNorm2d, nn.Conv2d, nn.BatchNorm2d], convert.__name__

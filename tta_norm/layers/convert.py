@@ -93,11 +93,12 @@ def _replace_in_place(
 ) -> tuple[nn.Module, list[str]]:
     """Replace every module for which ``make(name, module)`` returns a module; returns (model, replaced names).
     A module reachable under several names (one layer shared by two call sites) is built once, under its first
-    name, and that one replacement is set under every name, so the call sites still share one layer."""
+    name, and that one replacement is set under every name, so the call sites still share one layer. Every
+    replacement is built before the first one is set: an error in ``make`` leaves the model as it was."""
     root_new = make("", model)
     if root_new is not None:
         return root_new, [""]
-    replaced: list[str] = []
+    plan: list[tuple[str, nn.Module]] = []
     built: dict[int, nn.Module | None] = {}
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if name == "":
@@ -106,9 +107,10 @@ def _replace_in_place(
             built[id(module)] = make(name, module)
         new = built[id(module)]
         if new is not None:
-            model.set_submodule(name, new)
-            replaced.append(name)
-    return model, replaced
+            plan.append((name, new))
+    for name, new in plan:
+        model.set_submodule(name, new)
+    return model, [name for name, _ in plan]
 
 
 def _convert_plain_batchnorms(
