@@ -213,3 +213,13 @@ def test_mixed_precision_input_keeps_dtype() -> None:
     torch.testing.assert_close(out.float(), BatchGroupNorm(4, 2)(x.float()), atol=3e-2, rtol=0)
     layer.eval()
     assert layer(x).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-5, float("nan")])
+def test_eps_must_be_positive(eps: float) -> None:
+    with pytest.raises(ValueError, match=r"BatchGroupNorm: eps must be > 0"):
+        BatchGroupNorm(4, 2, eps=eps)
+    layer = BatchGroupNorm(4, 2)
+    layer.eps = eps  # set after construction: refused when used, not a NaN output
+    with pytest.raises(ValueError, match=r"BatchGroupNorm: eps must be > 0"):
+        layer(torch.zeros(2, 4, 2, 2))

@@ -222,3 +222,20 @@ def test_state_dict_round_trip_and_dtype_moves() -> None:
     out = half(x.to(torch.bfloat16))
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ProxyNorm(3)(x), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("eps", [0.0, -0.03, float("nan")])
+def test_eps_must_be_positive(eps: float) -> None:
+    with pytest.raises(ValueError, match=r"ProxyNorm: eps must be > 0"):
+        ProxyNorm(2, eps=eps)
+    with pytest.raises(ValueError, match=r"ProxyNorm: eps must be > 0"):
+        GroupNormProxyAct(4, 2, proxy_eps=eps)
+    with pytest.raises(ValueError, match=r"GroupNormProxyAct: norm_eps must be > 0"):
+        GroupNormProxyAct(4, 2, norm_eps=eps)
+    from tta_norm.layers import convert_to_gn_pn
+
+    model = nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4))
+    for method in ("fx", "sequential"):
+        with pytest.raises(ValueError, match=r"norm_eps must be > 0"):
+            convert_to_gn_pn(model, 2, method=method, norm_eps=eps)
+    assert [type(m) for m in model] == [nn.BatchNorm2d, nn.ReLU, nn.BatchNorm2d]

@@ -33,13 +33,18 @@ from ._common import channel_view, check_channels, stats_dtype, update_running_s
 Grouping = Literal["channel", "flat"]
 
 
+def _check_eps(eps: float) -> None:
+    if not eps > 0:  # also NaN: eps = 0 divides a constant group by zero
+        raise ValueError(f"BatchGroupNorm: eps must be > 0, got {eps}")
+
+
 class BatchGroupNorm(nn.Module):
     """Normalize over (batch x group of features) with per-channel affine and per-group running stats.
 
     Args:
         num_features: channels C of the (N, C, *spatial) input (any number of spatial dims, including none).
         num_groups: G, number of feature groups per sample; statistics are computed over N * C*S/G elements.
-        eps, momentum, affine, track_running_stats: as in ``nn.BatchNorm2d``.
+        eps, momentum, affine, track_running_stats: as in ``nn.BatchNorm2d`` (eps > 0).
         grouping: ``"channel"`` (G | C, default) or ``"flat"`` (G | C*S); see the module docstring.
 
     Cite: Summers & Dinneen 2020 ("Four Things", BN+GN); Zhou et al. 2020 (Batch Group Normalization).
@@ -67,6 +72,7 @@ class BatchGroupNorm(nn.Module):
         super().__init__()
         if num_features <= 0 or num_groups <= 0:
             raise ValueError(f"num_features and num_groups must be positive, got {num_features}, {num_groups}")
+        _check_eps(eps)
         if grouping not in ("channel", "flat"):
             raise ValueError(f"grouping must be 'channel' or 'flat', got {grouping!r}")
         if grouping == "channel" and num_features % num_groups != 0:
@@ -118,6 +124,7 @@ class BatchGroupNorm(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         check_channels(input, self.num_features, type(self).__name__)
+        _check_eps(self.eps)  # a plain attribute, which may have been set after construction
         n = input.shape[0]
         per_sample = input[0].numel() if n else input.shape[1:].numel()
         if per_sample % self.num_groups != 0:

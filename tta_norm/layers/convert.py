@@ -463,7 +463,7 @@ def convert_to_gn_pn(
             BN -> activation module pairs inside an ``nn.Sequential`` that keeps ``Sequential.forward``).
         activation_after: restrict fusion to these BN names / this predicate (default: all detected pairs).
         unfused: BNs not fused become ``nn.GroupNorm`` with affine ("gn") or stay BatchNorm ("keep").
-        norm_eps: GN epsilon (default: each BN's eps; the paper's code uses 1e-3).
+        norm_eps: GN epsilon, > 0 (default: each BN's eps; the paper's code uses 1e-3).
         proxy_eps, num_quantiles, moments: ``ProxyNorm`` settings (0.03, 200, "quadrature").
         copy_affine: initialise gamma/beta of the PN (or GN) from the BN's weight/bias.
 
@@ -473,6 +473,8 @@ def convert_to_gn_pn(
         raise ValueError(f"method must be 'fx' or 'sequential', got {method!r}")
     if unfused not in ("gn", "keep"):
         raise ValueError(f"unfused must be 'gn' or 'keep', got {unfused!r}")
+    if norm_eps is not None and not norm_eps > 0:  # nn.GroupNorm accepts 0, which divides a constant group by 0
+        raise ValueError(f"norm_eps must be > 0 (or None for each BN's eps), got {norm_eps}")
     pn_kwargs: dict[str, Any] = {
         "norm_eps": norm_eps,
         "proxy_eps": proxy_eps,

@@ -120,7 +120,7 @@ class ProxyNorm(nn.Module):
         num_features: C.
         activation: elementwise activation: "relu" (default), "silu"/"swish", "gelu", an ``nn.Module`` (deep
             copied, in-place turned off) or a callable.
-        eps: epsilon added to the proxy variance (0.03 as in the paper's code).
+        eps: epsilon added to the proxy variance, > 0 (0.03 as in the paper's code).
         num_quantiles: quadrature points of the proxy N(0, 1) (200 as in the paper's code).
         moments: "quadrature" (default, the paper's) or "analytic" (closed form; ReLU only).
 
@@ -145,8 +145,8 @@ class ProxyNorm(nn.Module):
         super().__init__()
         if num_features <= 0:
             raise ValueError(f"num_features must be positive, got {num_features}")
-        if eps < 0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
+        if not eps > 0:  # also NaN: eps = 0 divides by a zero proxy variance (a zero gamma)
+            raise ValueError(f"ProxyNorm: eps must be > 0, got {eps}")
         self.activation = make_activation(activation)
         if moments not in ("quadrature", "analytic"):
             raise ValueError(f"moments must be 'quadrature' or 'analytic', got {moments!r}")
@@ -201,7 +201,7 @@ class GroupNormProxyAct(nn.Module):
     ``num_groups=1`` gives LN+PN. This is the module the BN+act -> GN+PN converter inserts; its ``norm``
     submodule is an ``nn.GroupNorm(num_groups, num_channels, norm_eps, affine=False)`` and ``proxy`` a
     ``ProxyNorm(num_channels, activation, proxy_eps, num_quantiles)``: 4*C parameters in total.
-    The official code uses norm_eps = 1e-3; the default here, 1e-5, matches PyTorch's BN/GN.
+    The official code uses norm_eps = 1e-3; the default here, 1e-5, matches PyTorch's BN/GN. Both eps must be > 0.
     """
 
     def __init__(
@@ -218,6 +218,8 @@ class GroupNormProxyAct(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if not norm_eps > 0:  # nn.GroupNorm accepts 0, which divides a constant group by zero
+            raise ValueError(f"GroupNormProxyAct: norm_eps must be > 0, got {norm_eps}")
         if num_groups <= 0 or num_channels % num_groups != 0:
             raise ValueError(
                 f"num_groups={num_groups} must be a positive divisor of num_channels={num_channels}"
