@@ -223,3 +223,26 @@ def test_eps_must_be_positive(eps: float) -> None:
     layer.eps = eps  # set after construction: refused when used, not a NaN output
     with pytest.raises(ValueError, match=r"BatchGroupNorm: eps must be > 0"):
         layer(torch.zeros(2, 4, 2, 2))
+
+
+def test_flat_grouping_refuses_an_eval_size_other_than_the_training_one() -> None:
+    layer = BatchGroupNorm(2, 4, grouping="flat")  # at 2x2 a group is half a channel; at 4x4 it would be another
+    layer(torch.randn(8, 2, 2, 2, generator=_gen(20)))
+    layer.eval()
+    assert layer(torch.randn(1, 2, 2, 2)).shape == (1, 2, 2, 2)
+    with pytest.raises(ValueError, match=r"gathered on 8 features per sample, the input \(1, 2, 4, 4\) has 32"):
+        layer(torch.randn(1, 2, 4, 4))
+    # batch statistics in eval, or groups of whole channels: any size
+    no_stats = BatchGroupNorm(2, 4, grouping="flat", track_running_stats=False)
+    no_stats(torch.randn(8, 2, 2, 2))
+    assert no_stats.eval()(torch.randn(2, 2, 4, 4)).shape == (2, 2, 4, 4)
+    whole = BatchGroupNorm(4, 2, grouping="flat")
+    whole(torch.randn(8, 4, 2, 2))
+    assert whole.eval()(torch.randn(1, 4, 4, 4)).shape == (1, 4, 4, 4)
+    # the size is not part of the state dict: loaded (also older) or reset statistics are accepted at any size
+    other = BatchGroupNorm(2, 4, grouping="flat")
+    other.load_state_dict(layer.state_dict())
+    assert set(layer.state_dict()) == {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+    assert other.eval()(torch.randn(1, 2, 4, 4)).shape == (1, 2, 4, 4)
+    layer.reset_running_stats()
+    assert layer(torch.randn(1, 2, 4, 4)).shape == (1, 2, 4, 4)

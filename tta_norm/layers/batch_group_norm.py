@@ -11,7 +11,10 @@ beta) stays per channel, as in BN and GN.
 * ``grouping="flat"`` (Zhou et al.'s formulation): ``G`` only has to divide ``C*S`` (checked per input), so a
   group may cut through a channel's spatial map when ``G > C`` or ``G`` does not divide ``C``. The mapping of
   elements to groups then depends on the spatial size, so inference inputs must have the training spatial size
-  for the running statistics to mean the same thing. When ``G`` divides ``C`` both groupings are identical.
+  for the running statistics to mean the same thing: the layer records the C*S of the batches that update its
+  running statistics and refuses another C*S in eval (a plain attribute, not in the state dict: after
+  ``load_state_dict`` or ``reset_running_stats`` the next training batch sets it again). When ``G`` divides ``C``
+  both groupings are identical.
 
 Running statistics: one EMA per group (``running_mean``/``running_var`` of shape (G,)), updated exactly like
 BatchNorm's (momentum, unbiased variance with n = N*C*S/G, ``momentum=None`` = cumulative average,
@@ -22,7 +25,7 @@ With ``track_running_stats=False`` batch statistics are used in eval mode too.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +48,9 @@ class BatchGroupNorm(nn.Module):
         num_features: channels C of the (N, C, *spatial) input (any number of spatial dims, including none).
         num_groups: G, number of feature groups per sample; statistics are computed over N * C*S/G elements.
         eps, momentum, affine, track_running_stats: as in ``nn.BatchNorm2d`` (eps > 0).
-        grouping: ``"channel"`` (G | C, default) or ``"flat"`` (G | C*S); see the module docstring.
+        grouping: ``"channel"`` (G | C, default) or ``"flat"`` (G | C*S); see the module docstring. With
+            ``"flat"`` and G not dividing C, eval with running statistics refuses an input whose C*S differs from
+            that of the training batches (the groups would cut the features differently).
 
     Cite: Summers & Dinneen 2020 ("Four Things", BN+GN); Zhou et al. 2020 (Batch Group Normalization).
     """
@@ -88,6 +93,8 @@ class BatchGroupNorm(nn.Module):
         self.affine = affine
         self.track_running_stats = track_running_stats
         self.grouping: Grouping = grouping
+        # C*S per sample of the batches the running statistics were gathered on, where the grouping depends on it
+        self._stats_features: int | None = None
         if affine:
             self.weight = nn.Parameter(torch.ones(num_features, **factory))
             self.bias = nn.Parameter(torch.zeros(num_features, **factory))
@@ -103,7 +110,17 @@ class BatchGroupNorm(nn.Module):
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
 
+    @property
+    def _size_dependent(self) -> bool:
+        """True if which elements form a group depends on the spatial size (flat grouping, G not dividing C)."""
+        return self.grouping == "flat" and self.num_features % self.num_groups != 0
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._stats_features = None  # statistics from elsewhere: their input size is not known
+        super()._load_from_state_dict(*args, **kwargs)
+
     def reset_running_stats(self) -> None:
+        self._stats_features = None
         if self.running_mean is not None and self.running_var is not None:
             self.running_mean.zero_()
             self.running_var.fill_(1.0)
@@ -145,6 +162,8 @@ class BatchGroupNorm(nn.Module):
             var, mean = torch.var_mean(xg.to(stats_dtype(input)), dim=(0, 2), correction=0)
             if self.training and self.track_running_stats and self.running_mean is not None:
                 assert self.running_var is not None
+                if self._size_dependent:
+                    self._stats_features = per_sample
                 with torch.no_grad():
                     momentum = self.momentum
                     update_running_stat(self.running_mean, mean.detach()[None], momentum, self.num_batches_tracked)
@@ -158,6 +177,14 @@ class BatchGroupNorm(nn.Module):
                         self.num_batches_tracked.add_(1)
         else:
             assert self.running_mean is not None and self.running_var is not None
+            seen = getattr(self, "_stats_features", None)  # (absent from a module pickled by an older version)
+            if self._size_dependent and seen is not None and per_sample != seen:
+                raise ValueError(
+                    f"BatchGroupNorm(grouping='flat'): the running statistics were gathered on {seen} features per "
+                    f"sample, the input {tuple(input.shape)} has {per_sample}; with num_groups={self.num_groups} not "
+                    f"dividing the {self.num_features} channels the groups depend on the spatial size: evaluate at "
+                    "the training spatial size, or use track_running_stats=False"
+                )
             mean, var = self.running_mean, self.running_var
         y = (xg - mean.reshape(1, -1, 1)) * torch.rsqrt(var.reshape(1, -1, 1) + self.eps)
         out = y.reshape(input.shape)
