@@ -160,10 +160,16 @@ def convert_to_aux_bn(model: nn.Module, kind: str = "saaux", num_domains: int = 
     """Replace every ``nn.BatchNorm2d`` of ``model`` in place by an AuxBN (``kind="aux"``) or SaAuxBN
     (``"saaux"``) layer built from it, in the same train/eval mode (the model's function is unchanged on every
     domain).  Returns the names of the replaced layers.  A ``BatchNorm2d`` subclass with its own ``forward``
-    (timm's ``BatchNormAct2d``) is refused before anything changes."""
+    (timm's ``BatchNormAct2d``) and a model converted already are refused before anything changes."""
     if kind not in ("aux", "saaux"):
         raise ValueError(f"kind must be 'aux' or 'saaux', got {kind!r}")
     cls = AuxBatchNorm2d if kind == "aux" else SaAuxBatchNorm2d
+    converted = [n for n, m in model.named_modules() if isinstance(m, _DomainNorm)]
+    if converted:
+        raise ValueError(
+            f"convert_to_aux_bn: the model already has AuxBN/SaAuxBN layers ({', '.join(converted[:3])}"
+            f"{', ...' if len(converted) > 3 else ''}); converting it again would nest them"
+        )
     found = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if type(m) is nn.BatchNorm2d]
     extended = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
                 if isinstance(m, nn.BatchNorm2d) and type(m).forward is not nn.BatchNorm2d.forward]  # fmt: skip
