@@ -16,6 +16,12 @@ def channel_view(t: Tensor, ndim: int) -> Tensor:
     return t.reshape((1, -1) + (1,) * (ndim - 2))
 
 
+def has_running_stats(module: torch.nn.Module) -> bool:
+    """True if ``module`` holds running statistics of its own (a BatchNorm, or a frozen one such as torchvision's
+    ``FrozenBatchNorm2d`` or timm's ``FrozenBatchNormAct2d``, which are no ``_BatchNorm``)."""
+    return any(module._buffers.get(b) is not None for b in ("running_mean", "running_var"))
+
+
 def check_channels(x: Tensor, num_features: int, layer: str) -> None:
     """Raise a clear error unless ``x`` is (N, C, *spatial) with C == ``num_features``."""
     if x.dim() < 2:

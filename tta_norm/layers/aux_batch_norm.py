@@ -8,8 +8,9 @@
 
 The domain is a plain attribute ``domain`` (an int) of every layer, set for a whole model by
 :func:`set_domain` or the :func:`use_domain` context manager; it must be known at inference (oracle routing,
-as in SaBN's code).  :func:`convert_to_aux_bn` replaces a trained model's ``BatchNorm2d`` layers so that the
-converted model starts equal to it on every domain (running statistics copied to every domain; AuxBN copies the
+as in SaBN's code).  :func:`convert_to_aux_bn` replaces a trained model's ``BatchNorm2d`` layers (and
+``SyncBatchNorm`` ones, whose domains are then ``SyncBatchNorm`` layers) so that the converted model starts equal
+to it on every domain (running statistics copied to every domain; AuxBN copies the
 affine to every domain; SaAuxBN puts it in the shared affine and starts the domain affines at the identity),
 which makes fine-tuning from a BN checkpoint possible.  Fresh layers initialise the affine parameters as SaBN's
 code does: ``N(1, 0.02)`` weights and zero biases for the SaAuxBN embeddings, PyTorch's default for AuxBN.
@@ -23,19 +24,23 @@ state dicts saved under them load.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from tta_norm._deprecation import renamed_attribute, renamed_keywords, warn_renamed
 from tta_norm._integers import integer_index
 
-from ._common import check_channels
+from ._common import check_channels, has_running_stats
+
+_SourceBN = nn.BatchNorm2d | nn.SyncBatchNorm  # what an AuxBN/SaAuxBN layer is built from
 
 
-def _placement(bn: nn.BatchNorm2d) -> dict[str, Any]:
+def _placement(bn: _SourceBN) -> dict[str, Any]:
     """The device and floating dtype of ``bn``'s tensors (a converted layer computes where and as it did)."""
     tensors = [t for t in (*bn.parameters(), *bn.buffers()) if t.is_floating_point()]
     return {"device": tensors[0].device, "dtype": tensors[0].dtype} if tensors else {}
@@ -62,6 +67,16 @@ class _DomainNorm(nn.Module):
     num_branches = renamed_attribute("num_branches", "num_domains")
     branch = renamed_attribute("branch", "domain")
 
+    def _synchronised_like(self, bn: _SourceBN) -> None:
+        """Per-domain ``SyncBatchNorm`` layers (same settings and process group) if ``bn`` is one: the domains
+        then gather their statistics across processes as the source did."""
+        if isinstance(bn, nn.SyncBatchNorm):
+            self.bns = nn.ModuleList(
+                nn.SyncBatchNorm(b.num_features, b.eps, b.momentum, b.affine, b.track_running_stats,
+                                 process_group=bn.process_group)
+                for b in self.bns
+            )  # fmt: skip
+
     def _check_domain(self) -> int:
         k = int(self.domain)
         if not 0 <= k < self.num_domains:
@@ -73,7 +88,8 @@ class _DomainNorm(nn.Module):
 
 
 class AuxBatchNorm2d(_DomainNorm):
-    """``num_domains`` independent ``BatchNorm2d`` layers; ``domain`` selects the one applied."""
+    """``num_domains`` independent ``BatchNorm2d`` layers (``SyncBatchNorm`` when built from one); ``domain``
+    selects the one applied."""
 
     @renamed_keywords(num_branches="num_domains")
     def __init__(
@@ -88,8 +104,9 @@ class AuxBatchNorm2d(_DomainNorm):
 
     @classmethod
     @renamed_keywords(num_branches="num_domains")
-    def from_batchnorm(cls, bn: nn.BatchNorm2d, num_domains: int = 2) -> AuxBatchNorm2d:
+    def from_batchnorm(cls, bn: nn.BatchNorm2d | nn.SyncBatchNorm, num_domains: int = 2) -> AuxBatchNorm2d:
         layer = cls(bn.num_features, num_domains, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        layer._synchronised_like(bn)
         layer = layer.to(**_placement(bn))
         for b in layer.bns:
             b.load_state_dict(bn.state_dict())
@@ -135,8 +152,9 @@ class SaAuxBatchNorm2d(_DomainNorm):
 
     @classmethod
     @renamed_keywords(num_branches="num_domains")
-    def from_batchnorm(cls, bn: nn.BatchNorm2d, num_domains: int = 2) -> SaAuxBatchNorm2d:
+    def from_batchnorm(cls, bn: nn.BatchNorm2d | nn.SyncBatchNorm, num_domains: int = 2) -> SaAuxBatchNorm2d:
         layer = cls(bn.num_features, num_domains, bn.eps, bn.momentum, bn.track_running_stats)
+        layer._synchronised_like(bn)
         layer = layer.to(**_placement(bn))
         with torch.no_grad():
             for b in layer.bns:
@@ -155,37 +173,82 @@ class SaAuxBatchNorm2d(_DomainNorm):
         return layer.train(bn.training)
 
 
+def _base_of(module: nn.Module) -> type[_BatchNorm] | None:
+    """``nn.SyncBatchNorm`` or ``nn.BatchNorm2d`` if ``module`` is one of them (or a subclass), else None."""
+    for base in (nn.SyncBatchNorm, nn.BatchNorm2d):
+        if isinstance(module, base):
+            return base
+    return None
+
+
+def _represented_exactly(module: nn.Module) -> bool:
+    """True if an AuxBN/SaAuxBN layer built from ``module`` computes what it computes: a ``BatchNorm2d`` or
+    ``SyncBatchNorm``, or a subclass keeping their forward and input check, whose state is exactly that of a
+    BatchNorm with its eps, momentum, affine and track_running_stats (not so: a parametrized weight, an extra
+    parameter or buffer, running statistics kept beside ``track_running_stats=False``)."""
+    base = _base_of(module)
+    if base is None or type(module).forward is not base.forward:
+        return False
+    if type(module)._check_input_dim is not base._check_input_dim:  # type: ignore[attr-defined]
+        return False
+    bn: _BatchNorm = module  # type: ignore[assignment]
+    ref = nn.BatchNorm2d(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta")
+    shapes = {k: v.shape for k, v in bn.state_dict().items()}
+    return shapes == {k: v.shape for k, v in ref.state_dict().items()}
+
+
 @renamed_keywords(num_branches="num_domains")
 def convert_to_aux_bn(model: nn.Module, kind: str = "saaux", num_domains: int = 2) -> list[str]:
-    """Replace every ``nn.BatchNorm2d`` of ``model`` in place by an AuxBN (``kind="aux"``) or SaAuxBN
-    (``"saaux"``) layer built from it, in the same train/eval mode (the model's function is unchanged on every
-    domain).  Returns the names of the replaced layers.  A ``BatchNorm2d`` subclass with its own ``forward``
-    (timm's ``BatchNormAct2d``) and a model converted already are refused before anything changes."""
+    """Replace every ``nn.BatchNorm2d`` and ``nn.SyncBatchNorm`` of ``model`` in place by an AuxBN
+    (``kind="aux"``) or SaAuxBN (``"saaux"``) layer built from it, in the same train/eval mode (the model's function
+    is unchanged on every domain; a SyncBatchNorm's domains are SyncBatchNorms).  A subclass is converted too when
+    it keeps the base ``forward`` and holds exactly a BatchNorm's state.  Returns the names of the replaced layers.
+    Other layers with running statistics (BatchNorm1d/3d, frozen or parametrized BNs) are left as they are, named in
+    a warning.  Refused before anything changes: a model that is itself a BatchNorm (use
+    ``AuxBatchNorm2d.from_batchnorm``), a model converted already, and a ``BatchNorm2d``/``SyncBatchNorm``
+    subclass with its own ``forward`` (timm's ``BatchNormAct2d``)."""
     if kind not in ("aux", "saaux"):
         raise ValueError(f"kind must be 'aux' or 'saaux', got {kind!r}")
     cls = AuxBatchNorm2d if kind == "aux" else SaAuxBatchNorm2d
+    if isinstance(model, _BatchNorm):
+        raise ValueError(
+            f"convert_to_aux_bn: the model is itself a {type(model).__name__} and layers are replaced in place; "
+            f"use {cls.__name__}.from_batchnorm(bn) or convert a module holding it"
+        )
     converted = [n for n, m in model.named_modules() if isinstance(m, _DomainNorm)]
     if converted:
         raise ValueError(
             f"convert_to_aux_bn: the model already has AuxBN/SaAuxBN layers ({', '.join(converted[:3])}"
             f"{', ...' if len(converted) > 3 else ''}); converting it again would nest them"
         )
-    found = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if type(m) is nn.BatchNorm2d]
     extended = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
-                if isinstance(m, nn.BatchNorm2d) and type(m).forward is not nn.BatchNorm2d.forward]  # fmt: skip
+                if (base := _base_of(m)) is not None and type(m).forward is not base.forward]  # fmt: skip
     if extended:
         raise ValueError(
-            f"convert_to_aux_bn: {extended} are BatchNorm2d subclasses with their own forward (e.g. timm's "
-            "BatchNormAct2d adds an activation); an AuxBN built from them would drop it. Replace them by "
+            f"convert_to_aux_bn: {extended} are BatchNorm2d/SyncBatchNorm subclasses with their own forward (e.g. "
+            "timm's BatchNormAct2d adds an activation); an AuxBN built from them would drop it. Replace them by "
             "nn.BatchNorm2d + activation first"
         )
+    found = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if _represented_exactly(m)]
+    chosen = {id(m) for _, m in found}
+    left = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
+            if id(m) not in chosen and (isinstance(m, _BatchNorm) or has_running_stats(m))]  # fmt: skip
     if not found:
-        raise ValueError(f"model {type(model).__name__} has no nn.BatchNorm2d layer to convert")
+        also = f"; left: {', '.join(left)}" if left else ""
+        raise ValueError(f"model {type(model).__name__} has no nn.BatchNorm2d layer to convert{also}")
     built: dict[int, nn.Module] = {}  # a BN shared by several call sites becomes one shared layer
-    for name, bn in found:
+    for _, bn in found:
         if id(bn) not in built:
-            built[id(bn)] = cls.from_batchnorm(bn, num_domains)
+            built[id(bn)] = cls.from_batchnorm(bn, num_domains)  # type: ignore[arg-type]
+    for name, bn in found:
         model.set_submodule(name, built[id(bn)])
+    if left:
+        warnings.warn(
+            "convert_to_aux_bn: left unconverted (running statistics, but not a BatchNorm2d or SyncBatchNorm an AuxBN "
+            f"layer represents exactly): {', '.join(left)}",
+            UserWarning,
+            stacklevel=3,
+        )
     return [n for n, _ in found]
 
 

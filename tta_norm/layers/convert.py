@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
+from ._common import has_running_stats
 from .batch_group_norm import BatchGroupNorm, Grouping
 from .ghost_batch_norm import GHOST_BN_FOR, Remainder, _GhostBatchNormMixin, check_ghost_batch_size
 from .proxy_norm import GroupNormProxyAct, Moments, ProxyNorm, make_activation
@@ -129,7 +130,7 @@ def _convert_plain_batchnorms(
     def make(name: str, module: nn.Module) -> nn.Module | None:
         if type(module) in GHOST_BN_FOR:
             return build(name, module)  # type: ignore[arg-type]
-        if (isinstance(module, _BatchNorm) or _has_running_stats(module)) and not isinstance(module, quiet):
+        if (isinstance(module, _BatchNorm) or has_running_stats(module)) and not isinstance(module, quiet):
             skipped.append(f"{name or '<root>'} ({type(module).__name__})")
         return None
 
@@ -142,17 +143,11 @@ def _convert_plain_batchnorms(
     return out
 
 
-def _has_running_stats(module: nn.Module) -> bool:
-    """True if ``module`` holds running statistics of its own (a BatchNorm, or a frozen one such as torchvision's
-    ``FrozenBatchNorm2d`` or timm's ``FrozenBatchNormAct2d``, which are no ``_BatchNorm``)."""
-    return any(module._buffers.get(b) is not None for b in ("running_mean", "running_var"))
-
-
 def _warn_other_norms(model: nn.Module) -> Callable[[], None]:
     """For ``convert_to_gn_pn``, which replaces ``_BatchNorm`` layers only: the other modules with running
     statistics (frozen BNs) found now, named in one warning when the returned function is called."""
     left = [f"{n or '<root>'} ({type(m).__name__})" for n, m in model.named_modules()
-            if _has_running_stats(m) and not isinstance(m, _BatchNorm)]  # fmt: skip
+            if has_running_stats(m) and not isinstance(m, _BatchNorm)]  # fmt: skip
 
     def warn() -> None:
         if left:
