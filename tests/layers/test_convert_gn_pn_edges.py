@@ -88,14 +88,14 @@ class ThroughIdentity(nn.Module):
 def test_fx_method_fuses_through_identity_calls_not_dropout_and_warns_about_the_rest() -> None:
     model = ThroughIdentity().eval()
     assert set(find_bn_activations(model)) == {"bn"}
-    with pytest.warns(UserWarning, match=r"convert_to_gn_pn\(method='fx'\): 2 BatchNorm.*\['bn_d', 'bn_s'\]"):
+    with pytest.warns(UserWarning, match=r"convert_to_gn_pn\(method='fx'\): 1 BatchNorm.*dropout.*\['bn_d'\]"):
         gm = convert_to_gn_pn(model, 2)
     assert isinstance(gm.bn, GroupNormProxyAct) and type(gm.bn_d) is nn.GroupNorm and type(gm.bn_s) is nn.GroupNorm
     x = torch.randn(2, 4, 3, 3, generator=_gen(2))
     y = torch.relu(gm.drop(gm.bn_d(gm.bn(x))))  # the ReLU and the two identities after bn are gone
     s = gm.bn_s(y)
     torch.testing.assert_close(gm(x), torch.relu(s) + s)
-    with pytest.warns(UserWarning, match=r"kept as BatchNorm: \['bn_d', 'bn_s'\]"):
+    with pytest.warns(UserWarning, match=r"kept as BatchNorm: \['bn_d'\]"):
         convert_to_gn_pn(model, 2, unfused="keep")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -114,7 +114,8 @@ def test_fx_method_on_timm_resnet18_equals_the_hand_built_conversion() -> None:
     # the stem and every block: bn1 -> (drop_block: nn.Identity) -> act1 fused; bn2 and downsample BNs not
     fused = ["bn1"] + [f"layer{i}.{j}.bn1" for i in range(1, 5) for j in range(2)]
     assert sorted(find_bn_activations(model)) == sorted(fused)
-    with pytest.warns(UserWarning, match="11 BatchNorm"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # bn2 and the downsample BNs feed residual sums: unfused by design, quietly
         gm = convert_to_gn_pn(model, 8)
     reference = copy.deepcopy(model)
     for name in fused:

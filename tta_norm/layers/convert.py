@@ -332,6 +332,19 @@ def _identity_of(node: fx.Node, source: fx.Node, modules: dict[str, nn.Module]) 
 _Pair = tuple[fx.Node, fx.Node, nn.Module, list[fx.Node]]
 
 
+def _feeds_dropout(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """True if the output of ``node`` goes, through single-user ``nn.Identity`` calls, into one dropout module
+    (``nn.Dropout*``, timm's ``DropPath`` / ``DropBlock2d``)."""
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        m = modules.get(str(user.target)) if user.op == "call_module" else None
+        if isinstance(m, nn.Identity):
+            node = user
+            continue
+        return m is not None and (isinstance(m, nn.modules.dropout._DropoutNd) or type(m).__name__.startswith("Drop"))
+    return False
+
+
 def _fx_candidates(gm: fx.GraphModule) -> tuple[dict[str, _Pair], list[str]]:
     """BN -> activation pairs in a traced model: ({bn name: (bn node, activation node, activation, identity nodes
     between them)}, all BNs). The BN's output may pass through single-user ``nn.Identity`` calls on its way; a
@@ -496,6 +509,11 @@ def convert_to_gn_pn(
         pairs, bn_names = _fx_candidates(gm)
         all_bns = {n: gm.get_submodule(n) for n in bn_names}
         chosen = _select(pairs, all_bns, activation_after, method)
+        # (a BN feeding a residual sum or several users is not fused by design; one whose way to its activation
+        # runs through a dropout is a fusion this method cannot make: said so)
+        modules = dict(gm.named_modules())
+        blocked = [str(n.target) for n in gm.graph.nodes if n.op == "call_module" and str(n.target) in all_bns
+                   and str(n.target) not in chosen and _feeds_dropout(n, modules)]  # fmt: skip
         _refuse_extended([n for n in bn_names if n in chosen or unfused == "gn"], all_bns)
         for name in bn_names:
             bn: _BatchNorm = all_bns[name]  # type: ignore[assignment]
@@ -512,12 +530,11 @@ def convert_to_gn_pn(
                     gm.set_submodule(name, new)
         gm.graph.lint()
         gm.recompile()
-        rest = [n for n in bn_names if n not in chosen]
-        if rest:
+        if blocked:
             what = "converted to GroupNorm with affine" if unfused == "gn" else "kept as BatchNorm"
             warnings.warn(
-                f"convert_to_gn_pn(method='fx'): {len(rest)} BatchNorm(s) do not feed an elementwise activation "
-                f"alone (directly or through nn.Identity) or were not selected, and were {what}: {rest}",
+                f"convert_to_gn_pn(method='fx'): {len(blocked)} BatchNorm(s) feed a dropout, which the fused GN + "
+                f"Proxy Norm layer has no place for, and were {what}: {blocked}",
                 UserWarning,
                 stacklevel=2,
             )
