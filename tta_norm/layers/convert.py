@@ -21,8 +21,8 @@ with a warning naming them. Two detection methods:
   in-place forms), ``F.silu``, ``F.gelu``, ``F.leaky_relu``, or a call of an activation module (``nn.ReLU``,
   ``nn.SiLU``, ``nn.GELU``, ...), wherever it is written (``nn.Sequential``, ``self.relu`` in a BasicBlock,
   functional calls in ``forward``), also through ``nn.Identity`` calls in between (timm's disabled
-  ``drop_block``); a dropout in between is not fused across (the fused layer has no place for it). Every BN not
-  fused is listed in a warning. The result is an ``fx.GraphModule`` with the same submodule names and
+  ``drop_block``); a dropout in between is not fused across (the fused layer has no place for it), and such
+  BNs are listed in a warning. The result is an ``fx.GraphModule`` with the same submodule names and
   state-dict keys for everything that was called in ``forward``; the original model is not modified, but the
   GraphModule shares its remaining submodules (convs, linears) with it. Models that fx cannot trace (data-
   dependent control flow) raise an error that points to ``method="sequential"``. A BatchNorm module called at
