@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from tta_norm._deprecation import renamed_keywords
 from tta_norm._integers import integer_index
+from tta_norm._numbers import finite_number
 from tta_norm.attacks.lp import pgd_attack
 from tta_norm.data.tensors import to_float_nchw
 from tta_norm.layers.aux_batch_norm import convert_to_aux_bn, domain_layers, use_domain
@@ -67,11 +68,9 @@ class AdvTrainConfig:
             raise ValueError("epochs >= 1, batch_size >= 2 and steps >= 0 are required")
         for name, low, high in (("eps", 0.0, 1.0), ("step_size", 0.0, 1.0), ("lr", 0.0, math.inf),
                                 ("momentum", 0.0, 1.0), ("weight_decay", 0.0, math.inf)):  # fmt: skip
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-            if not low <= value <= high or (name == "lr" and value == 0):
-                raise ValueError(f"{name} must be in [{low}, {high}]{' and > 0' if name == 'lr' else ''}, got {value}")
+            finite_number(name, getattr(self, name), low, high)
+        if self.lr == 0:
+            raise ValueError("lr must be > 0, got 0")
 
 
 def _on_domain(model: nn.Module, domain: int | None) -> contextlib.AbstractContextManager[Any]:

@@ -57,6 +57,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from tta_norm._integers import integer_index
+from tta_norm._numbers import finite_number
 from tta_norm.api import TTAModel
 from tta_norm.methods import Tent
 from tta_norm.methods.base import softmax_entropy
@@ -145,9 +146,7 @@ class MaliciousAttack:
                 raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
         for name in ("eps", "step_size", "stealth_weight", "clamp_ce", *(("fraction",) if self.fraction is not None
                                                                            else ())):  # fmt: skip
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            finite_number(name, getattr(self, name))
         if (self.num_malicious is None) == (self.fraction is None):
             raise ValueError("give exactly one of num_malicious (a count) or fraction (of the batch)")
         if self.num_malicious is not None and self.num_malicious < 0:

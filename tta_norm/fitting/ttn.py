@@ -36,7 +36,6 @@ updates gamma/beta and leaves ``a`` fixed).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 import warnings
@@ -50,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tta_norm._files import write_atomically
+from tta_norm._numbers import finite_number
 from tta_norm.device import resolve_device
 from tta_norm.fitting._data import ImageArray, as_image_tensor, as_labels, to_model_input
 from tta_norm.fitting.augment import SHIFT_OPS, ShiftAugment
@@ -127,8 +127,7 @@ class TTNConfig:
                 raise ValueError(f"batch_size {self.batch_size} is not a multiple of fit batch size {odd[0]} (a "
                                  "step's images are normalised in groups of that size)")  # fmt: skip
         for name in ("lam", "lr", "clean_prob"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+            finite_number(name, getattr(self, name))
         if self.lam < 0 or self.lr <= 0 or not 0 <= self.clean_prob <= 1:
             raise ValueError("need lam >= 0, lr > 0 and clean_prob in [0, 1]")
         ShiftAugment(ops=self.ops)

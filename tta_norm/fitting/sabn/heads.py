@@ -4,7 +4,6 @@ and build test domains from the training-time shift families (see :mod:`tta_norm
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tta_norm._files import write_atomically
+from tta_norm._numbers import finite_number
 from tta_norm.device import resolve_device
 from tta_norm.fitting._data import ImageArray, as_image_tensor, as_labels, to_model_input
 from tta_norm.fitting.augment import SHIFT_OPS, ShiftAugment
@@ -56,8 +56,7 @@ class SaBNConfig:
             raise ValueError(f"train must be 'heads', 'affine' or 'all', got {self.train!r}")
         if self.train == "heads" and len(self.domains) < 2:
             raise ValueError("train='heads' needs at least 2 domains (K = 1 has no heads, only the shared affine)")
-        if not math.isfinite(self.lr):
-            raise ValueError(f"lr must be a finite number, got {self.lr}")
+        finite_number("lr", self.lr)
         if self.epochs < 0 or self.batch_size < 1 or self.bank_batches < 1 or self.lr <= 0:
             raise ValueError("need epochs >= 0, batch_size >= 1, bank_batches >= 1 and lr > 0")
 

@@ -3,7 +3,6 @@ new heads adapted online (see :mod:`tta_norm.fitting.sabn`)."""
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Literal
 
@@ -11,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from tta_norm._integers import integer_index
+from tta_norm._numbers import finite_number
 from tta_norm.device import resolve_device
 from tta_norm.fitting.sabn.bank import StatsBank, probe_statistics
 from tta_norm.fitting.sabn.heads import expand_heads
@@ -46,12 +46,10 @@ class SaBNRouter(nn.Module):
             raise ValueError(f"unknown routing mode {mode!r}; choose from {ROUTE_MODES}")
         if mode in ("stats", "open_set") and bank is None:
             raise ValueError(f"mode {mode!r} needs a statistics bank")
-        for name, value, low, high in (("head_lr", head_lr, 0.0, math.inf), ("bank_momentum", bank_momentum, 0.0, 1.0),
-                                       ("threshold", 0.0 if threshold is None else threshold, 0.0, math.inf)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                math.isfinite(value) and low <= value <= high
-            ):
-                raise ValueError(f"{name} must be a finite number in [{low}, {high}], got {value!r}")
+        finite_number("head_lr", head_lr, 0.0)
+        finite_number("bank_momentum", bank_momentum, 0.0, 1.0)
+        if threshold is not None:
+            finite_number("threshold", threshold, 0.0)
         self.tta = tta
         self.mode = mode
         layers = [layer for _, layer in adaptive_layers(tta.model)]
