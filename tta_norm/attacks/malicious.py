@@ -429,8 +429,6 @@ def craft_malicious(
     episodic/``reset_every`` resets.  ``y`` are the true labels (the attacker knows the benign labels).
     """
     x, y = _check_batch(tta, x, y)
-    if _unrolls(tta, attack):
-        check_unrollable(tta)
     m = attack.count(x.shape[0])
     nb = x.shape[0] - m
     x_own = x[nb:]
