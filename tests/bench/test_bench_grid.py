@@ -32,6 +32,20 @@ def test_shards_merged_equal_a_serial_run_record_for_record(tmp_path):
     assert (tmp_path / "merged" / "results.csv").read_text().count("\n") == 7
 
 
+def test_shards_overwriting_a_shared_directory_keep_each_others_records(tmp_path):
+    """Every shard of a job array launched with --overwrite into one directory cleared the whole store: the last
+    shard's records were all that was left (exit 0, no warning)."""
+    serial = run_grid(_job(tmp_path / "serial"), RunOptions(progress=False))
+    shared = tmp_path / "shared"
+    ResultStore(shared).append({"key": "stale", "status": "ok", "cell": {}})  # a record of another grid
+    for _ in range(2):  # launched, then launched again (its cells rerun)
+        for k in (1, 2):
+            assert run_grid(_job(shared), RunOptions(shard=(k, 2), overwrite=True, progress=False)).cells == 3
+    kept = ResultStore(shared).read().ordered()
+    assert sorted(comparable(r) for r in kept) == sorted(comparable(r) for r in serial.records)
+    assert len((shared / "results.jsonl").read_text().splitlines()) == 6  # no stale record, no duplicate
+
+
 def test_keys_change_with_weights_and_data_content(tmp_path):
     base = _job(tmp_path / "a")
     state = base.prepare("cpu")

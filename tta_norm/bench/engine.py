@@ -202,7 +202,9 @@ def run_grid(job: GridJob, options: RunOptions | None = None) -> GridOutcome:
         from tta_norm.bench.ray_executor import import_ray
 
         import_ray()
-    if options.overwrite:
+    if options.overwrite and options.shard is not None:  # the grid's other shards may share the directory
+        store.retain({job.cell_key(c, identity) for c in cells} - {job.cell_key(c, identity) for c in mine})
+    elif options.overwrite:
         store.clear()
     out.mkdir(parents=True, exist_ok=True)
     file_log = logging.FileHandler(out / "log.txt")

@@ -152,6 +152,24 @@ class ResultStore:
             for name in DERIVED:
                 (self.directory / name).unlink(missing_ok=True)
 
+    def retain(self, keys: set[str]) -> None:
+        """Keep only the records of ``keys`` (and remove the files derived from the store) in one atomic rename:
+        a shard's ``--overwrite``, whose directory the grid's other shards may share."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with self.lock:
+            text = self.path.read_text() if self.path.is_file() else ""
+            kept = []
+            for line in text.splitlines():
+                try:
+                    key = json.loads(line).get("key")
+                except (ValueError, AttributeError):
+                    key = None
+                if key in keys:
+                    kept.append(line + "\n")
+            atomic_write(self.path, "".join(kept))
+            for name in DERIVED:
+                (self.directory / name).unlink(missing_ok=True)
+
     def clear(self) -> None:
         """Remove the stored records and the files derived from them (``--overwrite``)."""
         self.directory.mkdir(parents=True, exist_ok=True)
