@@ -134,6 +134,22 @@ def test_shards_are_a_deterministic_partition():
             parse_shard(bad)
 
 
+def test_ok_records_of_one_key_that_differ_within_one_store_are_a_conflict(tmp_path, caplog):
+    """Two ok records of one key with other numbers in one store: the last was used by the report and by a
+    merge, without a word (across two stores the same pair was a conflict, exit status 1)."""
+    run_grid(ToyJob(ToyConfig(output=str(tmp_path / "s"), values=[1, 2])), RunOptions(progress=False))
+    store = ResultStore(tmp_path / "s")
+    first = store.read().ordered()[0]
+    store.append(dict(first))  # a repeat (two runs of one cell): no conflict
+    assert store.read().conflicts == []
+    store.append({**first, "metrics": {**first["metrics"], "value": 999}})
+    with caplog.at_level("WARNING", logger="tta_norm.bench"):
+        assert store.read().conflicts == [first["key"]]
+    assert "hold ok records with different results" in caplog.text
+    _, conflicts, _ = merge_dirs([tmp_path / "s"], tmp_path / "m")
+    assert conflicts == [first["key"]]
+
+
 def test_merge_combines_stores_and_reports_conflicts(tmp_path):
     vals = [1, 2, 3, 4, 5]
     for k in (1, 2):

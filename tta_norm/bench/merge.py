@@ -16,20 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tta_norm.bench.store import ResultStore
+from tta_norm.bench.store import TIMING_METRICS, ResultStore, comparable  # noqa: F401 (re-exported)
 
 log = logging.getLogger("tta_norm.bench")
-
-#: metrics that depend on the machine and its load, not on the computation
-TIMING_METRICS = ("latency", "memory", "samples_per_second")
-
-
-def comparable(record: dict[str, Any]) -> str:
-    """The part of a record that must be identical for the same key (canonical JSON; NaN equals NaN)."""
-    metrics = {k: v for k, v in (record.get("metrics") or {}).items() if k not in TIMING_METRICS}
-    part = {k: record.get(k) for k in ("key", "kind", "cell", "identity", "status", "error")}
-    return json.dumps({**part, "metrics": metrics}, sort_keys=True, default=str)
-
 
 def merge_records(stores: list[dict[str, dict[str, Any]]]) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """One record per key from several stores (in order); and the keys whose ``ok`` records disagree."""
@@ -177,16 +166,20 @@ def merge_dirs(dirs: list[str | Path], out: str | Path, *, overwrite: bool = Fal
 
     out = Path(out)
     sources = []
+    inner_conflicts: list[str] = []
     for d in dirs:
         store = ResultStore(d)
         if not store.exists():
             raise ConfigError(f"merge: {d} has no {store.path.name}")
-        sources.append(store.read().records)
+        contents = store.read()
+        sources.append(contents.records)
+        inner_conflicts += contents.conflicts
     target = ResultStore(out)
     if target.exists() and not (overwrite or resume):
         raise ConfigError(f"output: {out} already holds results; pass --resume to add to them or --overwrite")
     existing = {} if overwrite else target.read().records
     merged, conflicts = merge_records([existing, *sources])
+    conflicts = sorted(set(conflicts) | set(inner_conflicts))
     kinds = sorted({r.get("kind", "bench") for r in merged.values()})
     if len(kinds) > 1:  # refused before anything is cleared or written
         raise ConfigError(f"merge: records of several grid kinds {kinds} cannot share one directory")

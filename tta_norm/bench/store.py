@@ -45,10 +45,22 @@ class StoreContents:
     bad_lines: list[int] = field(default_factory=list)
     lines: int = 0
     reasons: dict[int, str] = field(default_factory=dict)  # why a parsed bad line is not a record
+    conflicts: list[str] = field(default_factory=list)  # keys with ok records that differ (the last one is kept)
 
     def ordered(self) -> list[dict[str, Any]]:
         """Records in grid order (``index``), then key."""
         return sorted(self.records.values(), key=lambda r: (r.get("index", 0), r["key"]))
+
+
+#: metrics that depend on the machine and its load, not on the computation
+TIMING_METRICS = ("latency", "memory", "samples_per_second")
+
+
+def comparable(record: dict[str, Any]) -> str:
+    """The part of a record that must be identical for the same key (canonical JSON; NaN equals NaN)."""
+    metrics = {k: v for k, v in (record.get("metrics") or {}).items() if k not in TIMING_METRICS}
+    part = {k: record.get(k) for k in ("key", "kind", "cell", "identity", "status", "error")}
+    return json.dumps({**part, "metrics": metrics}, sort_keys=True, default=str)
 
 
 def choose(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
@@ -99,7 +111,11 @@ def parse_lines(text: str) -> StoreContents:
             out.bad_lines.append(i)
             out.reasons[i] = why
             continue
-        out.records[rec["key"]] = choose(out.records.get(rec["key"]), rec)
+        old = out.records.get(rec["key"])
+        if (old is not None and old.get("status") == rec["status"] == "ok" and rec["key"] not in out.conflicts
+                and comparable(old) != comparable(rec)):  # fmt: skip
+            out.conflicts.append(rec["key"])  # (two runs of one cell may repeat it, never with other numbers)
+        out.records[rec["key"]] = choose(old, rec)
     return out
 
 
@@ -126,6 +142,10 @@ class ResultStore:
             why = f"is not a valid record ({contents.reasons[i]})" if i in contents.reasons else (
                 "is torn or unreadable (an interrupted write)")  # fmt: skip
             log.warning(f"{self.path}: {where} {why}; skipped, its cell runs again")
+        if contents.conflicts:
+            log.warning(f"{self.path}: {len(contents.conflicts)} key(s) hold ok records with different results (e.g. "
+                        f"{contents.conflicts[0]}); the last is used: rerun those cells with --overwrite to trust "
+                        "them")  # fmt: skip
         return contents
 
     def append(self, record: dict[str, Any]) -> None:
