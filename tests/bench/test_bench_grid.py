@@ -46,6 +46,28 @@ def test_shards_overwriting_a_shared_directory_keep_each_others_records(tmp_path
     assert len((shared / "results.jsonl").read_text().splitlines()) == 6  # no stale record, no duplicate
 
 
+def test_a_record_without_the_fields_the_tables_read_is_skipped_not_a_crash(tmp_path):
+    """An ok record without metrics.error or cell.method was reused as a result, and the report or a merge then
+    failed with a KeyError traceback (a merge after writing its output)."""
+    from tta_norm.bench.store import malformed
+
+    run = run_grid(_job(tmp_path / "run"), RunOptions(progress=False))
+    good = run.records[0]
+    broken = [
+        {**good, "key": "no-error", "metrics": {k: v for k, v in good["metrics"].items() if k != "error"}},
+        {**good, "key": "no-method", "cell": {k: v for k, v in good["cell"].items() if k != "method"}},
+        {"key": "zz", "kind": "bench", "status": "ok", "cell": {}, "metrics": {}},
+        {**good, "key": "no-kind", "kind": None},
+    ]
+    assert [malformed(r) is not None for r in broken] == [True] * 4 and malformed(good) is None
+    for rec in broken:
+        ResultStore(tmp_path / "run").append(rec)
+    n, conflicts, report = merge_dirs([tmp_path / "run"], tmp_path / "merged")
+    assert (n, conflicts) == (len(run.records), []) and report is not None and report.is_file()
+    again = run_grid(_job(tmp_path / "run"), RunOptions(resume=True, progress=False))
+    assert (again.reused, again.ran) == (len(run.records), 0)
+
+
 def test_keys_change_with_weights_and_data_content(tmp_path):
     base = _job(tmp_path / "a")
     state = base.prepare("cpu")

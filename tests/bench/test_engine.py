@@ -89,7 +89,8 @@ def test_torn_last_line_is_reported_and_its_cell_runs_again(tmp_path, caplog):
 def _append_many(directory: str, tag: int, n: int) -> None:
     store = ResultStore(directory)
     for i in range(n):
-        store.append({"key": f"{tag}-{i}", "status": "ok", "cell": {}, "metrics": {}, "payload": "x" * 2000})
+        store.append({"key": f"{tag}-{i}", "kind": "toy", "status": "ok", "cell": {}, "metrics": {},
+                      "payload": "x" * 2000})
 
 
 def test_two_processes_appending_to_one_store_keep_every_record(tmp_path):
@@ -171,7 +172,7 @@ def test_merge_combines_stores_and_reports_conflicts(tmp_path):
     assert ResultStore(tmp_path / "m2").read().records[rec["key"]]["metrics"]["value"] == 1
     # records of another grid kind are refused before anything is written
     other = tmp_path / "other"
-    ResultStore(other).append({**rec, "key": "other-kind", "kind": "attack"})
+    ResultStore(other).append({**rec, "key": "other-kind", "kind": "other"})
     with pytest.raises(ConfigError, match="several grid kinds"):
         merge_dirs([tmp_path / "m", other], tmp_path / "m3")
     assert not ResultStore(tmp_path / "m3").exists()

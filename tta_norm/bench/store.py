@@ -75,18 +75,37 @@ FRACTIONS = ("error", "mean_domain_error", "ece", "attack_success", "target_clea
              "benign_error_attacked", "no_attack_error", "changed")  # fmt: skip
 
 
+#: the cell fields, and the metrics of an ``ok`` record, that the tables, CSVs and merges of each grid kind read
+CELL_FIELDS = {"bench": ("method", "setting", "order", "batch_size", "severity", "seed"),
+               "attack": ("method", "objective", "eps", "fraction", "batch_size", "mode", "seed")}  # fmt: skip
+OK_METRICS = {"bench": ("error",), "attack": ("per_batch",)}
+
+
 def malformed(rec: Any) -> str | None:
-    """Why a parsed line is not a usable record (no string key, an unknown status, no cell, an ``ok`` record
-    without metrics or with a fraction that is not a number in [0, 1]), or ``None``."""
+    """Why a parsed line is not a usable record (no string key, an unknown status, no kind, no cell or one
+    without the fields its kind's tables read, an ``ok`` record without metrics or with a fraction that is not a
+    number in [0, 1]), or ``None``."""
     if not isinstance(rec, dict) or not isinstance(rec.get("key"), str):
         return "no key"
     if rec.get("status") not in ("ok", "failed") or not isinstance(rec.get("cell"), dict):
         return "no status or cell"
+    kind = rec.get("kind")
+    if not isinstance(kind, str):  # (every grid writes its kind; the tables are chosen by it)
+        return "no kind"
+    missing = [k for k in CELL_FIELDS.get(kind, ()) if k not in rec["cell"]]
+    if missing:
+        return f"cell without {missing}"
+    method = rec["cell"].get("method")
+    if kind in CELL_FIELDS and not (isinstance(method, dict) and isinstance(method.get("name"), str)):
+        return "cell.method without a name"
     if rec["status"] == "failed":
         return None
     metrics = rec.get("metrics")
     if not isinstance(metrics, dict) or not isinstance(metrics.get("per_domain", {}), dict):
         return "no metrics"
+    missing = [k for k in OK_METRICS.get(kind, ()) if k not in metrics]
+    if missing:
+        return f"metrics without {missing}"
     values = [(k, metrics[k]) for k in FRACTIONS if metrics.get(k) is not None]
     values += [(f"per_domain.{d}", v) for d, v in metrics.get("per_domain", {}).items()]
     for name, v in values:
