@@ -473,3 +473,16 @@ def test_an_output_that_is_a_file_is_a_config_error_also_in_a_dry_run(tmp_path, 
     assert main(["bench", "quick", "-o", str(afile), "--dry-run"]) == 2
     assert "is a file, not a directory" in capsys.readouterr().err
     assert afile.read_text() == "x"
+
+
+def test_merge_checks_its_output_first_and_says_what_is_wrong_in_one_line(tmp_path):
+    """An output that is a file came through as "[Errno 17] File exists" after the inputs were read."""
+    run_grid(ToyJob(ToyConfig(output=str(tmp_path / "s"), values=[1, 2])), RunOptions(progress=False))
+    (tmp_path / "afile").write_text("x")
+    for out, match in ((tmp_path / "afile", "is a file, not a directory"),
+                       (tmp_path / "afile" / "m", "cannot write into"),
+                       (tmp_path / "s" / "results.jsonl", "is a file, not a directory")):  # fmt: skip
+        with pytest.raises(ConfigError, match=match):
+            merge_dirs([tmp_path / "s"], out)
+    with pytest.raises(ConfigError, match="^.*nowhere has no results.jsonl"):
+        merge_dirs([tmp_path / "nowhere"], tmp_path / "m")

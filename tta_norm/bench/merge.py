@@ -162,15 +162,16 @@ def _record_merge(out: Path, dirs: list[str | Path], grids: list[set[str]]) -> N
 
 def merge_dirs(dirs: list[str | Path], out: str | Path, *, overwrite: bool = False, resume: bool = False):
     """Merge the stores of ``dirs`` into ``out``; returns ``(merged record count, conflicting keys, report)``."""
+    from tta_norm.bench.engine import check_output_dir
     from tta_norm.bench.validate import ConfigError
 
-    out = Path(out)
+    out = check_output_dir(out)  # (an output that is a file, or under none that can be written: one line, first)
     sources = []
     inner_conflicts: list[str] = []
     for d in dirs:
         store = ResultStore(d)
         if not store.exists():
-            raise ConfigError(f"merge: {d} has no {store.path.name}")
+            raise ConfigError(f"{d} has no {store.path.name} (not a run directory, or a run that stored nothing)")
         contents = store.read()
         sources.append(contents.records)
         inner_conflicts += contents.conflicts
@@ -182,7 +183,7 @@ def merge_dirs(dirs: list[str | Path], out: str | Path, *, overwrite: bool = Fal
     conflicts = sorted(set(conflicts) | set(inner_conflicts))
     kinds = sorted({r.get("kind", "bench") for r in merged.values()})
     if len(kinds) > 1:  # refused before anything is cleared or written
-        raise ConfigError(f"merge: records of several grid kinds {kinds} cannot share one directory")
+        raise ConfigError(f"records of several grid kinds {kinds} cannot share one directory")
     if overwrite:  # one atomic replacement: an output that is also an input is never left half written
         target.replace(list(merged.values()))
     else:
@@ -201,7 +202,7 @@ def merge_dirs(dirs: list[str | Path], out: str | Path, *, overwrite: bool = Fal
     try:
         report = write_outputs(out, records, missing=missing)
     except ValueError as err:
-        raise ConfigError(f"merge: {err}") from None
+        raise ConfigError(str(err)) from None
     return len(merged), conflicts, report
 
 
