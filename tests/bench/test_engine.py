@@ -484,5 +484,14 @@ def test_merge_checks_its_output_first_and_says_what_is_wrong_in_one_line(tmp_pa
                        (tmp_path / "s" / "results.jsonl", "is a file, not a directory")):  # fmt: skip
         with pytest.raises(ConfigError, match=match):
             merge_dirs([tmp_path / "s"], out)
-    with pytest.raises(ConfigError, match="^.*nowhere has no results.jsonl"):
+    with pytest.raises(ConfigError, match="^.*nowhere has no results.jsonl and no provenance.json"):
         merge_dirs([tmp_path / "nowhere"], tmp_path / "m")
+
+
+def test_a_shard_without_cells_merges_as_an_empty_run(tmp_path):
+    """Shard 3/3 of a 2-cell grid ran nothing and stored nothing; merging all three shards was refused."""
+    for k in (1, 2, 3):
+        run_grid(ToyJob(ToyConfig(output=str(tmp_path / f"s{k}"), values=[1, 2])), RunOptions(shard=(k, 3),
+                 progress=False))  # fmt: skip
+    n, conflicts, _ = merge_dirs([tmp_path / f"s{k}" for k in (1, 2, 3)], tmp_path / "m")
+    assert (n, conflicts) == (2, [])

@@ -170,8 +170,9 @@ def merge_dirs(dirs: list[str | Path], out: str | Path, *, overwrite: bool = Fal
     inner_conflicts: list[str] = []
     for d in dirs:
         store = ResultStore(d)
-        if not store.exists():
-            raise ConfigError(f"{d} has no {store.path.name} (not a run directory, or a run that stored nothing)")
+        if not store.path.is_file() and not (Path(d) / "provenance.json").is_file():
+            # (a run with no cells of its own, e.g. shard 5/5 of 4 cells, has provenance: an empty input)
+            raise ConfigError(f"{d} has no {store.path.name} and no provenance.json: not a run directory")
         contents = store.read()
         sources.append(contents.records)
         inner_conflicts += contents.conflicts
