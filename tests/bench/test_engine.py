@@ -328,6 +328,9 @@ def test_merging_different_grids_keeps_their_reports_apart(tmp_path):
     subs = sorted((tmp_path / "m" / "grids").iterdir())
     assert len(subs) == 2 and all((s / "report.md").is_file() and (s / "results.csv").is_file() for s in subs)
     assert write_outputs(tmp_path / "m", ResultStore(a.out).read().ordered()).name == "report.md"
+    # --overwrite with one grid's records: the other grids' reports are not left beside the new one
+    merge_dirs([a.out], tmp_path / "m", overwrite=True)
+    assert not (tmp_path / "m" / "grids").exists() and "2 grids" not in (tmp_path / "m" / "report.md").read_text()
 
 
 def test_progress_is_logged_when_stderr_is_a_file(caplog):

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tta_norm.bench.store import TIMING_METRICS, ResultStore, comparable  # noqa: F401 (re-exported)
+from tta_norm.bench.store import DERIVED_DIR, TIMING_METRICS, ResultStore, comparable  # noqa: F401 (re-exported)
 
 log = logging.getLogger("tta_norm.bench")
 
@@ -115,7 +115,7 @@ def write_outputs(out: Path, records: list[dict[str, Any]], plots: bool = True, 
         lines[2:2] = [f"**Incomplete:** {missing} planned cells have no stored record (a shard not merged, or "
                       "cells not run yet).", ""]  # fmt: skip
     for key, recs in groups.items():
-        sub = out / "grids" / key
+        sub = out / DERIVED_DIR / key
         sub.mkdir(parents=True, exist_ok=True)
         writer(sub, recs, plots=plots)
         ident = recs[0].get("identity") or {}

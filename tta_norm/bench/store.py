@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ log = logging.getLogger("tta_norm.bench")
 
 RESULTS = "results.jsonl"
 DERIVED = ("results.csv", "report.md")
+DERIVED_DIR = "grids"  # a merge's reports of each grid its records came from
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -188,8 +190,7 @@ class ResultStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         with self.lock:
             atomic_write(self.path, "".join(json.dumps(r, default=str) + "\n" for r in records))
-            for name in DERIVED:
-                (self.directory / name).unlink(missing_ok=True)
+            self._remove_derived()
 
     def retain(self, keys: set[str]) -> None:
         """Keep only the records of ``keys`` (and remove the files derived from the store) in one atomic rename:
@@ -206,15 +207,20 @@ class ResultStore:
                 if key in keys:
                     kept.append(line + "\n")
             atomic_write(self.path, "".join(kept))
-            for name in DERIVED:
-                (self.directory / name).unlink(missing_ok=True)
+            self._remove_derived()
+
+    def _remove_derived(self) -> None:
+        """The files written from the records (CSV, report, a merge's per-grid reports under ``grids/``)."""
+        for name in DERIVED:
+            (self.directory / name).unlink(missing_ok=True)
+        shutil.rmtree(self.directory / DERIVED_DIR, ignore_errors=True)
 
     def clear(self) -> None:
         """Remove the stored records and the files derived from them (``--overwrite``)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         with self.lock:
-            for name in (RESULTS, *DERIVED):
-                (self.directory / name).unlink(missing_ok=True)
+            (self.directory / RESULTS).unlink(missing_ok=True)
+            self._remove_derived()
 
 
 def records_to_csv(records: list[dict[str, Any]]) -> str:
