@@ -260,6 +260,21 @@ def test_layer_fused_ema_momentum_one_keeps_exactly_the_last_batch(aten_only):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["ema", "ema-iabn"])
+def test_ema_channel_with_a_non_finite_batch_statistic_normalises_with_the_kept_state_on_every_path(name):
+    """With a gradient (the general path) the channel holding an inf was normalised with the NaN statistics, so
+    all its values came out NaN; the kernel and the in-place path normalise it with the kept state."""
+    spec = SPECS["ema"] if name == "ema" else SPECS["ema"].replace(instance="iabn")
+    x = _data((4, 5, 6, 6), "normal")
+    x[0, 2, 1, 1] = float("inf")
+    fused, general = _layer(spec, 5), _layer(spec, 5)
+    with torch.no_grad():
+        expected = fused(x)
+    got = general(x.clone().requires_grad_(True)).detach()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert got[:, 2].isnan().sum() == expected[:, 2].isnan().sum() <= x[:, 2].numel() // 4  # (iabn: one instance)
+
+
 def test_layer_uses_aten_path_when_a_gradient_is_needed():
     layer = _layer(SPECS["alpha"], 5)
     x = _data((4, 5, 6, 6), "normal").requires_grad_()

@@ -95,7 +95,12 @@ def layer_statistics(
         if spec.mixing == "test":
             stats = batch
         elif spec.mixing == "ema":
-            stats = new_state = ema_update(reference_state, batch, spec.momentum)
+            new_state = ema_update(reference_state, batch, spec.momentum)
+            # a channel whose batch statistics are not finite keeps the state, in the normalisation as in the
+            # commit (as the kernel and the in-place path do)
+            ok = torch.isfinite(new_state.mean + new_state.var)
+            stats = Stats(torch.where(ok, new_state.mean, reference_state.mean),
+                          torch.where(ok, new_state.var, reference_state.var))  # fmt: skip
         else:
             n = x.shape[0] if samples is None else samples
             stats = mix(batch, source, test_weight(spec, n, mix_weight), spec.mixing)
