@@ -38,8 +38,12 @@ def test_existing_results_refuse_without_resume_or_overwrite(tmp_path):
         run_grid(ToyJob(cfg), RunOptions(resume=True, overwrite=True, progress=False))
     again = run_grid(ToyJob(cfg), RunOptions(resume=True, progress=False))
     assert (again.reused, again.ran) == (4, 0) and (tmp_path / "run" / "results.jsonl").read_text() == before
+    stale = tmp_path / "run" / "plots" / "a_method_no_longer_run.png"  # a figure of the replaced results
+    stale.parent.mkdir(exist_ok=True)
+    stale.write_bytes(b"png")
     fresh = run_grid(ToyJob(cfg), RunOptions(overwrite=True, progress=False))
     assert (fresh.reused, fresh.ran) == (0, 4) and len(lines(tmp_path / "run")) == 4
+    assert not stale.exists()
 
 
 def test_resume_reuses_only_full_key_matches_and_says_why(tmp_path, caplog):

@@ -31,7 +31,7 @@ from tta_norm.attacks.malicious import ATTACK_PROTOCOLS, INITS, MODES, OBJECTIVE
 from tta_norm.bench.config import GridConfig, MethodEntry, read_config_data, validate_common
 from tta_norm.bench.grid import GridCell, ModelDataJob
 from tta_norm.bench.report import group_ok_records, method_order, pyplot, save_figure, write_markdown_report
-from tta_norm.bench.store import atomic_write
+from tta_norm.bench.store import PLOTS_DIR, atomic_write
 from tta_norm.bench.validate import (
     ConfigError,
     check_int,
@@ -588,7 +588,7 @@ def make_attack_plots(out: Path, records: list[dict[str, Any]]) -> list[Path]:
 
     plt = pyplot()
 
-    plot_dir = out / "plots"
+    plot_dir = out / PLOTS_DIR
     plot_dir.mkdir(exist_ok=True)
     written = []
     for i, ((objective, eps, bs, mode), rows) in enumerate(sorted(_groups(records).items(), key=lambda kv: str(kv[0]))):

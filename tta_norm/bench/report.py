@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tta_norm.bench.grid import code_revisions
-from tta_norm.bench.store import atomic_write
+from tta_norm.bench.store import PLOTS_DIR, atomic_write
 
 GroupKey = tuple[str, str, Any, int, Any]  # setting, order, delta, batch size, severity
 GROUP_AXES = ("setting", "order", "delta", "batch_size", "severity")
@@ -179,7 +179,7 @@ def make_plots(out: Path, records: list[dict[str, Any]]) -> list[Path]:
     plt = pyplot()
     methods = method_order(records)
     written = []
-    plot_dir = out / "plots"
+    plot_dir = out / PLOTS_DIR
     plot_dir.mkdir(exist_ok=True)
 
     sweeps = {key: rows for key, rows in group_ok_records(records, SWEEP_AXES).items()

@@ -32,6 +32,7 @@ log = logging.getLogger("tta_norm.bench")
 RESULTS = "results.jsonl"
 DERIVED = ("results.csv", "report.md")
 DERIVED_DIR = "grids"  # a merge's reports of each grid its records came from
+PLOTS_DIR = "plots"  # the report's figures
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -210,10 +211,12 @@ class ResultStore:
             self._remove_derived()
 
     def _remove_derived(self) -> None:
-        """The files written from the records (CSV, report, a merge's per-grid reports under ``grids/``)."""
+        """The files written from the records (CSV, report and its figures, a merge's per-grid reports under
+        ``grids/``)."""
         for name in DERIVED:
             (self.directory / name).unlink(missing_ok=True)
-        shutil.rmtree(self.directory / DERIVED_DIR, ignore_errors=True)
+        for name in (DERIVED_DIR, PLOTS_DIR):
+            shutil.rmtree(self.directory / name, ignore_errors=True)
 
     def clear(self) -> None:
         """Remove the stored records and the files derived from them (``--overwrite``)."""
