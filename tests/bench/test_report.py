@@ -93,3 +93,13 @@ def test_online_curves_share_a_seed_and_uneven_batch_size_cells_say_their_count(
     text = report.write_report(tmp_path, records, plots=True).read_text()
     assert sorted(lines) == [("tbn", 30.0), ("tent", 10.0)] and titles[0].endswith("seed 1")
     assert "| tent | 50.0±56.6 (n=2) | 20.0 (n=1) |" in text and "| tbn | 30.0 (n=1) | 20.0 (n=1) |" in text
+
+
+def test_a_figure_is_written_whole_even_after_its_directory_was_removed(tmp_path):
+    """Figures were written in place: a concurrent --overwrite that removes plots/ made the report fail, and a
+    reader could see half a PNG."""
+    fig, ax = pyplot().subplots()
+    ax.plot([0, 1], [1, 0])
+    path = save_figure(fig, tmp_path / "plots" / "f.png")  # plots/ does not exist (removed meanwhile)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["f.png"]  # no temporary file left

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tta_norm._files import write_atomically
 from tta_norm.bench.grid import code_revisions
 from tta_norm.bench.store import PLOTS_DIR, atomic_write
 
@@ -79,10 +80,13 @@ def pyplot() -> Any:
 
 
 def save_figure(fig: Any, path: Path) -> Path:
-    """Lay out ``fig``, write it to ``path`` (PNG, 120 dpi) and close it; returns ``path``."""
+    """Lay out ``fig``, write it to ``path`` (PNG, 120 dpi; atomically, its directory created if another run
+    removed it meanwhile) and close it; returns ``path``."""
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    pyplot().close(fig)
+    try:
+        write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        pyplot().close(fig)
     return path
 
 

@@ -208,14 +208,14 @@ class ResultStore:
                 if key in keys:
                     kept.append(line + "\n")
             atomic_write(self.path, "".join(kept))
-            self._remove_derived()
+            self._remove_derived(figures=False)  # (other shards may be drawing theirs now)
 
-    def _remove_derived(self) -> None:
-        """The files written from the records (CSV, report and its figures, a merge's per-grid reports under
-        ``grids/``)."""
+    def _remove_derived(self, *, figures: bool = True) -> None:
+        """The files written from the records (CSV, report; with ``figures`` its figures and a merge's per-grid
+        reports under ``grids/``)."""
         for name in DERIVED:
             (self.directory / name).unlink(missing_ok=True)
-        for name in (DERIVED_DIR, PLOTS_DIR):
+        for name in (DERIVED_DIR, PLOTS_DIR) if figures else ():
             shutil.rmtree(self.directory / name, ignore_errors=True)
 
     def clear(self) -> None:
