@@ -43,10 +43,10 @@ from ._core import (
     check_workers,
     run_corruption,
 )
+from ._folders import IMG_EXTENSIONS, SPLITS, has_split_folders, is_image_entry
 from ._names import ALL_CORRUPTIONS, CORRUPTIONS
 from ._pickle import load_cifar_pickle
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SEVERITIES = (1, 2, 3, 4, 5)
 MANIFEST = "manifest.json"
 PERMUTATION = "permutation.npy"
@@ -138,10 +138,6 @@ class ImageFolderIndex:
     labels: np.ndarray
 
 
-def _is_image_entry(entry: os.DirEntry) -> bool:
-    return entry.is_file() and not entry.name.startswith(".") and entry.name.lower().endswith(IMG_EXTENSIONS)
-
-
 def index_image_folder(root: str | os.PathLike) -> ImageFolderIndex:
     """List ``<root>/<class>/<image>`` like ``tta_norm``'s reader (``tta_norm.data.readers.list_image_folder``):
     classes are the sorted non-hidden folders, and each holds the sorted image files directly inside it.
@@ -155,7 +151,7 @@ def index_image_folder(root: str | os.PathLike) -> ImageFolderIndex:
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     files, labels, empty = [], [], []
     for label, cls in enumerate(classes):
-        names = sorted(e.name for e in os.scandir(root / cls) if _is_image_entry(e))
+        names = sorted(e.name for e in os.scandir(root / cls) if is_image_entry(e))
         if not names:
             empty.append(cls)
         files += [f"{cls}/{name}" for name in names]
@@ -166,19 +162,6 @@ def index_image_folder(root: str | os.PathLike) -> ImageFolderIndex:
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) in class folders under {root}")
     return ImageFolderIndex(root, tuple(classes), tuple(files), np.asarray(labels, dtype=np.int64))
-
-
-SPLITS = ("test", "train")
-
-
-def has_split_folders(root: str | os.PathLike) -> bool:
-    """``root`` is a dataset directory with ``test/`` or ``train/`` ImageFolder trees (like ``cifar10-jpeg``):
-    one of them holds folders (``tta_norm.data.readers.is_image_folder_split``)."""
-    for split in SPLITS:
-        p = Path(root) / split
-        if p.is_dir() and any(e.is_dir() for e in os.scandir(p)):
-            return True
-    return False
 
 
 def image_folder_split(root: str | os.PathLike, split: str | None = None) -> Path:

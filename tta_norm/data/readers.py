@@ -32,12 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
+from corruptions._folders import has_split_folders as is_image_folder_split  # noqa: F401 (the data readers' name)
+from corruptions._folders import is_image_entry as _is_image_entry
 from corruptions._pickle import CifarPickleError, load_cifar_pickle
 from tta_norm._files import write_atomically
 from tta_norm.data.paths import data_cache_dir
 from tta_norm.data.subsets import stratified_subset
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 CIFAR_C_SEVERITIES = 5
 
 
@@ -235,10 +236,6 @@ def list_image_folder(
     return files, np.asarray(labels, dtype=np.int64), classes
 
 
-def _is_image_entry(entry: os.DirEntry) -> bool:
-    return entry.is_file() and not entry.name.startswith(".") and entry.name.lower().endswith(IMAGE_EXTENSIONS)
-
-
 def _decode(path: Path, size: int | None, crop: int | None = None) -> np.ndarray:
     """One image as uint8 HWC RGB; with ``size``, torchvision's ``Resize(size)`` then ``CenterCrop(crop)`` on
     the PIL image (short side to ``size``, the long side ``int(size * long / short)``, bilinear; crop offsets
@@ -391,15 +388,6 @@ def _atomic_save(path: Path, array: np.ndarray) -> None:
             np.save(f, array)
 
     write_atomically(path, save)
-
-
-def is_image_folder_split(path: Path) -> bool:
-    """``path`` has ``train/`` or ``test/`` sub-folders that are ImageFolder trees."""
-    for split in ("test", "train"):
-        p = path / split
-        if p.is_dir() and any(e.is_dir() for e in os.scandir(p)):
-            return True
-    return False
 
 
 # ---------------------------------------------------------------------------- CIFAR-C release layout
